@@ -1,0 +1,314 @@
+"""Model-level compression: one config per method, one entry point, a record of what was done.
+
+:func:`compress_` applies a config to a model in place, dispatching on the
+config's type through a registry, and returns a :class:`CompressionRecord`
+(method, config, achieved sparsity overall and per module, per-module
+rounding error, model identity before and after) that saves to and loads
+from JSON. :data:`METHODS` maps the CLI names to default configs.
+
+============  ===================  ==============================================
+name          config               operation
+============  ===================  ==============================================
+magnitude     MagnitudeConfig()    :func:`~refusal_core.compression.pruning.prune_magnitude_`
+wanda         WandaConfig()        :func:`~refusal_core.compression.pruning.prune_wanda_`
+wanda-2:4     WandaConfig(n_m=2:4) N:M Wanda
+wanda-4:8     WandaConfig(n_m=4:8) N:M Wanda
+llm-int8      Int8Config()         :func:`~refusal_core.compression.quantization.quantize_llm_int8_`
+awq-w8        AwqConfig(w_bit=8)   :func:`~refusal_core.compression.quantization.quantize_awq_`
+awq-w4        AwqConfig(w_bit=4)   AWQ, 4-bit, group 128
+============  ===================  ==============================================
+
+Example:
+    >>> from refusal_core.testing.tiny import tiny_model
+    >>> model = tiny_model("llama")
+    >>> record = compress_(model, method_config("magnitude"))
+    >>> record.sparsity
+    0.5
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from torch import nn
+
+from refusal_core.artifacts import load_artifact, save_artifact
+from refusal_core.compression._common import model_sparsity
+from refusal_core.compression.calibration import Calibration, CalibrationBatch, prepare_calibration
+from refusal_core.compression.config import (
+    AwqConfig,
+    CompressionConfig,
+    Int8Config,
+    MagnitudeConfig,
+    WandaConfig,
+    config_from_dict,
+    config_to_dict,
+)
+from refusal_core.compression.pruning import prune_magnitude_, prune_wanda_
+from refusal_core.compression.quantization import (
+    Int8LinearSim,
+    apply_awq_scale_,
+    awq_scale_groups,
+    quantize_awq_,
+    quantize_llm_int8_,
+)
+from refusal_core.errors import ArtifactError, InvalidArgumentError
+from refusal_core.models import get_layout, model_identity
+
+__all__ = [
+    "METHODS",
+    "AwqConfig",
+    "Calibration",
+    "CalibrationBatch",
+    "CompressionConfig",
+    "CompressionRecord",
+    "Int8Config",
+    "Int8LinearSim",
+    "MagnitudeConfig",
+    "WandaConfig",
+    "apply_awq_scale_",
+    "awq_scale_groups",
+    "compress_",
+    "config_from_dict",
+    "config_to_dict",
+    "method_config",
+    "model_sparsity_of",
+    "prepare_calibration",
+    "prune_magnitude_",
+    "prune_wanda_",
+    "quantize_awq_",
+    "quantize_llm_int8_",
+    "register_method",
+]
+
+
+#: CLI name → default config. Read-only.
+METHODS: Mapping[str, CompressionConfig] = MappingProxyType(
+    {
+        "magnitude": MagnitudeConfig(),
+        "wanda": WandaConfig(),
+        "wanda-2:4": WandaConfig(n_m=(2, 4)),
+        "wanda-4:8": WandaConfig(n_m=(4, 8)),
+        "llm-int8": Int8Config(),
+        "awq-w8": AwqConfig(w_bit=8),
+        "awq-w4": AwqConfig(w_bit=4),
+    }
+)
+
+
+def method_config(name: str) -> CompressionConfig:
+    """The default config of a :data:`METHODS` name; an unknown name raises listing the valid ones."""
+    config = METHODS.get(name) if isinstance(name, str) else None
+    if config is None:
+        raise InvalidArgumentError(f"unknown compression method {name!r}; valid: {', '.join(METHODS)}")
+    return config
+
+
+# ----------------------------------------------------------------------------
+# registry
+# ----------------------------------------------------------------------------
+
+#: What a registered method returns: per-module rounding error (empty for pruning).
+_Apply = Callable[[nn.Module, Any, "Calibration | None", int, bool], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class _Method:
+    label: str
+    apply: _Apply
+    needs_calibration: bool
+
+
+_REGISTRY: dict[type[CompressionConfig], _Method] = {}
+
+_C = TypeVar("_C", bound=CompressionConfig)
+
+
+def register_method(
+    config_type: type[_C], label: str, *, needs_calibration: bool
+) -> Callable[[Callable[[nn.Module, _C, Calibration | None, int, bool], dict[str, float]]], Any]:
+    """Register ``fn(model, config, calibration, batch_size, progress) -> errors`` for ``config_type``."""
+
+    def deco(fn: Callable[[nn.Module, _C, Calibration | None, int, bool], dict[str, float]]) -> Any:
+        _REGISTRY[config_type] = _Method(label, fn, needs_calibration)
+        return fn
+
+    return deco
+
+
+@register_method(MagnitudeConfig, "magnitude", needs_calibration=False)
+def _magnitude(
+    model: nn.Module,
+    config: MagnitudeConfig,
+    calibration: Calibration | None,
+    batch_size: int,
+    progress: bool,
+) -> dict[str, float]:
+    prune_magnitude_(model, config.sparsity)
+    return {}
+
+
+@register_method(WandaConfig, "wanda", needs_calibration=True)
+def _wanda(
+    model: nn.Module, config: WandaConfig, calibration: Calibration | None, batch_size: int, progress: bool
+) -> dict[str, float]:
+    assert calibration is not None
+    prune_wanda_(model, calibration, config.sparsity, config.n_m, batch_size=batch_size, progress=progress)
+    return {}
+
+
+@register_method(Int8Config, "llm-int8", needs_calibration=False)
+def _int8(
+    model: nn.Module, config: Int8Config, calibration: Calibration | None, batch_size: int, progress: bool
+) -> dict[str, float]:
+    return quantize_llm_int8_(model, config.threshold)
+
+
+@register_method(AwqConfig, "awq", needs_calibration=True)
+def _awq(
+    model: nn.Module, config: AwqConfig, calibration: Calibration | None, batch_size: int, progress: bool
+) -> dict[str, float]:
+    assert calibration is not None
+    return quantize_awq_(
+        model,
+        calibration,
+        config.w_bit,
+        config.group_size,
+        config.grid,
+        clip=config.clip,
+        zero_point=config.zero_point,
+        batch_size=batch_size,
+        progress=progress,
+    )
+
+
+# ----------------------------------------------------------------------------
+# record and entry point
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class CompressionRecord:
+    """What :func:`compress_` did to a model.
+
+    ``sparsity`` is the fraction of exact zeros over all block linears and
+    ``module_sparsity`` the same per module (full module name);
+    ``quantization_error`` is the relative Frobenius rounding error
+    ``‖W_q − W‖/‖W‖`` per module (empty for pruning; for AWQ ``W`` is the
+    weight after scaling); ``calibration_tokens`` counts the real calibration
+    tokens used (0 when none). ``identity_before``/``identity_after`` are
+    :func:`~refusal_core.models.model_identity` of the model.
+    """
+
+    method: str
+    config: CompressionConfig
+    sparsity: float
+    module_sparsity: dict[str, float]
+    quantization_error: dict[str, float]
+    identity_before: dict[str, Any]
+    identity_after: dict[str, Any] = field(default_factory=dict)
+    calibration_tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (the config as :func:`config_to_dict`)."""
+        return {
+            "method": self.method,
+            "config": config_to_dict(self.config),
+            "sparsity": self.sparsity,
+            "module_sparsity": dict(self.module_sparsity),
+            "quantization_error": dict(self.quantization_error),
+            "identity_before": dict(self.identity_before),
+            "identity_after": dict(self.identity_after),
+            "calibration_tokens": self.calibration_tokens,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CompressionRecord:
+        """Inverse of :meth:`to_dict`; raises :class:`ArtifactError` on missing or malformed fields."""
+        try:
+            return cls(
+                method=str(data["method"]),
+                config=config_from_dict(data["config"]),
+                sparsity=float(data["sparsity"]),
+                module_sparsity={str(k): float(v) for k, v in data["module_sparsity"].items()},
+                quantization_error={str(k): float(v) for k, v in data["quantization_error"].items()},
+                identity_before=dict(data["identity_before"]),
+                identity_after=dict(data.get("identity_after", {})),
+                calibration_tokens=int(data.get("calibration_tokens", 0)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ArtifactError(f"compression record is malformed: {type(exc).__name__}: {exc}") from exc
+
+    def save(self, base: str | Path) -> Path:
+        """Write ``base.json`` atomically (identity = the model before compression); returns its path."""
+        base = Path(base)
+        save_artifact(
+            base,
+            meta={"compression_record": self.to_dict()},
+            identity=self.identity_before,
+            settings=config_to_dict(self.config),
+        )
+        return base.with_suffix(".json")
+
+    @classmethod
+    def load(cls, base: str | Path, *, expect_identity: Mapping[str, Any] | None = None) -> CompressionRecord:
+        """Read a record written by :meth:`save`; ``expect_identity`` checks the base model."""
+        meta = load_artifact(Path(base), expect_identity=expect_identity).meta
+        if "compression_record" not in meta:
+            raise ArtifactError(f"{base} does not hold a compression record")
+        return cls.from_dict(meta["compression_record"])
+
+
+def model_sparsity_of(model: nn.Module) -> tuple[float, dict[str, float]]:
+    """Fraction of zeros over all block linears of ``model``, and per module (full name)."""
+    return model_sparsity(get_layout(model))
+
+
+def compress_(
+    model: nn.Module,
+    config: CompressionConfig,
+    calibration: Calibration | None = None,
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> CompressionRecord:
+    """Apply ``config`` to ``model`` in place and return the :class:`CompressionRecord`.
+
+    ``calibration`` (token ids, see
+    :func:`~refusal_core.compression.calibration.prepare_calibration`) is
+    required by Wanda and AWQ and ignored otherwise. An unregistered config
+    type, a missing calibration set or any other bad input raises a
+    :class:`~refusal_core.errors.RefusalCoreError` before the model changes.
+    """
+    method = _REGISTRY.get(type(config))
+    if method is None:
+        raise InvalidArgumentError(
+            f"config must be one of {sorted(t.__name__ for t in _REGISTRY)}, got {type(config).__name__}"
+        )
+    layout = get_layout(model)
+    n_tokens = 0
+    if method.needs_calibration:
+        # Validate (and count) here too so a bad set fails before identity/sparsity work.
+        batches = prepare_calibration(
+            calibration, vocab_size=int(layout.embedding.weight.shape[0]), batch_size=batch_size
+        )
+        n_tokens = sum(b.n_tokens for b in batches)
+    before = model_identity(model)
+    errors = method.apply(
+        model, config, calibration if method.needs_calibration else None, batch_size, progress
+    )
+    overall, per_module = model_sparsity(layout)
+    return CompressionRecord(
+        method=method.label,
+        config=config,
+        sparsity=overall,
+        module_sparsity=per_module,
+        quantization_error=errors,
+        identity_before=before,
+        identity_after=model_identity(model),
+        calibration_tokens=n_tokens,
+    )

@@ -1,0 +1,189 @@
+"""The compression entry point: configs, the method registry, CompressionRecord save/load."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from refusal_core.compression import _REGISTRY as REGISTRY
+from refusal_core.compression import (
+    METHODS,
+    AwqConfig,
+    CompressionConfig,
+    CompressionRecord,
+    Int8Config,
+    Int8LinearSim,
+    MagnitudeConfig,
+    WandaConfig,
+    compress_,
+    config_from_dict,
+    config_to_dict,
+    method_config,
+    register_method,
+)
+from refusal_core.errors import ArtifactError, EmptyInputError, InvalidArgumentError
+from refusal_core.models import get_layout, model_identity
+from refusal_core.testing.tiny import tiny_model
+
+
+def calibration_lists(n: int = 5, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(8, 600, (int(k),), generator=g).tolist()
+        for k in torch.randint(3, 10, (n,), generator=g)
+    ]
+
+
+def test_methods_table_names_the_documented_methods() -> None:
+    assert list(METHODS) == [
+        "magnitude",
+        "wanda",
+        "wanda-2:4",
+        "wanda-4:8",
+        "llm-int8",
+        "awq-w8",
+        "awq-w4",
+    ], f"METHODS names: {list(METHODS)}"
+    assert METHODS["wanda-2:4"] == WandaConfig(n_m=(2, 4)), "wanda-2:4 must be WandaConfig(n_m=(2, 4))"
+    assert METHODS["awq-w4"] == AwqConfig(w_bit=4), "awq-w4 must be AwqConfig(w_bit=4)"
+    with pytest.raises(TypeError):
+        METHODS["new"] = MagnitudeConfig()  # type: ignore[index]
+
+
+def test_unknown_method_name_lists_the_valid_ones() -> None:
+    with pytest.raises(InvalidArgumentError, match="sparsegpt") as info:
+        method_config("sparsegpt")
+    for name in METHODS:
+        assert name in str(info.value), f"the error for an unknown method does not list {name!r}"
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "field"),
+    [
+        (MagnitudeConfig, {"sparsity": 1.0}, "sparsity"),
+        (WandaConfig, {"sparsity": -0.2}, "sparsity"),
+        (WandaConfig, {"n_m": (4, 4)}, "n_m"),
+        (WandaConfig, {"n_m": (2,)}, "n_m"),
+        (Int8Config, {"threshold": -1.0}, "threshold"),
+        (AwqConfig, {"w_bit": 16}, "w_bit"),
+        (AwqConfig, {"group_size": 0}, "group_size"),
+        (AwqConfig, {"grid": 0}, "grid"),
+        (AwqConfig, {"clip": "yes"}, "clip"),
+    ],
+)
+def test_configs_validate_their_fields(cls: type, kwargs: dict, field: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=field):
+        cls(**kwargs)
+
+
+@pytest.mark.parametrize("config", [*METHODS.values(), AwqConfig(clip=True, zero_point=False)])
+def test_config_dict_round_trip(config: CompressionConfig) -> None:
+    back = config_from_dict(config_to_dict(config))
+    assert back == config, f"config round trip: {config} came back as {back}"
+    assert isinstance(hash(back), int), "configs are frozen dataclasses and must be hashable"
+
+
+def test_config_from_dict_rejects_unknown_type_and_fields() -> None:
+    with pytest.raises(InvalidArgumentError, match="unknown config type"):
+        config_from_dict({"type": "GptqConfig"})
+    with pytest.raises(InvalidArgumentError, match="unknown fields"):
+        config_from_dict({"type": "MagnitudeConfig", "sparsity": 0.5, "blocksize": 3})
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_compress_applies_each_method_and_records_it(name: str) -> None:
+    model = tiny_model("llama")
+    identity = model_identity(model)
+    config = METHODS[name]
+    record = compress_(model, config, calibration_lists())
+    assert record.config == config, f"{name}: record.config {record.config} != {config}"
+    assert record.identity_before == identity, f"{name}: identity_before is not the uncompressed model's"
+    assert len(record.module_sparsity) == 14, f"{name}: sparsity for {len(record.module_sparsity)} modules"
+    layout = get_layout(model)
+    if isinstance(config, (MagnitudeConfig, WandaConfig)):
+        expected = config.n_m[0] / config.n_m[1] if isinstance(config, WandaConfig) and config.n_m else 0.5
+        assert abs(record.sparsity - expected) < 1e-12, (
+            f"{name}: sparsity {record.sparsity}, expected {expected}"
+        )
+        assert record.quantization_error == {}, f"{name}: pruning recorded quantization errors"
+    else:
+        assert len(record.quantization_error) == 14, (
+            f"{name}: errors for {len(record.quantization_error)} modules"
+        )
+        assert all(0 < e < 0.2 for e in record.quantization_error.values()), (
+            f"{name}: rounding errors {sorted(record.quantization_error.values())[-3:]} outside (0, 0.2)"
+        )
+    if isinstance(config, Int8Config):
+        assert isinstance(layout.linears(1)["down_proj"], Int8LinearSim), "llm-int8 did not replace down_proj"
+    needs_calibration = isinstance(config, (WandaConfig, AwqConfig))
+    assert (record.calibration_tokens > 0) == needs_calibration, (
+        f"{name}: calibration_tokens {record.calibration_tokens} (needs calibration: {needs_calibration})"
+    )
+
+
+def test_record_saves_and_loads(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    record = compress_(model, WandaConfig(n_m=(2, 4)), calibration_lists())
+    path = record.save(tmp_path / "wanda")
+    assert path.suffix == ".json", f"save() wrote {path}, expected a .json file"
+    assert path.is_file(), f"save() reported {path} but it does not exist"
+    back = CompressionRecord.load(tmp_path / "wanda", expect_identity=record.identity_before)
+    assert back == record, "CompressionRecord changed through save/load"
+    with pytest.raises(ArtifactError, match="identity"):
+        CompressionRecord.load(
+            tmp_path / "wanda", expect_identity=model_identity(tiny_model("llama", seed=5))
+        )
+
+
+def test_record_load_rejects_a_malformed_file(tmp_path: Path) -> None:
+    (tmp_path / "bad.json").write_text('{"format_version": 1, "meta": {"compression_record": {"method": 1}}}')
+    with pytest.raises(ArtifactError, match="malformed"):
+        CompressionRecord.load(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("config", [WandaConfig(), AwqConfig(w_bit=8)])
+def test_missing_calibration_raises_before_modifying(config: CompressionConfig) -> None:
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(EmptyInputError, match="calibration"):
+        compress_(model, config)
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items()), (
+        f"{config}: model changed despite the error"
+    )
+
+
+def test_unregistered_config_type_is_refused() -> None:
+    @dataclass(frozen=True)
+    class SparseGptConfig(CompressionConfig):
+        sparsity: float = 0.5
+
+    with pytest.raises(InvalidArgumentError, match="SparseGptConfig"):
+        compress_(tiny_model("llama"), SparseGptConfig())
+
+
+def test_register_method_dispatches_on_config_type() -> None:
+    @dataclass(frozen=True)
+    class ZeroFirstRowConfig(CompressionConfig):
+        pass
+
+    calls: list[str] = []
+
+    @register_method(ZeroFirstRowConfig, "zero-first-row", needs_calibration=False)
+    def _apply(model: nn.Module, config: ZeroFirstRowConfig, calibration: object, bs: int, pr: bool) -> dict:
+        calls.append("called")
+        with torch.no_grad():
+            get_layout(model).linears(0)["q_proj"].weight[0] = 0.0
+        return {}
+
+    try:
+        record = compress_(tiny_model("llama"), ZeroFirstRowConfig())
+    finally:
+        del REGISTRY[ZeroFirstRowConfig]
+    assert calls == ["called"], f"registered method called {len(calls)} times"
+    assert record.method == "zero-first-row", f"record.method is {record.method!r}"
+    assert record.sparsity > 0, "the registered method's pruning is not reflected in the record"
