@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "format_prompt",
     "get_layout",
+    "load_model",
     "model_identity",
     "post_instruction_tokens",
 ]
@@ -70,7 +71,8 @@ class ModelLayout:
     """Named access to the parts of a supported decoder-only model."""
 
     def __init__(self, model: nn.Module, spec: ArchitectureSpec) -> None:
-        self.model = model
+        # Any: the HF methods used here (get_output_embeddings, config) are not on nn.Module.
+        self.model: Any = model
         self.spec = spec
         inner = getattr(model, "model", None)
         layers = getattr(inner, "layers", None)
@@ -119,11 +121,11 @@ class ModelLayout:
 
     def attn_out(self, layer: int) -> nn.Module:
         """The attention output projection (``o_proj``) of block ``layer``."""
-        return self.attn(layer).o_proj
+        return cast(nn.Module, self.attn(layer).o_proj)
 
     def mlp_out(self, layer: int) -> nn.Module:
         """The MLP down projection (``down_proj``) of block ``layer``."""
-        return self.mlp(layer).down_proj
+        return cast(nn.Module, self.mlp(layer).down_proj)
 
     def input_norm(self, layer: int) -> nn.Module:
         return self._block(layer).input_layernorm
@@ -172,7 +174,7 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
     two checkpoints (or a compressed model from its base) apart.
     """
     layout = get_layout(model)
-    cfg = model.config  # type: ignore[attr-defined]
+    cfg: Any = model.config
     with torch.no_grad():
         probes = [layout.embedding.weight, layout.attn_out(0).weight, layout.mlp_out(layout.n_layers - 1).weight]
         fingerprint = [float(p.detach().to(torch.float64).sum()) for p in probes if isinstance(p, torch.Tensor)]
@@ -226,3 +228,53 @@ def post_instruction_tokens(tokenizer: Any, system: str | None = None) -> list[i
             "the post-instruction suffix tokenizes differently inside a prompt; cannot locate positions"
         )
     return ids
+
+
+# ----------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------
+
+
+def load_model(
+    spec: str, *, dtype: torch.dtype = torch.float32, device: str | None = None
+) -> tuple[nn.Module, Any]:
+    """Load ``(model, tokenizer)`` from ``"toy"`` (the embedded toy refusal model), a local
+    Hugging Face directory, or a local ``.gguf`` file (needs the ``gguf`` package).
+
+    Never downloads: a path that does not exist or does not load raises
+    :class:`~refusal_core.errors.InvalidArgumentError` naming it. The model is
+    returned in eval mode with eager attention, and its layout is checked.
+    """
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec == "toy":
+        from refusal_core.toy import load_toy_model
+
+        model, tokenizer = load_toy_model(dtype=dtype)
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise InvalidArgumentError(f"model path {spec!r} does not exist (and is not 'toy')")
+        kwargs: dict[str, Any] = {"local_files_only": True}
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise InvalidArgumentError(f"model file {spec!r} is not a .gguf file or a model directory")
+            src, kwargs["gguf_file"] = str(path.parent), path.name
+        else:
+            src = str(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation="eager", **kwargs)
+        except Exception as exc:  # transformers raises many unrelated types here
+            raise InvalidArgumentError(f"model path {spec!r} does not load: {type(exc).__name__}: {exc}") from exc
+        model.config._name_or_path = str(path.resolve())
+    get_layout(model)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model, tokenizer

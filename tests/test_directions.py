@@ -1,0 +1,196 @@
+"""Candidate directions: extraction, save/load, comparison, split-half noise floor."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from refusal_core.activations import mean_activations
+from refusal_core.directions import (
+    Direction,
+    DirectionCandidates,
+    DirectionComparison,
+    compare_candidates,
+    extract_candidates,
+    site_cosines,
+    split_half_noise_floor,
+)
+from refusal_core.errors import ArtifactError, EmptyInputError, InvalidArgumentError, ShapeMismatchError
+from refusal_core.functional import cosine_similarity
+from refusal_core.models import model_identity
+from refusal_core.testing.tiny import tiny_model, tiny_prompts, tiny_tokenizer
+
+TOK = tiny_tokenizer()
+HARMFUL = tiny_prompts(12, "harmful", seed=0)
+HARMLESS = tiny_prompts(12, "harmless", seed=0)
+
+
+@pytest.fixture(scope="module")
+def model():  # type: ignore[no-untyped-def]
+    return tiny_model("llama", n_layers=3, dtype=torch.float64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def cand(model) -> DirectionCandidates:  # type: ignore[no-untyped-def]
+    return extract_candidates(model, TOK, HARMFUL, HARMLESS, batch_size=5)
+
+
+def test_layer_zero_candidates_are_exactly_zero(cand: DirectionCandidates) -> None:
+    # Block 0's input at the post-instruction positions is the embedding of the same template
+    # tokens in every prompt, so the difference in means there is exactly zero.
+    assert torch.equal(cand.directions[0], torch.zeros_like(cand.directions[0])), "layer 0 direction nonzero"
+    assert bool((torch.linalg.vector_norm(cand.directions[1:], dim=-1) > 0).all()), (
+        "a later direction is zero"
+    )
+
+
+def test_candidates_are_difference_of_class_means(model, cand: DirectionCandidates) -> None:  # type: ignore[no-untyped-def]
+    harmful = mean_activations(model, TOK, HARMFUL, batch_size=12)
+    harmless = mean_activations(model, TOK, HARMLESS, batch_size=12)
+    ref = harmful - harmless
+    err = float(torch.linalg.vector_norm(cand.directions - ref) / torch.linalg.vector_norm(ref))
+    assert err < 1e-6, f"extract_candidates vs separate means: relative error {err:.2e}"
+    assert torch.equal(cand.directions, cand.harmful_mean - cand.harmless_mean), "directions != hmf - hml"
+    assert cand.positions == [-2, -1], f"positions {cand.positions}"
+    assert (cand.n_harmful, cand.n_harmless) == (12, 12), "prompt counts"
+    assert cand.model == model_identity(model), "candidates record another model identity"
+    d = cand.direction(1, -1)
+    assert torch.equal(d.vector, cand.directions[1, 1]), "direction(1, -1) is not column -1 of layer 1"
+
+
+def test_save_load_roundtrip(tmp_path: Path, model, cand: DirectionCandidates) -> None:  # type: ignore[no-untyped-def]
+    cand.save(tmp_path / "c")
+    back = DirectionCandidates.load(tmp_path / "c", expect_identity=model)
+    for name in ("directions", "harmful_mean", "harmless_mean"):
+        assert torch.equal(getattr(back, name), getattr(cand, name)), f"{name} changed in the round trip"
+    assert (back.positions, back.model) == (cand.positions, cand.model), "metadata changed in the round trip"
+    assert back.settings == cand.settings, f"settings changed: {back.settings} vs {cand.settings}"
+    d = cand.direction(0, -2)
+    d.save(tmp_path / "d")
+    d2 = Direction.load(tmp_path / "d", expect_identity=cand.model)
+    assert torch.equal(d2.vector, d.vector), "Direction vector changed in the round trip"
+    assert (d2.layer, d2.position) == (0, -2), f"Direction site changed: {(d2.layer, d2.position)}"
+
+
+def test_load_rejects_corrupt_and_foreign(tmp_path: Path, cand: DirectionCandidates) -> None:
+    path = cand.save(tmp_path / "c")
+    other = model_identity(tiny_model("llama", dtype=torch.float64, seed=9))
+    with pytest.raises(ArtifactError, match="identity"):
+        DirectionCandidates.load(path, expect_identity=other)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        DirectionCandidates.load(tmp_path / "nowhere")
+    tensor_file = path.with_suffix(".safetensors")
+    raw = bytearray(tensor_file.read_bytes())
+    raw[-3] ^= 0xFF  # flip bits inside the tensor data: shapes still parse
+    tensor_file.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="hash"):
+        DirectionCandidates.load(path)
+    tensor_file.write_bytes(bytes(raw[: len(raw) // 2]))  # truncated
+    with pytest.raises(ArtifactError, match="corrupt"):
+        DirectionCandidates.load(path)
+    path2 = cand.save(tmp_path / "c2")
+    path2.with_suffix(".json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="JSON"):
+        DirectionCandidates.load(path2)
+    # A consistent file whose directions were replaced (hash recomputed) is still caught.
+    path3 = tmp_path / "c3"
+    bad = DirectionCandidates(
+        cand.directions + 1.0, cand.harmful_mean, cand.harmless_mean, 12, 12, [-2, -1], cand.model, {}
+    )
+    bad.save(path3)
+    with pytest.raises(ArtifactError, match="harmful_mean - harmless_mean"):
+        DirectionCandidates.load(path3)
+    header = json.loads(path3.with_suffix(".json").read_text())
+    header["meta"]["kind"] = "Direction"
+    path3.with_suffix(".json").write_text(json.dumps(header))
+    with pytest.raises(ArtifactError, match="not a DirectionCandidates"):
+        DirectionCandidates.load(path3)
+
+
+def test_site_cosines_agree_with_functional() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 2, 16, generator=gen), torch.randn(3, 2, 16, generator=gen)
+    b[1, 0] = -2.5 * a[1, 0]
+    cos = site_cosines(a, b)
+    for layer in range(3):
+        for i in range(2):
+            ref = cosine_similarity(a[layer, i], b[layer, i])
+            assert abs(float(cos[layer, i]) - ref) < 1e-12, (
+                f"site ({layer},{i}): {float(cos[layer, i])} vs {ref}"
+            )
+    assert abs(float(cos[1, 0]) + 1.0) < 1e-12, f"anti-parallel site gives {float(cos[1, 0])}"
+    b[2, 1] = 0.0
+    assert math.isnan(float(site_cosines(a, b)[2, 1])), "zero vector site should be NaN"
+
+
+def test_compare_candidates(cand: DirectionCandidates, tmp_path: Path) -> None:
+    other = DirectionCandidates(
+        cand.directions.flip(0),  # layers swapped: a deliberately different model
+        cand.harmful_mean.flip(0),
+        cand.harmless_mean.flip(0),
+        12,
+        12,
+        [-2, -1],
+        {"model_type": "llama", "name": "other"},
+    )
+    same = compare_candidates(cand, cand, base_source=(1, -1))
+    assert torch.allclose(same.per_site_cosine[1:], torch.ones(2, 2, dtype=torch.float64), atol=1e-12), (
+        f"self-comparison per-site cosine {same.per_site_cosine}"
+    )
+    assert bool(same.per_site_cosine[0].isnan().all()), "layer 0 (zero directions) should compare as NaN"
+    assert same.source_shift is None, "no other source given, yet a source shift was reported"
+    assert same.selected_cosine == same.cosine_at_base_source, "without other_source both cosines agree"
+    cmp = compare_candidates(cand, other, base_source=(2, -1), other_source=(0, -2))
+    # other[2] = cand[0], a zero direction: the cosine is undefined
+    assert math.isnan(cmp.cosine_at_base_source), (
+        f"base source vs zero direction: {cmp.cosine_at_base_source}"
+    )
+    cmp = compare_candidates(cand, other, base_source=(1, -1), other_source=(0, -2))
+    ref_site = cosine_similarity(cand.directions[1, 1], cand.directions[1, 1])  # other[1] = cand[1]
+    assert abs(cmp.cosine_at_base_source - ref_site) < 1e-12, "cosine at base source"
+    ref_sel = cosine_similarity(cand.directions[1, 1], cand.directions[2, 0])  # other[0] = cand[2]
+    assert abs(cmp.selected_cosine - ref_sel) < 1e-12, f"selected cosine {cmp.selected_cosine} vs {ref_sel}"
+    assert cmp.source_shift == (-1, -1), f"source shift {cmp.source_shift}"
+    cmp.save(tmp_path / "cmp")
+    back = DirectionComparison.load(tmp_path / "cmp")
+    same_cos = torch.allclose(back.per_site_cosine, cmp.per_site_cosine, rtol=0, atol=0, equal_nan=True)
+    assert same_cos, "per-site cosines changed in the DirectionComparison round trip"
+    assert back.source_shift == (-1, -1), f"source shift changed in the round trip: {back.source_shift}"
+    with pytest.raises(InvalidArgumentError, match="base_source"):
+        compare_candidates(cand, other, base_source=(3, -1))
+    with pytest.raises(InvalidArgumentError, match="position"):
+        compare_candidates(cand, other, base_source=(0, -3))
+    short = DirectionCandidates(
+        cand.directions[:1], cand.harmful_mean[:1], cand.harmless_mean[:1], 1, 1, [-2, -1], {}
+    )
+    with pytest.raises(ShapeMismatchError, match="shape"):
+        compare_candidates(cand, short, base_source=(0, -1))
+
+
+def test_noise_floor_high_for_separated_classes(model) -> None:  # type: ignore[no-untyped-def]
+    harmful, harmless = tiny_prompts(48, "harmful", seed=3), tiny_prompts(48, "harmless", seed=3)
+    floor = split_half_noise_floor(model, TOK, harmful, harmless, n_splits=3, seed=1, batch_size=32)
+    assert (floor.shape, floor.dtype) == ((3, 2), torch.float64), f"floor {floor.dtype} {tuple(floor.shape)}"
+    assert bool(floor[0].isnan().all()), f"layer 0 directions are zero, their cosine must be NaN: {floor}"
+    assert bool(((floor[1:] >= -1) & (floor[1:] <= 1)).all()), f"floor outside [-1, 1]: {floor}"
+    assert float(floor[1:].min()) > 0.8, f"well-separated classes should give a high floor: {floor}"
+
+
+def test_noise_floor_low_for_random_split_of_one_class(model) -> None:  # type: ignore[no-untyped-def]
+    pool = tiny_prompts(24, "harmless", seed=4)
+    # "Harmful" and "harmless" drawn from the same class: directions are pure sampling noise.
+    floor = split_half_noise_floor(model, TOK, pool[:12], pool[12:], n_splits=4, seed=0, batch_size=8)
+    assert float(floor[1:].abs().max()) < 0.8, f"same-class halves should not agree strongly: {floor}"
+
+
+def test_noise_floor_bad_input(model) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(EmptyInputError, match="at least 2"):
+        split_half_noise_floor(model, TOK, HARMFUL[:1], HARMLESS)
+    with pytest.raises(InvalidArgumentError, match="n_splits"):
+        split_half_noise_floor(model, TOK, HARMFUL, HARMLESS, n_splits=0)
+    with pytest.raises(EmptyInputError, match="harmless"):
+        extract_candidates(model, TOK, HARMFUL, [])
