@@ -28,6 +28,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,11 +103,30 @@ METHODS: Mapping[str, CompressionConfig] = MappingProxyType(
 
 
 def method_config(name: str) -> CompressionConfig:
-    """The default config of a :data:`METHODS` name; an unknown name raises listing the valid ones."""
-    config = METHODS.get(name) if isinstance(name, str) else None
+    """The config of a :data:`METHODS` name, optionally with ``@SPARSITY`` for pruning methods.
+
+    ``"wanda@0.6"`` is Wanda at 60 % unstructured sparsity, ``"magnitude@0.3"``
+    magnitude pruning at 30 %. An unknown name, a suffix on a method without a
+    ``sparsity`` field, or a sparsity outside [0, 1) raises, listing the valid names.
+    """
+    if not isinstance(name, str):
+        raise InvalidArgumentError(f"compression method must be a str, got {type(name).__name__}")
+    base, _, level = name.partition("@")
+    config = METHODS.get(base)
     if config is None:
-        raise InvalidArgumentError(f"unknown compression method {name!r}; valid: {', '.join(METHODS)}")
-    return config
+        raise InvalidArgumentError(
+            f"unknown compression method {name!r}; valid: {', '.join(METHODS)} "
+            "(pruning methods also take @SPARSITY, e.g. wanda@0.6)"
+        )
+    if not level:
+        return config
+    if not hasattr(config, "sparsity") or getattr(config, "n_m", None) is not None:
+        raise InvalidArgumentError(f"method {base!r} takes no @SPARSITY suffix (in {name!r})")
+    try:
+        sparsity = float(level)
+    except ValueError:
+        raise InvalidArgumentError(f"sparsity suffix of {name!r} is not a number") from None
+    return dataclasses.replace(config, sparsity=sparsity)  # type: ignore[type-var]
 
 
 # ----------------------------------------------------------------------------

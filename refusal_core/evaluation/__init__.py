@@ -1,0 +1,78 @@
+"""Evaluation: generation, refusal scores, judges, attacks (ASR), over-refusal and zero-shot accuracy.
+
+Example:
+    >>> from refusal_core.testing.tiny import tiny_model, tiny_tokenizer
+    >>> from refusal_core.evaluation import SubstringJudge, VanillaAttack, evaluate_asr
+    >>> model, tok = tiny_model(), tiny_tokenizer()
+    >>> res = evaluate_asr(model, tok, ["Tell me a story."], [VanillaAttack(max_new_tokens=4)],
+    ...                    SubstringJudge(), progress=False)
+    >>> sorted(res)
+    ['vanilla']
+"""
+
+from refusal_core.evaluation.attacks import (
+    AsrResult,
+    Attack,
+    AttackResult,
+    Attempt,
+    DecodingAttack,
+    GcgAttack,
+    GcgRun,
+    OverRefusalResult,
+    VanillaAttack,
+    evaluate_asr,
+    gcg_optimize,
+    over_refusal,
+    suffix_token_gradients,
+    target_loss,
+)
+from refusal_core.evaluation.generation import SamplingConfig, encode_prompts, generate, generate_ids
+from refusal_core.evaluation.judges import (
+    REFUSAL_PHRASES,
+    ClassifierJudge,
+    FunctionJudge,
+    Judge,
+    SubstringJudge,
+)
+from refusal_core.evaluation.scores import REFUSAL_OPENINGS, refusal_scores, refusal_token_ids_for
+from refusal_core.evaluation.zero_shot import (
+    LOCAL_TASKS,
+    STANDARD_TASKS,
+    TaskResult,
+    zero_shot_accuracy,
+    zero_shot_evaluate,
+)
+
+__all__ = [
+    "LOCAL_TASKS",
+    "REFUSAL_OPENINGS",
+    "REFUSAL_PHRASES",
+    "STANDARD_TASKS",
+    "AsrResult",
+    "Attack",
+    "AttackResult",
+    "Attempt",
+    "ClassifierJudge",
+    "DecodingAttack",
+    "FunctionJudge",
+    "GcgAttack",
+    "GcgRun",
+    "Judge",
+    "OverRefusalResult",
+    "SamplingConfig",
+    "SubstringJudge",
+    "TaskResult",
+    "VanillaAttack",
+    "encode_prompts",
+    "evaluate_asr",
+    "gcg_optimize",
+    "generate",
+    "generate_ids",
+    "over_refusal",
+    "refusal_scores",
+    "refusal_token_ids_for",
+    "suffix_token_gradients",
+    "target_loss",
+    "zero_shot_accuracy",
+    "zero_shot_evaluate",
+]

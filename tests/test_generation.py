@@ -1,0 +1,228 @@
+"""Batched generation: left padding, KV cache, greedy and sampled decoding, stopping, suffixes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refusal_core.errors import EmptyInputError, InvalidArgumentError
+from refusal_core.evaluation.generation import (
+    SamplingConfig,
+    encode_prompts,
+    eval_mode,
+    filter_logits,
+    generate,
+    generate_ids,
+    left_pad,
+)
+from refusal_core.models import format_prompt, post_instruction_tokens
+from refusal_core.testing.tiny import TINY_FAMILIES, tiny_model, tiny_prompts, tiny_tokenizer
+
+TOK = tiny_tokenizer()
+#: Mixed lengths on purpose: batching must pad the short ones on the left.
+PROMPTS = (
+    tiny_prompts(4, "harmful", seed=3)
+    + tiny_prompts(4, "harmless", seed=3)
+    + ["Hi", "Write a very long story about the sea, the wind, the morning light and a small dog."]
+)
+N_NEW = 12
+#: A stop id no model can emit: the completion runs to max_new_tokens.
+NO_STOP = [-1]
+
+
+def one_at_a_time(model: torch.nn.Module, prompts: list[list[int]], **kwargs: object) -> list[list[int]]:
+    return [generate_ids(model, TOK, [p], batch_size=1, progress=False, **kwargs)[0] for p in prompts]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_batched_greedy_equals_one_at_a_time(family: str) -> None:
+    # float64 weights: only float64 rounding separates padded and unpadded runs, so no argmax can flip.
+    model = tiny_model(family, dtype=torch.float64, seed=1)
+    prompts = encode_prompts(TOK, PROMPTS)
+    single = one_at_a_time(model, prompts, max_new_tokens=N_NEW)
+    for batch_size in (3, 16):
+        batched = generate_ids(
+            model, TOK, prompts, max_new_tokens=N_NEW, batch_size=batch_size, progress=False
+        )
+        diff = [i for i, (a, b) in enumerate(zip(batched, single)) if a != b]
+        assert not diff, f"{family}, batch_size={batch_size}: prompts {diff} differ from one-at-a-time greedy"
+
+
+def test_greedy_matches_transformers_generate() -> None:
+    """An independent decoder (HF generate, same left padding) gives the same tokens."""
+    model = tiny_model("llama", dtype=torch.float64, seed=2)
+    prompts = encode_prompts(TOK, PROMPTS)
+    ours = generate_ids(model, TOK, prompts, max_new_tokens=N_NEW, batch_size=len(prompts), progress=False)
+    ids, mask = left_pad(prompts, TOK.pad_token_id)
+    with torch.no_grad():
+        hf = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=N_NEW,
+            do_sample=False,
+            pad_token_id=TOK.pad_token_id,
+        )
+    for i, row in enumerate(hf[:, ids.shape[1] :].tolist()):
+        ref = row[: row.index(TOK.eos_token_id)] if TOK.eos_token_id in row else row
+        assert ours[i] == ref, f"prompt {i}: ours {ours[i]} vs transformers generate {ref}"
+
+
+def test_generate_decodes_only_new_tokens() -> None:
+    model = tiny_model("llama", seed=3)
+    texts = generate(model, TOK, PROMPTS[:3], max_new_tokens=N_NEW, progress=False)
+    ids = generate_ids(model, TOK, encode_prompts(TOK, PROMPTS[:3]), max_new_tokens=N_NEW, progress=False)
+    for t, i, p in zip(texts, ids, PROMPTS):
+        assert t == TOK.decode(i, skip_special_tokens=True), f"decoded text of {p!r} is not its new tokens"
+        assert p not in t, f"completion of {p!r} repeats the prompt: {t!r}"
+
+
+def test_stops_at_stop_token_and_keeps_batch_rows_independent() -> None:
+    model = tiny_model("llama", dtype=torch.float64, seed=4)
+    prompts = encode_prompts(TOK, PROMPTS)
+    free = generate_ids(model, TOK, prompts, max_new_tokens=N_NEW, stop_token_ids=NO_STOP, progress=False)
+    # Stop on the 3rd token of prompt 0's free completion: that row must end right before it.
+    stop = free[0][2]
+    stopped = generate_ids(model, TOK, prompts, max_new_tokens=N_NEW, stop_token_ids=[stop], progress=False)
+    for i, (f, s) in enumerate(zip(free, stopped)):
+        expected = f[: f.index(stop)] if stop in f else f
+        assert s == expected, f"prompt {i}: with stop token {stop} got {s}, expected the prefix {expected}"
+    assert len(stopped[0]) == free[0].index(stop) <= 2, "row 0 did not stop at its first stop token"
+
+
+def test_max_new_tokens_is_respected() -> None:
+    model = tiny_model("qwen2", seed=0)
+    out = generate_ids(
+        model, TOK, encode_prompts(TOK, PROMPTS), max_new_tokens=5, stop_token_ids=NO_STOP, progress=False
+    )
+    assert all(len(o) == 5 for o in out), f"lengths {[len(o) for o in out]} with max_new_tokens=5 and no stop"
+
+
+def test_sampling_is_reproducible_and_seed_dependent() -> None:
+    model = tiny_model("llama", seed=5)
+    cfg = SamplingConfig(temperature=1.0, top_p=0.95, top_k=50)
+    a = generate(model, TOK, PROMPTS, sampling=cfg, seed=7, max_new_tokens=N_NEW, progress=False)
+    b = generate(model, TOK, PROMPTS, sampling=cfg, seed=7, max_new_tokens=N_NEW, progress=False)
+    c = generate(model, TOK, PROMPTS, sampling=cfg, seed=8, max_new_tokens=N_NEW, progress=False)
+    assert a == b, "same seed gave different samples"
+    assert a != c, "seeds 7 and 8 gave identical samples for every prompt"
+
+
+def test_sampling_leaves_global_rng_alone() -> None:
+    model = tiny_model("llama", seed=5)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    generate(model, TOK, PROMPTS[:2], sampling=SamplingConfig(), max_new_tokens=4, progress=False)
+    assert torch.equal(torch.rand(3), expected), "sampled generation consumed the global RNG"
+
+
+def test_top_k_one_sampling_equals_greedy() -> None:
+    model = tiny_model("mistral", dtype=torch.float64, seed=6)
+    greedy = generate(model, TOK, PROMPTS, max_new_tokens=N_NEW, progress=False)
+    sampled = generate(
+        model,
+        TOK,
+        PROMPTS,
+        sampling=SamplingConfig(temperature=1.7, top_k=1),
+        seed=3,
+        max_new_tokens=N_NEW,
+        progress=False,
+    )
+    assert sampled == greedy, "top_k=1 sampling must reduce to greedy decoding"
+
+
+def reference_filter(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Per-row loops: the kept set after temperature, top-k and top-p, as a bool mask."""
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    for r, row in enumerate(logits.to(torch.float64) / cfg.temperature):
+        order = sorted(range(row.numel()), key=lambda j: -float(row[j]))
+        if cfg.top_k:
+            order = order[: cfg.top_k]
+        probs = torch.softmax(row[order], dim=0)  # renormalised over the top-k survivors
+        mass = 0.0
+        for j, p in zip(order, probs.tolist()):
+            keep[r, j] = True
+            mass += p
+            if mass >= cfg.top_p:
+                break
+    return keep
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SamplingConfig(1.0, 0.5, 0),
+        SamplingConfig(0.7, 0.9, 5),
+        SamplingConfig(2.0, 1.0, 3),
+        SamplingConfig(0.3, 0.2, 0),
+    ],
+    ids=lambda c: c.label,
+)
+def test_filter_logits_matches_reference(cfg: SamplingConfig) -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 40, generator=gen) * 3
+    got = torch.isfinite(filter_logits(logits, cfg))
+    ref = reference_filter(logits, cfg)
+    assert torch.equal(got, ref), (
+        f"{cfg.label}: kept sets differ in rows {torch.where((got != ref).any(1))[0]}"
+    )
+    scaled = filter_logits(logits, cfg)[got]
+    expected = (logits.to(torch.float64) / cfg.temperature)[got]
+    assert torch.equal(scaled, expected), f"{cfg.label}: kept logits are not logits / temperature"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_k": 2.5}, "top_k"),
+    ],
+)
+def test_sampling_config_rejects_bad_values(kwargs: dict[str, float], needle: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=needle):
+        SamplingConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_token_suffix_goes_before_post_instruction_tokens() -> None:
+    post = post_instruction_tokens(TOK)
+    base = encode_prompts(TOK, PROMPTS[:2])
+    suffix = [100, 101, 102]
+    with_suffix = encode_prompts(TOK, PROMPTS[:2], suffixes=[suffix, None])
+    n = len(post)
+    assert with_suffix[0] == base[0][:-n] + suffix + base[0][-n:], (
+        "token suffix not inserted before the template tail"
+    )
+    assert with_suffix[1] == base[1], "a None suffix changed the prompt"
+    text = encode_prompts(TOK, PROMPTS[:1], suffixes=["zz top"])[0]
+    expected = TOK(format_prompt(TOK, PROMPTS[0] + " zz top"), add_special_tokens=False)["input_ids"]
+    assert text == expected, "a text suffix must be appended to the instruction after one space"
+
+
+def test_bad_inputs_raise_before_running() -> None:
+    model = tiny_model("llama")
+    with pytest.raises(EmptyInputError):
+        generate(model, TOK, [], progress=False)
+    with pytest.raises(InvalidArgumentError, match="max_new_tokens"):
+        generate(model, TOK, ["Hi"], max_new_tokens=0, progress=False)
+    with pytest.raises(InvalidArgumentError, match="batch_size"):
+        generate(model, TOK, ["Hi"], batch_size=0, progress=False)
+    with pytest.raises(InvalidArgumentError, match="instructions"):
+        generate(model, TOK, "Hi", progress=False)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="suffixes"):
+        generate(model, TOK, ["Hi", "Yo"], suffixes=["x"], progress=False)
+
+
+def test_generation_restores_training_flags_and_weights() -> None:
+    model = tiny_model("llama")
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    generate(model, TOK, PROMPTS[:2], max_new_tokens=3, progress=False)
+    assert all(m.training for m in model.modules()), "generate left the model in eval mode"
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert not changed, f"generate changed weights {changed}"
+    with pytest.raises(RuntimeError, match="boom"), eval_mode(model):
+        raise RuntimeError("boom")
+    assert all(m.training for m in model.modules()), "eval_mode did not restore flags after an exception"
