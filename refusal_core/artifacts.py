@@ -206,3 +206,11 @@ class StageStore:
 
     def mark_done(self, stage: str, key: str, summary: Mapping[str, Any] | None = None) -> None:
         atomic_write_json(self.stage_dir(stage) / "stage.json", {"key": key, "summary": dict(summary or {})})
+
+    def seconds(self, stage: str) -> float:
+        """The recorded compute time of a completed stage (0.0 when unknown)."""
+        try:
+            summary = json.loads((Path(self.root) / stage / "stage.json").read_text()).get("summary", {})
+            return float(summary.get("seconds", 0.0))
+        except (OSError, json.JSONDecodeError, TypeError, ValueError):
+            return 0.0

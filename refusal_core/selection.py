@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from refusal_core.activations import encode_prompts
+from refusal_core.activations import batch_inputs, encode_prompts, model_device
 from refusal_core.artifacts import load_artifact, save_artifact
 from refusal_core.directions import DirectionCandidates
 from refusal_core.errors import EmptyInputError, InvalidArgumentError, RefusalCoreError
@@ -161,17 +161,6 @@ def _candidate_table(res: SelectionResult) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------
 
 
-def _pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        if s:
-            ids[row, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
-            mask[row, width - len(s) :] = 1
-    return ids, mask
-
-
 def _pad_id(tokenizer: Any) -> int:
     pad = tokenizer.pad_token_id
     if pad is None:
@@ -180,10 +169,14 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 @torch.inference_mode()
-def last_token_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Next-token logits at the last position of left-padded rows: ``[B, vocab]`` float64."""
-    device = next(model.parameters()).device
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1, use_cache=False)
+def last_token_logits(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """Next-token logits after each token-id prompt (left-padded batch): ``[B, vocab]`` float64.
+
+    Position ids count real tokens only, so a prompt's logits do not depend on
+    how much padding its batch needs.
+    """
+    inputs = batch_inputs(prompts, pad_id, model_device(model))
+    out = model(**inputs, logits_to_keep=1, use_cache=False)
     return out.logits[:, -1, :].to(torch.float64).cpu()
 
 
@@ -209,15 +202,14 @@ def _run_rows(
     coeff: float,
 ) -> torch.Tensor:
     """Logits for ``prompts`` (one per row) under per-row ``directions [rows, d]``."""
-    ids, mask = _pad_left(prompts, pad_id)
     dtype = next(model.parameters()).dtype
     r = directions.to(dtype)
     if mode == "ablate":
         with ablation_hooks(model, r):
-            return last_token_logits(model, ids, mask)
+            return last_token_logits(model, prompts, pad_id)
     assert layer is not None
     with addition_hooks(model, r, coeff, layer):
-        return last_token_logits(model, ids, mask)
+        return last_token_logits(model, prompts, pad_id)
 
 
 def _usable(r: torch.Tensor) -> bool:
@@ -285,8 +277,8 @@ def select_direction(
     harm = encode_prompts(tokenizer, list(harmful_val), system=config.system)
     safe = encode_prompts(tokenizer, list(harmless_val), system=config.system)
     both = harm + safe
-    base_h = last_token_logits(model, *_pad_left(harm, pad))
-    base_s = last_token_logits(model, *_pad_left(safe, pad))
+    base_h = last_token_logits(model, harm, pad)
+    base_s = last_token_logits(model, safe, pad)
 
     # Sites with a (numerically) zero direction have no unit vector: block 0 at template
     # positions sees the same tokens in every prompt. They get NaN scores and never pass.
@@ -378,8 +370,8 @@ def select_direction_naive(
     pad = _pad_id(tokenizer)
     harm = encode_prompts(tokenizer, list(harmful_val), system=config.system)
     safe = encode_prompts(tokenizer, list(harmless_val), system=config.system)
-    base_h = last_token_logits(model, *_pad_left(harm, pad))
-    base_s = last_token_logits(model, *_pad_left(safe, pad))
+    base_h = last_token_logits(model, harm, pad)
+    base_s = last_token_logits(model, safe, pad)
     dtype = next(model.parameters()).dtype
     bypass = torch.full((n_layers, n_pos), math.nan, dtype=torch.float64)
     induce = torch.full_like(bypass, math.nan)
@@ -390,10 +382,10 @@ def select_direction_naive(
                 continue
             r = dirs[layer, i].to(dtype)
             with ablation_hooks(model, r):
-                lh = last_token_logits(model, *_pad_left(harm, pad))
-                ls = last_token_logits(model, *_pad_left(safe, pad))
+                lh = last_token_logits(model, harm, pad)
+                ls = last_token_logits(model, safe, pad)
             with addition_hooks(model, r, config.addition_coeff, layer):
-                la = last_token_logits(model, *_pad_left(safe, pad))
+                la = last_token_logits(model, safe, pad)
             bypass[layer, i] = _scores_from_logits(lh, ref_ids).mean()
             kl[layer, i] = _kl(base_s, ls).mean()
             induce[layer, i] = _scores_from_logits(la, ref_ids).mean()

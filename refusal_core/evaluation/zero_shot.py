@@ -388,7 +388,11 @@ def _run_lm_eval(
     limit: int | float | None,
     metric: str,
     batch_size: int,
+    progress: bool = True,
 ) -> dict[str, TaskResult]:
+    import contextlib
+    import io
+
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -396,7 +400,9 @@ def _run_lm_eval(
     manager = _task_manager(include_defaults=any(_task_yaml(t) is None for t in tasks))
     loaded = [_lm_eval_task(spec, manager) for spec in tasks]
     task_objects = [obj for _, d in loaded for obj in d.values()]
-    with eval_mode(model), _no_retie(model):
+    # lm-eval draws its own progress bars on stderr; without progress they are swallowed.
+    quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
+    with quiet, eval_mode(model), _no_retie(model):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         results = lm_eval.simple_evaluate(
             model=lm,
@@ -482,7 +488,9 @@ def zero_shot_evaluate(
         raise InvalidArgumentError(
             "backend 'lm_eval' requested but lm-eval is not installed (pip install lm-eval)"
         )
-    return _run_lm_eval(model, tokenizer, tasks, limit=limit, metric=metric, batch_size=batch_size)
+    return _run_lm_eval(
+        model, tokenizer, tasks, limit=limit, metric=metric, batch_size=batch_size, progress=progress
+    )
 
 
 def zero_shot_accuracy(
