@@ -219,7 +219,7 @@ class _Run:
             return cands
 
         ident = model_identity(model)
-        return self.stage(  # type: ignore[no-any-return]
+        return self.stage(
             f"{name}/extract",
             {"batch_size": self.config.batch_size},
             upstream,
@@ -245,7 +245,7 @@ class _Run:
             return res
 
         ident = model_identity(model)
-        return self.stage(  # type: ignore[no-any-return]
+        return self.stage(
             f"{name}/select",
             asdict(self.config.selection),
             upstream,
@@ -275,7 +275,7 @@ class _Run:
             atomic_write_json(d / "mechanism.json", out)
             return out
 
-        return self.stage(  # type: ignore[no-any-return]
+        return self.stage(
             f"{name}/mechanism",
             {"max_new_tokens": self.config.max_new_tokens, "layer": layer},
             upstream,
@@ -352,10 +352,16 @@ class _Run:
             record = apply_aird_(model, r.to(next(model.parameters()).dtype), layer, cfg)
             return model, {**record.to_dict(), "path": "dense float"}
         except UnsupportedModuleError:
+            # Quantized linears: dequantize the two edited modules, edit, re-quantize with the same scheme.
             from refusal_core.quantized_edit import apply_aird_quantized_
 
             rec = apply_aird_quantized_(model, r, layer, cfg, requantize=True)
-            return model, {**rec.to_dict(), "path": "dequantize, edit, re-quantize"}
+            assert rec.aird is not None
+            return model, {
+                **rec.aird.to_dict(),
+                "path": "dequantize, edit, re-quantize",
+                "quantized_edit": rec.to_dict(),
+            }
 
     # -- evaluation ----------------------------------------------------------
     def attacks(self) -> list[Attack]:
@@ -426,7 +432,7 @@ class _Run:
             "max_new_tokens": c.max_new_tokens,
             "tasks": list(c.zero_shot_tasks),
         }
-        return self.stage(  # type: ignore[no-any-return]
+        return self.stage(
             f"eval/{variant}", settings, upstream, compute, lambda d: _read_json(d / "evaluation.json")
         )
 

@@ -88,18 +88,17 @@ __all__ = [
 ]
 
 
-#: CLI name → default config. Read-only.
-METHODS: Mapping[str, CompressionConfig] = MappingProxyType(
-    {
-        "magnitude": MagnitudeConfig(),
-        "wanda": WandaConfig(),
-        "wanda-2:4": WandaConfig(n_m=(2, 4)),
-        "wanda-4:8": WandaConfig(n_m=(4, 8)),
-        "llm-int8": Int8Config(),
-        "awq-w8": AwqConfig(w_bit=8),
-        "awq-w4": AwqConfig(w_bit=4),
-    }
-)
+#: CLI name → default config; METHODS is its read-only view (backend modules below add their names).
+_METHOD_NAMES: dict[str, CompressionConfig] = {
+    "magnitude": MagnitudeConfig(),
+    "wanda": WandaConfig(),
+    "wanda-2:4": WandaConfig(n_m=(2, 4)),
+    "wanda-4:8": WandaConfig(n_m=(4, 8)),
+    "llm-int8": Int8Config(),
+    "awq-w8": AwqConfig(w_bit=8),
+    "awq-w4": AwqConfig(w_bit=4),
+}
+METHODS: Mapping[str, CompressionConfig] = MappingProxyType(_METHOD_NAMES)
 
 
 def method_config(name: str) -> CompressionConfig:
@@ -126,7 +125,7 @@ def method_config(name: str) -> CompressionConfig:
         sparsity = float(level)
     except ValueError:
         raise InvalidArgumentError(f"sparsity suffix of {name!r} is not a number") from None
-    return dataclasses.replace(config, sparsity=sparsity)  # type: ignore[type-var]
+    return dataclasses.replace(config, sparsity=sparsity)  # type: ignore[call-arg]
 
 
 # ----------------------------------------------------------------------------
@@ -333,3 +332,16 @@ def compress_(
         identity_after=model_identity(model),
         calibration_tokens=n_tokens,
     )
+
+
+# Registers the bitsandbytes methods (bnb-int8, bnb-nf4); bitsandbytes itself is imported only when one runs.
+from refusal_core.compression import bnb  # noqa: E402
+
+_METHOD_NAMES["bnb-int8"] = bnb.BnbInt8Config()
+_METHOD_NAMES["bnb-nf4"] = bnb.BnbNf4Config()
+
+# Registers the llmcompressor methods (llmc-wanda, llmc-sparsegpt, llmc-awq, sparsegpt-50, ...);
+# llmcompressor itself is imported only when one runs.
+from refusal_core.compression import llmc  # noqa: E402
+
+_METHOD_NAMES.update(llmc.LLMC_METHODS)
