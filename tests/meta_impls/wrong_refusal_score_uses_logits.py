@@ -1,0 +1,17 @@
+"""refusal_score sums the raw logits of the refusal ids instead of probabilities."""
+
+from __future__ import annotations
+
+import torch
+
+from refusal_core.functional import *  # noqa: F403  (the reference, with one function replaced below)
+from refusal_core.functional import check_tensor
+
+
+def refusal_score(logits, refusal_token_ids):
+    check_tensor(logits, "logits", min_ndim=1)
+    ids = torch.as_tensor(refusal_token_ids, dtype=torch.long).reshape(-1)
+    if ids.numel() == 0:
+        raise ValueError("no refusal ids")
+    p = logits.to(torch.float64)[..., ids].sum(-1)
+    return torch.log(p + 1e-8) - torch.log(1 - p + 1e-8)
