@@ -185,3 +185,14 @@ def test_register_method_dispatches_on_config_type() -> None:
     assert calls == ["called"], f"registered method called {len(calls)} times"
     assert record.method == "zero-first-row", f"record.method is {record.method!r}"
     assert record.sparsity > 0, "the registered method's pruning is not reflected in the record"
+
+
+@pytest.mark.parametrize("objective", ["linear", "module"])
+def test_compress_passes_the_awq_objective_through(objective: str) -> None:
+    from refusal_core.compression.quantization import quantize_awq_
+
+    via_entry, direct = tiny_model("llama"), tiny_model("llama")
+    compress_(via_entry, AwqConfig(w_bit=4, objective=objective), calibration_lists())
+    quantize_awq_(direct, calibration_lists(), 4, 128, objective=objective)
+    for (name, a), b in zip(via_entry.state_dict().items(), direct.state_dict().values()):
+        assert torch.equal(a, b), f"compress_ with objective={objective!r} differs from quantize_awq_ at {name}"

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from refusal_core.compression import Int8LinearSim, prune_magnitude_, prune_wanda_, quantize_llm_int8_
+from refusal_core.compression.pruning import _wanda_keep_mask
 from refusal_core.errors import EmptyInputError, InvalidArgumentError, NonFiniteError, UnsupportedModuleError
 from refusal_core.functional import wanda_mask
 from refusal_core.models import get_layout
@@ -239,6 +240,87 @@ def test_wanda_accepts_tensor_mapping_and_lists_alike() -> None:
         results.append(linear_weights(model))
     for i, r in enumerate(results[1:], start=1):
         assert all(torch.equal(r[k], results[0][k]) for k in r), f"calibration form #{i} gave other weights"
+
+
+# ----------------------------------------------------------------------------
+# the fast Wanda mask equals functional.wanda_mask exactly, ties included
+# ----------------------------------------------------------------------------
+
+
+def mask_case(kind: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w [12, 48], input norms [48]) of a given tie structure."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(12, 48, generator=g, dtype=torch.float64)
+    norms = torch.rand(48, generator=g, dtype=torch.float64) * 3
+    if kind == "integer weights, equal norms":  # a handful of distinct scores per row: ties everywhere
+        w, norms = torch.randint(-3, 4, (12, 48), generator=g).to(torch.float64), torch.ones(48)
+    elif kind == "dead inputs":  # zero input norms: those columns all score 0
+        norms[::3] = 0.0
+    elif kind == "zero rows and signed zeros":
+        w[2] = 0.0
+        w[5, ::2] = -0.0
+        w[7] = torch.where(torch.arange(48) % 2 == 0, 0.0, -0.0)
+    elif kind == "float32 weights":
+        w = w.to(torch.float32)
+    elif kind == "one value":
+        w, norms = torch.full((12, 48), -2.5, dtype=torch.float64), torch.full((48,), 0.5)
+    return w, norms
+
+
+MASK_KINDS = [
+    "random",
+    "integer weights, equal norms",
+    "dead inputs",
+    "zero rows and signed zeros",
+    "float32 weights",
+    "one value",
+]
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.02, 0.25, 0.5, 0.77, 0.99])
+def test_fast_wanda_mask_equals_functional_unstructured(kind: str, sparsity: float) -> None:
+    for seed in range(3):
+        w, norms = mask_case(kind, seed)
+        fast = _wanda_keep_mask(w, norms, sparsity, None)
+        core = wanda_mask(w, norms, sparsity)
+        assert torch.equal(fast, core), (
+            f"fast Wanda mask != wanda_mask ({kind}, s={sparsity}, seed {seed}): "
+            f"{int((fast != core).sum())} entries differ"
+        )
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("n_m", [(2, 4), (4, 8), (1, 4), (3, 4), (5, 6)])
+def test_fast_wanda_mask_equals_functional_n_m(kind: str, n_m: tuple[int, int]) -> None:
+    for seed in range(3):
+        w, norms = mask_case(kind, seed)
+        fast = _wanda_keep_mask(w, norms, 0.5, n_m)
+        core = wanda_mask(w, norms, 0.5, n_m)
+        assert torch.equal(fast, core), (
+            f"fast Wanda mask != wanda_mask ({kind}, n_m={n_m}, seed {seed}): "
+            f"{int((fast != core).sum())} entries differ"
+        )
+
+
+def test_fast_wanda_mask_with_overflowing_scores_equals_functional() -> None:
+    # Scores that overflow to inf would tie with the retired picks of the N:M rounds.
+    w, norms = mask_case("random", 0)
+    w[1, :8] = 1e300
+    norms[:4] = 1e10
+    for n_m in (None, (2, 4)):
+        fast = _wanda_keep_mask(w, norms, 0.5, n_m)
+        core = wanda_mask(w, norms, 0.5, n_m)
+        assert torch.equal(fast, core), f"fast Wanda mask != wanda_mask with inf scores (n_m={n_m})"
+
+
+def test_fast_wanda_mask_breaks_ties_by_position_like_the_stable_sort() -> None:
+    # By hand: row scores [1, 0, 1, 1, 0, 2] at s = 0.5 prune k = 3: both zeros, then the first 1.
+    w = torch.tensor([[1.0, 0.0, -1.0, 1.0, 0.0, 2.0]])
+    keep = _wanda_keep_mask(w, torch.ones(6), 0.5, None)
+    assert keep.tolist() == [[False, False, True, True, False, True]], f"tie-breaking by position: {keep}"
+    keep = _wanda_keep_mask(torch.tensor([[3.0, 3.0, 3.0, 3.0]]), torch.ones(4), 0.5, (2, 4))
+    assert keep.tolist() == [[False, False, True, True]], f"2:4 on four equal scores: {keep}"
 
 
 # ----------------------------------------------------------------------------

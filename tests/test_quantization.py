@@ -7,13 +7,25 @@ import torch
 from torch import nn
 
 from refusal_core.compression import (
+    AwqConfig,
     Int8LinearSim,
     apply_awq_scale_,
     awq_scale_groups,
+    config_from_dict,
+    config_to_dict,
+    quantization,
     quantize_awq_,
     quantize_llm_int8_,
 )
-from refusal_core.compression.quantization import clip_search
+from refusal_core.compression.calibration import SequentialBlocks, prepare_calibration
+from refusal_core.compression.quantization import (
+    AwqScaleGroup,
+    _awq_effective_weight,
+    _awq_gram_bounds,
+    _awq_linear_scales,
+    _awq_module_scales,
+    clip_search,
+)
 from refusal_core.errors import EmptyInputError, InvalidArgumentError, UnsupportedModuleError
 from refusal_core.functional import (
     awq_apply_scales,
@@ -224,13 +236,14 @@ def test_awq_scale_fold_with_random_scales_is_function_preserving(family: str, k
     )
 
 
+@pytest.mark.parametrize("objective", ["module", "linear"])
 @pytest.mark.parametrize("family", ["llama", "gemma", "qwen2"])
-def test_awq_searched_scaling_before_rounding_is_function_preserving(family: str) -> None:
+def test_awq_searched_scaling_before_rounding_is_function_preserving(family: str, objective: str) -> None:
     model = with_outlier_channels(tiny_model(family, dtype=torch.float64))
     ids = eval_ids()
     ref = logits(model, ids)
     norms_before = get_layout(model).input_norm(0).weight.clone()
-    quantize_awq_(model, calibration_lists(), w_bit=4, scale_only=True)
+    quantize_awq_(model, calibration_lists(), w_bit=4, scale_only=True, objective=objective)
     norms_after = get_layout(model).input_norm(0).weight
     assert not torch.equal(norms_before, norms_after), (
         f"AWQ ({family}) chose s = 1 for the outlier model; the test could not detect a wrong fold"
@@ -241,8 +254,9 @@ def test_awq_searched_scaling_before_rounding_is_function_preserving(family: str
     )
 
 
+@pytest.mark.parametrize("objective", ["module", "linear"])
 @pytest.mark.parametrize(("w_bit", "zero_point"), [(4, True), (8, True), (4, False)])
-def test_awq_with_only_a_equal_0_is_round_to_nearest(w_bit: int, zero_point: bool) -> None:
+def test_awq_with_only_a_equal_0_is_round_to_nearest(w_bit: int, zero_point: bool, objective: str) -> None:
     model = with_outlier_channels(tiny_model("qwen2", d_ff=64))
     rtn = {
         (layer, n): pseudo_quantize(m.weight, w_bit, min(128, m.in_features), zero_point)
@@ -252,7 +266,7 @@ def test_awq_with_only_a_equal_0_is_round_to_nearest(w_bit: int, zero_point: boo
     layout = get_layout(model)
     others = {k: v.clone() for k, v in model.state_dict().items() if not any(n in k for n in LINEARS)}
     biases = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("bias")}
-    quantize_awq_(model, calibration_lists(), w_bit=w_bit, grid=1, zero_point=zero_point)
+    quantize_awq_(model, calibration_lists(), w_bit=w_bit, grid=1, zero_point=zero_point, objective=objective)
     for (layer, name), expected in rtn.items():
         got = layout.linears(layer)[name].weight
         assert torch.equal(got, expected), f"AWQ grid=1 w{w_bit} layer {layer} {name} differs from RTN"
@@ -261,17 +275,20 @@ def test_awq_with_only_a_equal_0_is_round_to_nearest(w_bit: int, zero_point: boo
         assert torch.equal(state[k], v), f"AWQ grid=1 changed {k}; with s = 1 nothing but rounding may change"
 
 
-def test_awq_output_error_is_at_most_rtn_on_outlier_model() -> None:
+@pytest.mark.parametrize("objective", ["module", "linear"])
+def test_awq_output_error_is_at_most_rtn_on_outlier_model(objective: str) -> None:
     base = with_outlier_channels(tiny_model("llama", d_model=64, d_ff=128, seed=2))
     calib = calibration_lists(12, seed=4)
     ids = torch.tensor([c[:4] for c in calib])
     ref = logits(base, ids)
     awq = with_outlier_channels(tiny_model("llama", d_model=64, d_ff=128, seed=2))
     rtn = with_outlier_channels(tiny_model("llama", d_model=64, d_ff=128, seed=2))
-    quantize_awq_(awq, calib, w_bit=4, group_size=32)
+    quantize_awq_(awq, calib, w_bit=4, group_size=32, objective=objective)
     quantize_awq_(rtn, calib, w_bit=4, group_size=32, grid=1)
     err_awq, err_rtn = rel(logits(awq, ids), ref), rel(logits(rtn, ids), ref)
-    assert err_awq <= err_rtn, f"AWQ w4 logits error {err_awq:.4g} exceeds round-to-nearest's {err_rtn:.4g}"
+    assert err_awq <= err_rtn, (
+        f"AWQ w4 ({objective} objective) logits error {err_awq:.4g} exceeds round-to-nearest's {err_rtn:.4g}"
+    )
 
 
 def test_awq_group_error_at_most_rtn_for_every_group_of_block_0() -> None:
@@ -294,10 +311,80 @@ class _StopError(Exception):
     pass
 
 
-def reference_awq_(model: nn.Module, calib: list[list[int]], *, sequential: bool = True) -> None:
-    """Slow AWQ w4 reference: per block, a full forward of the model (one sequence at a time,
-    stopped after the block) captures the group inputs; then scale search, fold and rounding.
-    With ``sequential=False`` the inputs come from the unquantized model instead."""
+def run_alone(
+    model: nn.Module, calib: list[list[int]], layer: int, modules: dict[str, nn.Module], *, outputs: bool
+) -> dict[str, torch.Tensor]:
+    """Each sequence alone through the model, stopped after block ``layer``: per module its input
+    (``outputs=False``) or first output, at every token, concatenated over the sequences."""
+    layout = get_layout(model)
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k in modules}
+
+    def make(name: str):
+        def hook(mod: nn.Module, args: tuple, out: object) -> None:
+            value = out[0] if isinstance(out, tuple) else out
+            rows[name].append((value if outputs else args[0])[0].detach().clone())
+
+        return hook
+
+    def stop(mod: nn.Module, args: tuple, out: object) -> None:
+        raise _StopError
+
+    handles = [m.register_forward_hook(make(k)) for k, m in modules.items()]
+    handles.append(layout.blocks[layer].register_forward_hook(stop))
+    try:
+        for ids in calib:
+            with torch.no_grad(), pytest.raises(_StopError):
+                model(input_ids=torch.tensor([ids]), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: torch.cat(v) for k, v in rows.items()}
+
+
+def module_objective_scales(
+    model: nn.Module, calib: list[list[int]], layer: int, group: object, target: nn.Module, grid: int
+) -> torch.Tensor:
+    """The candidate of awq_scales (formula written out here) of least squared error of ``target``'s
+    output, with the group's linears set to awq_apply_scales(W, s) one candidate at a time."""
+    assert isinstance(group, AwqScaleGroup)
+    gs = min(128, group.linears[0].in_features)
+    x = run_alone(model, calib, layer, {"x": group.linears[0]}, outputs=False)["x"].to(torch.float64)
+    x_mean = x.abs().mean(dim=0)
+    ref = run_alone(model, calib, layer, {"y": target}, outputs=True)["y"].to(torch.float64)
+    originals = [m.weight.detach().clone() for m in group.linears]
+    best_loss, best = float("inf"), torch.ones_like(x_mean)
+    try:
+        for i in range(grid):
+            t = x_mean.pow(i / grid).clamp(min=1e-4)
+            s = t / torch.sqrt(t.max() * t.min())
+            with torch.no_grad():
+                for m, w0 in zip(group.linears, originals):
+                    m.weight.copy_(awq_apply_scales(w0.to(torch.float64), s, 4, gs))
+            out = run_alone(model, calib, layer, {"y": target}, outputs=True)["y"].to(torch.float64)
+            loss = float(((out - ref) ** 2).sum())
+            if loss < best_loss:
+                best_loss, best = loss, s
+    finally:
+        with torch.no_grad():
+            for m, w0 in zip(group.linears, originals):
+                m.weight.copy_(w0)
+    return best
+
+
+def reference_awq_(
+    model: nn.Module,
+    calib: list[list[int]],
+    *,
+    objective: str = "linear",
+    sequential: bool = True,
+    grid: int = 20,
+) -> None:
+    """Slow AWQ w4 reference: per block, full forwards of the model (one sequence at a time, stopped
+    after the block) capture the group inputs; then scale search, fold and rounding. The linear
+    objective calls functional.awq_scales; the module objective scores every candidate on the
+    attention / MLP output seen in such full forwards. With ``sequential=False`` the inputs come
+    from the unquantized model instead (linear objective only)."""
+    assert sequential or objective == "linear", "one-shot calibration is only written for 'linear'"
     layout = get_layout(model)
     unquantized = None if sequential else snapshot(model)
     for layer in range(layout.n_layers):
@@ -308,35 +395,22 @@ def reference_awq_(model: nn.Module, calib: list[list[int]], *, sequential: bool
             "mlp_in": lin["gate_proj"],
             "down_in": lin["down_proj"],
         }
-        rows: dict[str, list[torch.Tensor]] = {k: [] for k in taps}
-
-        def make(src: str, rows: dict[str, list[torch.Tensor]] = rows):
-            return lambda mod, args, out: rows[src].append(args[0][0].detach())
-
-        def stop(mod: nn.Module, args: tuple, out: object) -> None:
-            raise _StopError
-
         current = snapshot(model)
         if unquantized is not None:
             model.load_state_dict(unquantized)
-        handles = [m.register_forward_hook(make(k)) for k, m in taps.items()]
-        handles.append(layout.blocks[layer].register_forward_hook(stop))
-        try:
-            for ids in calib:
-                with torch.no_grad(), pytest.raises(_StopError):
-                    model(input_ids=torch.tensor([ids]), use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+        inputs = run_alone(model, calib, layer, taps, outputs=False)
         model.load_state_dict(current)
-        inputs = {k: torch.cat(v) for k, v in rows.items()}
         groups = awq_scale_groups(layout, layer)
+        targets = {"attn_in": layout.attn(layer), "mlp_in": layout.mlp(layer)}
         scales = [
-            awq_scales(
+            module_objective_scales(model, calib, layer, g, targets[g.source], grid)
+            if objective == "module" and g.source in targets
+            else awq_scales(
                 torch.cat([m.weight for m in g.linears]),
                 inputs[g.source],
                 4,
                 min(128, g.linears[0].in_features),
+                grid,
             )
             for g in groups
         ]
@@ -356,14 +430,19 @@ def max_state_difference(a: nn.Module, b: nn.Module) -> tuple[float, str]:
     return worst
 
 
-def test_awq_matches_slow_sequential_reference() -> None:
+@pytest.mark.parametrize(("family", "kv"), [("llama", None), ("qwen2", 2)])
+@pytest.mark.parametrize("objective", ["linear", "module"])
+def test_awq_matches_slow_sequential_reference(family: str, kv: int | None, objective: str) -> None:
     calib = calibration_lists(5, seed=7)
-    fast = with_outlier_channels(tiny_model("llama", n_layers=3, dtype=torch.float64))
-    slow = with_outlier_channels(tiny_model("llama", n_layers=3, dtype=torch.float64))
-    quantize_awq_(fast, calib, w_bit=4)
-    reference_awq_(slow, calib)
+    grid = 10 if objective == "module" else 20  # the module reference runs the model per candidate
+    fast = with_outlier_channels(tiny_model(family, n_layers=3, n_kv_heads=kv, dtype=torch.float64))
+    slow = with_outlier_channels(tiny_model(family, n_layers=3, n_kv_heads=kv, dtype=torch.float64))
+    quantize_awq_(fast, calib, w_bit=4, grid=grid, objective=objective, batch_size=2)
+    reference_awq_(slow, calib, objective=objective, grid=grid)
     err, key = max_state_difference(fast, slow)
-    assert err < 1e-12, f"AWQ vs slow sequential reference: {key} differs (rel {err:.3g})"
+    assert err < 1e-12, (
+        f"AWQ ({family}, objective={objective}) vs slow sequential reference: {key} differs (rel {err:.3g})"
+    )
 
 
 def test_sequential_awq_reference_differs_from_one_shot_calibration() -> None:
@@ -371,12 +450,220 @@ def test_sequential_awq_reference_differs_from_one_shot_calibration() -> None:
     calib = calibration_lists(5, seed=7)
     fast = with_outlier_channels(tiny_model("llama", n_layers=3, dtype=torch.float64))
     one_shot = with_outlier_channels(tiny_model("llama", n_layers=3, dtype=torch.float64))
-    quantize_awq_(fast, calib, w_bit=4)
+    quantize_awq_(fast, calib, w_bit=4, objective="linear")
     reference_awq_(one_shot, calib, sequential=False)
     err, _ = max_state_difference(fast, one_shot)
     assert err > 1e-6, (
         "sequential and one-shot AWQ calibration gave the same model; the test above cannot fail"
     )
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_awq_objectives_choose_different_scales(family: str) -> None:
+    # Guards the module-objective reference test: scoring on the module output must matter here,
+    # else agreeing with the module reference would say nothing beyond the linear one.
+    calib = calibration_lists(5, seed=7)
+    by_module = with_outlier_channels(tiny_model(family, n_layers=3, dtype=torch.float64))
+    by_linear = with_outlier_channels(tiny_model(family, n_layers=3, dtype=torch.float64))
+    quantize_awq_(by_module, calib, w_bit=4, grid=10, objective="module")  # the settings of the test above
+    quantize_awq_(by_linear, calib, w_bit=4, grid=10, objective="linear")
+    err, _ = max_state_difference(by_module, by_linear)
+    assert err > 1e-6, f"AWQ ({family}): module and linear objectives gave the same model"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma"])
+def test_recorded_attention_call_replays_to_the_recorded_output(family: str) -> None:
+    # The module objective scores q/k/v candidates by replaying these calls; with unchanged
+    # weights a replay must reproduce the block's own attention output (padding included).
+    model = tiny_model(family, dtype=torch.float64, n_kv_heads=2)
+    layout = get_layout(model)
+    runner = SequentialBlocks(layout, prepare_calibration(calibration_lists(5, seed=2), batch_size=3))
+    attn = layout.attn(1)
+    runner.advance(0)
+    calls = runner.collect(1, {}, lambda name, x: None, record={"attn": attn})["attn"]
+    assert len(calls) == 2, f"expected one recorded attention call per batch (2), got {len(calls)}"
+    assert not bool(calls[1].token_mask.all()), "the second batch should contain left padding"
+    for b, call in enumerate(calls):
+        again = call.replay(attn)
+        expected = call.output[call.token_mask]
+        assert torch.equal(again, expected), f"{family}: replaying attention call {b} changed its output"
+
+
+# ----------------------------------------------------------------------------
+# the fast AWQ search helpers equal the functional core exactly
+# ----------------------------------------------------------------------------
+
+
+def awq_case(seed: int, out_f: int, in_f: int, tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Weights and inputs with per-channel input magnitudes spread over two orders (AWQ's setting)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    gain = torch.exp(2.0 * torch.randn(in_f, generator=g, dtype=torch.float64))
+    x = torch.randn(tokens, in_f, generator=g, dtype=torch.float64) * gain
+    return w.to(dtype), x.to(dtype)
+
+
+@pytest.mark.parametrize("method", ["direct", "gram", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("w_bit", "group_size", "grid"), [(4, 16, 20), (8, 64, 20), (3, 8, 7), (2, 32, 5), (4, 16, 1)]
+)
+def test_fast_linear_search_equals_functional_awq_scales(
+    dtype: torch.dtype, w_bit: int, group_size: int, grid: int, method: str
+) -> None:
+    for seed in range(4):
+        tokens = 40 if seed % 2 else 300  # fewer and more tokens than inputs
+        w, x = awq_case(seed, 24, 64, tokens, dtype)
+        fast = _awq_linear_scales(w, x, w_bit, group_size, grid, method=method)
+        core = awq_scales(w, x, w_bit, group_size, grid)
+        assert fast.dtype == core.dtype, f"fast AWQ search dtype {fast.dtype}, awq_scales {core.dtype}"
+        assert torch.equal(fast, core), (
+            f"fast AWQ linear search ({method}) != awq_scales (seed {seed}, {dtype}, w{w_bit}, "
+            f"g{group_size}, grid {grid}): max |Δs| {float((fast - core).abs().max()):.3g}"
+        )
+
+
+@pytest.mark.parametrize("w_bit", [2, 4, 8])
+def test_gram_loss_interval_holds_the_direct_loss_and_is_tight(w_bit: int) -> None:
+    # The Gram search is exact only if the interval always contains the direct form's value;
+    # it is fast only if the interval is narrow enough to single out the winner.
+    for seed in range(3):
+        w, x = awq_case(seed, 24, 64, 300, torch.float64)
+        x_mean = x.abs().mean(dim=0)
+        for a in (0.0, 0.5, 0.95):
+            t = x_mean.pow(a).clamp(min=1e-4)
+            s = t / torch.sqrt(t.max() * t.min())
+            wq = awq_apply_scales(w, s, w_bit, 16)
+            direct = float(((x @ w.T - x @ wq.T) ** 2).sum())
+            d = w - wq
+            gram = float(((d @ (x.T @ x)) * d).sum())
+            lo, hi = _awq_gram_bounds(
+                gram, float((d * d).sum()), float(w.norm()), float((x * x).sum()), 300, 64, 24
+            )
+            assert lo <= direct <= hi, (
+                f"direct loss {direct!r} outside the Gram interval [{lo!r}, {hi!r}] (w{w_bit}, a={a})"
+            )
+            # Worst-case bounds: far wider than the real rounding error, yet far below the gaps of
+            # ~1e-3 and more between the losses of neighbouring candidates.
+            assert hi - lo < 1e-4 * direct, (
+                f"Gram interval width {hi - lo:.3g} not below 1e-4 of the loss {direct:.3g} (w{w_bit}, a={a})"
+            )
+
+
+def count_effective_weights(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls = [0]
+    original = quantization._awq_effective_weight
+
+    def counting(*args: object) -> torch.Tensor:
+        calls[0] += 1
+        return original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(quantization, "_awq_effective_weight", counting)
+    return calls
+
+
+def test_gram_search_needs_no_direct_rescoring_without_near_ties(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = count_effective_weights(monkeypatch)
+    for seed in range(3):
+        w, x = awq_case(seed, 24, 64, 300, torch.float64)
+        calls[0] = 0
+        _awq_linear_scales(w, x, 4, 16, 20, method="gram")
+        assert calls[0] == 20, (
+            f"Gram search built {calls[0]} candidate weights for 20 candidates (seed {seed})"
+        )
+
+
+def test_gram_search_rescoring_of_near_ties_keeps_the_first_lowest(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With huge intervals every candidate may win: all are re-scored by the direct form.
+    monkeypatch.setattr(quantization, "_BOUND_SLACK", 1e30)
+    calls = count_effective_weights(monkeypatch)
+    for seed in range(3):
+        w, x = awq_case(seed, 24, 64, 300, torch.float64)
+        calls[0] = 0
+        got = _awq_linear_scales(w, x, 4, 16, 20, method="gram")
+        assert calls[0] == 40, f"expected 20 Gram and 20 direct candidate weights, built {calls[0]}"
+        assert torch.equal(got, awq_scales(w, x, 4, 16, 20)), (
+            f"Gram search with every candidate re-scored != awq_scales (seed {seed})"
+        )
+
+
+TIE_CASES = {
+    # every candidate is s = 1: one distinct candidate, a = 0 wins
+    "constant mean|x|": lambda w, x: (w, torch.ones_like(x) * torch.tensor([1.0, -1.0]).repeat(20)[:, None]),
+    # every loss is 0: all tie, a = 0 wins
+    "zero weights": lambda w, x: (torch.zeros_like(w), x),
+    # a channel that is never active (mean|x| = 0: the 1e-4 floor) and integer weights
+    "dead channel, integer w": lambda w, x: (torch.round(4 * w), x.index_fill(1, torch.tensor([3, 9]), 0.0)),
+    # two channel magnitudes only: many candidates round to the same grid
+    "two magnitudes": lambda w, x: (
+        w,
+        torch.where(torch.arange(64) % 2 == 0, 1.0, 8.0).expand(40, 64).clone(),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(TIE_CASES))
+def test_fast_linear_search_equals_functional_awq_scales_on_ties(case: str) -> None:
+    w, x = awq_case(5, 24, 64, 40, torch.float64)
+    w, x = TIE_CASES[case](w, x)
+    for w_bit in (2, 4, 8):
+        core = awq_scales(w, x, w_bit, 16, 20)
+        for method in ("direct", "gram"):
+            fast = _awq_linear_scales(w, x, w_bit, 16, 20, method=method)
+            assert torch.equal(fast, core), (
+                f"fast AWQ linear search ({method}) != awq_scales on '{case}' (w{w_bit})"
+            )
+
+
+@pytest.mark.parametrize(("w_bit", "group_size"), [(4, 16), (8, 64), (2, 8)])
+def test_fast_effective_weight_equals_functional_awq_apply_scales(w_bit: int, group_size: int) -> None:
+    w, x = awq_case(1, 24, 64, 40, torch.float64)
+    for a in (0.0, 0.35, 0.95):
+        t = x.abs().mean(dim=0).pow(a).clamp(min=1e-4)
+        s = t / torch.sqrt(t.max() * t.min())
+        fast = _awq_effective_weight(w, s, w_bit, group_size)
+        core = awq_apply_scales(w, s, w_bit, group_size)
+        assert torch.equal(fast, core), (
+            f"Q(w·s)/s differs from awq_apply_scales (w{w_bit}, g{group_size}, a={a})"
+        )
+    assert torch.equal(w, awq_case(1, 24, 64, 40, torch.float64)[0]), "the fast helper modified its input w"
+
+
+def test_module_search_restores_weights_when_the_error_function_raises() -> None:
+    lin = nn.Linear(16, 8).to(torch.float64)
+    before = lin.weight.detach().clone()
+    x = awq_case(2, 8, 16, 10, torch.float64)[1]
+    calls = []
+
+    def failing() -> float:
+        calls.append(lin.weight.detach().clone())
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return 1.0
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _awq_module_scales([lin], x, 4, 8, 20, failing)
+    assert not torch.equal(calls[1], before), "the search did not set candidate weights; the test is void"
+    assert torch.equal(lin.weight, before), "module scale search left candidate weights after an exception"
+
+
+def test_module_search_scores_every_candidate_on_the_given_error() -> None:
+    # Against awq_scales' own candidates: with the linear's output error as the module error,
+    # the module search must pick exactly what awq_scales picks.
+    w, x = awq_case(3, 12, 32, 30, torch.float64)
+    lin = nn.Linear(32, 12, bias=False).to(torch.float64)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    ref = x @ w.T
+
+    def linear_error() -> float:
+        return float(((ref - lin(x)) ** 2).sum())
+
+    got = _awq_module_scales([lin], x, 4, 16, 20, linear_error)
+    assert torch.equal(got, awq_scales(w, x, 4, 16, 20)), (
+        "module search with the linear's own error != awq_scales"
+    )
+    assert torch.equal(lin.weight, w), "module search did not restore the original weight"
 
 
 def test_clip_search_never_increases_group_error_and_clips_outlier_weights() -> None:
@@ -411,6 +698,7 @@ BAD_AWQ = [
     pytest.param({"calibration": None}, EmptyInputError, "calibration", id="calib-none"),
     pytest.param({"calibration": [[1, 99999]]}, InvalidArgumentError, "calibration", id="calib-oov"),
     pytest.param({"clip": 1}, InvalidArgumentError, "clip", id="clip-int"),
+    pytest.param({"objective": "block"}, InvalidArgumentError, "objective", id="objective-unknown"),
 ]
 
 
@@ -423,6 +711,15 @@ def test_awq_bad_input_raises_before_modifying(kwargs: dict, error: type, names:
     with pytest.raises(error, match=names):
         quantize_awq_(model, calibration, **args)
     assert_unchanged(model, before, f"quantize_awq_({kwargs})")
+
+
+def test_awq_config_objective_validates_and_round_trips() -> None:
+    assert AwqConfig().objective == "module", "AwqConfig's default objective must be 'module'"
+    for objective in ("module", "linear"):
+        cfg = AwqConfig(w_bit=8, objective=objective)
+        assert config_from_dict(config_to_dict(cfg)) == cfg, f"AwqConfig(objective={objective!r}) round trip"
+    with pytest.raises(InvalidArgumentError, match="objective"):
+        AwqConfig(objective="block")
 
 
 def test_apply_awq_scale_rejects_bad_scales() -> None:

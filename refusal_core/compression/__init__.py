@@ -201,6 +201,7 @@ def _awq(
         config.grid,
         clip=config.clip,
         zero_point=config.zero_point,
+        objective=config.objective,
         batch_size=batch_size,
         progress=progress,
     )

@@ -10,6 +10,10 @@ from torch import nn
 from refusal_core.errors import NonFiniteError, UnsupportedModuleError
 from refusal_core.models import ModelLayout
 
+#: Block linears whose input is the very tensor another one receives (attention q/k/v share the
+#: normed block input, gate/up the normed MLP input): name → the linear to read it from.
+SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+
 
 @dataclass(frozen=True)
 class BlockLinear:

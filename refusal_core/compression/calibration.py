@@ -6,9 +6,11 @@ forwards: one ordinary model forward per calibration batch records the hidden
 states entering block 0 and the keyword arguments every block receives (masks,
 rotary embeddings, position ids: they depend on the tokens only), then blocks
 are run one at a time. Per block, :meth:`SequentialBlocks.collect` feeds the
-inputs of chosen linears (real tokens only, padding removed) to a callback,
-and :meth:`SequentialBlocks.advance` replaces the stored hidden states by the
-block's output with its current (compressed) weights.
+inputs of chosen linears (real tokens only, padding removed) to a callback
+and can record whole calls of chosen modules (:class:`RecordedCall`, e.g. the
+attention with its masks and rotary embeddings, which AWQ replays with
+candidate weights), and :meth:`SequentialBlocks.advance` replaces the stored
+hidden states by the block's output with its current (compressed) weights.
 
 Calibration input may be given as
 
@@ -38,6 +40,7 @@ from refusal_core.models import ModelLayout
 __all__ = [
     "Calibration",
     "CalibrationBatch",
+    "RecordedCall",
     "SequentialBlocks",
     "prepare_calibration",
 ]
@@ -72,6 +75,34 @@ class CalibrationBatch:
     @property
     def n_tokens(self) -> int:
         return int(self.attention_mask.sum())
+
+
+@dataclass(frozen=True)
+class RecordedCall:
+    """One call of a module inside a block, kept so it can be run again with other weights.
+
+    ``args``/``kwargs`` are exactly what the module received (hidden states,
+    attention mask, rotary embeddings, ...), ``output`` its first output
+    ``[B, T, out]`` and ``token_mask`` ``[B, T]`` bool the real tokens of the batch.
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: torch.Tensor
+    token_mask: torch.Tensor
+
+    def replay(self, module: nn.Module) -> torch.Tensor:
+        """``module``'s first output for the recorded arguments, at the real tokens: ``[tokens, out]``."""
+        return _first_output(module(*self.args, **self.kwargs))[self.token_mask]
+
+
+def _first_output(out: Any) -> torch.Tensor:
+    # Attention modules return (output, weights); blocks return a tensor (transformers 5) or a tuple.
+    if isinstance(out, tuple):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise InvalidArgumentError(f"a module returned {type(out).__name__}, expected a tensor")
+    return out
 
 
 def _as_id_tensor(value: object, name: str) -> torch.Tensor:
@@ -190,15 +221,6 @@ def _hooks(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
             h.remove()
 
 
-def _block_output(out: Any) -> torch.Tensor:
-    # Decoder layers return a tensor in transformers 5 and a tuple in 4.x.
-    if isinstance(out, tuple):
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
-        raise InvalidArgumentError(f"a decoder block returned {type(out).__name__}, expected a tensor")
-    return out
-
-
 def _zero_padding(hidden: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     """``hidden [B, T, d]`` with the padding rows set to 0.
 
@@ -286,18 +308,26 @@ class SequentialBlocks:
 
     def _run(self, layer: int, b: int) -> torch.Tensor:
         rest, kwargs = self.block_args[layer][b]
-        out = _block_output(self.layout.blocks[layer](self.hidden[b], *rest, **kwargs))
+        out = _first_output(self.layout.blocks[layer](self.hidden[b], *rest, **kwargs))
         return _zero_padding(out, self.batches[b].token_mask)
 
     def collect(
-        self, layer: int, modules: Mapping[str, nn.Module], on_input: Callable[[str, torch.Tensor], None]
-    ) -> None:
+        self,
+        layer: int,
+        modules: Mapping[str, nn.Module],
+        on_input: Callable[[str, torch.Tensor], None],
+        *,
+        record: Mapping[str, nn.Module] | None = None,
+    ) -> dict[str, list[RecordedCall]]:
         """Run block ``layer`` on every batch; ``on_input(name, x [tokens, in])`` gets each module's input.
 
         Only real tokens reach ``on_input`` (padding rows are dropped). The
+        modules named in ``record`` (submodules of the block) have every call
+        kept as a :class:`RecordedCall`, one per batch, returned by name. The
         stored hidden states are not advanced.
         """
         current: dict[str, torch.Tensor] = {}
+        calls: dict[str, list[RecordedCall]] = {name: [] for name in record or {}}
 
         def make_hook(name: str) -> Callable[..., None]:
             def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -306,11 +336,24 @@ class SequentialBlocks:
 
             return hook
 
+        def make_recorder(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+                calls[name].append(
+                    RecordedCall(tuple(args), dict(kwargs), _first_output(output).detach(), current["mask"])
+                )
+
+            return hook
+
         handles = [m.register_forward_hook(make_hook(name)) for name, m in modules.items()]
+        handles += [
+            m.register_forward_hook(make_recorder(name), with_kwargs=True)
+            for name, m in (record or {}).items()
+        ]
         with _hooks(handles), torch.no_grad():
             for b, batch in enumerate(self.batches):
                 current["mask"] = batch.token_mask
                 self._run(layer, b)
+        return calls
 
     def advance(self, layer: int) -> None:
         """Replace the stored hidden states by block ``layer``'s outputs (with its current weights)."""

@@ -77,6 +77,10 @@ def check_threshold(value: object, name: str = "threshold") -> float:
     return float(value)
 
 
+#: What an AWQ scale candidate is scored on (see :class:`AwqConfig`).
+AWQ_OBJECTIVES = ("module", "linear")
+
+
 @dataclass(frozen=True)
 class CompressionConfig:
     """Base class of the method configs; the registry in :mod:`refusal_core.compression` keys on the type."""
@@ -125,7 +129,10 @@ class AwqConfig(CompressionConfig):
     ``group_size`` is capped per linear at its input width (``min(group_size, d_in)``);
     ``grid`` is the number of exponents ``a`` searched (``a = i/grid``); ``clip``
     enables the per-group clipping search; ``zero_point`` selects asymmetric
-    (True) or symmetric group quantization.
+    (True) or symmetric group quantization; ``objective`` is what a scale
+    candidate is scored on: ``"module"`` the output of the module the group
+    feeds (attention, MLP, ``o_proj``, ``down_proj``; AWQ's choice) or
+    ``"linear"`` the group's own linear outputs (``functional.awq_scales``).
     """
 
     w_bit: int = 4
@@ -133,6 +140,7 @@ class AwqConfig(CompressionConfig):
     grid: int = 20
     clip: bool = False
     zero_point: bool = True
+    objective: str = "module"
 
     def __post_init__(self) -> None:
         check_positive_int(self.w_bit, "w_bit", low=2, high=8)
@@ -141,6 +149,8 @@ class AwqConfig(CompressionConfig):
         for name in ("clip", "zero_point"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidArgumentError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.objective not in AWQ_OBJECTIVES:
+            raise InvalidArgumentError(f"objective must be one of {AWQ_OBJECTIVES}, got {self.objective!r}")
 
 
 #: Config classes by name, for reading records back.

@@ -2,9 +2,10 @@
 
 Only the seven linears of every decoder block are pruned (``q_proj`` …
 ``down_proj``); the embedding, the final norm and ``lm_head`` never are. The
-masks come from the functional core (:func:`~refusal_core.functional.magnitude_mask`,
-:func:`~refusal_core.functional.wanda_mask`); this module only walks the model
-and gathers Wanda's input norms.
+masks are those of the functional core (:func:`~refusal_core.functional.magnitude_mask`,
+:func:`~refusal_core.functional.wanda_mask`; Wanda's is computed here without
+a full sort, to the same mask); this module walks the model and gathers
+Wanda's input norms.
 
 Example:
     >>> from refusal_core.testing.tiny import tiny_model
@@ -18,11 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from refusal_core.compression._common import block_linears, require_float_linears
+from refusal_core.compression._common import SHARED_INPUT, block_linears, require_float_linears
 from refusal_core.compression.calibration import Calibration, SequentialBlocks, prepare_calibration
 from refusal_core.compression.config import check_n_m, check_sparsity
 from refusal_core.errors import InvalidArgumentError
-from refusal_core.functional import magnitude_mask, wanda_mask
+from refusal_core.functional import check_tensor, magnitude_mask
 from refusal_core.models import get_layout
 
 __all__ = ["prune_magnitude_", "prune_wanda_"]
@@ -30,6 +31,44 @@ __all__ = ["prune_magnitude_", "prune_wanda_"]
 
 def _zero_fraction(w: torch.Tensor) -> float:
     return float((w == 0).sum()) / w.numel()
+
+
+def _lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` lowest entries along the last dim, ties going to the lower index.
+
+    That is exactly the first ``k`` of a stable ascending argsort: every entry
+    below the ``k``-th smallest value ``v``, then the leftmost entries equal to
+    ``v`` until ``k`` are taken. ``v`` comes from ``kthvalue`` (its value is
+    unambiguous under ties), several times cheaper than the sort.
+    """
+    v = torch.kthvalue(score, k, dim=-1, keepdim=True).values
+    below = score < v
+    at = score == v
+    need = k - below.sum(dim=-1, keepdim=True)  # >= 1: fewer than k entries lie below v
+    if bool((at.sum(dim=-1, keepdim=True) == need).all()):
+        return below | at  # no surplus ties anywhere (the usual case): no running count needed
+    return below | (at & (at.cumsum(dim=-1) <= need))
+
+
+def _wanda_keep_mask(
+    w: torch.Tensor, input_norms: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None
+) -> torch.Tensor:
+    """:func:`~refusal_core.functional.wanda_mask` for checked inputs: the same mask, without a sort.
+
+    ``w [out, in]`` finite, ``input_norms [in]`` finite and nonnegative; the
+    scores are computed by the same expression as in ``wanda_mask``, and each
+    row (or N:M group) prunes what the first ``k`` entries of its stable argsort
+    would (:func:`_lowest_k`).
+    """
+    score = w.detach().abs().to(torch.float64) * input_norms.detach().to(torch.float64).to(w.device)
+    out_f, in_f = score.shape
+    if n_m is not None:
+        n, m = n_m
+        return ~_lowest_k(score.reshape(out_f, in_f // m, m), n).reshape(out_f, in_f)
+    k = int(sparsity * in_f)  # the same float64 expression as wanda_mask's ⌊s·in⌋
+    if k == 0:
+        return torch.ones_like(score, dtype=torch.bool)
+    return ~_lowest_k(score, k)
 
 
 def prune_magnitude_(model: torch.nn.Module, sparsity: float) -> dict[str, float]:
@@ -103,19 +142,24 @@ def prune_wanda_(
     out: dict[str, float] = {}
     for layer in runner.layers("Wanda"):
         modules = by_layer[layer]
+        # Linears fed the very same tensor (q/k/v, gate/up) share one accumulation.
+        source = {n: SHARED_INPUT[n] if SHARED_INPUT.get(n) in modules else n for n in modules}
+        taps = {name: modules[name] for name in dict.fromkeys(source.values())}
         sq_sums = {
             name: torch.zeros(m.weight.shape[1], dtype=torch.float64, device=m.weight.device)
-            for name, m in modules.items()
+            for name, m in taps.items()
         }
 
         def accumulate(name: str, x: torch.Tensor, sq_sums: dict[str, torch.Tensor] = sq_sums) -> None:
             sq_sums[name] += x.to(torch.float64).pow(2).sum(0)
 
-        runner.collect(layer, modules, accumulate)
+        runner.collect(layer, taps, accumulate)
         with torch.no_grad():
             for name, m in modules.items():
                 w = m.weight
-                w.masked_fill_(~wanda_mask(w, sq_sums[name].sqrt(), s, nm), 0.0)
+                # Checked as wanda_mask would: an activation that overflowed inside the block.
+                norms = check_tensor(sq_sums[source[name]].sqrt(), f"input norms of {name}")
+                w.masked_fill_(~_wanda_keep_mask(w, norms, s, nm), 0.0)
                 out[full_names[layer, name]] = _zero_fraction(w)
         if layer + 1 < layout.n_layers:
             runner.advance(layer)

@@ -8,21 +8,24 @@ weight edits such as AIRD or orthogonalization must refuse it rather than
 silently edit a copy.
 
 **AWQ.** :func:`quantize_awq_` is fake quantization: per block, in order, it
-searches activation-aware scales with :func:`~refusal_core.functional.awq_scales`
-for four groups of linears that share an input,
+searches activation-aware scales (the candidates of
+:func:`~refusal_core.functional.awq_scales`) for four groups of linears that
+share an input, each scored on the output error of the module the group feeds,
 
-==========================  =========================================
-scale folded (÷ s) into      linears multiplied by s (input columns)
-==========================  =========================================
-``input_layernorm``          ``q_proj``, ``k_proj``, ``v_proj``
-``v_proj`` output rows       ``o_proj`` (only without grouped-query attention)
-``post_attention_layernorm`` ``gate_proj``, ``up_proj``
-``up_proj`` output rows      ``down_proj``
-==========================  =========================================
+==========================  =========================================  ======================
+scale folded (÷ s) into      linears multiplied by s (input columns)    error measured at
+==========================  =========================================  ======================
+``input_layernorm``          ``q_proj``, ``k_proj``, ``v_proj``         attention output
+``v_proj`` output rows       ``o_proj`` (only without grouped-query     ``o_proj`` output
+                             attention)
+``post_attention_norm``      ``gate_proj``, ``up_proj``                 MLP output
+``up_proj`` output rows      ``down_proj``                              ``down_proj`` output
+==========================  =========================================  ======================
 
-then rounds every linear of the block with
-:func:`~refusal_core.functional.pseudo_quantize` (group size
-``min(group_size, d_in)``). The weights stay dequantized floats in plain
+(or, with ``objective="linear"``, on the group's own linear outputs, which is
+exactly :func:`~refusal_core.functional.awq_scales`), then rounds every
+linear of the block with :func:`~refusal_core.functional.pseudo_quantize`
+(group size ``min(group_size, d_in)``). The weights stay dequantized floats in plain
 ``nn.Linear`` modules, so later weight edits (AIRD) *are* possible on an AWQ
 model; they act on the dequantized values and leave the quantization grid.
 Each block is calibrated on the outputs of the already quantized blocks
@@ -32,17 +35,29 @@ before it. Before rounding the scaling is function-preserving: a Gemma norm
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from refusal_core.compression._common import relative_error, require_float_linears
-from refusal_core.compression.calibration import Calibration, SequentialBlocks, prepare_calibration
-from refusal_core.compression.config import check_positive_int, check_threshold
+from refusal_core.compression.calibration import (
+    Calibration,
+    RecordedCall,
+    SequentialBlocks,
+    prepare_calibration,
+)
+from refusal_core.compression.config import AWQ_OBJECTIVES, check_positive_int, check_threshold
 from refusal_core.errors import InvalidArgumentError, ShapeMismatchError
-from refusal_core.functional import awq_scales, check_tensor, int8_dequantize, int8_quantize, pseudo_quantize
+from refusal_core.functional import (
+    _awq_candidate_scales,
+    check_tensor,
+    int8_dequantize,
+    int8_quantize,
+    pseudo_quantize,
+)
 from refusal_core.models import ModelLayout, get_layout
 
 __all__ = [
@@ -364,6 +379,228 @@ def _check_awq_args(layout: ModelLayout, w_bit: int, group_size: int, grid: int)
 #: amplified by the attention softmax, so the original method skips them.
 _NO_CLIP = ("q_proj", "k_proj")
 
+#: Tokens per MLP call while scoring candidates: bounds the ``[tokens, d_ff]`` intermediate.
+_MLP_CHUNK = 4096
+
+
+def _awq_effective_weight(w64: torch.Tensor, s64: torch.Tensor, w_bit: int, group_size: int) -> torch.Tensor:
+    """``Q(w·s)/s`` for float64 ``w [out, in]``, ``s [in]``: bit-identical to ``functional.awq_apply_scales``.
+
+    The same float64 operations in the same order as the functional core
+    (asymmetric :func:`~refusal_core.functional.pseudo_quantize`, then ``/ s``),
+    minus its argument checks: inside the candidate loop those finiteness scans
+    cost as much as the rounding itself, and the inputs were checked once
+    before the loop. In-place steps give the same values as the out-of-place
+    ones (each is one correctly rounded IEEE operation per element).
+    """
+    ws = w64 * s64  # the only full-size allocation: every later step works in place
+    g = ws.view(-1, group_size)
+    max_int = 2**w_bit - 1
+    hi, lo = g.amax(dim=1, keepdim=True), g.amin(dim=1, keepdim=True)  # (aminmax is slower on CPU)
+    scale = (hi - lo).clamp(min=1e-5) / max_int
+    zero = torch.round(-lo / scale).clamp(0, max_int)
+    g.div_(scale).round_().add_(zero).clamp_(0, max_int).sub_(zero).mul_(scale)
+    return ws.div_(s64)
+
+
+def _awq_candidates(x_mean64: torch.Tensor, grid: int) -> list[torch.Tensor]:
+    """The distinct candidate scales ``s [in]`` (float64) for ``a = 0, 1/grid, …``, in grid order.
+
+    A candidate equal to an earlier one is dropped: its loss would be equal, and
+    the earlier one wins ties. The first candidate (``a = 0``) is exactly all
+    ones, which is also ``awq_scales``' result when no loss is finite; so when
+    it is the only distinct candidate (``grid = 1``, or constant ``mean|x|``)
+    it is the result whatever its loss, and scoring can be skipped.
+    """
+    out: list[torch.Tensor] = []
+    for i in range(grid):
+        s = _awq_candidate_scales(x_mean64, i / grid)
+        if not any(torch.equal(s, prev) for prev in out):
+            out.append(s)
+    return out
+
+
+def _awq_pick(candidates: Sequence[torch.Tensor], loss_of: Callable[[torch.Tensor], float]) -> torch.Tensor:
+    """The first candidate of lowest loss (ones when no loss is finite, as in ``functional.awq_scales``)."""
+    best_loss, best = math.inf, torch.ones_like(candidates[0])
+    for s in candidates:
+        loss = loss_of(s)
+        if loss < best_loss:
+            best_loss, best = loss, s
+    return best
+
+
+#: Unit roundoff of float64.
+_U64 = 2.0**-53
+
+#: Safety factor on the rounding-error bounds of :func:`_awq_gram_bounds` (worst-case bounds
+#: already; the factor absorbs the products of several epsilons dropped in their derivation).
+_BOUND_SLACK = 4.0
+
+
+def _gamma(n: int) -> float:
+    """Higham's ``γ_n = n·u/(1 − n·u)``: the relative error bound of any length-``n`` float64 sum."""
+    nu = n * _U64
+    return nu / (1.0 - nu) if nu < 0.5 else math.inf
+
+
+def _awq_gram_bounds(
+    gram_loss: float, d_sq: float, w_norm: float, x_sq: float, tokens: int, in_f: int, out_f: int
+) -> tuple[float, float]:
+    """Interval ``[lo, hi]`` certain to hold the value the direct float64 loss would compute.
+
+    ``gram_loss = Σ (D G) ∘ D`` with ``G = xᵀx`` and ``D = w − Q(w·s)/s`` all
+    in float64; ``d_sq = ‖D‖²``, ``w_norm = ‖w‖``, ``x_sq = ‖x‖²`` (Frobenius).
+    Standard worst-case rounding analysis, with ``‖|x||D|ᵀ‖ ≤ ‖x‖‖D‖``:
+
+    - the Gram form is within ``Bg = (3u + γ_T + γ_in + γ_{out·in})·‖x‖²‖D‖²``
+      of the exact loss ``L = ‖x Dᵀ‖²``;
+    - the direct form ``Σ (x wᵀ − x Wqᵀ)²`` is within
+      ``Be = 2√L·Φ + Φ² + (3u + γ_{T·out})(√L + Φ)²`` of ``L``, where
+      ``Φ = γ_in‖x‖(‖w‖ + ‖Wq‖) ≤ γ_in‖x‖(2‖w‖ + ‖D‖)`` bounds the error of
+      the two matmuls.
+    """
+    bg = _BOUND_SLACK * (3 * _U64 + _gamma(tokens) + _gamma(in_f) + _gamma(out_f * in_f)) * x_sq * d_sq
+    phi = _BOUND_SLACK * _gamma(in_f) * math.sqrt(x_sq) * (2 * w_norm + math.sqrt(d_sq))
+    root = math.sqrt(max(gram_loss + bg, 0.0))
+    be = 2 * root * phi + phi**2 + _BOUND_SLACK * (3 * _U64 + _gamma(tokens * out_f)) * (root + phi) ** 2
+    return gram_loss - bg - be, gram_loss + bg + be
+
+
+def _awq_linear_scales(
+    w: torch.Tensor, x: torch.Tensor, w_bit: int, group_size: int, grid: int, *, method: str = "auto"
+) -> torch.Tensor:
+    """:func:`~refusal_core.functional.awq_scales` for checked inputs, the same result bit for bit, faster.
+
+    ``w [out, in]`` (the group's linears stacked), ``x [tokens, in]``, both
+    finite. ``awq_scales`` scores a candidate by the float64 loss
+    ``Σ (x wᵀ − x Wqᵀ)²`` (``Wq = Q(w·s)/s``), ``tokens·in·out`` multiply-adds.
+
+    ``method="direct"`` computes exactly that (``(y − ref)²`` in place equals
+    ``(ref − y)²``: IEEE subtraction is sign-symmetric). ``method="gram"``
+    instead scores ``Σ (D G) ∘ D`` with ``G = xᵀx`` formed once and
+    ``D = w − Wq``: ``out·in²`` per candidate, far cheaper when there are more
+    tokens than inputs. The two forms round differently, so each Gram loss comes
+    with a certain interval for what the direct form would compute
+    (:func:`_awq_gram_bounds`); only candidates whose interval reaches below
+    every other's upper end can be ``awq_scales``' pick, and when more than one
+    can (a near tie), those are re-scored by the direct form and the first
+    lowest wins, as in ``awq_scales``. ``"auto"`` picks the cheaper method.
+    """
+    if method not in ("auto", "direct", "gram"):
+        raise InvalidArgumentError(f"method must be 'auto', 'direct' or 'gram', got {method!r}")
+    w64, x64 = w.detach().to(torch.float64), x.detach().to(torch.float64)
+    candidates = _awq_candidates(x64.abs().mean(dim=0), grid)
+    if len(candidates) == 1:
+        return candidates[0].to(_compute_dtype(w))  # see _awq_candidates: nothing to compare
+    tokens, in_f = x64.shape
+    out_f = w64.shape[0]
+    buffers: dict[str, torch.Tensor] = {}
+
+    def direct_loss(s: torch.Tensor) -> float:
+        if "ref" not in buffers:
+            buffers["ref"] = x64 @ w64.T
+            buffers["y"] = torch.empty_like(buffers["ref"])  # reused: fresh large buffers cost page faults
+        y = buffers["y"]
+        torch.matmul(x64, _awq_effective_weight(w64, s, w_bit, group_size).T, out=y)
+        return float(y.sub_(buffers["ref"]).square_().sum())
+
+    n = len(candidates)
+    if method == "auto":
+        gram_cost = tokens * in_f * in_f + n * out_f * in_f * in_f
+        method = "gram" if gram_cost < 0.8 * (n + 1) * tokens * in_f * out_f else "direct"
+    if method == "direct":
+        return _awq_pick(candidates, direct_loss).to(_compute_dtype(w))
+
+    gram = x64.T @ x64
+    x_sq = float(x64.square().sum())
+    w_norm = float(torch.linalg.vector_norm(w64))
+    intervals = []
+    for s in candidates:
+        d = w64 - _awq_effective_weight(w64, s, w_bit, group_size)
+        gram_loss = float((d @ gram).mul_(d).sum())
+        intervals.append(
+            _awq_gram_bounds(gram_loss, float(d.square_().sum()), w_norm, x_sq, tokens, in_f, out_f)
+        )
+    if not all(math.isfinite(lo) and math.isfinite(hi) for lo, hi in intervals):
+        return _awq_pick(candidates, direct_loss).to(_compute_dtype(w))
+    ceiling = min(hi for _, hi in intervals)
+    possible = [s for s, (lo, _) in zip(candidates, intervals) if lo <= ceiling]
+    best = possible[0] if len(possible) == 1 else _awq_pick(possible, direct_loss)
+    return best.to(_compute_dtype(w))
+
+
+def _awq_module_scales(
+    linears: Sequence[nn.Linear],
+    x: torch.Tensor,
+    w_bit: int,
+    group_size: int,
+    grid: int,
+    output_error: Callable[[], float],
+) -> torch.Tensor:
+    """Scales ``s [in]`` minimizing ``output_error()`` with ``linears`` set to ``Q(W·s)/s`` in turn.
+
+    ``x [tokens, in]`` are the linears' shared inputs (for the candidates
+    ``mean|x|^a``). ``output_error`` runs the module the linears feed and
+    returns its squared output error against the original output; the module's
+    other weights stay as they are. The candidates, the float64 rounding and the
+    tie rule (first lowest wins) are those of ``functional.awq_scales``. The
+    original weights are restored, also when an exception passes through.
+    """
+    candidates = _awq_candidates(x.detach().to(torch.float64).abs().mean(dim=0), grid)
+    if len(candidates) == 1:
+        return candidates[0].to(_compute_dtype(linears[0].weight))  # see _awq_candidates
+    originals = [m.weight.detach().clone() for m in linears]
+    w64 = torch.cat(originals).to(torch.float64)
+    rows = [m.out_features for m in linears]
+
+    def loss_of(s: torch.Tensor) -> float:
+        for m, part in zip(linears, _awq_effective_weight(w64, s, w_bit, group_size).split(rows)):
+            m.weight.copy_(part)  # cast to the model dtype, as awq_apply_scales' result is
+        return output_error()
+
+    try:
+        with torch.no_grad():
+            best = _awq_pick(candidates, loss_of)
+    finally:
+        with torch.no_grad():
+            for m, w0 in zip(linears, originals):
+                m.weight.copy_(w0)
+    return best.to(_compute_dtype(originals[0]))
+
+
+def _squared_error(out: torch.Tensor, ref64: torch.Tensor) -> float:
+    d = out.to(torch.float64) - ref64
+    return float(d.square_().sum())
+
+
+def _replay_error(module: nn.Module, calls: Sequence[RecordedCall]) -> Callable[[], float]:
+    """Squared error of ``module``'s output at the recorded calls' real tokens vs. the recorded outputs."""
+    refs = [c.output[c.token_mask].to(torch.float64) for c in calls]
+
+    def error() -> float:
+        return sum(_squared_error(c.replay(module), ref) for c, ref in zip(calls, refs))
+
+    return error
+
+
+def _tokenwise_error(module: nn.Module, x: torch.Tensor) -> Callable[[], float]:
+    """Squared error of a token-wise ``module`` (the MLP) on ``x [tokens, d]`` vs. its current output."""
+    chunks = x.split(_MLP_CHUNK)
+    with torch.no_grad():
+        refs = [module(c).to(torch.float64) for c in chunks]
+
+    def error() -> float:
+        return sum(_squared_error(module(c), ref) for c, ref in zip(chunks, refs))
+
+    return error
+
+
+def _check_objective(objective: object) -> str:
+    if objective not in AWQ_OBJECTIVES:
+        raise InvalidArgumentError(f"objective must be one of {AWQ_OBJECTIVES}, got {objective!r}")
+    return str(objective)
+
 
 def quantize_awq_(
     model: nn.Module,
@@ -372,6 +609,7 @@ def quantize_awq_(
     group_size: int = 128,
     grid: int = 20,
     *,
+    objective: str = "module",
     clip: bool = False,
     zero_point: bool = True,
     scale_only: bool = False,
@@ -382,16 +620,34 @@ def quantize_awq_(
 
     Per block, in order: capture the inputs of the four scale groups at the
     real calibration tokens (block unchanged, preceding blocks already
-    quantized), search every group's scales on the original weights with
-    :func:`~refusal_core.functional.awq_scales` (group size ``min(group_size,
-    d_in)``), fold them (:func:`apply_awq_scale_`), optionally search clip
-    values (:func:`clip_search`, not for q/k), and round every linear with
-    :func:`~refusal_core.functional.pseudo_quantize`.
+    quantized), search every group's scales on the original weights, fold them
+    (:func:`apply_awq_scale_`), optionally search clip values
+    (:func:`clip_search`, not for q/k), and round every linear with
+    :func:`~refusal_core.functional.pseudo_quantize` (group size
+    ``min(group_size, d_in)``).
+
+    Every scale search tries the candidates of
+    :func:`~refusal_core.functional.awq_scales` (``a = i/grid``) with the
+    group's linears set to ``Q(W·s)/s``, and keeps the first of lowest squared
+    error of ``objective``:
+
+    - ``"module"`` (default; AWQ's own choice): the output of the module the
+      group feeds, with the block's other weights as they are. For q/k/v that is
+      the attention output, computed by the block's attention module on the
+      recorded calls (masks, rotary embeddings); for gate/up the MLP output;
+      for o_proj and down_proj their own output.
+    - ``"linear"``: the group's own linear outputs, exactly
+      :func:`~refusal_core.functional.awq_scales` (same scales bit for bit).
+
+    The two coincide for o_proj and down_proj, whose search is always the
+    float64 one of ``awq_scales``. The module objective runs the attention and
+    the MLP in the model's dtype; the errors are summed in float64.
 
     ``scale_only`` applies the searched scales and skips clipping and rounding:
     the model computes the same function (up to float rounding). The scale
     search always uses the asymmetric quantizer of ``awq_scales``; only the
-    final rounding follows ``zero_point``.
+    final rounding follows ``zero_point``. ``grid = 1`` tries only ``a = 0``
+    (``s = 1``): plain round-to-nearest.
 
     Returns the relative Frobenius rounding error ``‖Q(W') − W'‖/‖W'‖`` per
     module, ``W'`` the weight after scaling (0 for ``scale_only``). Everything
@@ -400,6 +656,7 @@ def quantize_awq_(
     layout = get_layout(model)
     linears = require_float_linears(layout, "AWQ quantization")
     _check_awq_args(layout, w_bit, group_size, grid)
+    objective = _check_objective(objective)
     for name, value in (("clip", clip), ("zero_point", zero_point), ("scale_only", scale_only)):
         if not isinstance(value, bool):
             raise InvalidArgumentError(f"{name} must be a bool, got {value!r}")
@@ -412,6 +669,8 @@ def quantize_awq_(
     runner = SequentialBlocks(layout, batches, progress=progress)
     full_names = {(bl.layer, bl.name): bl.full_name for bl in linears}
     offset = float(layout.spec.norm_offset)
+    # Without a second candidate nothing is scored, so there is nothing to record.
+    by_module = objective == "module" and grid > 1
 
     errors: dict[str, float] = {}
     for layer in runner.layers("AWQ"):
@@ -426,20 +685,29 @@ def quantize_awq_(
             "down_in": lin["down_proj"],
         }
 
-        def record(src: str, x: torch.Tensor, captured: dict[str, list[torch.Tensor]] = captured) -> None:
+        def keep_input(src: str, x: torch.Tensor, captured: dict[str, list[torch.Tensor]] = captured) -> None:
             captured[src].append(x)
 
-        runner.collect(layer, taps, record)
+        attn = layout.attn(layer)
+        calls = runner.collect(layer, taps, keep_input, record={"attn": attn} if by_module else None)
         inputs = {src: torch.cat(xs) for src, xs in captured.items()}
 
         # All scales are searched on the unscaled block before any is applied (as AWQ does);
         # the folds of different groups touch disjoint rows/columns, so their order is free.
         scales = []
         for g in groups:
-            w_cat = torch.cat([m.weight.detach() for m in g.linears], dim=0)
-            scales.append(
-                awq_scales(w_cat, inputs[g.source], w_bit, _group_size(g.linears[0], group_size), grid)
-            )
+            gs = _group_size(g.linears[0], group_size)
+            x = inputs[g.source]
+            if by_module and g.source == "attn_in":
+                error = _replay_error(attn, calls["attn"])
+                scales.append(_awq_module_scales(g.linears, x, w_bit, gs, grid, error))
+            elif by_module and g.source == "mlp_in":
+                error = _tokenwise_error(layout.mlp(layer), x)
+                scales.append(_awq_module_scales(g.linears, x, w_bit, gs, grid, error))
+            else:
+                w_cat = torch.cat([m.weight.detach() for m in g.linears], dim=0)
+                scales.append(_awq_linear_scales(w_cat, x, w_bit, gs, grid))
+        del calls
         for g, s in zip(groups, scales):
             apply_awq_scale_(g.prev, g.linears, s, norm_offset=offset)
             inputs[g.source] = (inputs[g.source].to(torch.float64) / s.to(torch.float64)).to(
