@@ -21,13 +21,13 @@ from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from refusal_core.activations import batch_inputs, encode_prompts, mean_activations  # noqa: E402
-from refusal_core.directions import extract_candidates  # noqa: E402
-from refusal_core.models import load_model  # noqa: E402
-from refusal_core.prompts import load_prompts  # noqa: E402
-from refusal_core.selection import select_direction, select_direction_naive  # noqa: E402
+from refusal_core.activations import batch_inputs, encode_prompts, mean_activations
+from refusal_core.directions import extract_candidates
+from refusal_core.models import load_model
+from refusal_core.prompts import load_prompts
+from refusal_core.selection import select_direction, select_direction_naive
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -77,7 +77,9 @@ def main() -> None:
 
     ids = _refusal_ids(args.model, tok)
     t_batched = best_of(lambda: select_direction(model, tok, cands, hv, sv, ids), max(1, args.repeats - 1))
-    t_naive = best_of(lambda: select_direction_naive(model, tok, cands, hv, sv, ids), max(1, args.repeats - 1))
+    t_naive = best_of(
+        lambda: select_direction_naive(model, tok, cands, hv, sv, ids), max(1, args.repeats - 1)
+    )
     a = select_direction(model, tok, cands, hv, sv, ids)
     b = select_direction_naive(model, tok, cands, hv, sv, ids)
     agree = a.source == b.source
@@ -85,7 +87,10 @@ def main() -> None:
     n_cand = cands.directions.shape[0] * cands.directions.shape[1]
     print(f"model: {args.model}  threads: {args.threads}  prompts: {len(prompts)}  candidates: {n_cand}")
     print(f"{'operation':<28}{'ours (s)':>10}{'baseline (s)':>14}{'ratio':>8}  target")
-    print(f"{'capture vs plain forward':<28}{t_capture:>10.3f}{t_plain:>14.3f}{t_capture / t_plain:>8.2f}  <= 1.20")
+    print(
+        f"{'capture vs plain forward':<28}{t_capture:>10.3f}{t_plain:>14.3f}"
+        f"{t_capture / t_plain:>8.2f}  <= 1.20"
+    )
     print(
         f"{'selection batched vs naive':<28}{t_batched:>10.3f}{t_naive:>14.3f}"
         f"{t_naive / t_batched:>8.2f}  >= 3.00 (speed-up)"

@@ -61,7 +61,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented, key-sorted JSON, atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+    atomic_write_bytes(
+        path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode()
+    )
 
 
 def _json_default(obj: Any) -> Any:
@@ -150,11 +152,14 @@ def load_artifact(
     for what, expected in (("identity", expect_identity), ("settings", expect_settings)):
         if expected is not None:
             recorded = header.get(what, {})
-            diff = sorted(k for k in set(expected) | set(recorded) if _canon(expected.get(k)) != _canon(recorded.get(k)))
+            diff = sorted(
+                k for k in set(expected) | set(recorded) if _canon(expected.get(k)) != _canon(recorded.get(k))
+            )
             if diff:
                 raise ArtifactError(
                     f"artifact {jpath} was made with a different {what}: keys {diff} differ "
-                    f"(recorded {[recorded.get(k) for k in diff]}, expected {[expected.get(k) for k in diff]})"
+                    f"(recorded {[recorded.get(k) for k in diff]}, "
+                    f"expected {[expected.get(k) for k in diff]})"
                 )
     tensors: dict[str, torch.Tensor] = {}
     spec = header.get("tensors", {})

@@ -162,7 +162,11 @@ def _print_summary(results: dict[str, Any]) -> None:
         ]
         for v in results["variants"]
     ]
-    print(markdown_table(["variant", "source", "cos@base", *[f"ASR {a}" for a in attacks], "over-refusal"], rows))
+    print(
+        markdown_table(
+            ["variant", "source", "cos@base", *[f"ASR {a}" for a in attacks], "over-refusal"], rows
+        )
+    )
     print(f"total: {results['timings']['total_seconds']:.1f} s")
 
 
@@ -200,7 +204,11 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
         sel.save(out / "selection")
-        summary |= {"selected": sel.selected, "fallback": sel.fallback, "source_position": sel.source_position}
+        summary |= {
+            "selected": sel.selected,
+            "fallback": sel.fallback,
+            "source_position": sel.source_position,
+        }
     _print(summary)
     return 0
 
@@ -296,7 +304,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     harmless = load_prompts("harmless_test")[: args.n_test]
     attacks: list[Any] = [VanillaAttack(max_new_tokens=24)]
     if args.gcg_steps > 0:
-        attacks.append(GcgAttack(n_steps=args.gcg_steps, suffix_len=6, topk=32, batch_size=64, universal=True))
+        attacks.append(
+            GcgAttack(n_steps=args.gcg_steps, suffix_len=6, topk=32, batch_size=64, universal=True)
+        )
     judge = SubstringJudge()
     res = evaluate_asr(model, tok, harmful, attacks, judge, progress=not args.no_progress)
     refusal = over_refusal(model, tok, harmless, SubstringJudge(min_words=1), max_new_tokens=24)

@@ -77,9 +77,8 @@ def check_tensor(t: object, name: str, *, ndim: int | None = None, min_ndim: int
         raise ShapeMismatchError(
             f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(t.shape)}"
         )
-    if t.is_floating_point() or t.is_complex():
-        if not bool(torch.isfinite(t).all()):
-            raise NonFiniteError(f"{name} contains NaN or infinity")
+    if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(f"{name} contains NaN or infinity")
     return t
 
 
@@ -397,9 +396,7 @@ def _check_group(w: torch.Tensor, w_bit: object, group_size: object) -> tuple[in
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise InvalidArgumentError(f"group_size must be a positive int, got {group_size!r}")
     if w.shape[-1] % group_size:
-        raise InvalidArgumentError(
-            f"group_size {group_size} does not divide the input width {w.shape[-1]}"
-        )
+        raise InvalidArgumentError(f"group_size {group_size} does not divide the input width {w.shape[-1]}")
     return w_bit, group_size
 
 
@@ -453,9 +450,7 @@ def awq_apply_scales(w: torch.Tensor, s: torch.Tensor, w_bit: int, group_size: i
     return (pseudo_quantize(ws, w_bit, group_size) / s.to(torch.float64)).to(w.dtype)
 
 
-def awq_scales(
-    w: torch.Tensor, x: torch.Tensor, w_bit: int, group_size: int, grid: int = 20
-) -> torch.Tensor:
+def awq_scales(w: torch.Tensor, x: torch.Tensor, w_bit: int, group_size: int, grid: int = 20) -> torch.Tensor:
     """AWQ's activation-aware per-input-channel scales ``s [in]`` for ``w [out, in]``.
 
     ``x [tokens, in]`` are calibration inputs. For each ``a`` in

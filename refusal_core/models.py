@@ -30,9 +30,9 @@ from refusal_core.errors import (
 )
 
 __all__ = [
+    "SUPPORTED_ARCHITECTURES",
     "ArchitectureSpec",
     "ModelLayout",
-    "SUPPORTED_ARCHITECTURES",
     "format_prompt",
     "get_layout",
     "load_model",

@@ -13,10 +13,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # headless: never open a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from refusal_core.artifacts import atomic_write_bytes, atomic_write_json  # noqa: E402
+from refusal_core.artifacts import atomic_write_bytes, atomic_write_json
 
 __all__ = ["plot_asr", "plot_candidate_heatmap", "plot_cosine_by_layer", "write_report"]
 
@@ -172,7 +172,9 @@ def write_report(out_dir: Path, results: Mapping[str, Any], plots: Sequence[str]
         "(low = necessary); sufficiency: refusal rate on harmless prompts with it added at its layer "
         "(high = sufficient); AIRD gain: 1 + α‖r‖² of the attention / MLP edit.",
         "",
-        markdown_table(["variant", "refusal after ablation", "refusal after addition", "AIRD gain"], mech_rows),
+        markdown_table(
+            ["variant", "refusal after ablation", "refusal after addition", "AIRD gain"], mech_rows
+        ),
         "",
         "## Plots",
         "",

@@ -57,10 +57,32 @@ class SelectionConfig:
     addition_coeff: float = 1.0  # activation addition x + coeff * r for the induce score
     rows_per_forward: int = 256  # batch rows (candidate x prompt) per forward pass
     system: str | None = None  # system prompt used while scoring, if any
+    # Candidate subsets, to bound the cost on large models: only these layers (block indices) and
+    # positions (negative token offsets, -P..-1) are scored; the others get NaN scores and never pass.
+    # None scores all of them.
+    layers: tuple[int, ...] | None = None
+    positions: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        for name, sign in (("layers", 1), ("positions", -1)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, (tuple, list)) or len(value) == 0:
+                raise InvalidArgumentError(f"{name} must be None or a non-empty tuple of ints, got {value!r}")
+            if any(
+                isinstance(v, bool) or not isinstance(v, int) or sign * v < (0 if sign > 0 else 1)
+                for v in value
+            ):
+                what = "block indices >= 0" if sign > 0 else "negative token offsets (-P..-1)"
+                raise InvalidArgumentError(f"{name} must hold {what}, got {value!r}")
+            if len(set(value)) != len(value):
+                raise InvalidArgumentError(f"{name} has duplicates: {value!r}")
+            object.__setattr__(self, name, tuple(value))
         if not 0.0 < self.max_layer_fraction <= 1.0:
-            raise InvalidArgumentError(f"max_layer_fraction must lie in (0, 1], got {self.max_layer_fraction}")
+            raise InvalidArgumentError(
+                f"max_layer_fraction must lie in (0, 1], got {self.max_layer_fraction}"
+            )
         if self.kl_threshold < 0 or math.isnan(self.kl_threshold):
             raise InvalidArgumentError(f"kl_threshold must be >= 0, got {self.kl_threshold}")
         if self.rows_per_forward < 1:
@@ -131,8 +153,8 @@ class SelectionResult:
             positions=list(meta["positions"]),
             baseline_harmful=float(meta["baseline_harmful"]),
             baseline_harmless=float(meta["baseline_harmless"]),
-            selected=tuple(meta["selected"]) if meta["selected"] else None,  # type: ignore[arg-type]
-            fallback=tuple(meta["fallback"]) if meta["fallback"] else None,  # type: ignore[arg-type]
+            selected=tuple(meta["selected"]) if meta["selected"] else None,
+            fallback=tuple(meta["fallback"]) if meta["fallback"] else None,
             config=art.settings,
             identity=art.identity,
         )
@@ -217,7 +239,10 @@ def _usable(r: torch.Tensor) -> bool:
 
 
 def _validate(
-    candidates: DirectionCandidates, harmful: Sequence[str], harmless: Sequence[str], refusal_ids: Sequence[int]
+    candidates: DirectionCandidates,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    refusal_ids: Sequence[int],
 ) -> torch.Tensor:
     if len(harmful) == 0:
         raise EmptyInputError("harmful validation prompts are empty")
@@ -228,6 +253,26 @@ def _validate(
     if ids.numel() == 0:
         raise EmptyInputError("refusal_token_ids is empty")
     return ids
+
+
+def _scored_sites(candidates: DirectionCandidates, config: SelectionConfig) -> list[tuple[int, int]]:
+    """The (layer, position index) sites the config asks to score, in (layer, position) order.
+
+    Raises when a requested layer or position does not exist, before any forward pass.
+    """
+    n_layers, n_pos = int(candidates.directions.shape[0]), int(candidates.directions.shape[1])
+    positions = list(candidates.positions)
+    if config.layers is not None and any(layer >= n_layers for layer in config.layers):
+        raise InvalidArgumentError(f"config.layers {config.layers} name blocks outside [0, {n_layers})")
+    if config.positions is not None and any(p not in positions for p in config.positions):
+        raise InvalidArgumentError(
+            f"config.positions {config.positions} are not among the candidates' {positions}"
+        )
+    layers = set(range(n_layers) if config.layers is None else config.layers)
+    pos_idx = set(
+        range(n_pos) if config.positions is None else (positions.index(p) for p in config.positions)
+    )
+    return [(layer, i) for layer in range(n_layers) for i in range(n_pos) if layer in layers and i in pos_idx]
 
 
 def _filters(
@@ -273,6 +318,7 @@ def select_direction(
             f"candidates have shape [L={n_layers}, P={n_pos}, d={d}] but the model has "
             f"L={layout.n_layers}, d={layout.d_model}"
         )
+    scored = _scored_sites(candidates, config)
     pad = _pad_id(tokenizer)
     harm = encode_prompts(tokenizer, list(harmful_val), system=config.system)
     safe = encode_prompts(tokenizer, list(harmless_val), system=config.system)
@@ -282,7 +328,7 @@ def select_direction(
 
     # Sites with a (numerically) zero direction have no unit vector: block 0 at template
     # positions sees the same tokens in every prompt. They get NaN scores and never pass.
-    valid = [k for k in range(n_layers * n_pos) if _usable(dirs[k // n_pos, k % n_pos])]
+    valid = [layer * n_pos + i for layer, i in scored if _usable(dirs[layer, i])]
     flat = dirs.reshape(n_layers * n_pos, d)
     bypass = torch.full((n_layers * n_pos,), math.nan, dtype=torch.float64)
     kl = torch.full_like(bypass, math.nan)
@@ -367,6 +413,7 @@ def select_direction_naive(
     ref_ids = _validate(candidates, harmful_val, harmless_val, refusal_token_ids)
     dirs = candidates.directions
     n_layers, n_pos, _ = dirs.shape
+    scored = _scored_sites(candidates, config)
     pad = _pad_id(tokenizer)
     harm = encode_prompts(tokenizer, list(harmful_val), system=config.system)
     safe = encode_prompts(tokenizer, list(harmless_val), system=config.system)
@@ -376,10 +423,8 @@ def select_direction_naive(
     bypass = torch.full((n_layers, n_pos), math.nan, dtype=torch.float64)
     induce = torch.full_like(bypass, math.nan)
     kl = torch.full_like(bypass, math.nan)
-    for layer in range(n_layers):
-        for i in range(n_pos):
-            if not _usable(dirs[layer, i]):
-                continue
+    for layer, i in scored:
+        if _usable(dirs[layer, i]):
             r = dirs[layer, i].to(dtype)
             with ablation_hooks(model, r):
                 lh = last_token_logits(model, harm, pad)

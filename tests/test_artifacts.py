@@ -15,7 +15,9 @@ def test_roundtrip(tmp_path: Path) -> None:
     t = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.float64)}
     save_artifact(tmp_path / "x", tensors=t, meta={"k": 1}, identity={"m": "tiny"}, settings={"s": 2})
     art = load_artifact(tmp_path / "x", expect_identity={"m": "tiny"}, expect_settings={"s": 2})
-    assert art.meta == {"k": 1} and art.identity == {"m": "tiny"} and art.settings == {"s": 2}, art
+    assert art.meta == {"k": 1}, art
+    assert art.identity == {"m": "tiny"}, art
+    assert art.settings == {"s": 2}, art
     assert all(torch.equal(art.tensors[k], t[k]) for k in t), "tensors survive a round trip"
     assert not list(tmp_path.glob(".*tmp")), "no temporary files are left behind"
 
@@ -55,7 +57,8 @@ def test_stage_store(tmp_path: Path) -> None:
     store = StageStore(tmp_path)
     assert not store.is_done("s", "k1"), "nothing is done at first"
     store.mark_done("s", "k1", {"seconds": 1.5})
-    assert store.is_done("s", "k1") and not store.is_done("s", "k2"), "done only for the same key"
+    assert store.is_done("s", "k1"), "done for the same key"
+    assert not store.is_done("s", "k2"), "not done for another key"
     assert store.seconds("s") == 1.5, "the recorded time is kept"
     (tmp_path / "s" / "stage.json").write_text("{broken")
     assert not store.is_done("s", "k1"), "a broken marker means not done"

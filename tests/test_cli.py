@@ -15,7 +15,10 @@ from refusal_core.testing.tiny import tiny_model, tiny_tokenizer
 @pytest.mark.parametrize("command", ["study", "extract", "compress", "compare", "aird", "evaluate"])
 def test_every_subcommand_has_help(command: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "refusal_core.cli", command, "--help"], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "refusal_core.cli", command, "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 0, f"{command} --help failed: {proc.stderr}"
     assert "--model" in proc.stdout or "--base" in proc.stdout, f"{command} --help lists its options"
@@ -41,7 +44,10 @@ def test_extract_compress_aird_compare_evaluate(tmp_path: Path, capsys: pytest.C
     common = ["--model", m, "--no-progress"]
     assert main(["extract", *common, "--n", "8", "--select", "--out", str(tmp_path / "base")]) == 0
     assert (tmp_path / "base" / "candidates.safetensors").is_file(), "extract writes candidates"
-    assert main(["extract", *common, "--method", "wanda", "--n", "8", "--select", "--out", str(tmp_path / "w")]) == 0
+    assert (
+        main(["extract", *common, "--method", "wanda", "--n", "8", "--select", "--out", str(tmp_path / "w")])
+        == 0
+    )
     assert main(["compare", "--base", str(tmp_path / "base"), "--other", str(tmp_path / "w")]) == 0
     assert "cosine_at_base_source" in capsys.readouterr().out, "compare prints the cosine"
     assert main(["compress", *common, "--method", "magnitude", "--out", str(tmp_path / "c")]) == 0
@@ -50,6 +56,21 @@ def test_extract_compress_aird_compare_evaluate(tmp_path: Path, capsys: pytest.C
     weights = tmp_path / "a" / "weights.safetensors"
     assert weights.is_file(), "aird writes the edited weights"
     capsys.readouterr()
-    assert main(["evaluate", *common, "--weights", str(weights), "--n-test", "2", "--out", str(tmp_path / "e")]) == 0
+    assert (
+        main(["evaluate", *common, "--weights", str(weights), "--n-test", "2", "--out", str(tmp_path / "e")])
+        == 0
+    )
     assert "over_refusal" in capsys.readouterr().out, "evaluate prints over-refusal"
-    assert main(["evaluate", *common, "--weights", str(tmp_path / "c" / "record.json"), "--out", str(tmp_path / "e")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                *common,
+                "--weights",
+                str(tmp_path / "c" / "record.json"),
+                "--out",
+                str(tmp_path / "e"),
+            ]
+        )
+        == 2
+    )

@@ -195,4 +195,6 @@ def test_compress_passes_the_awq_objective_through(objective: str) -> None:
     compress_(via_entry, AwqConfig(w_bit=4, objective=objective), calibration_lists())
     quantize_awq_(direct, calibration_lists(), 4, 128, objective=objective)
     for (name, a), b in zip(via_entry.state_dict().items(), direct.state_dict().values()):
-        assert torch.equal(a, b), f"compress_ with objective={objective!r} differs from quantize_awq_ at {name}"
+        assert torch.equal(a, b), (
+            f"compress_ with objective={objective!r} differs from quantize_awq_ at {name}"
+        )

@@ -11,7 +11,11 @@ from refusal_core.report import plot_asr, plot_candidate_heatmap, plot_cosine_by
 
 def test_plots_are_pngs(tmp_path: Path) -> None:
     plot_candidate_heatmap(
-        tmp_path / "h.png", "t", {"bypass": np.random.rand(4, 2), "kl": np.full((4, 2), np.nan)}, [-2, -1], (1, 0)
+        tmp_path / "h.png",
+        "t",
+        {"bypass": np.random.rand(4, 2), "kl": np.full((4, 2), np.nan)},
+        [-2, -1],
+        (1, 0),
     )
     plot_cosine_by_layer(tmp_path / "c.png", -1, {"wanda": [np.nan, 0.9, 0.8, 0.7]}, [np.nan, 0.5, 0.6, 0.7])
     plot_asr(tmp_path / "a.png", {"base": {"vanilla": 0.1}, "wanda": {"vanilla": 0.4, "gcg": 0.9}})
@@ -24,8 +28,20 @@ def test_report_tables(tmp_path: Path) -> None:
         "model": {"name_or_path": "toy"},
         "base": {"source": [2, -1], "source_position": -1, "noise_floor_at_source": 0.97},
         "variants": [
-            {"name": "base", "source": [2, -1], "asr": {"vanilla": 0.0}, "over_refusal": 0.05, "accuracy": {}},
-            {"name": "wanda", "source": [1, -1], "source_shift": [-1, 0], "asr": {"vanilla": 0.5}, "necessity": 0.1},
+            {
+                "name": "base",
+                "source": [2, -1],
+                "asr": {"vanilla": 0.0},
+                "over_refusal": 0.05,
+                "accuracy": {},
+            },
+            {
+                "name": "wanda",
+                "source": [1, -1],
+                "source_shift": [-1, 0],
+                "asr": {"vanilla": 0.5},
+                "necessity": 0.1,
+            },
         ],
         "settings": {"seed": 0},
     }

@@ -70,7 +70,9 @@ def test_zero_direction_sites_are_scored_nan_and_never_selected(setup: tuple) ->
 
 
 def test_filters_follow_the_thresholds() -> None:
-    bypass = torch.tensor([[-1.0, -3.0], [-2.0, -5.0], [-4.0, -6.0], [0.0, -9.0], [1.0, -10.0]], dtype=torch.float64)
+    bypass = torch.tensor(
+        [[-1.0, -3.0], [-2.0, -5.0], [-4.0, -6.0], [0.0, -9.0], [1.0, -10.0]], dtype=torch.float64
+    )
     induce = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, -1.0], [1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
     kl = torch.tensor([[0.0, 0.0], [0.0, 0.2], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
     passed, selected, fallback = _filters(bypass, induce, kl, SelectionConfig())
@@ -133,3 +135,44 @@ def test_candidates_type_is_checked(setup: tuple) -> None:
 
     with pytest.raises(NonFiniteError, match="candidates.directions"):
         select_direction(model, tok, bad, hv, sv, REFUSAL_IDS)
+
+
+def test_layer_and_position_subsets_score_only_those_candidates(setup: tuple) -> None:
+    model, tok, cands, hv, sv = setup
+    full = select_direction(model, tok, cands, hv, sv, REFUSAL_IDS)
+    pos = cands.positions[-1]
+    cfg = SelectionConfig(layers=(1, 2), positions=(pos,), rows_per_forward=17)
+    sub = select_direction(model, tok, cands, hv, sv, REFUSAL_IDS, cfg)
+    naive = select_direction_naive(model, tok, cands, hv, sv, REFUSAL_IDS, cfg)
+    i = cands.positions.index(pos)
+    wanted = torch.zeros_like(full.passed)
+    wanted[1:3, i] = True
+    for name in ("bypass", "induce", "kl"):
+        a, b, c = getattr(sub, name), getattr(naive, name), getattr(full, name)
+        assert bool(torch.isnan(a[~wanted]).all()), f"{name}: candidates outside the subset are NaN"
+        assert bool(torch.isnan(b[~wanted]).all()), f"{name}: naive leaves the same candidates NaN"
+        diff = float((a[wanted] - c[wanted]).abs().max())
+        assert diff < 1e-4, f"{name}: subset scores differ from the full search by {diff}"
+        diff = float((a[wanted] - b[wanted]).abs().max())
+        assert diff < 1e-4, f"{name}: batched vs naive subset scores differ by {diff}"
+    assert not bool(sub.passed[~wanted].any()), "unscored candidates never pass"
+    assert sub.source[0] in (1, 2), f"source {sub.source} lies in the scored layers"
+    assert sub.source[1] == i, f"source {sub.source} lies at the scored position"
+    assert sub.source == naive.source, f"batched {sub.source} vs naive {naive.source}"
+
+
+def test_subset_options_are_checked(setup: tuple) -> None:
+    model, tok, cands, hv, sv = setup
+    for bad in (
+        {"layers": ()},
+        {"layers": (-1,)},
+        {"layers": (1, 1)},
+        {"positions": (0,)},
+        {"positions": (2,)},
+    ):
+        with pytest.raises(InvalidArgumentError, match=next(iter(bad))):
+            SelectionConfig(**bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="layers"):
+        select_direction(model, tok, cands, hv, sv, REFUSAL_IDS, SelectionConfig(layers=(3,)))
+    with pytest.raises(InvalidArgumentError, match="positions"):
+        select_direction(model, tok, cands, hv, sv, REFUSAL_IDS, SelectionConfig(positions=(-99,)))
