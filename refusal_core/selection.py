@@ -9,7 +9,8 @@ Each candidate ``r = directions[l, i]`` gets three scores (Arditi et al. 2024):
 * **kl** — mean KL(base ‖ ablated) of the last-position next-token
   distributions on harmless prompts (ablation should not disturb them).
 
-Default filters discard ``l ≥ ⌊0.8 L⌋`` (the cut of Arditi et al.'s code), ``kl > 0.1`` and ``induce ≤ 0``; the
+Default filters discard ``l ≥ ⌊0.8 L⌋`` (the cut of Arditi et al.'s code), ``kl > 0.1`` and
+``induce ≤ 0``; the
 lowest bypass score among the rest wins. Every threshold is a field of
 :class:`SelectionConfig` and every candidate's scores are kept.
 

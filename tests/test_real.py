@@ -1,0 +1,85 @@
+"""refusal_core.real: locating and verifying the real tier's GGUF, its study settings and table (no model)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from refusal_core.errors import ArtifactError
+from refusal_core.real import (
+    GGUF_ENV_VAR,
+    REAL_GGUF_NAME,
+    REAL_METHODS,
+    default_cache_dir,
+    default_gguf_path,
+    real_results_table,
+    real_study_config,
+    verify_gguf,
+)
+
+
+def test_default_path_and_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(GGUF_ENV_VAR, raising=False)
+    assert default_gguf_path() == default_cache_dir() / REAL_GGUF_NAME, "default is the fetch script's cache"
+    monkeypatch.setenv(GGUF_ENV_VAR, str(tmp_path / "m.gguf"))
+    assert default_gguf_path() == tmp_path / "m.gguf", f"{GGUF_ENV_VAR} overrides the default"
+
+
+def test_verify_accepts_the_expected_file_and_rejects_others(tmp_path: Path) -> None:
+    data = b"GGUF" + bytes(range(256)) * 3
+    good = tmp_path / "m.gguf"
+    good.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    assert verify_gguf(good, sha256=digest, size=len(data)) == good, "matching size and hash pass"
+    with pytest.raises(ArtifactError, match="does not exist"):
+        verify_gguf(tmp_path / "missing.gguf", sha256=digest, size=len(data))
+    with pytest.raises(ArtifactError, match="bytes, expected"):
+        verify_gguf(good, sha256=digest, size=len(data) + 1)
+    flipped = bytearray(data)
+    flipped[10] ^= 1
+    good.write_bytes(bytes(flipped))
+    with pytest.raises(ArtifactError, match="sha256"):
+        verify_gguf(good, sha256=digest, size=len(data))
+
+
+def test_study_config_holds_out_64_plus_64_and_scores_a_layer_subset() -> None:
+    cfg = real_study_config("/nonexistent/model.gguf")
+    assert cfg.methods == REAL_METHODS, f"all six methods by default, got {cfg.methods}"
+    assert cfg.n_test >= 64, f"at least 64 held-out prompts per class, got {cfg.n_test}"
+    assert cfg.harmful_test != cfg.harmful_train, "test prompts are a split apart from extraction"
+    assert cfg.selection.layers is not None, "the real tier scores a subset of layers"
+    assert cfg.attacks.gcg_prompts == 0, "GCG is off in the real tier (too slow on 2 cores)"
+
+
+def test_results_table_has_one_row_per_variant() -> None:
+    results = {
+        "variants": [
+            {
+                "name": "base",
+                "aird": None,
+                "source": [14, -1],
+                "source_shift": [0, 0],
+                "cosine_at_base_source": 1.0,
+                "refusal_rate_harmful": 0.5,
+                "necessity": 0.0,
+                "sufficiency": 0.8,
+                "asr": {"vanilla": 0.5},
+                "over_refusal": 0.0,
+            },
+            {
+                "name": "wanda+aird",
+                "aird": {"alpha": 0.02},
+                "source": [12, -1],
+                "source_shift": [-2, 0],
+                "cosine_at_base_source": 0.71234,
+                "asr": {"vanilla": 0.25},
+                "over_refusal": 0.1,
+            },
+        ]
+    }
+    lines = real_results_table(results).strip().splitlines()
+    assert len(lines) == 4, f"header, rule and two rows: {lines}"
+    assert "ASR vanilla" in lines[0], f"one ASR column per attack: {lines[0]}"
+    assert "| wanda+aird | (12, -1) | (-2, 0) | 0.712 | – | – | – |" in lines[3], lines[3]
