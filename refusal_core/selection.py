@@ -9,8 +9,7 @@ Each candidate ``r = directions[l, i]`` gets three scores (Arditi et al. 2024):
 * **kl** — mean KL(base ‖ ablated) of the last-position next-token
   distributions on harmless prompts (ablation should not disturb them).
 
-Default filters discard ``l ≥ ⌊0.8 L⌋`` (the cut of Arditi et al.'s code), ``kl > 0.1`` and
-``induce ≤ 0``; the
+Default filters discard ``l ≥ 0.8 L``, ``kl > 0.1`` and ``induce ≤ 0``; the
 lowest bypass score among the rest wins. Every threshold is a field of
 :class:`SelectionConfig` and every candidate's scores are kept.
 
@@ -280,8 +279,9 @@ def _filters(
     bypass: torch.Tensor, induce: torch.Tensor, kl: torch.Tensor, config: SelectionConfig
 ) -> tuple[torch.Tensor, tuple[int, int] | None, tuple[int, int] | None]:
     n_layers = bypass.shape[0]
-    # Arditi et al.'s code cuts at int(L * fraction): layers l >= floor(0.8 L) are discarded.
-    layer_ok = torch.arange(n_layers).unsqueeze(1) < int(config.max_layer_fraction * n_layers)
+    # DESIGN.md's rule taken literally: discard l >= 0.8 L (Arditi et al.'s code truncates 0.8 L to an
+    # int first, which differs when 0.8 L is not whole, e.g. L = 4 keeps layer 3 here).
+    layer_ok = torch.arange(n_layers).unsqueeze(1) < config.max_layer_fraction * n_layers
     layer_ok = layer_ok.expand_as(bypass) & ~torch.isnan(bypass)
     passed = layer_ok & (kl <= config.kl_threshold) & (induce > config.induce_threshold)
 

@@ -76,7 +76,7 @@ def test_filters_follow_the_thresholds() -> None:
     induce = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, -1.0], [1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
     kl = torch.tensor([[0.0, 0.0], [0.0, 0.2], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
     passed, selected, fallback = _filters(bypass, induce, kl, SelectionConfig())
-    # L = 5: layers >= int(0.8 * 5) = 4 are cut; (1, 1) fails KL; (2, 1) fails induce; (3, 1) wins.
+    # L = 5: layers >= 0.8 * 5 = 4 are cut; (1, 1) fails KL; (2, 1) fails induce; (3, 1) wins.
     assert selected == (3, 1), f"selected {selected}"
     assert fallback is None, "a fallback only exists when nothing passes"
     assert not bool(passed[4].any()), f"layer 4 is cut: {passed}"
@@ -180,3 +180,13 @@ def test_subset_options_are_checked(setup: tuple) -> None:
         select_direction(model, tok, cands, hv, sv, REFUSAL_IDS, SelectionConfig(layers=(3,)))
     with pytest.raises(InvalidArgumentError, match="positions"):
         select_direction(model, tok, cands, hv, sv, REFUSAL_IDS, SelectionConfig(positions=(-99,)))
+
+
+def test_layer_cut_is_l_at_least_fraction_times_l() -> None:
+    """DESIGN's rule l >= 0.8 L: with L = 4 the cut is 3.2, so layer 3 stays eligible."""
+    bypass = torch.tensor([[0.0], [0.0], [0.0], [-1.0]], dtype=torch.float64)
+    ones = torch.ones_like(bypass)
+    _, selected, _ = _filters(bypass, ones, 0 * ones, SelectionConfig())
+    assert selected == (3, 0), f"layer 3 of 4 is below 0.8 * 4 = 3.2 and has the lowest bypass: {selected}"
+    _, selected, _ = _filters(bypass, ones, 0 * ones, SelectionConfig(max_layer_fraction=0.75))
+    assert selected == (0, 0), f"with fraction 0.75 the cut is 3.0 and layer 3 goes: {selected}"
