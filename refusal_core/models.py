@@ -146,7 +146,11 @@ class ModelLayout:
         return [m for layer in range(self.n_layers) for m in (self.attn_out(layer), self.mlp_out(layer))]
 
     def _block(self, layer: int) -> Any:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not -self.n_layers <= layer < self.n_layers:
+        if (
+            isinstance(layer, bool)
+            or not isinstance(layer, int)
+            or not -self.n_layers <= layer < self.n_layers
+        ):
             raise InvalidArgumentError(f"layer must be an int in [0, {self.n_layers}), got {layer!r}")
         return self.blocks[layer]
 
@@ -176,8 +180,14 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
     layout = get_layout(model)
     cfg: Any = model.config
     with torch.no_grad():
-        probes = [layout.embedding.weight, layout.attn_out(0).weight, layout.mlp_out(layout.n_layers - 1).weight]
-        fingerprint = [float(p.detach().to(torch.float64).sum()) for p in probes if isinstance(p, torch.Tensor)]
+        probes = [
+            layout.embedding.weight,
+            layout.attn_out(0).weight,
+            layout.mlp_out(layout.n_layers - 1).weight,
+        ]
+        fingerprint = [
+            float(p.detach().to(torch.float64).sum()) for p in probes if isinstance(p, torch.Tensor)
+        ]
     return {
         "model_type": cfg.model_type,
         "name_or_path": str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "name_or_path", "")),
@@ -222,7 +232,9 @@ def post_instruction_tokens(tokenizer: Any, system: str | None = None) -> list[i
     ids = list(tokenizer(suffix, add_special_tokens=False)["input_ids"])
     if not ids:
         raise EmptyInputError("chat template puts no tokens after the instruction; nothing to read")
-    probe = list(tokenizer(format_prompt(tokenizer, "Tell me a story.", system), add_special_tokens=False)["input_ids"])
+    probe = list(
+        tokenizer(format_prompt(tokenizer, "Tell me a story.", system), add_special_tokens=False)["input_ids"]
+    )
     if probe[-len(ids) :] != ids:
         raise InvalidArgumentError(
             "the post-instruction suffix tokenizes differently inside a prompt; cannot locate positions"
@@ -266,9 +278,13 @@ def load_model(
             src = str(path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation="eager", **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                src, dtype=dtype, attn_implementation="eager", **kwargs
+            )
         except Exception as exc:  # transformers raises many unrelated types here
-            raise InvalidArgumentError(f"model path {spec!r} does not load: {type(exc).__name__}: {exc}") from exc
+            raise InvalidArgumentError(
+                f"model path {spec!r} does not load: {type(exc).__name__}: {exc}"
+            ) from exc
         model.config._name_or_path = str(path.resolve())
     get_layout(model)
     model.eval()
