@@ -96,7 +96,8 @@ class SelectionResult:
     Score tensors are ``[L, P]`` float64; ``positions[i]`` is the negative
     token offset of position index ``i``. ``selected`` is None when no
     candidate passed the filters; ``fallback`` then holds the lowest-bypass
-    candidate over all layers below the layer cut, marked as unfiltered.
+    candidate below the layer cut that still passes the induce filter (only the
+    KL filter relaxed), or, when none does, the lowest-bypass one below the cut.
     """
 
     bypass: torch.Tensor
@@ -293,7 +294,12 @@ def _filters(
         return flat // bypass.shape[1], flat % bypass.shape[1]
 
     selected = argmin(passed)
-    fallback = None if selected is not None else argmin(layer_ok)
+    fallback = None
+    if selected is None:
+        # Relax the KL filter first (small models often exceed it), then the induce filter too.
+        fallback = argmin(layer_ok & (induce > config.induce_threshold))
+        if fallback is None:
+            fallback = argmin(layer_ok)
     return passed, selected, fallback
 
 

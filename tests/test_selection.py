@@ -87,6 +87,13 @@ def test_filters_follow_the_thresholds() -> None:
     _, selected, fallback = _filters(bypass, -induce.abs(), kl, SelectionConfig())
     assert selected is None, f"nothing passes induce > 0, yet {selected} was selected"
     assert fallback == (3, 1), f"fallback {fallback}"
+    no_induce_31 = induce.clone()
+    no_induce_31[3, 1] = -1.0
+    _, selected, fallback = _filters(bypass, no_induce_31, kl + 1.0, SelectionConfig())
+    assert selected is None, "nothing passes KL <= 0.1"
+    assert fallback == (1, 1), (
+        f"KL relaxed first: (1, 1) has the lowest bypass with induce > 0, got {fallback}"
+    )
 
 
 def test_config_rejects_bad_thresholds() -> None:
