@@ -37,7 +37,6 @@ import hashlib
 import itertools
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from refusal_core.artifacts import atomic_write_json
 from refusal_core.errors import ArtifactError, EmptyInputError, InvalidArgumentError, RefusalCoreError
 from refusal_core.evaluation.generation import (
     SamplingConfig,
@@ -144,16 +144,7 @@ def _records_from_json(items: Any) -> list[AttackResult]:
 
 def _write_json_atomic(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename, so a crash never leaves half a file.
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=1, ensure_ascii=False)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(out, payload)
     return out
 
 
