@@ -23,8 +23,10 @@ correct int8 pipelines differ at model level by a good part of the
 quantization error itself. The module-level tests pin the algorithm down.
 
 The toy refusal model (when its weights are present) gets the same checks with
-its own measured bounds: last-position logits bnb vs ref 0.0019 (bound
-:data:`TOY_LOGIT_REL_TOL` 0.01), max 0.0028 (bound 0.015), direction cosine
+its own measured bounds, re-measured on the committed weights (width 64):
+last-position logits bnb vs ref 0.0107 (bound :data:`TOY_LOGIT_REL_TOL` 0.02;
+the reference's own error against float is 0.0114 there, and bnb vs ref must
+stay below it), max 0.0061 (bound 0.015), direction cosine
 ≥ 0.99995 at every site with split-half floor ≥ 0.8. It also reports nf4's error.
 """
 
@@ -70,8 +72,9 @@ MIN_SPLIT_HALF = 0.5
 MODULE_SHARE_TOL = 0.15
 #: nf4 logits vs the float model (measured ≤ 0.12 on the tiny models): a sanity bound, not a target.
 NF4_LOGIT_REL_TOL = 0.25
-#: Toy refusal model, bnb vs reference last-position logits: measured 0.0019 (max 0.0028), seed-0 weights.
-TOY_LOGIT_REL_TOL = 0.01
+#: Toy refusal model, bnb vs reference last-position logits: measured 0.0107 (max 0.0061) on the committed
+#: width-64 weights (0.0019 on an earlier width-128 draft), where ref vs float is 0.0114.
+TOY_LOGIT_REL_TOL = 0.02
 TOY_LOGIT_MAX_TOL = 0.015
 
 IDS = torch.randint(8, 600, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -408,6 +411,10 @@ def test_toy_model_int8_agrees_with_reference() -> None:
     assert rel(l_real, l_ref) <= TOY_LOGIT_REL_TOL, (
         f"bnb-int8 vs reference on the toy model: last-position logits relative error "
         f"{rel(l_real, l_ref):.4g}"
+    )
+    assert rel(l_real, l_ref) <= rel(l_ref, l_float), (
+        f"bnb-int8 vs reference ({rel(l_real, l_ref):.4g}) exceeds the reference's own quantization error "
+        f"against float ({rel(l_ref, l_float):.4g}) on the toy model"
     )
 
     floor = split_half_noise_floor(ref, tok, harmful, harmless, n_splits=3)
