@@ -38,6 +38,7 @@ __all__ = [
     "atomic_write_json",
     "load_artifact",
     "save_artifact",
+    "save_model_weights",
     "settings_key",
 ]
 
@@ -125,6 +126,20 @@ class Artifact:
     tensors: dict[str, torch.Tensor]
     identity: dict[str, Any]
     settings: dict[str, Any]
+
+
+def save_model_weights(model: torch.nn.Module, path: Path) -> None:
+    """Write ``model.state_dict()`` to ``path`` (safetensors) atomically: temp file, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_artifact(

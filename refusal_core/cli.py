@@ -214,9 +214,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
-
     from refusal_core.activations import encode_prompts
+    from refusal_core.artifacts import save_model_weights
     from refusal_core.compression import compress_, method_config
     from refusal_core.models import load_model
     from refusal_core.prompts import load_prompts
@@ -231,7 +230,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     record = compress_(model, cfg, calib, progress=not args.no_progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "weights.safetensors"))
+    save_model_weights(model, out / "weights.safetensors")
     record.save(out / "record")
     _print({"sparsity": record.sparsity, "method": record.method, "out": str(out)})
     return 0
@@ -261,9 +260,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_aird(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
-
     from refusal_core.aird import AirdConfig, apply_aird_
+    from refusal_core.artifacts import save_model_weights
     from refusal_core.directions import DirectionCandidates
     from refusal_core.selection import SelectionResult
 
@@ -280,7 +278,7 @@ def _cmd_aird(args: argparse.Namespace) -> int:
     record = apply_aird_(model, cands.directions[layer, pi].float(), layer, cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "weights.safetensors"))
+    save_model_weights(model, out / "weights.safetensors")
     record.save(out / "aird.json")
     _print(record.to_dict())
     return 0

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from refusal_core.activations import encode_prompts
 from refusal_core.aird import AirdConfig, apply_aird_
-from refusal_core.artifacts import StageStore, atomic_write_json, settings_key
+from refusal_core.artifacts import StageStore, atomic_write_json, save_model_weights, settings_key
 from refusal_core.compression import CompressionRecord, compress_, method_config
 from refusal_core.compression.config import config_to_dict
 from refusal_core.directions import (
@@ -319,8 +319,7 @@ class _Run:
             record = compress_(
                 model, cfg, calibration, batch_size=self.config.batch_size, progress=self.progress
             )
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "weights.tmp"))
-            (d / "weights.tmp").replace(d / "weights.safetensors")
+            save_model_weights(model, d / "weights.safetensors")
             record.save(d / "record")
             holder["model"] = model
             return record
