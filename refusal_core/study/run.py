@@ -329,7 +329,8 @@ class _Run:
         records: list[dict[str, Any]] = []
         for layer in layers:
             try:
-                rec = apply_aird_(model, r.to(next(model.parameters()).dtype), layer, cfg)
+                # r as extracted (float64): AIRD computes in float64 and casts the result once.
+                rec = apply_aird_(model, r, layer, cfg)
                 records.append({**rec.to_dict(), "path": "dense float"})
             except UnsupportedModuleError:
                 # Quantized linears: dequantize the two edited modules, edit, re-quantize with the same scheme.
@@ -437,18 +438,14 @@ class _Run:
             bar = tqdm(todo, desc=f"{method} sweep", disable=not self.progress, leave=False)
             for sparse, strength, placement, layers, cfg in bar:
                 model, _ = self.repaired(compressed, r_base, layers, cfg)
-                a_attn, a_mlp = cfg.alphas(norm)
                 points.append(
                     SweepPoint(
                         strength=strength,
                         sparse=sparse,
                         placement=placement,
                         layers=layers,
-                        gains=(
-                            _gain(a_attn, norm, cfg.normalize),
-                            _gain(a_mlp, norm, cfg.normalize),
-                        ),
-                        alphas=(a_attn, a_mlp),
+                        gains=cfg.gains(norm),
+                        alphas=cfg.alphas(norm),
                         scores=self.validation_scores(model),
                     )
                 )
@@ -456,8 +453,10 @@ class _Run:
             atomic_write_json(d / "sweep.json", {"points": [p.to_dict() for p in points]})
             return points
 
+        # The margins only decide the choice, made from these scores afterwards: not part of the key.
+        repair = {k: v for k, v in asdict(self.config.repair).items() if not k.startswith("max_")}
         settings = {
-            "repair": asdict(self.config.repair),
+            "repair": repair,
             "aird": asdict(self.config.aird),
             "max_new_tokens": self.config.max_new_tokens,
             "layers": [base_layer, own_layer],
@@ -603,8 +602,13 @@ class _Run:
         }
 
 
-def _gain(alpha: float, norm: float, normalize: bool) -> float:
-    return 1.0 + alpha * (1.0 if normalize else norm**2)
+def _point_config(point: SweepPoint, paper: AirdConfig) -> AirdConfig:
+    """The AIRD config of a sweep point, in the spelling the sweep used (so the gain is exact)."""
+    if point.strength == "paper":
+        return replace(paper, preserve_sparsity=point.sparse)
+    return AirdConfig(
+        gain_attn=point.gains[0], gain_mlp=point.gains[1], normalize=paper.normalize, preserve_sparsity=point.sparse
+    )
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -870,12 +874,7 @@ def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> d
                 step("")
                 continue
             else:
-                cfg = AirdConfig(
-                    alpha_attn=point.alphas[0],
-                    alpha_mlp=point.alphas[1],
-                    normalize=config.aird.normalize,
-                    preserve_sparsity=point.sparse,
-                )
+                cfg = _point_config(point, config.aird)
                 layers, how = point.layers, f"chosen on validation: {point.label}"
             repaired, aird_record = run.repaired(compressed, r_base, layers, cfg)
             k_a = settings_key({"aird": asdict(cfg), "layers": list(layers)}, k_c, k_sel)
@@ -892,11 +891,8 @@ def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> d
                         "arm": arm,
                         "how": how,
                         "layers": list(layers),
-                        "alphas": [cfg.alphas(norm)[0], cfg.alphas(norm)[1]],
-                        "gains": [
-                            _gain(cfg.alphas(norm)[0], norm, cfg.normalize),
-                            _gain(cfg.alphas(norm)[1], norm, cfg.normalize),
-                        ],
+                        "alphas": list(cfg.alphas(norm)),
+                        "gains": list(cfg.gains(norm)),
                         "point": point.to_dict() if point is not None else None,
                         "criterion_met": choices[arm].criterion_met if arm in choices else None,
                         "record": aird_record,
