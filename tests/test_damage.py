@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from torch.nn import functional as F
 
 from refusal_core.aird import AirdConfig, apply_aird_
 from refusal_core.errors import (
+    ArtifactError,
     EmptyInputError,
     InvalidArgumentError,
     NonFiniteError,
@@ -147,7 +149,7 @@ def test_string_prompts_are_chat_formatted_like_encode_prompts() -> None:
         assert torch.equal(ce_text, ce_ids), f"CE on strings != on encoded ids (system={system!r})"
 
 
-def test_capability_damage_agrees_with_the_two_measures_and_serializes() -> None:
+def test_capability_damage_agrees_with_the_two_measures_and_serializes(tmp_path: Path) -> None:
     base, model = models64()
     ids, comps = prompt_ids(), completions()
     res = capability_damage(base, model, TOK, ids, comps, batch_size=2)
@@ -172,9 +174,17 @@ def test_capability_damage_agrees_with_the_two_measures_and_serializes() -> None
             f"{name} {mean} != mean of prompts"
         )
     assert math.isclose(res.ce_increase, res.ce_mean - res.ce_base_mean), f"ce_increase {res.ce_increase}"
+    assert res.base_model["name_or_path"] == "refusal_core/tiny-llama-seed0", (
+        f"base identity {res.base_model}"
+    )
+    assert res.model["name_or_path"] == "refusal_core/tiny-llama-seed1", f"model identity {res.model}"
     doc = res.to_dict()
     text = json.dumps(doc, allow_nan=False)
     assert DamageResult.from_dict(json.loads(text)) == res, "DamageResult changed in the JSON round trip"
+    assert DamageResult.load(res.save(tmp_path / "damage.json")) == res, "DamageResult changed on disk"
+    (tmp_path / "other.json").write_text('{"kind": "AirdRecord"}')
+    with pytest.raises(ArtifactError, match="DamageResult"):
+        DamageResult.load(tmp_path / "other.json")
 
 
 def test_to_dict_writes_non_finite_values_as_none() -> None:

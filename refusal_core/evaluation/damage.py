@@ -47,23 +47,27 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from refusal_core.activations import batch_inputs
+from refusal_core.artifacts import atomic_write_json
 from refusal_core.errors import (
     ArtifactError,
     EmptyInputError,
     InvalidArgumentError,
     NonFiniteError,
     ShapeMismatchError,
+    UnsupportedArchitectureError,
 )
 from refusal_core.evaluation.generation import (
     _accepts,
@@ -73,6 +77,7 @@ from refusal_core.evaluation.generation import (
     model_device,
     pad_token_id,
 )
+from refusal_core.models import model_identity
 
 __all__ = [
     "DamageResult",
@@ -316,6 +321,13 @@ def completion_cross_entropy(
     return scored.ce
 
 
+def _identity(model: nn.Module) -> dict[str, Any]:
+    try:
+        return model_identity(model)
+    except UnsupportedArchitectureError:  # the measures need no layout; the record says less
+        return {"class": type(model).__name__}
+
+
 def _json_float(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
@@ -336,6 +348,9 @@ class DamageResult:
     - ``ce_base_mean`` / ``ce_base_per_prompt``: the same under the base model,
       so :attr:`ce_increase` reads as the damage.
     - ``n``: the number of prompts.
+    - ``base_model`` / ``model``: the two models' identities
+      (:func:`~refusal_core.models.model_identity`; only the class name for an
+      architecture without a layout).
     """
 
     kl_mean: float
@@ -345,6 +360,8 @@ class DamageResult:
     ce_base_mean: float
     n: int
     ce_base_per_prompt: list[float] = field(default_factory=list)
+    base_model: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ce_increase(self) -> float:
@@ -364,12 +381,34 @@ class DamageResult:
             "kl_per_prompt": [_json_float(x) for x in self.kl_per_prompt],
             "ce_per_prompt": [_json_float(x) for x in self.ce_per_prompt],
             "ce_base_per_prompt": [_json_float(x) for x in self.ce_base_per_prompt],
+            "base_model": dict(self.base_model),
+            "model": dict(self.model),
         }
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` as JSON to ``path`` (a file), atomically."""
+        out = Path(path)
+        atomic_write_json(out, self.to_dict())
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> DamageResult:
+        """Read a result written by :meth:`save`; :class:`ArtifactError` if it is not one."""
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"cannot read DamageResult from {path}: {exc}") from exc
+        try:
+            return cls.from_dict(doc)
+        except ArtifactError as exc:
+            raise ArtifactError(f"{path}: {exc}") from exc
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> DamageResult:
         """The result :meth:`to_dict` wrote (``None`` back to NaN); :class:`ArtifactError` otherwise."""
         try:
+            if not isinstance(doc, dict):
+                raise ArtifactError(f"a DamageResult is a JSON object, got {type(doc).__name__}")
             if doc.get("kind") != "DamageResult" or doc.get("version") != 1:
                 raise ArtifactError(f"not a DamageResult (version 1): kind {doc.get('kind')!r}")
             return cls(
@@ -380,6 +419,8 @@ class DamageResult:
                 ce_base_mean=_from_json(doc["ce_base_mean"]),
                 n=int(doc["n"]),
                 ce_base_per_prompt=[_from_json(x) for x in doc.get("ce_base_per_prompt", [])],
+                base_model=dict(doc.get("base_model", {})),
+                model=dict(doc.get("model", {})),
             )
         except ArtifactError:
             raise
@@ -427,4 +468,6 @@ def capability_damage(
         ce_base_mean=float(base.ce.mean()),
         n=int(kl.numel()),
         ce_base_per_prompt=base.ce.tolist(),
+        base_model=_identity(base_model),
+        model=_identity(model),
     )
