@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from refusal_core.aird import (
@@ -225,6 +227,23 @@ def test_alpha_and_gain_convert_exactly_to_hand_values(
     got_gain = gain_from_alpha(alpha, norm, normalize)
     assert got_alpha == alpha, f"alpha_from_gain({gain}, ‖r‖={norm}, normalize={normalize}) = {got_alpha}"
     assert got_gain == gain, f"gain_from_alpha({alpha}, ‖r‖={norm}, normalize={normalize}) = {got_gain}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    gain=st.floats(-50.0, 50.0, allow_nan=False),
+    norm=st.floats(1e-3, 1e3),
+    normalize=st.booleans(),
+)
+def test_gain_to_alpha_and_back_is_the_gain_to_rounding(gain: float, norm: float, normalize: bool) -> None:
+    alpha = alpha_from_gain(gain, norm, normalize)
+    back = gain_from_alpha(alpha, norm, normalize)
+    # three roundings (g − 1, the division, the product) of numbers no larger than |g − 1|, then + 1
+    bound = 4 * math.ulp(max(abs(gain - 1.0), 1.0))
+    assert abs(back - gain) <= bound, (
+        f"gain_from_alpha(alpha_from_gain({gain!r}, ‖r‖={norm!r}, normalize={normalize})) = {back!r} "
+        f"(α = {alpha!r}), off by {abs(back - gain):.3g} > {bound:.3g}"
+    )
 
 
 def test_config_resolves_each_module_in_its_own_spelling() -> None:
