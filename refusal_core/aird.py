@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from refusal_core.artifacts import atomic_write_json
+from refusal_core.compression._transaction import check_model_finite
 from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError
 from refusal_core.functional import aird_update, check_tensor, unit_direction
 from refusal_core.interventions import check_directions, check_editable_linear
@@ -213,6 +214,7 @@ def apply_aird_(
             float(config.alpha_mlp),
         ),
     }
+    check_model_finite(model, "apply_aird_")  # no NaN/inf anywhere (biases, norms too) before any edit
     r_norm = float(torch.linalg.vector_norm(r64))
     records: dict[str, AirdModuleRecord] = {}
     with torch.no_grad():
