@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from refusal_core.artifacts import atomic_write_json
+from refusal_core.compression._transaction import check_model_finite
 from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError, ZeroDirectionError
 from refusal_core.functional import aird_update, check_tensor, unit_direction
 from refusal_core.interventions import check_directions, check_editable_linear
@@ -369,6 +370,7 @@ def apply_aird_(
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < layout.n_layers:
         raise InvalidArgumentError(f"layer must be an int in [0, {layout.n_layers}), got {layer!r}")
     r64 = check_directions(r, layout.d_model, allow_batch=False)
+    check_model_finite(model, "apply_aird_")  # no NaN/inf anywhere (biases, norms too) before any edit
     r_norm = float(torch.linalg.vector_norm(r64))
     strengths = {"o_proj": config.strength("attn", r_norm), "down_proj": config.strength("mlp", r_norm)}
     linears = {

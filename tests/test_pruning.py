@@ -393,7 +393,7 @@ def test_non_finite_activation_raises_before_modifying_and_removes_hooks() -> No
     with torch.no_grad():
         layout.embedding.weight[calib[0][0]] = float("inf")
     before = snapshot(model)
-    with pytest.raises(NonFiniteError, match="block 0"):
+    with pytest.raises(NonFiniteError, match=r"block 0|embed_tokens"):  # the up-front check names it
         prune_wanda_(model, calib, 0.5)
     after = model.state_dict()
     changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
