@@ -321,3 +321,53 @@ def test_toy_model_refuses_harmful_and_answers_harmless() -> None:
         f"toy model: vanilla ASR {asr.asr:.2f} on harmful prompts; refusals missed by the judge?"
     )
     assert over.rate <= 0.25, f"toy model: over-refusal {over.rate:.2f} on harmless prompts"
+
+
+def test_decoding_grid_from_one_prefill_equals_one_generate_per_configuration() -> None:
+    """The shared-prefill run gives the completions of the unshared loop, draw for draw (seed per label)."""
+    import hashlib
+
+    model = tiny_model("llama", seed=4)
+    attack = DecodingAttack(n_samples=2, max_new_tokens=6, batch_size=3, seed=5, system="Be brief.")
+    prompts = [*HARMFUL, "Hi", "Write a very long story about the sea and the wind and a small dog, please."]
+    res = attack.run(model, TOK, prompts, NEVER, progress=False)
+    repeated = prompts + prompts
+    for cfg in attack.configs:
+        # The per-configuration seed written independently of attacks._config_seed.
+        seed = int.from_bytes(hashlib.sha256(f"5:{cfg.label}".encode()).digest()[:7], "little")
+        expected = generate(
+            model,
+            TOK,
+            repeated,
+            system="Be brief.",
+            max_new_tokens=6,
+            batch_size=3,
+            sampling=cfg,
+            seed=seed,
+            progress=False,
+        )
+        for k, want in enumerate(expected):
+            i, j = k % len(prompts), k // len(prompts)
+            got = [
+                a.completion
+                for a in res.records[i].attempts
+                if a.config["sample"] == j
+                and SamplingConfig(a.config["temperature"], a.config["top_p"], a.config["top_k"]) == cfg
+            ]
+            assert got == [want], f"{cfg.label}, prompt {i}, sample {j}: {got} != unshared {want!r}"
+
+
+def test_vanilla_and_decoding_reuse_a_generation_cache() -> None:
+    from refusal_core.evaluation.generation import GenerationCache
+
+    model = tiny_model("llama", seed=4)
+    memo = GenerationCache()
+    first = VanillaAttack(max_new_tokens=5).run(model, TOK, HARMFUL, NEVER, progress=False, cache=memo)
+    grid = DecodingAttack(temperatures=(1.0,), top_ps=(0.9,), top_ks=(0, 5), max_new_tokens=5)
+    g1 = grid.run(model, TOK, HARMFUL, NEVER, progress=False, cache=memo)
+    assert (memo.hits, memo.misses) == (0, 3), f"hits/misses {memo.hits}/{memo.misses} after three new runs"
+    second = VanillaAttack(max_new_tokens=5).run(model, TOK, HARMFUL, NEVER, progress=False, cache=memo)
+    g2 = grid.run(model, TOK, HARMFUL, NEVER, progress=False, cache=memo)
+    assert (memo.hits, memo.misses) == (3, 3), f"hits/misses {memo.hits}/{memo.misses}: the reruns recomputed"
+    assert second.to_dict() == first.to_dict(), "memoised vanilla ASR records differ"
+    assert g2.to_dict() == g1.to_dict(), "memoised decoding-grid ASR records differ"

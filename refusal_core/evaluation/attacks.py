@@ -49,12 +49,15 @@ from tqdm.auto import tqdm
 from refusal_core.artifacts import atomic_write_json
 from refusal_core.errors import ArtifactError, EmptyInputError, InvalidArgumentError, RefusalCoreError
 from refusal_core.evaluation.generation import (
+    GenerationCache,
     SamplingConfig,
     _accepts,
     _check_instructions,
     _check_positive_int,
+    encode_prompts,
     eval_mode,
     generate,
+    generate_ids_multi,
     model_device,
 )
 from refusal_core.evaluation.judges import Judge
@@ -361,7 +364,9 @@ class VanillaAttack:
         judge: Judge,
         *,
         progress: bool = True,
+        cache: GenerationCache | None = None,
     ) -> AsrResult:
+        """Greedy completions judged; with ``cache`` a generation already memoised is reused."""
         items = _check_instructions(instructions)
         judge = _check_judge(judge)
         completions = generate(
@@ -371,6 +376,7 @@ class VanillaAttack:
             system=self.system,
             max_new_tokens=self.max_new_tokens,
             batch_size=self.batch_size,
+            cache=cache,
             progress=progress,
         )
         verdicts = _verdicts(judge, items, completions)
@@ -450,7 +456,13 @@ class DecodingAttack:
         judge: Judge,
         *,
         progress: bool = True,
+        cache: GenerationCache | None = None,
     ) -> AsrResult:
+        """Every configuration decoded from one prefill per prompt batch (:func:`generate_ids_multi`).
+
+        The draws are token for token those of one :func:`generate` call per
+        configuration with its :func:`_config_seed`; ``cache`` memoises them.
+        """
         items = _check_instructions(instructions)
         judge = _check_judge(judge)
         n, s = len(items), self.n_samples
@@ -458,18 +470,21 @@ class DecodingAttack:
         repeated = [items[i] for _ in range(s) for i in range(n)]
         attempts: list[list[Attempt]] = [[] for _ in items]
         config_rates: dict[str, float] = {}
-        for cfg in tqdm(self.configs, desc="decoding grid", disable=not progress):
-            completions = generate(
-                model,
-                tokenizer,
-                repeated,
-                system=self.system,
-                max_new_tokens=self.max_new_tokens,
-                batch_size=self.batch_size,
-                sampling=cfg,
-                seed=_config_seed(self.seed, cfg.label),
-                progress=False,
-            )
+        configs = self.configs
+        token_ids = generate_ids_multi(
+            model,
+            tokenizer,
+            encode_prompts(tokenizer, repeated, system=self.system),
+            configs,
+            [_config_seed(self.seed, cfg.label) for cfg in configs],
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            cache=cache,
+            progress=progress,
+            desc="decoding grid",
+        )
+        for cfg, ids in zip(configs, token_ids):
+            completions = [str(tokenizer.decode(t, skip_special_tokens=True)) for t in ids]
             verdicts = _verdicts(judge, repeated, completions)
             broken = [False] * n
             for k, (completion, verdict) in enumerate(zip(completions, verdicts)):
