@@ -371,3 +371,41 @@ def test_vanilla_and_decoding_reuse_a_generation_cache() -> None:
     assert (memo.hits, memo.misses) == (3, 3), f"hits/misses {memo.hits}/{memo.misses}: the reruns recomputed"
     assert second.to_dict() == first.to_dict(), "memoised vanilla ASR records differ"
     assert g2.to_dict() == g1.to_dict(), "memoised decoding-grid ASR records differ"
+
+
+def test_one_prefill_serves_vanilla_and_the_grid_and_the_attacks_then_run_from_the_memo() -> None:
+    from refusal_core.evaluation.attacks import prefill_shared_generations
+    from refusal_core.evaluation.generation import GenerationCache
+
+    model = tiny_model("llama", seed=4)
+    prompts = [*HARMFUL, "Hi", "Write a very long story about the sea and the wind and a small dog, please."]
+    attacks = [
+        VanillaAttack(max_new_tokens=5, batch_size=4),
+        VanillaAttack(system="Be brief.", max_new_tokens=5, batch_size=4),
+        DecodingAttack(temperatures=(0.8, 1.3), top_ps=(0.9,), top_ks=(0, 5), max_new_tokens=5, batch_size=4),
+    ]
+    cold = [a.run(model, TOK, prompts, NEVER, progress=False).to_dict() for a in attacks]
+    widths: list[int] = []
+    handle = model.register_forward_pre_hook(
+        lambda m, args, kwargs: widths.append(int(kwargs["input_ids"].shape[1])), with_kwargs=True
+    )
+    memo = GenerationCache()
+    groups = prefill_shared_generations(model, TOK, prompts, attacks, memo, progress=False)
+    assert groups == 2, (
+        f"{groups} prefill groups; vanilla and the grid share prompts, the system prompt does not"
+    )
+    prefills = sum(w > 1 for w in widths)
+    n_batches = -(-len(prompts) // 4)
+    assert prefills == 2 * n_batches, (
+        f"{prefills} prefill forwards for 2 prompt groups of {n_batches} batches: vanilla and the 4-config "
+        "grid must share one prefill per batch"
+    )
+    widths.clear()
+    warm = [a.run(model, TOK, prompts, NEVER, progress=False, cache=memo).to_dict() for a in attacks]
+    handle.remove()
+    assert not widths, (
+        f"the attacks ran {len(widths)} forwards after prefill_shared_generations filled the memo"
+    )
+    assert warm == cold, "attack results from the shared-prefill memo differ from cold runs"
+    with pytest.raises(InvalidArgumentError, match="attacks"):
+        prefill_shared_generations(model, TOK, prompts, [GcgAttack()], memo)  # type: ignore[list-item]

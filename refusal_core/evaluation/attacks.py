@@ -78,6 +78,7 @@ __all__ = [
     "evaluate_asr",
     "gcg_optimize",
     "over_refusal",
+    "prefill_shared_generations",
     "suffix_token_gradients",
     "target_loss",
 ]
@@ -501,6 +502,72 @@ class DecodingAttack:
             settings=_settings(self),
             model=_identity(model),
         )
+
+
+def prefill_shared_generations(
+    model: nn.Module,
+    tokenizer: Any,
+    instructions: Sequence[str],
+    attacks: Sequence[VanillaAttack | DecodingAttack],
+    cache: GenerationCache,
+    *,
+    progress: bool = True,
+) -> int:
+    """Generate into ``cache`` every completion the ``attacks`` will ask for, one prefill per group.
+
+    Attacks whose prompts are the same token ids (same system prompt, same
+    number of samples) and that share ``max_new_tokens`` and ``batch_size``
+    form one group: a vanilla attack and a decoding grid on the same prompts
+    are served by ONE prefill per prompt batch, forked for greedy decoding and
+    for every grid configuration (:func:`generate_ids_multi`). Afterwards
+    ``attack.run(..., cache=cache)`` finds every generation in the memo, with
+    results identical to a cold run. Returns the number of groups (= prefill
+    passes over the prompt set).
+
+    Example:
+        >>> from refusal_core.evaluation.generation import GenerationCache
+        >>> from refusal_core.evaluation.judges import SubstringJudge
+        >>> from refusal_core.testing.tiny import tiny_model, tiny_tokenizer
+        >>> model, tok, memo = tiny_model(), tiny_tokenizer(), GenerationCache()
+        >>> attacks = [VanillaAttack(max_new_tokens=4), DecodingAttack(max_new_tokens=4)]
+        >>> prefill_shared_generations(model, tok, ["Hi"], attacks, memo, progress=False)
+        1
+        >>> res = [a.run(model, tok, ["Hi"], SubstringJudge(), progress=False, cache=memo) for a in attacks]
+        >>> memo.hits, memo.misses
+        (13, 13)
+    """
+    items = _check_instructions(instructions)
+    if not isinstance(cache, GenerationCache):
+        raise InvalidArgumentError(f"cache must be a GenerationCache, got {type(cache).__name__}")
+    groups: dict[tuple[Any, ...], list[tuple[SamplingConfig | None, int]]] = {}
+    for i, attack in enumerate(attacks):
+        if isinstance(attack, VanillaAttack):
+            key = (attack.system, 1, attack.max_new_tokens, attack.batch_size)
+            wanted: list[tuple[SamplingConfig | None, int]] = [(None, 0)]
+        elif isinstance(attack, DecodingAttack):
+            key = (attack.system, attack.n_samples, attack.max_new_tokens, attack.batch_size)
+            wanted = [(cfg, _config_seed(attack.seed, cfg.label)) for cfg in attack.configs]
+        else:
+            raise InvalidArgumentError(
+                f"attacks[{i}] must be a VanillaAttack or a DecodingAttack, got {type(attack).__name__}"
+            )
+        group = groups.setdefault(key, [])
+        group.extend(w for w in wanted if w not in group)
+    for (system, n_samples, max_new_tokens, batch_size), runs in groups.items():
+        repeated = [items[i] for _ in range(n_samples) for i in range(len(items))]
+        generate_ids_multi(
+            model,
+            tokenizer,
+            encode_prompts(tokenizer, repeated, system=system),
+            [sampling for sampling, _ in runs],
+            [seed for _, seed in runs],
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            cache=cache,
+            progress=progress,
+            desc="shared prefill",
+        )
+    return len(groups)
 
 
 # ----------------------------------------------------------------------------
