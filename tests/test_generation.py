@@ -398,3 +398,24 @@ def test_generation_cache_serves_configurations_of_a_multi_run() -> None:
     )
     assert counter.take() > 0, "a different model_key reused another model's generation"
     counter.handle.remove()
+
+
+def test_generation_cache_hashes_a_model_once_per_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    from refusal_core.evaluation import generation
+
+    model = tiny_model("llama", seed=10)
+    memo = GenerationCache()
+    hashed: list[int] = []
+    real = generation.model_fingerprint
+    monkeypatch.setattr(generation, "model_fingerprint", lambda m: hashed.append(1) or real(m))
+    first = memo.fingerprint(model)
+    assert first == real(model), "GenerationCache.fingerprint differs from model_fingerprint"
+    for _ in range(3):
+        generate(model, TOK, PROMPTS[:2], max_new_tokens=2, cache=memo, progress=False)
+    assert len(hashed) == 1, f"an unchanged model was hashed {len(hashed)} times, expected once"
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.mul_(0.5)  # in place, under no_grad
+    assert memo.fingerprint(model) != first, "an in-place weight edit kept the old fingerprint"
+    model.model.layers[1].self_attn.o_proj.weight = torch.nn.Parameter(torch.zeros(32, 32))
+    assert memo.fingerprint(model) != first, "a replaced weight kept the old fingerprint"
+    assert len(hashed) == 3, f"{len(hashed)} hashes for three distinct model states"

@@ -30,6 +30,7 @@ import hashlib
 import inspect
 import itertools
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -420,8 +421,33 @@ def model_fingerprint(model: nn.Module) -> str:
     for name, t in tensors:
         data = t.detach().to("cpu").contiguous().reshape(-1)
         h.update(f"t:{name}:{data.dtype}:{tuple(t.shape)};".encode())
-        h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        if data.numel():
+            h.update(data.view(torch.uint8).numpy())  # the buffer itself, no bytes copy
     return h.hexdigest()
+
+
+def _state_signature(model: nn.Module) -> tuple[Any, ...]:
+    """Cheap identity of the model's current state: every tensor's storage, version counter, dtype and
+    shape, plus hook ids and module classes. Any in-place op on a parameter (also under ``no_grad``),
+    ``load_state_dict``, re-assignment or a new hook changes it; writes through ``.data`` do not."""
+    tensors = itertools.chain(
+        model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)
+    )
+    state = tuple((n, t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.device) for n, t in tensors)
+    hooks = tuple(
+        (
+            name,
+            type(m),
+            tuple(m._forward_hooks),
+            tuple(m._forward_pre_hooks),
+        )
+        for name, m in model.named_modules()
+    )
+    globals_ = (
+        tuple(torch.nn.modules.module._global_forward_hooks),
+        tuple(torch.nn.modules.module._global_forward_pre_hooks),
+    )
+    return (state, hooks, globals_)
 
 
 @dataclass(frozen=True)
@@ -460,8 +486,28 @@ class GenerationCache:
 
     def __init__(self) -> None:
         self._store: dict[GenerationKey, list[list[int]]] = {}
+        self._fingerprints: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], str]] = (
+            weakref.WeakKeyDictionary()
+        )
         self.hits = 0
         self.misses = 0
+
+    def fingerprint(self, model: nn.Module) -> str:
+        """:func:`model_fingerprint`, re-hashed only when the model's state signature changed.
+
+        The signature (storage, version counter, dtype, shape of every tensor;
+        hook ids; module classes) is cheap to read, so a study pays the hash
+        once per model state instead of once per generation. A weight written
+        through ``.data`` bypasses version counters: after such an edit pass
+        an explicit ``model_key`` or call :meth:`clear`.
+        """
+        signature = _state_signature(model)
+        known = self._fingerprints.get(model)
+        if known is not None and known[0] == signature:
+            return known[1]
+        digest = model_fingerprint(model)
+        self._fingerprints[model] = (signature, digest)
+        return digest
 
     def __len__(self) -> int:
         return len(self._store)
@@ -480,6 +526,7 @@ class GenerationCache:
 
     def clear(self) -> None:
         self._store.clear()
+        self._fingerprints.clear()
         self.hits = self.misses = 0
 
 
@@ -572,7 +619,7 @@ def generate_ids_multi(
     results: list[list[list[int]] | None] = [None] * len(samplings)
     keys: list[GenerationKey | None] = [None] * len(samplings)
     if cache is not None:
-        fingerprint = model_key if model_key is not None else model_fingerprint(model)
+        fingerprint = model_key if model_key is not None else cache.fingerprint(model)
         frozen = tuple(tuple(int(t) for t in p) for p in prompts)
         for c, (sampling, seed) in enumerate(zip(samplings, seeds)):
             keys[c] = GenerationKey(
