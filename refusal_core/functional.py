@@ -342,11 +342,19 @@ def magnitude_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     """
     w = check_float_tensor(w, "w", min_ndim=1)
     k = pruned_count(sparsity, w.numel())
-    mask = torch.ones(w.numel(), dtype=torch.bool)
-    if k:
-        order = torch.argsort(w.detach().abs().reshape(-1).to(torch.float64), stable=True)
-        mask[order[:k]] = False
-    return mask.reshape(w.shape).to(w.device)
+    if not k:
+        return torch.ones(w.shape, dtype=torch.bool, device=w.device)
+    # A selection, not a sort, to the mask of a stable ascending argsort's first k:
+    # every entry below the k-th smallest value v, then the first entries equal
+    # to v (in flat position order) until k are pruned. kthvalue's value is
+    # unambiguous under ties; only which tied entry it reports is not.
+    score = w.detach().abs().reshape(-1).to(torch.float64)
+    v = torch.kthvalue(score, k).values
+    below = score < v
+    at = score == v
+    need = k - int(below.sum())  # >= 1: fewer than k entries lie strictly below v
+    pruned = below | (at & (at.cumsum(0) <= need))
+    return (~pruned).reshape(w.shape)
 
 
 def wanda_mask(

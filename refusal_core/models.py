@@ -16,8 +16,14 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -30,11 +36,14 @@ from refusal_core.errors import (
 )
 
 __all__ = [
+    "CACHE_ENV_VAR",
     "SUPPORTED_ARCHITECTURES",
     "ArchitectureSpec",
     "ModelLayout",
     "format_prompt",
     "get_layout",
+    "gguf_cache_root",
+    "gguf_cached_dir",
     "load_model",
     "model_identity",
     "post_instruction_tokens",
@@ -247,6 +256,76 @@ def post_instruction_tokens(tokenizer: Any, system: str | None = None) -> list[i
 # ----------------------------------------------------------------------------
 
 
+#: Environment variable naming refusal_core's cache root (default ``~/.cache/refusal_core``).
+CACHE_ENV_VAR = "REFUSAL_CORE_CACHE"
+
+
+def gguf_cache_root() -> Path:
+    """Converted GGUF models live in ``$REFUSAL_CORE_CACHE/gguf`` (else ``~/.cache/refusal_core/gguf``)."""
+    env = os.environ.get(CACHE_ENV_VAR, "").strip()
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "refusal_core"
+    return base / "gguf"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_gguf(path: Path) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` dequantized from a GGUF file by transformers, in float32 (slow: minutes)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"local_files_only": True, "gguf_file": path.name}
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kwargs)
+    return model, tokenizer
+
+
+def gguf_cached_dir(path: str | os.PathLike[str]) -> Path:
+    """The safetensors Hugging Face directory converted from the GGUF file ``path``, made on first use.
+
+    Keyed by the file's sha256 (``gguf_cache_root() / <sha256>``), so a changed
+    file is converted anew and a renamed one is not. The weights are the
+    float32 dequantization transformers computes from the GGUF, saved as is,
+    so loading the directory gives bit-identical weights in seconds instead of
+    re-dequantizing. Written atomically: into a temporary directory beside the
+    target, renamed into place when complete; a failed conversion leaves no
+    cache entry. ``refusal_core_gguf.json`` in it records the source.
+    """
+    src = Path(path)
+    if not src.is_file() or src.suffix != ".gguf":
+        raise InvalidArgumentError(f"{str(src)!r} is not a .gguf file")
+    digest = _file_sha256(src)
+    root = gguf_cache_root()
+    target = root / digest
+    if (target / _GGUF_RECORD).is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}-", dir=root))
+    try:
+        model, tokenizer = _read_gguf(src)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        record = {"source": str(src.resolve()), "sha256": digest, "bytes": src.stat().st_size}
+        (tmp / _GGUF_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / _GGUF_RECORD).is_file():  # not another process's finished conversion
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+_GGUF_RECORD = "refusal_core_gguf.json"
+
+
 def load_model(
     spec: str, *, dtype: torch.dtype = torch.float32, device: str | None = None
 ) -> tuple[nn.Module, Any]:
@@ -255,10 +334,11 @@ def load_model(
 
     Never downloads: a path that does not exist or does not load raises
     :class:`~refusal_core.errors.InvalidArgumentError` naming it. The model is
-    returned in eval mode with eager attention, and its layout is checked.
+    returned in eval mode with eager attention, and its layout is checked. A
+    GGUF file is converted once into a cached safetensors directory
+    (:func:`gguf_cached_dir`) and loaded from there; the model's recorded
+    name stays the GGUF path.
     """
-    from pathlib import Path
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if spec == "toy":
@@ -270,13 +350,10 @@ def load_model(
         if not path.exists():
             raise InvalidArgumentError(f"model path {spec!r} does not exist (and is not 'toy')")
         kwargs: dict[str, Any] = {"local_files_only": True}
-        if path.is_file():
-            if path.suffix != ".gguf":
-                raise InvalidArgumentError(f"model file {spec!r} is not a .gguf file or a model directory")
-            src, kwargs["gguf_file"] = str(path.parent), path.name
-        else:
-            src = str(path)
+        if path.is_file() and path.suffix != ".gguf":
+            raise InvalidArgumentError(f"model file {spec!r} is not a .gguf file or a model directory")
         try:
+            src = str(gguf_cached_dir(path)) if path.is_file() else str(path)
             tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(
                 src, dtype=dtype, attn_implementation="eager", **kwargs
