@@ -11,7 +11,6 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from refusal_core.errors import InvalidArgumentError, UnsupportedArchitectureError
 from refusal_core.models import (
-    BLOCK_LINEARS,
     format_prompt,
     get_layout,
     model_identity,
@@ -25,10 +24,31 @@ def tok():  # type: ignore[no-untyped-def]
     return tiny_tokenizer()
 
 
+# What each family looks like, written from the Hugging Face modeling files (not from the registry):
+# block linears, the norm feeding the MLP, the norms outputs pass before the residual add, norm gain.
+UNFUSED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
+EXPECTED_PARTS = {
+    "llama": (UNFUSED, "post_attention_layernorm", None, 0.0),
+    "qwen2": (UNFUSED, "post_attention_layernorm", None, 0.0),
+    "mistral": (UNFUSED, "post_attention_layernorm", None, 0.0),
+    "gemma": (UNFUSED, "post_attention_layernorm", None, 1.0),
+    "qwen3": (UNFUSED, "post_attention_layernorm", None, 0.0),
+    "gemma2": (UNFUSED, "pre_feedforward_layernorm", POST_NORMS, 1.0),
+    "gemma3_text": (UNFUSED, "pre_feedforward_layernorm", POST_NORMS, 1.0),
+    "phi3": (("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), "post_attention_layernorm", None, 0.0),
+}  # fmt: skip
+
+
+def test_expected_parts_cover_every_tiny_family() -> None:
+    assert set(EXPECTED_PARTS) == set(TINY_FAMILIES), f"families without expectations: {TINY_FAMILIES}"
+
+
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_layout_finds_every_part(family: str) -> None:
     model = tiny_model(family, n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48)
     layout = get_layout(model)
+    names, mlp_norm, post_norms, offset = EXPECTED_PARTS[family]
     assert layout.n_layers == 3, f"{family}: n_layers {layout.n_layers} != 3"
     assert layout.d_model == 32, f"{family}: d_model {layout.d_model} != 32"
     assert layout.embedding is model.get_input_embeddings(), f"{family}: wrong embedding module"
@@ -44,16 +64,36 @@ def test_layout_finds_every_part(family: str) -> None:
         assert layout.post_attention_norm(layer) is block.post_attention_layernorm, (
             f"{family}: post-attn norm"
         )
+        assert layout.mlp_input_norm(layer) is getattr(block, mlp_norm), f"{family}: mlp_input_norm({layer})"
+        want_attn_writer = block.self_attn if post_norms is None else getattr(block, post_norms[0])
+        want_mlp_writer = block.mlp if post_norms is None else getattr(block, post_norms[1])
+        assert layout.attn_writer(layer) is want_attn_writer, f"{family}: attn_writer({layer})"
+        assert layout.mlp_writer(layer) is want_mlp_writer, f"{family}: mlp_writer({layer})"
         linears = layout.linears(layer)
-        assert tuple(linears) == BLOCK_LINEARS, f"{family}: linears order {tuple(linears)}"
+        assert tuple(linears) == names, f"{family}: linears order {tuple(linears)}"
         assert all(isinstance(m, nn.Linear) for m in linears.values()), f"{family}: non-Linear in linears"
+        for name, m in linears.items():
+            parent = (
+                block.self_attn if name in ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj") else block.mlp
+            )
+            assert getattr(parent, name) is m, (
+                f"{family}: linears()[{name!r}] is not {type(parent).__name__}.{name}"
+            )
+            assert layout.linear_parent(layer, name) is parent, f"{family}: linear_parent({layer}, {name!r})"
     writers = layout.residual_writers()
     assert len(writers) == 6, f"{family}: {len(writers)} residual writers, expected 2 per block"
     assert writers[0] is layout.attn_out(0), f"{family}: first writer is not o_proj of block 0"
     assert writers[1] is layout.mlp_out(0), f"{family}: second writer is not down_proj of block 0"
-    expected_offset = 1.0 if family == "gemma" else 0.0
-    assert layout.spec.norm_offset == expected_offset, f"{family}: norm_offset {layout.spec.norm_offset}"
-    assert layout.embeddings_tied == (family == "gemma"), f"{family}: tied={layout.embeddings_tied}"
+    assert layout.spec.norm_offset == offset, f"{family}: norm_offset {layout.spec.norm_offset}"
+    assert layout.spec.has_post_norms == (post_norms is not None), f"{family}: has_post_norms"
+    assert layout.spec.fused_linears == (family == "phi3"), f"{family}: fused_linears"
+    tied = family in ("gemma", "gemma2", "gemma3_text")
+    assert layout.embeddings_tied == tied, f"{family}: tied={layout.embeddings_tied}"
+
+
+def test_linear_parent_rejects_a_name_the_family_lacks() -> None:
+    with pytest.raises(InvalidArgumentError, match="q_proj"):
+        get_layout(tiny_model("phi3")).linear_parent(0, "q_proj")
 
 
 def test_layout_rejects_layer_out_of_range() -> None:
