@@ -472,9 +472,17 @@ def _load_gguf(path: Path, *, dtype: torch.dtype | str) -> tuple[nn.Module, Any]
 
 
 def _load_directory(path: Path, *, dtype: torch.dtype | str, device: str) -> tuple[nn.Module, Any]:
-    """Model and tokenizer from a local Hugging Face directory, placed on ``device`` while loading."""
+    """Model and tokenizer from a local Hugging Face directory, placed on ``device`` while loading.
+
+    A directory written by :func:`~refusal_core.checkpoint.save_checkpoint` has its
+    file hashes checked first, and after loading gets back what transformers does
+    not rebuild (:func:`~refusal_core.checkpoint.restore_checkpoint_modules_`).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from refusal_core.checkpoint import read_checkpoint_record, restore_checkpoint_modules_
+
+    record = read_checkpoint_record(path)
     kwargs: dict[str, Any] = {"local_files_only": True}
     tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
     if device != "cpu":  # "auto" is accelerate's device map; "cuda:N" loads straight onto that GPU
@@ -482,6 +490,8 @@ def _load_directory(path: Path, *, dtype: torch.dtype | str, device: str) -> tup
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, attn_implementation="eager", **kwargs
     )
+    if record is not None:
+        restore_checkpoint_modules_(model, record)
     return model, tokenizer
 
 
