@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from refusal_core.errors import InvalidArgumentError, UnsupportedArchitectureErr
 from refusal_core.models import (
     format_prompt,
     get_layout,
+    load_model,
     model_identity,
     post_instruction_tokens,
 )
@@ -213,3 +216,165 @@ def test_tiny_prompts_classes() -> None:
     assert not set(harmful) & set(harmless), "the two prompt classes overlap"
     with pytest.raises(InvalidArgumentError, match="kind"):
         tiny_prompts(2, "neutral")
+
+
+# ----------------------------------------------------------------------------
+# load_model
+# ----------------------------------------------------------------------------
+
+
+def test_load_model_toy_is_exactly_load_toy_model() -> None:
+    from refusal_core.toy import load_toy_model
+
+    model, tok = load_model("toy")
+    ref, ref_tok = load_toy_model()
+    sd, rsd = model.state_dict(), ref.state_dict()
+    assert sd.keys() == rsd.keys(), "load_model('toy') has other parameters than load_toy_model()"
+    assert all(torch.equal(sd[k], rsd[k]) for k in sd), (
+        "load_model('toy') weights differ from load_toy_model()"
+    )
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "toy not float32 by default"
+    assert model.config._attn_implementation == "eager", "toy not loaded with eager attention"
+    assert tok.chat_template == ref_tok.chat_template, "toy chat template changed"
+    assert tok.padding_side == "left", "toy tokenizer not left-padded"
+    ident = model_identity(model)
+    assert (ident["dtype"], ident["device"]) == ("float32", "cpu"), f"identity dtype/device {ident}"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"), [("bfloat16", torch.bfloat16), (torch.float64, torch.float64)]
+)
+def test_load_model_dtype(dtype: Any, expected: torch.dtype, tmp_path: Path) -> None:
+    model, _ = load_model("toy", dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {expected}, f"toy with dtype={dtype!r}"
+    assert model_identity(model)["dtype"] == str(expected).removeprefix("torch."), "identity dtype"
+    tiny_model("qwen3", seed=1).save_pretrained(tmp_path / "q3")
+    tiny_tokenizer().save_pretrained(tmp_path / "q3")
+    model, _ = load_model(str(tmp_path / "q3"), dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {expected}, f"directory with dtype={dtype!r}"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dtype": "float8"}, "dtype"),
+        ({"dtype": torch.int8}, "dtype"),
+        ({"device": "gpu"}, "device"),
+        ({"device": "cuda:x"}, "device"),
+        ({"chat_template": "no/such/template.jinja"}, "chat_template"),
+        ({"chat_template": 3}, "chat_template"),
+    ],
+)
+def test_load_model_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=match):
+        load_model("toy", **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_load_model_cuda_without_cuda_is_a_clear_error(device: str) -> None:
+    with pytest.raises(InvalidArgumentError, match="CUDA is not available"):
+        load_model("toy", device=device)
+
+
+def test_load_model_auto_device_without_gpu_is_cpu() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU fallback of device='auto'")
+    model, _ = load_model("toy", device="auto")
+    assert model_identity(model)["device"] == "cpu", "device='auto' without a GPU should stay on the CPU"
+
+
+def _bare_directory(tmp_path: Path) -> Path:
+    """A tiny Phi-3 directory whose tokenizer has no chat template."""
+    path = tmp_path / "bare"
+    tiny_model("phi3", seed=2).save_pretrained(path)
+    tok = tiny_tokenizer()
+    tok.chat_template = None
+    tok.save_pretrained(path)
+    return path
+
+
+def test_load_model_chat_template_from_file_or_string(tmp_path: Path) -> None:
+    from refusal_core.testing.tiny import CHAT_TEMPLATE
+
+    path = _bare_directory(tmp_path)
+    _, tok = load_model(str(path))
+    with pytest.raises(InvalidArgumentError, match="chat_template"):
+        format_prompt(tok, "hi")
+    (tmp_path / "t.jinja").write_text(CHAT_TEMPLATE)
+    for given in (str(tmp_path / "t.jinja"), tmp_path / "t.jinja", CHAT_TEMPLATE):
+        _, tok = load_model(str(path), chat_template=given)
+        text = format_prompt(tok, "Tell me a story.")
+        assert text == "<|bos|><|user|>Tell me a story.<|end|><|assistant|>", (
+            f"template from {given!r}: {text!r}"
+        )
+    (tmp_path / "plain.txt").write_text("no template here")
+    with pytest.raises(InvalidArgumentError, match="no Jinja"):
+        load_model(str(path), chat_template=str(tmp_path / "plain.txt"))
+
+
+def _fake_hub_cache(tmp_path: Path, repo: str) -> Path:
+    """A Hugging Face hub cache holding ``repo`` (layout: models--org--name/{refs/main, snapshots/REV})."""
+    cache = tmp_path / "hub"
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    snap = folder / "snapshots" / rev
+    tiny_model("gemma2", seed=7).save_pretrained(snap)
+    tiny_tokenizer().save_pretrained(snap)
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(rev)
+    return cache
+
+
+def test_load_model_hub_id_from_local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    from refusal_core.errors import ModelNotFoundError
+
+    cache = _fake_hub_cache(tmp_path, "someorg/tiny-gemma2")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)  # so "someorg/..." is not a relative path that exists
+    model, _ = load_model("someorg/tiny-gemma2")
+    ref = tiny_model("gemma2", seed=7)
+    assert model_identity(model)["fingerprint"] == model_identity(ref)["fingerprint"], (
+        "wrong weights from cache"
+    )
+    assert model_identity(model)["name_or_path"] == "someorg/tiny-gemma2", "hub id not recorded as the name"
+    with pytest.raises(ModelNotFoundError) as info:
+        load_model("someorg/absent-model")
+    message = str(info.value)
+    assert "someorg/absent-model" in message, f"error should name the id: {message}"
+    assert str(cache) in message, f"error should name the cache directory: {message}"
+    assert "\n" not in message, f"error should be one line: {message!r}"
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        load_model("no_such_dir_or_id")
+    assert issubclass(ModelNotFoundError, InvalidArgumentError), "ModelNotFoundError keeps the old error type"
+
+
+def test_load_model_rejects_a_file_that_is_not_gguf(tmp_path: Path) -> None:
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(InvalidArgumentError, match="gguf"):
+        load_model(str(tmp_path / "weights.bin"))
+
+
+def test_load_model_directory_on_new_families(tmp_path: Path) -> None:
+    tok = tiny_tokenizer()
+    for family in ("qwen3", "gemma2", "gemma3_text", "phi3"):
+        ref = tiny_model(family, seed=3)
+        ref.save_pretrained(tmp_path / family)
+        tok.save_pretrained(tmp_path / family)
+        model, loaded_tok = load_model(str(tmp_path / family))
+        assert get_layout(model).spec.family == family, f"{family}: loaded as {get_layout(model)}"
+        ids = tok([format_prompt(tok, "Tell me a story.")], add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            same = torch.equal(model(**ids).logits, ref(**ids).logits)
+        assert same, f"{family}: load_model logits differ from the saved model"
+        assert loaded_tok.padding_side == "left", f"{family}: tokenizer not left-padded"
+
+
+def test_load_model_default_dtype_on_cpu_is_float32(tmp_path: Path) -> None:
+    # A checkpoint stored in bfloat16 still loads in float32 on the CPU unless asked otherwise.
+    tiny_model("llama", seed=1, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tiny_tokenizer().save_pretrained(tmp_path / "bf16")
+    model, _ = load_model(str(tmp_path / "bf16"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}, "dtype=None on CPU should give float32"
