@@ -536,7 +536,9 @@ def load_model(
     if spec == "toy":
         from refusal_core.toy import load_toy_model
 
-        model, tokenizer = load_toy_model(dtype=torch.float32 if load_dtype == "auto" else load_dtype)
+        model, tokenizer = load_toy_model(
+            dtype=load_dtype if isinstance(load_dtype, torch.dtype) else torch.float32
+        )
         _move(model, device)
     else:
         path = Path(spec)
@@ -562,7 +564,8 @@ def load_model(
             raise
         except Exception as exc:  # transformers raises many unrelated types here
             raise InvalidArgumentError(f"model {spec!r} does not load: {type(exc).__name__}: {exc}") from exc
-        model.config._name_or_path = name
+        config: Any = model.config
+        config._name_or_path = name
     get_layout(model)
     model.eval()
     if template is not None:
