@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,7 +42,14 @@ from tqdm.auto import tqdm
 
 from refusal_core.activations import encode_prompts
 from refusal_core.aird import AirdConfig, apply_aird_
-from refusal_core.artifacts import StageStore, atomic_write_json, save_model_weights, settings_key
+from refusal_core.artifacts import (
+    STAGE_JSON_SCHEMAS,
+    StageStore,
+    atomic_write_json,
+    save_model_weights,
+    settings_key,
+    validate_json,
+)
 from refusal_core.compression import CompressionRecord, compress_, method_config
 from refusal_core.compression.config import config_to_dict
 from refusal_core.directions import (
@@ -193,21 +201,30 @@ class _Run:
         compute: Callable[[Path], Any],
         load: Callable[[Path], Any],
     ) -> tuple[Any, str]:
-        """Load stage ``name`` if done with the same key, else compute it; returns (value, key)."""
+        """Load stage ``name`` if done with the same key and its files verify, else compute it.
+
+        Returns ``(value, key)`` where ``key`` chains the settings key with the
+        hashes of the stage's files: downstream stages keyed on it are redone
+        when a recomputation produced different files, and stay valid (if
+        their own files verify) when it produced the same ones.
+        """
         key = settings_key(settings, self.root_key, *upstream)
         d = self.store.stage_dir(name)
-        if self.store.is_done(name, key):
+        if self.store.recorded_key(name) == key:
             try:
+                self.store.verify(name)
                 value = load(d)
                 self.timings[name] = self.store.seconds(name)
-                return value, key
+                return value, self.store.output_key(name)
             except ArtifactError as exc:  # a damaged artifact is recomputed, never trusted
-                tqdm.write(f"refusal_core: stage {name} is damaged ({exc}); recomputing")
+                tqdm.write(f"refusal_core: stage {name} is damaged ({exc}); recomputing", file=sys.stderr)
+        stamps = self.store.file_stamps(name)
+        self.store.invalidate(name)
         t0 = time.perf_counter()
         value = compute(d)
         self.timings[name] = round(time.perf_counter() - t0, 3)
-        self.store.mark_done(name, key, {"seconds": self.timings[name]})
-        return value, key
+        self.store.mark_done(name, key, {"seconds": self.timings[name]}, unchanged_since=stamps)
+        return value, self.store.output_key(name)
 
     def log(self, msg: str) -> None:
         if self.progress:
@@ -465,9 +482,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path} is missing or corrupt: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path} does not hold a JSON object")
-    return data
+    validate_json(data, STAGE_JSON_SCHEMAS.get(Path(path).name, {}), path)
+    return dict(data)
 
 
 def _refusal_ids(spec: str, tokenizer: Any) -> list[int]:
