@@ -395,7 +395,9 @@ def load_artifact(
     spec = header["tensors"]
     tpath = base.with_suffix(".safetensors")
     if set(header["files"]) != ({tpath.name} if spec else set()):
-        raise ArtifactError(f"artifact {jpath} records files {sorted(header['files'])}, expected {tpath.name}")
+        raise ArtifactError(
+            f"artifact {jpath} records files {sorted(header['files'])}, expected {tpath.name}"
+        )
     if spec:
         try:
             data = tpath.read_bytes()
@@ -465,7 +467,7 @@ class StageStore:
         return dict(doc)
 
     def recorded_key(self, stage: str) -> str | None:
-        """The key the stage was completed with, or None when it is not marked done (or the marker is broken)."""
+        """The key the stage was completed with; None when not marked done or the marker is broken."""
         doc = self._marker(stage)
         return None if doc is None else str(doc["key"])
 

@@ -143,7 +143,9 @@ def _identity_of(value: Mapping[str, Any] | nn.Module, name: str) -> dict[str, A
     if isinstance(value, nn.Module):
         return model_identity(value)
     if not isinstance(value, Mapping):
-        raise InvalidArgumentError(f"{name} must be a model identity dict or a model, got {type(value).__name__}")
+        raise InvalidArgumentError(
+            f"{name} must be a model identity dict or a model, got {type(value).__name__}"
+        )
     return dict(value)
 
 
@@ -163,7 +165,9 @@ def _same_weights(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     fa, fb = a.get("fingerprint"), b.get("fingerprint")
     if not (isinstance(fa, list) and isinstance(fb, list)) or len(fa) != len(fb) or not fa:
         return False
-    return all(math.isclose(float(x), float(y), rel_tol=_FINGERPRINT_RTOL, abs_tol=0.0) for x, y in zip(fa, fb))
+    return all(
+        math.isclose(float(x), float(y), rel_tol=_FINGERPRINT_RTOL, abs_tol=0.0) for x, y in zip(fa, fb)
+    )
 
 
 def same_model(a: Mapping[str, Any] | nn.Module, b: Mapping[str, Any] | nn.Module) -> bool:
