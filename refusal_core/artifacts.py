@@ -406,8 +406,8 @@ def load_artifact(
         digest = hashlib.sha256(data).hexdigest()
         if digest != header["files"][tpath.name]:
             raise ArtifactError(
-                f"artifact file {tpath} is corrupt or was replaced: its sha256 {digest[:12]}… does not "
-                f"match the sha256 {header['files'][tpath.name][:12]}… that {jpath.name} records"
+                f"artifact file {tpath} is corrupt or was replaced: its sha256 hash {digest[:12]}… does "
+                f"not match the hash {header['files'][tpath.name][:12]}… that {jpath.name} records"
             )
         try:
             tensors = load_safetensors_bytes(data)
