@@ -62,6 +62,7 @@ __all__ = [
     "save_artifact",
     "save_model_weights",
     "settings_key",
+    "stage_output_key",
     "validate_json",
 ]
 
@@ -439,6 +440,11 @@ _MARKER_SCHEMA: JsonSchema = {"key": str, "summary": dict, "files": dict_of(str)
 FileStamps = dict[str, tuple[int, int, int]]
 
 
+def stage_output_key(key: str, files: Mapping[str, str]) -> str:
+    """The key downstream stages chain on: a stage's settings ``key`` and its ``{file: sha256}``."""
+    return settings_key({"files": dict(files)}, key)
+
+
 @dataclass
 class StageStore:
     """Stage bookkeeping under one run directory: ``root/<stage>/``.
@@ -471,16 +477,19 @@ class StageStore:
         doc = self._marker(stage)
         return None if doc is None else str(doc["key"])
 
-    def verify(self, stage: str) -> dict[str, str]:
+    def verify(self, stage: str, key: str | None = None) -> dict[str, str]:
         """Check every file the stage recorded against its SHA-256; returns ``{file name: sha256}``.
 
         Raises :class:`ArtifactError` naming the stage and the file when the
-        marker is missing or broken, a file is missing, or its hash differs.
+        marker is missing or broken (or, with ``key``, records another key),
+        a file is missing, or its hash differs.
         """
         doc = self._marker(stage)
         d = Path(self.root) / stage
         if doc is None:
             raise ArtifactError(f"stage {stage}: {d / _MARKER} is missing or not a valid stage marker")
+        if key is not None and doc["key"] != key:
+            raise ArtifactError(f"stage {stage} was completed with key {doc['key']}, not {key}")
         files: dict[str, str] = doc["files"]
         for name, expected in sorted(files.items()):
             path = d / name
@@ -496,10 +505,8 @@ class StageStore:
 
     def is_done(self, stage: str, key: str) -> bool:
         """True when the stage is marked done with ``key`` and its files verify."""
-        if self.recorded_key(stage) != key:
-            return False
         try:
-            self.verify(stage)
+            self.verify(stage, key)
         except ArtifactError:
             return False
         return True
@@ -525,8 +532,8 @@ class StageStore:
         summary: Mapping[str, Any] | None = None,
         *,
         unchanged_since: FileStamps | None = None,
-    ) -> None:
-        """Mark the stage done with ``key``, recording the SHA-256 of its files.
+    ) -> dict[str, str]:
+        """Mark the stage done with ``key``, recording the SHA-256 of its files; returns them.
 
         Every visible file of the stage directory is recorded, except, with
         ``unchanged_since`` (from :meth:`file_stamps` taken before the
@@ -541,6 +548,7 @@ class StageStore:
             if before.get(name) != stamp
         }
         atomic_write_json(d / _MARKER, {"key": key, "summary": dict(summary or {}), "files": files})
+        return files
 
     def output_key(self, stage: str) -> str:
         """A key of the stage's settings key and the hashes of its files, for downstream stages.
@@ -552,7 +560,7 @@ class StageStore:
         doc = self._marker(stage)
         if doc is None:
             raise ArtifactError(f"stage {stage} is not marked done")
-        return settings_key({"files": doc["files"]}, str(doc["key"]))
+        return stage_output_key(str(doc["key"]), doc["files"])
 
     def seconds(self, stage: str) -> float:
         """The recorded compute time of a completed stage (0.0 when unknown)."""

@@ -48,6 +48,7 @@ from refusal_core.artifacts import (
     atomic_write_json,
     save_model_weights,
     settings_key,
+    stage_output_key,
     validate_json,
 )
 from refusal_core.compression import CompressionRecord, compress_, method_config
@@ -212,10 +213,10 @@ class _Run:
         d = self.store.stage_dir(name)
         if self.store.recorded_key(name) == key:
             try:
-                self.store.verify(name)
+                files = self.store.verify(name, key)
                 value = load(d)
                 self.timings[name] = self.store.seconds(name)
-                return value, self.store.output_key(name)
+                return value, stage_output_key(key, files)
             except ArtifactError as exc:  # a damaged artifact is recomputed, never trusted
                 tqdm.write(f"refusal_core: stage {name} is damaged ({exc}); recomputing", file=sys.stderr)
         stamps = self.store.file_stamps(name)
@@ -223,8 +224,8 @@ class _Run:
         t0 = time.perf_counter()
         value = compute(d)
         self.timings[name] = round(time.perf_counter() - t0, 3)
-        self.store.mark_done(name, key, {"seconds": self.timings[name]}, unchanged_since=stamps)
-        return value, self.store.output_key(name)
+        files = self.store.mark_done(name, key, {"seconds": self.timings[name]}, unchanged_since=stamps)
+        return value, stage_output_key(key, files)
 
     def log(self, msg: str) -> None:
         if self.progress:

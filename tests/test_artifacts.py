@@ -229,6 +229,8 @@ def test_stage_store_records_and_verifies_file_hashes(tmp_path: Path) -> None:
         f"mark_done records hashlib's sha256 of every file: {marker['files']}"
     )
     assert store.verify("s") == marker["files"], "verify returns the recorded hashes"
+    with pytest.raises(ArtifactError, match="completed with key k, not k2"):
+        store.verify("s", "k2")
     assert store.is_done("s", "k"), "an untouched stage is done"
     (d / "extra.txt").write_text("added later")
     assert store.is_done("s", "k"), "a file the marker does not record is ignored"
