@@ -351,7 +351,13 @@ _DEFAULT_CONFIG = AirdConfig()
 
 
 def apply_aird_(
-    model: nn.Module, r: torch.Tensor, layer: int, config: AirdConfig = _DEFAULT_CONFIG
+    model: nn.Module,
+    r: torch.Tensor,
+    layer: int,
+    config: AirdConfig = _DEFAULT_CONFIG,
+    *,
+    direction_identity: dict[str, Any] | None = None,
+    model_record: dict[str, Any] | None = None,
 ) -> AirdRecord:
     """Apply AIRD in place to block ``layer``'s ``o_proj`` and ``down_proj``; returns what was done.
 
@@ -363,7 +369,15 @@ def apply_aird_(
     (:class:`~refusal_core.errors.NonFiniteError`, e.g. for α = 1e40 in
     float32) before either is written; anything else raises (a quantized
     linear: :class:`~refusal_core.errors.UnsupportedModuleError` naming it).
+    With ``direction_identity`` (the identity recorded with ``r``), a direction
+    from another model raises :class:`~refusal_core.errors.ForeignDirectionError`
+    unless ``model_record["base_identity"]`` is that model (see
+    :func:`~refusal_core.directions.check_direction_origin`).
     """
+    if direction_identity is not None:  # None: a raw tensor of unknown origin, used as given
+        from refusal_core.directions import check_direction_origin
+
+        check_direction_origin(direction_identity, model, model_record=model_record)
     if not isinstance(config, AirdConfig):
         raise InvalidArgumentError(f"config must be an AirdConfig, got {type(config).__name__}")
     layout = get_layout(model)

@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # headless: never open a window
 import matplotlib.pyplot as plt
 import numpy as np
 
-from refusal_core.artifacts import atomic_write_bytes, atomic_write_json
+from refusal_core.artifacts import atomic_write_bytes
 
 __all__ = ["markdown_table", "plot_asr", "plot_candidate_heatmap", "plot_cosine_by_layer", "plot_pareto"]
 
@@ -131,7 +131,9 @@ def plot_pareto(
         (axes[1], "kl", "KL(base ‖ variant), harmless validation prompts (nats)"),
     ):
         for sparse, (label, colour) in groups.items():
-            idx = [i for i, p in enumerate(points) if p["strength"] != "identity" and bool(p["sparse"]) == sparse]
+            idx = [
+                i for i, p in enumerate(points) if p["strength"] != "identity" and bool(p["sparse"]) == sparse
+            ]
             if not idx:
                 continue
             ys, yerr = _rate_err([points[i]["scores"]["compliance"] for i in idx])
@@ -141,7 +143,9 @@ def plot_pareto(
             else:
                 xs, xerr = _rate_err([points[i]["scores"]["over_refusal"] for i in idx])
             order = np.argsort(xs, kind="stable")
-            ax.errorbar(xs, ys, yerr=yerr, xerr=xerr, fmt="o", ms=4, capsize=2, color=colour, label=label, lw=0.8)
+            ax.errorbar(
+                xs, ys, yerr=yerr, xerr=xerr, fmt="o", ms=4, capsize=2, color=colour, label=label, lw=0.8
+            )
             ax.plot(xs[order], ys[order], color=colour, lw=0.6, alpha=0.6)
             for i, xv, yv in zip(idx, xs, ys):
                 p = points[i]
@@ -149,16 +153,32 @@ def plot_pareto(
                 ax.annotate(txt, (xv, yv), textcoords="offset points", xytext=(4, 3), fontsize=6)
                 if p["strength"] == "paper":
                     ax.plot([xv], [yv], marker="*", ms=13, color=colour, mec="k", ls="none")
-        for i, p in enumerate(points):
+        for p in points:
             if p["strength"] == "identity":
                 xv = p["scores"]["kl"] if xkey == "kl" else p["scores"]["over_refusal"]["value"]
-                ax.plot([xv], [p["scores"]["compliance"]["value"]], marker="s", ms=7, color="k", ls="none",
-                        label="unedited (compressed)")
+                ax.plot(
+                    [xv],
+                    [p["scores"]["compliance"]["value"]],
+                    marker="s",
+                    ms=7,
+                    color="k",
+                    ls="none",
+                    label="unedited (compressed)",
+                )
         for arm, i in chosen.items():
             p = points[i]
             xv = p["scores"]["kl"] if xkey == "kl" else p["scores"]["over_refusal"]["value"]
-            ax.plot([xv], [p["scores"]["compliance"]["value"]], marker="o", ms=14, mfc="none", mec="red",
-                    mew=1.5, ls="none", label=f"chosen ({arm})")
+            ax.plot(
+                [xv],
+                [p["scores"]["compliance"]["value"]],
+                marker="o",
+                ms=14,
+                mfc="none",
+                mec="red",
+                mew=1.5,
+                ls="none",
+                label=f"chosen ({arm})",
+            )
         ax.set_xlabel(xlabel, fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("harmful compliance on validation prompts (95 % CI)")

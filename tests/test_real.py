@@ -86,12 +86,18 @@ def test_results_table_has_one_row_per_variant() -> None:
                 "source_shift": [-2, 0],
                 "cosine_at_base_source": 0.71234,
                 "evaluation": {"asr": {"vanilla": _rate(16, 64)}, "over_refusal": _rate(6, 64)},
-                "comparisons": {"vs_compressed": {"asr": {"vanilla": {"significant": True, "difference": -0.2}}}},
+                "comparisons": {
+                    "vs_compressed": {"asr": {"vanilla": {"significant": True, "difference": -0.2}}}
+                },
             },
         ]
     }
     lines = real_results_table(results).strip().splitlines()
     assert len(lines) == 4, f"header, rule and two rows: {lines}"
     assert "ASR vanilla" in lines[0], f"one ASR column per attack: {lines[0]}"
-    assert lines[2].startswith("| base | (14, -1) | (0, 0) | 1.000 | 0.50 [0.38, 0.62] | 0.00 [0.00, 0.06] |"), lines[2]
-    assert "| wanda+aird | (12, -1) | (-2, 0) | 0.712 | – | – | – | 0.25 [0.16, 0.37] * |" in lines[3], lines[3]
+    assert lines[2].startswith(
+        "| base | (14, -1) | (0, 0) | 1.000 | 0.50 [0.38, 0.62] | 0.00 [0.00, 0.06] |"
+    ), lines[2]
+    assert "| wanda+aird | (12, -1) | (-2, 0) | 0.712 | – | – | – | 0.25 [0.16, 0.37] * |" in lines[3], lines[
+        3
+    ]

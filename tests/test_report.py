@@ -23,15 +23,33 @@ def test_plots_are_pngs(tmp_path: Path) -> None:
     plot_cosine_by_layer(tmp_path / "c.png", -1, {"wanda": [np.nan, 0.9, 0.8, 0.7]}, [np.nan, 0.5, 0.6, 0.7])
     plot_asr(
         tmp_path / "a.png",
-        {"base": {"vanilla": rate(1, 10).to_dict()}, "wanda": {"vanilla": rate(4, 10).to_dict(), "gcg": None}},
+        {
+            "base": {"vanilla": rate(1, 10).to_dict()},
+            "wanda": {"vanilla": rate(4, 10).to_dict(), "gcg": None},
+        },
     )
     pts = [
-        {"strength": "identity", "sparse": False, "gains": [1, 1], "label": "no edit",
-         "scores": {"compliance": rate(6, 10).to_dict(), "over_refusal": rate(1, 10).to_dict(), "kl": 0.1}},
-        {"strength": "paper", "sparse": False, "gains": [1.1, 1.05], "label": "paper α @base",
-         "scores": {"compliance": rate(6, 10).to_dict(), "over_refusal": rate(1, 10).to_dict(), "kl": 0.1}},
-        {"strength": "gain", "sparse": True, "gains": [3.0, 3.0], "label": "g=3 sparse @base",
-         "scores": {"compliance": rate(2, 10).to_dict(), "over_refusal": rate(2, 10).to_dict(), "kl": 0.2}},
+        {
+            "strength": "identity",
+            "sparse": False,
+            "gains": [1, 1],
+            "label": "no edit",
+            "scores": {"compliance": rate(6, 10).to_dict(), "over_refusal": rate(1, 10).to_dict(), "kl": 0.1},
+        },
+        {
+            "strength": "paper",
+            "sparse": False,
+            "gains": [1.1, 1.05],
+            "label": "paper α @base",
+            "scores": {"compliance": rate(6, 10).to_dict(), "over_refusal": rate(1, 10).to_dict(), "kl": 0.1},
+        },
+        {
+            "strength": "gain",
+            "sparse": True,
+            "gains": [3.0, 3.0],
+            "label": "g=3 sparse @base",
+            "scores": {"compliance": rate(2, 10).to_dict(), "over_refusal": rate(2, 10).to_dict(), "kl": 0.2},
+        },
     ]
     plot_pareto(tmp_path / "p.png", "wanda", pts, {"dense": 1, "sparse": 2})
     for name in ("h.png", "c.png", "a.png", "p.png"):
@@ -45,7 +63,7 @@ def test_format_rate() -> None:
 
 class _Sel:
     bypass = induce = kl = torch.zeros(2, 1)
-    positions = [-1]
+    positions = (-1,)
     source = (0, 0)
 
 
@@ -68,7 +86,12 @@ def test_report_marks_only_significant_differences(tmp_path: Path) -> None:
     small = mcnemar(before, [True] * 2 + [False] * 18)  # 2 discordant, p = 0.5
     results = {
         "model": {"name_or_path": "toy"},
-        "base": {"source": [0, -1], "source_position": -1, "noise_floor_at_source": 0.97, "direction_norm": 2.0},
+        "base": {
+            "source": [0, -1],
+            "source_position": -1,
+            "noise_floor_at_source": 0.97,
+            "direction_norm": 2.0,
+        },
         "variants": [
             _variant("base", "base", 0),
             _variant("wanda", "compressed", 10, big),
@@ -80,7 +103,11 @@ def test_report_marks_only_significant_differences(tmp_path: Path) -> None:
         "settings": {"seed": 0},
     }
     path = write_study_report(
-        tmp_path, results, selections={"base": _Sel()}, cosine_by_layer={}, noise=torch.ones(2, 1),
+        tmp_path,
+        results,
+        selections={"base": _Sel()},
+        cosine_by_layer={},
+        noise=torch.ones(2, 1),
         base_position_index=0,
     )
     text = path.read_text()

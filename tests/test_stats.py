@@ -81,7 +81,7 @@ def test_mcnemar_known_values() -> None:
 
 
 def test_mcnemar_ignores_concordant_pairs() -> None:
-    """Concordant prompts carry no information: adding them leaves p unchanged (it is not a two-sample test)."""
+    """Concordant prompts carry no information: adding them leaves p unchanged."""
     small = mcnemar([True, True, True, False], [False, False, False, False])
     large = mcnemar([True] * 3 + [True] * 50 + [False] * 50, [False] * 3 + [True] * 50 + [False] * 50)
     assert small.p_value == large.p_value == pytest.approx(0.25)
@@ -98,7 +98,8 @@ def test_paired_mean_difference() -> None:
     assert noisy.low < 0.0 < noisy.high
     assert not noisy.significant
     shifted = paired_mean_difference([0.0] * 40, [1.0 + 0.1 * ((-1) ** i) for i in range(40)])
-    assert shifted.significant and shifted.low > 0.8
+    assert shifted.significant
+    assert shifted.low > 0.8
 
 
 @pytest.mark.parametrize(

@@ -81,12 +81,22 @@ def test_study_writes_variants_report_and_plots(first_run: tuple[Path, dict]) ->
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["variants"] == results["variants"], "results.json holds what run_study returned"
     mag = _variant(results, "magnitude")
-    assert mag["sparsity"] == pytest.approx(0.5, abs=1e-6), f"magnitude-50 achieved sparsity {mag['sparsity']}"
-    assert _variant(results, "magnitude+aird")["sparsity"] < mag["sparsity"], "dense AIRD fills pruned entries"
+    assert mag["sparsity"] == pytest.approx(0.5, abs=1e-6), (
+        f"magnitude-50 achieved sparsity {mag['sparsity']}"
+    )
+    assert _variant(results, "magnitude+aird")["sparsity"] < mag["sparsity"], (
+        "dense AIRD fills pruned entries"
+    )
     report = (out / "report.md").read_text()
     for needle in ("| variant |", "magnitude+aird-sparse*", "## The AIRD sweep", "McNemar p", "Wilson"):
         assert needle in report, f"report.md lacks {needle!r}"
-    for png in ("asr.png", "cosine_by_layer.png", "candidates_base.png", "pareto_magnitude.png", "pareto_llm_int8.png"):
+    for png in (
+        "asr.png",
+        "cosine_by_layer.png",
+        "candidates_base.png",
+        "pareto_magnitude.png",
+        "pareto_llm_int8.png",
+    ):
         assert (out / "plots" / png).read_bytes().startswith(b"\x89PNG"), f"{png} is a PNG"
     assert "NaN" not in (out / "results.json").read_text(), "strict JSON: no NaN"
 
@@ -125,7 +135,9 @@ def test_rates_and_paired_tests_agree_with_the_per_prompt_records(first_run: tup
     assert h["absolute_reduction"] == pytest.approx(h["asr_compressed"] - h["asr_repaired"])
 
 
-def test_study_applies_the_base_direction_at_the_base_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_study_applies_the_base_direction_at_the_base_source(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """The paper's recipe: AIRD on the compressed model with the ORIGINAL model's direction and layer."""
     import refusal_core.study.run as run_mod
 
@@ -193,15 +205,27 @@ def test_changed_settings_invalidate_exactly_their_dependants(tmp_path: Path) ->
     run_study(replace(cfg, aird=AirdConfig(alpha_attn=0.05, alpha_mlp=0.01)), out, progress=False)
     changed = {k for k, v in _stage_keys(out).items() if keys.get(k) != v}
     must = {"magnitude/sweep", "magnitude+aird/extract", "magnitude+aird/mechanism", "eval/magnitude+aird"}
-    assert must <= changed, f"changing the paper's α must redo the sweep and the paper variant: {sorted(changed)}"
-    untouched = {"base/extract", "base/select", "magnitude/compress", "magnitude/extract", "eval/base", "eval/magnitude"}
+    assert must <= changed, (
+        f"changing the paper's α must redo the sweep and the paper variant: {sorted(changed)}"
+    )
+    untouched = {
+        "base/extract",
+        "base/select",
+        "magnitude/compress",
+        "magnitude/extract",
+        "eval/base",
+        "eval/magnitude",
+    }
     assert not (untouched & changed), f"unrelated stages were redone: {sorted(untouched & changed)}"
 
     keys = _stage_keys(out)
     run_study(replace(cfg, selection=SelectionConfig(kl_threshold=0.2)), out, progress=False)
     changed = {k for k, v in _stage_keys(out).items() if keys.get(k) != v}
-    assert {"base/select", "magnitude/select"} <= changed, f"a selection threshold must redo selection: {changed}"
-    assert "base/extract" not in changed and "magnitude/compress" not in changed
+    assert {"base/select", "magnitude/select"} <= changed, (
+        f"a selection threshold must redo selection: {changed}"
+    )
+    assert "base/extract" not in changed
+    assert "magnitude/compress" not in changed
 
 
 def test_interrupted_study_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -222,14 +246,17 @@ def test_interrupted_study_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     with pytest.raises(KeyboardInterrupt):
         run_study(cfg, out, progress=False)
     done = _stage_keys(out)
-    assert "eval/base" in done and "eval/magnitude" not in done, f"stages done at the kill: {sorted(done)}"
+    assert "eval/base" in done, f"stages done at the kill: {sorted(done)}"
+    assert "eval/magnitude" not in done, f"stages done at the kill: {sorted(done)}"
     monkeypatch.setattr(run_mod, "over_refusal", real)
     stamp = (out / "stages" / "eval" / "base" / "stage.json").stat().st_mtime_ns
     results = run_study(cfg, out, progress=False)
     assert (out / "stages" / "eval" / "base" / "stage.json").stat().st_mtime_ns == stamp, (
         "the stage finished before the kill is not redone"
     )
-    assert [v["name"] for v in results["variants"]][-1] == "magnitude+aird-sparse*", "the resumed run completes"
+    assert [v["name"] for v in results["variants"]][-1] == "magnitude+aird-sparse*", (
+        "the resumed run completes"
+    )
 
 
 def test_damaged_artifact_is_recomputed(first_run: tuple[Path, dict]) -> None:

@@ -14,7 +14,9 @@ def scores(comply: int, refuse: int, kl: float, n: int = 20) -> ValidationScores
 
 
 def point(strength: str, gain: float, s: ValidationScores, sparse: bool = False) -> SweepPoint:
-    return SweepPoint(strength, sparse, "base" if strength != "identity" else "none", (1,), (gain, gain), (0.0, 0.0), s)
+    return SweepPoint(
+        strength, sparse, "base" if strength != "identity" else "none", (1,), (gain, gain), (0.0, 0.0), s
+    )
 
 
 BASE = scores(comply=2, refuse=2, kl=0.0)  # over-refusal 0.10 on the base
@@ -41,7 +43,11 @@ def test_lowest_compliance_among_admissible_wins() -> None:
 
 def test_over_refusal_cap_is_base_plus_margin_inclusive() -> None:
     # base over-refusal 2/20 = 0.10, margin 0.05 -> cap 0.15 = 3/20: 3/20 admissible, 4/20 not
-    pts = [point("identity", 1.0, scores(10, 2, 0.1)), point("gain", 2.0, scores(4, 3, 0.1)), point("gain", 3.0, scores(2, 4, 0.1))]
+    pts = [
+        point("identity", 1.0, scores(10, 2, 0.1)),
+        point("gain", 2.0, scores(4, 3, 0.1)),
+        point("gain", 3.0, scores(2, 4, 0.1)),
+    ]
     ch = choose(pts)
     assert ch.admissible == (True, True, False)
     assert ch.index == 1
@@ -49,12 +55,19 @@ def test_over_refusal_cap_is_base_plus_margin_inclusive() -> None:
 
 def test_kl_cap_is_relative_to_the_unedited_model() -> None:
     # identity KL 0.30: cap 0.35, although the base's KL is 0 and 0.34 > 0.05
-    pts = [point("identity", 1.0, scores(10, 2, 0.30)), point("gain", 2.0, scores(4, 2, 0.34)), point("gain", 3.0, scores(2, 2, 0.36))]
+    pts = [
+        point("identity", 1.0, scores(10, 2, 0.30)),
+        point("gain", 2.0, scores(4, 2, 0.34)),
+        point("gain", 3.0, scores(2, 2, 0.36)),
+    ]
     ch = choose(pts)
-    assert ch.admissible == (True, True, False), "KL margin must be measured from the unedited compressed model"
+    assert ch.admissible == (True, True, False), (
+        "KL margin must be measured from the unedited compressed model"
+    )
     assert ch.index == 1
     tighter = choose(pts, max_kl_increase=0.01)
-    assert tighter.index == 0 and tighter.point.strength == "identity"
+    assert tighter.index == 0
+    assert tighter.point.strength == "identity"
 
 
 def test_ties_go_to_the_weakest_edit_then_grid_order() -> None:
@@ -115,4 +128,6 @@ def test_repair_config_rejects_bad_values(kwargs) -> None:
 def test_repair_config_defaults_are_the_documented_grid() -> None:
     rc = RepairConfig()
     assert rc.gains == (1.25, 1.5, 2.0, 3.0, 5.0)
-    assert rc.include_paper_alpha and rc.layers == ("base",) and rc.sparse
+    assert rc.include_paper_alpha
+    assert rc.layers == ("base",)
+    assert rc.sparse

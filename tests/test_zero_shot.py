@@ -112,7 +112,9 @@ def test_lm_eval_agrees_with_native_scoring() -> None:
         assert native[task].targets == via[task].targets, f"{task}: gold indices differ"
         assert native[task].accuracy == via[task].accuracy, f"{task}: accuracy differs"
         # lm-eval's standard error of a mean, written out: sqrt(p (1 - p) / (n - 1)) for 0/1 outcomes
-        correct = [int(max(range(4), key=lambda c: ll[c]) == t) for ll, t in zip(b.tolist(), via[task].targets)]
+        correct = [
+            int(max(range(4), key=lambda c: ll[c]) == t) for ll, t in zip(b.tolist(), via[task].targets)
+        ]
         p, n = sum(correct) / len(correct), len(correct)
         expected = (p * (1 - p) / (n - 1)) ** 0.5
         assert via[task].stderr == pytest.approx(expected, abs=1e-12), f"{task}: lm-eval stderr"

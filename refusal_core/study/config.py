@@ -99,7 +99,9 @@ class RepairConfig:
             raise InvalidArgumentError("the sweep is empty: give gains or include_paper_alpha")
         layers = tuple(self.layers)
         if not layers or any(x not in REPAIR_LAYERS for x in layers) or len(set(layers)) != len(layers):
-            raise InvalidArgumentError(f"layers must be distinct values of {REPAIR_LAYERS}, got {self.layers!r}")
+            raise InvalidArgumentError(
+                f"layers must be distinct values of {REPAIR_LAYERS}, got {self.layers!r}"
+            )
         object.__setattr__(self, "layers", layers)
         for name in ("max_over_refusal_increase", "max_kl_increase"):
             v = getattr(self, name)
@@ -152,7 +154,11 @@ class StudyConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
-        if isinstance(self.noise_splits, bool) or not isinstance(self.noise_splits, int) or self.noise_splits < 1:
+        if (
+            isinstance(self.noise_splits, bool)
+            or not isinstance(self.noise_splits, int)
+            or self.noise_splits < 1
+        ):
             raise InvalidArgumentError(f"noise_splits must be an int >= 1, got {self.noise_splits!r}")
         if not isinstance(self.filter_prompts, bool):
             raise InvalidArgumentError(f"filter_prompts must be a bool, got {self.filter_prompts!r}")

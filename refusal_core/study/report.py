@@ -70,12 +70,12 @@ def write_study_report(
     noise: torch.Tensor,
     base_position_index: int,
 ) -> Path:
-    """Write ``results.json``, ``report.md`` and ``plots/*.png`` into ``out_dir``; returns report.md's path."""
+    """Write ``results.json``, ``report.md`` and ``plots/*.png`` into ``out_dir``; returns report.md."""
     out_dir = Path(out_dir)
     plots_dir = out_dir / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "results.json", results)
-    variants = [v for v in results["variants"]]
+    variants = list(results["variants"])
     base = results["base"]
     plots: list[str] = []
 
@@ -106,7 +106,9 @@ def write_study_report(
         for arm, ch in sweep["choices"].items():
             # indices in a choice refer to that arm's points (identity first); map back to the full list
             arm_idx = [
-                i for i, p in enumerate(points) if p["strength"] == "identity" or p["sparse"] == (arm == "sparse")
+                i
+                for i, p in enumerate(points)
+                if p["strength"] == "identity" or p["sparse"] == (arm == "sparse")
             ]
             chosen[arm] = arm_idx[ch["index"]]
         plot_pareto(path, method, points, chosen)
@@ -216,7 +218,14 @@ def write_study_report(
             f"### {method}",
             "",
             markdown_table(
-                ["point", "gain (attn, mlp)", "α (attn, mlp)", "compliance (val)", "over-refusal (val)", "KL (val)"],
+                [
+                    "point",
+                    "gain (attn, mlp)",
+                    "α (attn, mlp)",
+                    "compliance (val)",
+                    "over-refusal (val)",
+                    "KL (val)",
+                ],
                 srows,
             ),
             "",

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import copy
 import json
-import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
@@ -50,7 +50,16 @@ from tqdm.auto import tqdm
 
 from refusal_core.activations import encode_prompts
 from refusal_core.aird import AirdConfig, apply_aird_
-from refusal_core.artifacts import StageStore, atomic_write_json, save_model_weights, settings_key
+from refusal_core.artifacts import (
+    STAGE_JSON_SCHEMAS,
+    StageStore,
+    atomic_write_json,
+    check_finite_model,
+    save_model_weights,
+    settings_key,
+    stage_output_key,
+    validate_json,
+)
 from refusal_core.compression import CompressionRecord, compress_, method_config
 from refusal_core.compression.config import config_to_dict
 from refusal_core.directions import (
@@ -151,21 +160,29 @@ class _Run:
         compute: Callable[[Path], Any],
         load: Callable[[Path], Any],
     ) -> tuple[Any, str]:
-        """Load stage ``name`` if done with the same key, else compute it; returns (value, key)."""
+        """Load stage ``name`` if done with the same key and its files verify, else compute it.
+
+        Returns ``(value, key)`` where ``key`` chains the settings key with the hashes of the
+        stage's files: downstream stages keyed on it are redone when a recomputation produced
+        different files, and stay valid (if their own files verify) when it produced the same.
+        """
         key = settings_key(settings, self.root_key, *upstream)
         d = self.store.stage_dir(name)
-        if self.store.is_done(name, key):
+        if self.store.recorded_key(name) == key:
             try:
+                files = self.store.verify(name, key)
                 value = load(d)
                 self.timings[name] = self.store.seconds(name)
-                return value, key
+                return value, stage_output_key(key, files)
             except ArtifactError as exc:  # a damaged artifact is recomputed, never trusted
-                tqdm.write(f"refusal_core: stage {name} is damaged ({exc}); recomputing")
+                tqdm.write(f"refusal_core: stage {name} is damaged ({exc}); recomputing", file=sys.stderr)
+        stamps = self.store.file_stamps(name)
+        self.store.invalidate(name)
         t0 = time.perf_counter()
         value = compute(d)
         self.timings[name] = round(time.perf_counter() - t0, 3)
-        self.store.mark_done(name, key, {"seconds": self.timings[name]})
-        return value, key
+        files = self.store.mark_done(name, key, {"seconds": self.timings[name]}, unchanged_since=stamps)
+        return value, stage_output_key(key, files)
 
     def encoded(self, split: str) -> list[list[int]]:
         if split not in self._encoded:
@@ -270,7 +287,9 @@ class _Run:
         """Per prompt: did the model refuse? Degenerate output is not a refusal where the judge says so."""
         classify = getattr(self.refusal_judge, "classify", None)
         if callable(classify):
-            return [str(getattr(v, "value", v)) == "refused" for v in classify(list(prompts), list(completions))]
+            return [
+                str(getattr(v, "value", v)) == "refused" for v in classify(list(prompts), list(completions))
+            ]
         complied = self.refusal_judge.judge(list(prompts), list(completions))
         return [not bool(v) for v in complied]
 
@@ -324,16 +343,27 @@ class _Run:
     def repaired(
         self, compressed: nn.Module, r: torch.Tensor, layers: Sequence[int], cfg: AirdConfig
     ) -> tuple[nn.Module, dict[str, Any]]:
-        """A copy of ``compressed`` with AIRD (direction ``r``) applied at each of ``layers``."""
+        """A copy of ``compressed`` with AIRD (the BASE direction ``r``) applied at each of ``layers``.
+
+        The direction's origin is checked: it must come from the base model this compressed
+        model derives from (the study's own base), which is AIRD's recipe.
+        """
         model = copy.deepcopy(compressed)
         records: list[dict[str, Any]] = []
         for layer in layers:
             try:
                 # r as extracted (float64): AIRD computes in float64 and casts the result once.
-                rec = apply_aird_(model, r, layer, cfg)
+                rec = apply_aird_(
+                    model,
+                    r,
+                    layer,
+                    cfg,
+                    direction_identity=self.identity,
+                    model_record={"base_identity": self.identity},
+                )
                 records.append({**rec.to_dict(), "path": "dense float"})
             except UnsupportedModuleError:
-                # Quantized linears: dequantize the two edited modules, edit, re-quantize with the same scheme.
+                # Quantized linears: dequantize both edited modules, edit, re-quantize with the same scheme.
                 from refusal_core.quantized_edit import apply_aird_quantized_
 
                 qrec = apply_aird_quantized_(model, r, layer, cfg, requantize=True)
@@ -434,7 +464,11 @@ class _Run:
         def compute(d: Path) -> list[SweepPoint]:
             ident = self.validation_scores(compressed)
             points = [SweepPoint("identity", False, "none", (), (1.0, 1.0), (0.0, 0.0), ident)]
-            todo = [(sparse, *spec) for sparse in arms for spec in self.sweep_configs(sparse, base_layer, own_layer)]
+            todo = [
+                (sparse, *spec)
+                for sparse in arms
+                for spec in self.sweep_configs(sparse, base_layer, own_layer)
+            ]
             bar = tqdm(todo, desc=f"{method} sweep", disable=not self.progress, leave=False)
             for sparse, strength, placement, layers, cfg in bar:
                 model, _ = self.repaired(compressed, r_base, layers, cfg)
@@ -529,6 +563,8 @@ class _Run:
         completions = self.base_completions()
 
         def compute(d: Path) -> dict[str, Any]:
+            # A broken model (NaN/inf weights) would give empty completions: refuse it, never report it.
+            check_finite_model(model)
             harmful = self.prompts["harmful_test"]
             results = evaluate_asr(model, self.tokenizer, harmful, self.attacks(), self.judge, progress=False)
             if c.attacks.gcg_prompts > 0 and c.attacks.gcg_steps > 0:
@@ -550,7 +586,9 @@ class _Run:
             refusal.save(d / "over_refusal.json")
             harmless = self.prompts["harmless_test"]
             out = {
-                "jailbroken": {name: [bool(r.jailbroken) for r in res.records] for name, res in results.items()},
+                "jailbroken": {
+                    name: [bool(r.jailbroken) for r in res.records] for name, res in results.items()
+                },
                 "asr_per_config": {name: res.config_rates for name, res in results.items()},
                 "refused_harmless": self._refused(harmless, [r.completions[0] for r in refusal.records]),
                 "damage": self._damage(model, completions),
@@ -607,7 +645,10 @@ def _point_config(point: SweepPoint, paper: AirdConfig) -> AirdConfig:
     if point.strength == "paper":
         return replace(paper, preserve_sparsity=point.sparse)
     return AirdConfig(
-        gain_attn=point.gains[0], gain_mlp=point.gains[1], normalize=paper.normalize, preserve_sparsity=point.sparse
+        gain_attn=point.gains[0],
+        gain_mlp=point.gains[1],
+        normalize=paper.normalize,
+        preserve_sparsity=point.sparse,
     )
 
 
@@ -623,9 +664,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path} is missing or corrupt: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path} does not hold a JSON object")
-    return data
+    validate_json(data, STAGE_JSON_SCHEMAS.get(Path(path).name, {}), path)
+    return dict(data)
 
 
 def _refusal_ids(spec: str, tokenizer: Any) -> list[int]:
@@ -1006,4 +1046,3 @@ def _load_tensor(path: Path, key: str) -> torch.Tensor:
         return load_file(str(path))[key]
     except Exception as exc:
         raise ArtifactError(f"{path} is missing or corrupt: {exc}") from exc
-

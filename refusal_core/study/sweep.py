@@ -155,7 +155,8 @@ def choose_repair(
     # a tiny tolerance so that float noise in KL cannot flip admissibility of the identity itself
     ok = tuple(p.scores.over_refusal.value <= or_cap + 1e-12 and p.scores.kl <= kl_cap + 1e-12 for p in pts)
     rule = (
-        f"admissible: over-refusal(val) <= base {base.over_refusal.value:.4f} + {max_over_refusal_increase:g} "
+        f"admissible: over-refusal(val) <= base {base.over_refusal.value:.4f} "
+        f"+ {max_over_refusal_increase:g} "
         f"and KL(val) <= unedited {ident.scores.kl:.4f} + {max_kl_increase:g} nats; then lowest harmful "
         "compliance(val), ties to the weakest edit (|g - 1|), then grid order"
     )
