@@ -144,9 +144,9 @@ def test_study_applies_the_base_direction_at_the_base_source(
     calls: list[tuple[torch.Tensor, int]] = []
     real = run_mod.apply_aird_
 
-    def spy(model, r, layer, config):  # type: ignore[no-untyped-def]
+    def spy(model, r, layer, config, **kw):  # type: ignore[no-untyped-def]
         calls.append((r.detach().clone(), layer))
-        return real(model, r, layer, config)
+        return real(model, r, layer, config, **kw)
 
     monkeypatch.setattr(run_mod, "apply_aird_", spy)
     out = tmp_path / "run"
