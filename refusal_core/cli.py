@@ -192,7 +192,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     summary: dict[str, Any] = {"candidates": str(out / "candidates"), "shape": list(cands.directions.shape)}
     if args.select:
         from refusal_core.selection import select_direction
-        from refusal_core.study import _refusal_ids
+        from refusal_core.study import default_refusal_token_ids as _refusal_ids
 
         sel = select_direction(
             model,

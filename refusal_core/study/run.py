@@ -88,7 +88,7 @@ from refusal_core.study.config import StudyConfig
 from refusal_core.study.report import write_study_report
 from refusal_core.study.sweep import RepairChoice, SweepPoint, ValidationScores, choose_repair
 
-__all__ = ["load_variant_model", "run_study"]
+__all__ = ["default_refusal_token_ids", "load_variant_model", "run_study"]
 
 
 def _is_pruning(method: str) -> bool:
@@ -133,7 +133,7 @@ class _Run:
         self.model, self.tokenizer = load_model(c.model)
         self.identity = model_identity(self.model)
         self.refusal_ids = (
-            list(c.refusal_token_ids) if c.refusal_token_ids else _refusal_ids(c.model, self.tokenizer)
+            list(c.refusal_token_ids) if c.refusal_token_ids else default_refusal_token_ids(c.model, self.tokenizer)
         )
         if c.filter_prompts:
             self._filter_prompts()
@@ -705,7 +705,8 @@ def _read_json(path: Path) -> dict[str, Any]:
     return dict(data)
 
 
-def _refusal_ids(spec: str, tokenizer: Any) -> list[int]:
+def default_refusal_token_ids(spec: str, tokenizer: Any) -> list[int]:
+    """The refusal token ids the study uses for model ``spec``: the toy's own, else the family's."""
     if spec == "toy":
         from refusal_core.toy import toy_refusal_token_ids
 
