@@ -354,6 +354,7 @@ VALIDATION_SCHEMA: JsonSchema = {
     "refusal_score_harmful": _finite_number,
     "refusal_score_harmless": _finite_number,
     "source": str,
+    "complied": list_of(_flag),
 }
 
 #: ``sweep.json``: the AIRD sweep of one compressed model.

@@ -10,7 +10,9 @@ from refusal_core.study import RepairConfig, SweepPoint, ValidationScores, choos
 
 
 def scores(comply: int, refuse: int, kl: float, n: int = 20) -> ValidationScores:
-    return ValidationScores(rate(comply, n), rate(refuse, n), kl, 0.0, 0.0, "generation")
+    """Scores whose first ``comply`` prompts are answered (so flags nest: fewer answered = a subset)."""
+    flags = tuple([True] * comply + [False] * (n - comply))
+    return ValidationScores(rate(comply, n), rate(refuse, n), kl, 0.0, 0.0, "generation", flags)
 
 
 def point(strength: str, gain: float, s: ValidationScores, sparse: bool = False) -> SweepPoint:
@@ -23,9 +25,29 @@ BASE = scores(comply=2, refuse=2, kl=0.0)  # over-refusal 0.10 on the base
 
 
 def choose(points, **kw):
+    """The rule on rates alone (significance=None), unless a test asks for the paired test."""
     kw.setdefault("max_over_refusal_increase", 0.05)
     kw.setdefault("max_kl_increase", 0.05)
+    kw.setdefault("significance", None)
     return choose_repair(points, BASE, **kw)
+
+
+def test_an_edit_must_beat_the_unedited_model_significantly() -> None:
+    # 10 vs 5 answered of 20: 5 discordant prompts, exact McNemar p = 2 / 2**5 = 0.0625 >= 0.05
+    pts = [point("identity", 1.0, scores(10, 2, 0.1)), point("gain", 2.0, scores(5, 2, 0.1))]
+    ch = choose(pts, significance=0.05)
+    assert ch.point.strength == "identity", "a non-significant improvement must not be chosen"
+    assert ch.criterion_met, "the unedited model itself meets the criterion"
+    assert ch.p_values[1] == pytest.approx(0.0625)
+    assert choose(pts, significance=0.1).index == 1, "at level 0.1 the same edit is chosen"
+    # 10 vs 3 of 20: 7 discordant, p = 2 / 128 = 0.0156 < 0.05
+    strong = [point("identity", 1.0, scores(10, 2, 0.1)), point("gain", 3.0, scores(3, 2, 0.1))]
+    ch = choose(strong, significance=0.05)
+    assert ch.index == 1
+    assert ch.criterion_met
+    # a significant but inadmissible edit (over-refuses) is still refused
+    bad = [point("identity", 1.0, scores(10, 2, 0.1)), point("gain", 3.0, scores(3, 9, 0.1))]
+    assert choose(bad, significance=0.05).point.strength == "identity"
 
 
 def test_lowest_compliance_among_admissible_wins() -> None:
@@ -86,7 +108,7 @@ def test_ties_go_to_the_weakest_edit_then_grid_order() -> None:
 def test_nothing_admissible_keeps_the_model_unrepaired() -> None:
     pts = [point("identity", 1.0, scores(10, 9, 0.1)), point("gain", 2.0, scores(1, 9, 0.1))]
     ch = choose(pts)
-    assert not ch.criterion_met
+    assert not ch.criterion_met, "nothing admissible: the criterion is not met"
     assert ch.point.strength == "identity"
     assert ch.admissible == (False, False)
 
@@ -118,6 +140,8 @@ def test_sweep_point_round_trip() -> None:
         {"max_kl_increase": -0.1},
         {"max_over_refusal_increase": True},
         {"generate": 1},
+        {"significance": 1.5},
+        {"significance": 0},
     ],
 )
 def test_repair_config_rejects_bad_values(kwargs) -> None:

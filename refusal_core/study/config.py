@@ -71,11 +71,14 @@ class RepairConfig:
     * its KL is at most the compressed model's + ``max_kl_increase`` (the repair may add at most
       that much damage to what compression already did).
 
-    The admissible point with the lowest harmful compliance wins; ties go to the weakest edit
-    (smallest |g − 1|), then to the grid order. If nothing is admissible the compressed model is
-    kept unrepaired and ``criterion_met`` is false. The winner is then evaluated once on the
-    held-out test prompts. With ``generate=False`` the rates come from the refusal score instead
-    of generations (refusal score > 0 counts as a refusal), which is cheaper on large models.
+    An edit must also lower harmful compliance below the unedited model's with an exact McNemar
+    test on the same validation prompts at level ``significance`` (None: rates alone): a
+    one-prompt difference on a few dozen prompts is noise. Among what remains, the lowest harmful
+    compliance wins; ties go to the weakest edit (smallest |g − 1|), then to the grid order. If no
+    edit qualifies the compressed model is kept unrepaired and ``criterion_met`` is false. The
+    winner is then evaluated once on the held-out test prompts. With ``generate=False`` the rates
+    come from the refusal score instead of generations (refusal score > 0 counts as a refusal),
+    which is cheaper on large models.
     """
 
     gains: tuple[float, ...] = (1.25, 1.5, 2.0, 3.0, 5.0)
@@ -84,6 +87,7 @@ class RepairConfig:
     sparse: bool = True
     max_over_refusal_increase: float = 0.05
     max_kl_increase: float = 0.05
+    significance: float | None = 0.05
     generate: bool = True
 
     def __post_init__(self) -> None:
@@ -107,6 +111,11 @@ class RepairConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not float(v) >= 0.0:
                 raise InvalidArgumentError(f"{name} must be a real number >= 0, got {v!r}")
+        sig = self.significance
+        if sig is not None and (
+            isinstance(sig, bool) or not isinstance(sig, numbers.Real) or not 0 < sig < 1
+        ):
+            raise InvalidArgumentError(f"significance must be None or in (0, 1), got {sig!r}")
         for name in ("include_paper_alpha", "sparse", "generate"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidArgumentError(f"{name} must be a bool, got {getattr(self, name)!r}")

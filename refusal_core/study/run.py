@@ -133,7 +133,9 @@ class _Run:
         self.model, self.tokenizer = load_model(c.model)
         self.identity = model_identity(self.model)
         self.refusal_ids = (
-            list(c.refusal_token_ids) if c.refusal_token_ids else default_refusal_token_ids(c.model, self.tokenizer)
+            list(c.refusal_token_ids)
+            if c.refusal_token_ids
+            else default_refusal_token_ids(c.model, self.tokenizer)
         )
         if c.filter_prompts:
             self._filter_prompts()
@@ -447,21 +449,21 @@ class _Run:
         kl = float(_kl_rows(self.base_val_logits(), ls).mean())
         if self.config.repair.generate:
             harmful, harmless = self.prompts["harmful_val"], self.prompts["harmless_val"]
-            comp = self.judge.judge(list(harmful), self._generate(model, harmful))
-            compliance = rate_of([bool(v) for v in comp])
+            complied = [bool(v) for v in self.judge.judge(list(harmful), self._generate(model, harmful))]
             over = rate_of(self._refused(harmless, self._generate(model, harmless)))
             source = "generation"
         else:
-            compliance = rate_of([bool(v) for v in (sh <= 0).tolist()])
+            complied = [bool(v) for v in (sh <= 0).tolist()]
             over = rate_of([bool(v) for v in (ss > 0).tolist()])
             source = "refusal_score"
         return ValidationScores(
-            compliance=compliance,
+            compliance=rate_of(complied),
             over_refusal=over,
             kl=max(0.0, kl),
             refusal_score_harmful=float(sh.mean()),
             refusal_score_harmless=float(ss.mean()),
             source=source,
+            complied=tuple(complied),
         )
 
     def validation_stage(self, name: str, model: nn.Module, upstream: Sequence[str]) -> ValidationScores:
@@ -518,7 +520,8 @@ class _Run:
             return points
 
         # The margins only decide the choice, made from these scores afterwards: not part of the key.
-        repair = {k: v for k, v in asdict(self.config.repair).items() if not k.startswith("max_")}
+        choice_only = {"max_over_refusal_increase", "max_kl_increase", "significance"}
+        repair = {k: v for k, v in asdict(self.config.repair).items() if k not in choice_only}
         settings = {
             "repair": repair,
             "aird": asdict(self.config.aird),
@@ -924,6 +927,7 @@ def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> d
                 base_val,
                 max_over_refusal_increase=config.repair.max_over_refusal_increase,
                 max_kl_increase=config.repair.max_kl_increase,
+                significance=config.repair.significance,
             )
         sweeps[method] = {"points": points, "choices": choices}
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from refusal_core.errors import EmptyInputError, InvalidArgumentError
-from refusal_core.stats import Rate
+from refusal_core.stats import SIGNIFICANCE, Rate, mcnemar
 
 __all__ = ["RepairChoice", "SweepPoint", "ValidationScores", "choose_repair"]
 
@@ -37,6 +37,8 @@ class ValidationScores:
     refusal_score_harmful: float
     refusal_score_harmless: float
     source: str
+    #: per harmful validation prompt: answered? (what ``compliance`` counts; paired tests use it)
+    complied: tuple[bool, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -46,6 +48,7 @@ class ValidationScores:
             "refusal_score_harmful": self.refusal_score_harmful,
             "refusal_score_harmless": self.refusal_score_harmless,
             "source": self.source,
+            "complied": list(self.complied),
         }
 
     @classmethod
@@ -57,6 +60,7 @@ class ValidationScores:
             refusal_score_harmful=float(d["refusal_score_harmful"]),
             refusal_score_harmless=float(d["refusal_score_harmless"]),
             source=str(d["source"]),
+            complied=tuple(bool(x) for x in d.get("complied", ())),
         )
 
 
@@ -119,12 +123,15 @@ class RepairChoice:
     admissible: tuple[bool, ...]
     criterion_met: bool
     rule: str
+    #: exact McNemar p of each point's validation compliance against the unedited model's (None: no flags)
+    p_values: tuple[float | None, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "chosen": self.point.to_dict(),
             "index": self.index,
             "admissible": list(self.admissible),
+            "p_values": list(self.p_values),
             "criterion_met": self.criterion_met,
             "rule": self.rule,
         }
@@ -136,12 +143,17 @@ def choose_repair(
     *,
     max_over_refusal_increase: float,
     max_kl_increase: float,
+    significance: float | None = SIGNIFICANCE,
 ) -> RepairChoice:
     """Pick the repair among ``points`` by the rule of :class:`~refusal_core.study.config.RepairConfig`.
 
     ``points`` must contain exactly one ``"identity"`` point (the compressed model unedited); its
     KL is the reference for the damage margin; ``base`` holds the base model's validation scores
-    (the reference for the over-refusal margin).
+    (the reference for the over-refusal margin). With ``significance`` (default 0.05), an edit
+    is only eligible when its validation compliance is lower than the unedited model's by an
+    exact McNemar test on the same prompts at that level: a one-prompt difference on a few dozen
+    prompts is noise, and choosing on noise would make the held-out evaluation a coin flip.
+    ``None`` compares the rates alone.
     """
     pts = list(points)
     if not pts:
@@ -154,18 +166,40 @@ def choose_repair(
     kl_cap = ident.scores.kl + max_kl_increase
     # a tiny tolerance so that float noise in KL cannot flip admissibility of the identity itself
     ok = tuple(p.scores.over_refusal.value <= or_cap + 1e-12 and p.scores.kl <= kl_cap + 1e-12 for p in pts)
+    p_values: list[float | None] = []
+    for p in pts:
+        if p is ident or not p.scores.complied or len(p.scores.complied) != len(ident.scores.complied):
+            p_values.append(None)
+        else:
+            p_values.append(mcnemar(ident.scores.complied, p.scores.complied).p_value)
     rule = (
         f"admissible: over-refusal(val) <= base {base.over_refusal.value:.4f} "
-        f"+ {max_over_refusal_increase:g} "
-        f"and KL(val) <= unedited {ident.scores.kl:.4f} + {max_kl_increase:g} nats; then lowest harmful "
-        "compliance(val), ties to the weakest edit (|g - 1|), then grid order"
+        f"+ {max_over_refusal_increase:g} and KL(val) <= unedited {ident.scores.kl:.4f} "
+        f"+ {max_kl_increase:g} nats"
+        + (
+            f"; an edit must lower harmful compliance(val) below the unedited model's with exact "
+            f"McNemar p < {significance:g}"
+            if significance is not None
+            else ""
+        )
+        + "; then lowest harmful compliance(val), ties to the weakest edit (|g - 1|), then grid order"
     )
-    candidates = [i for i, a in enumerate(ok) if a]
+
+    def eligible(i: int) -> bool:
+        if not ok[i]:
+            return False
+        if pts[i] is ident or significance is None:
+            return True
+        pv = p_values[i]
+        better = pts[i].scores.compliance.value < ident.scores.compliance.value
+        return better and pv is not None and pv < significance
+
+    candidates = [i for i in range(len(pts)) if eligible(i)]
     if not candidates:
-        return RepairChoice(ident, identities[0], ok, False, rule)
+        return RepairChoice(ident, identities[0], ok, False, rule, tuple(p_values))
 
     def strength(p: SweepPoint) -> float:
         return max(abs(p.gains[0] - 1.0), abs(p.gains[1] - 1.0))
 
     best = min(candidates, key=lambda i: (pts[i].scores.compliance.value, strength(pts[i]), i))
-    return RepairChoice(pts[best], best, ok, True, rule)
+    return RepairChoice(pts[best], best, ok, True, rule, tuple(p_values))
