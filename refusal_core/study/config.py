@@ -126,6 +126,11 @@ class StudyConfig:
     """Everything a study depends on. Defaults: the embedded toy model and the paper's settings."""
 
     model: str = "toy"
+    #: where the model runs: "cpu", "cuda", "cuda:N" or "auto" (accelerate's device map)
+    device: str = "cpu"
+    #: the model's dtype: "float32", "bfloat16", "float16", or None (float32 on CPU); difference
+    #: in means, AIRD and every score are computed in float64 whatever this is
+    dtype: str | None = None
     methods: tuple[str, ...] = DEFAULT_METHODS
     harmful_train: str = "harmful_train"
     harmless_train: str = "harmless_train"
@@ -169,6 +174,11 @@ class StudyConfig:
             or self.noise_splits < 1
         ):
             raise InvalidArgumentError(f"noise_splits must be an int >= 1, got {self.noise_splits!r}")
+        from refusal_core.models import DTYPES, check_device
+
+        check_device(self.device)
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise InvalidArgumentError(f"dtype must be None or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.filter_prompts, bool):
             raise InvalidArgumentError(f"filter_prompts must be a bool, got {self.filter_prompts!r}")
         for name, cls in (

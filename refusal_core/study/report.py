@@ -242,6 +242,11 @@ def write_study_report(
             )
 
     sat_lines = [f"- **{a}** is saturated on the base model: {why}." for a, why in saturated.items()]
+    sat_lines += [
+        f"- **{a}** carries no paired test: {why}; its rates are shown without marks."
+        for a, why in results.get("untested_attacks", {}).items()
+        if a in attacks
+    ]
     model_name = results.get("model", {}).get("name_or_path", "model")
     parts = [
         f"# refusal_core study: {model_name}",

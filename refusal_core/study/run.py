@@ -130,7 +130,7 @@ class _Run:
         }
         self.prompts = {split: load_prompts(getattr(c, split))[:n] for split, n in sizes.items()}
         torch.manual_seed(c.seed)
-        self.model, self.tokenizer = load_model(c.model)
+        self.model, self.tokenizer = load_model(c.model, device=c.device, dtype=c.dtype)
         self.identity = model_identity(self.model)
         self.refusal_ids = (
             list(c.refusal_token_ids)
@@ -766,14 +766,28 @@ def _evaluation_summary(ev: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _paired(ev: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
-    """Exact McNemar per attack and for over-refusal, paired bootstrap for damage: ``ev`` vs ``ref``."""
+#: Attacks whose per-prompt outcomes are not independent given the model: the study's GCG optimizes
+#: ONE universal suffix per model, so every prompt's outcome moves with that one suffix and a paired
+#: per-prompt test (McNemar) would overstate the evidence. Their rates are reported without a test.
+NOT_PAIRED_TESTABLE = {"gcg": "one universal suffix per model: per-prompt outcomes are not independent"}
+
+
+def _paired(ev: dict[str, Any], ref: dict[str, Any], *, kl: bool) -> dict[str, Any]:
+    """Exact McNemar per attack and for over-refusal, paired bootstrap for damage: ``ev`` vs ``ref``.
+
+    ``kl=False`` skips the KL test: against the base, whose KL with itself is 0 on every prompt,
+    any nonzero KL is "significant" and the test says nothing.
+    """
     out: dict[str, Any] = {"asr": {}, "over_refusal": None, "kl": None, "ce": None}
     for name, flags in ev["jailbroken"].items():
+        if name in NOT_PAIRED_TESTABLE:
+            continue
         if name in ref["jailbroken"] and len(ref["jailbroken"][name]) == len(flags):
             out["asr"][name] = mcnemar(ref["jailbroken"][name], flags).to_dict()
     out["over_refusal"] = mcnemar(ref["refused_harmless"], ev["refused_harmless"]).to_dict()
     for key, field_name in (("kl", "kl_per_prompt"), ("ce", "ce_per_prompt")):
+        if key == "kl" and not kl:
+            continue
         a, b = ref["damage"][field_name], ev["damage"][field_name]
         if a and len(a) == len(b) and ref["damage"].get("ce_prompts") == ev["damage"].get("ce_prompts"):
             out[key] = paired_mean_difference(a, b).to_dict()
@@ -1018,6 +1032,7 @@ def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> d
             for m, s in sweeps.items()
         },
         "saturated_attacks": _saturation(evals["base"]),
+        "untested_attacks": NOT_PAIRED_TESTABLE,
         "significance_level": 0.05,
         "timings": {"stages": run.timings, "total_seconds": round(time.perf_counter() - t_start, 3)},
     }
@@ -1058,10 +1073,10 @@ def _variant_result(
     out["evaluation"] = _evaluation_summary(ev)
     comparisons: dict[str, Any] = {}
     if rec["kind"] != "base":
-        comparisons["vs_base"] = _paired(ev, evals["base"])
+        comparisons["vs_base"] = _paired(ev, evals["base"], kl=False)
     if rec["kind"] == "repaired" and not same:
         comp_ev = evals[rec["method"]]
-        comparisons["vs_compressed"] = _paired(ev, comp_ev)
+        comparisons["vs_compressed"] = _paired(ev, comp_ev, kl=True)
         out["headline"] = _headline(evals["base"], comp_ev, ev)
         comp_rec = next(r for r in records if r["name"] == rec["method"])
         comparisons["mechanism_vs_compressed"] = {
