@@ -332,19 +332,47 @@ def test_cuda_without_cuda_is_refused_before_loading(
 
 
 def test_no_progress_silences_every_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import tqdm
+    from refusal_core.testing.tiny import tiny_model, tiny_tokenizer
 
-    argv = ["evaluate", "--n-test", "2", "--max-new-tokens", "2", "--method", "wanda", "--out"]
-    assert main([*argv, str(tmp_path / "quiet"), "--no-progress"]) == 0
+    model_dir = tmp_path / "m"  # loading a directory draws transformers' own "Loading weights" bar
+    tiny_model("llama", n_layers=2, d_model=32, seed=1).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    capsys.readouterr()  # bars drawn while saving it are not the command's
+    argv = [
+        "evaluate",
+        "--model",
+        str(model_dir),
+        "--n-test",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--method",
+        "wanda",
+    ]
+    assert main([*argv, "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
     quiet = capsys.readouterr().err
     assert "it/s]" not in quiet, f"--no-progress still drew a bar: {quiet[-300:]!r}"
     assert "%|" not in quiet, f"--no-progress still drew a bar: {quiet[-300:]!r}"
-    # a bar made by library code with an explicit disable=False is silenced too, and only while it runs
-    assert main([*argv, str(tmp_path / "loud")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "loud")]) == 0
     loud = capsys.readouterr().err
-    assert "it/s]" in loud or "%|" in loud, "without --no-progress the bars are drawn (so the check can fail)"
-    with tqdm.tqdm(range(2), disable=False) as bar:
-        assert not bar.disable, "tqdm is restored after the command"
+    assert "it/s]" in loud, "without --no-progress bars are drawn (so the check above can fail)"
+
+
+def test_quiet_progress_overrides_an_explicit_disable_false_and_is_undone() -> None:
+    import os
+
+    import tqdm
+
+    env_before = os.environ.get("TQDM_DISABLE")
+    with cli._quiet_progress(True):
+        bar = tqdm.tqdm(range(2), disable=False)
+        assert bar.disable, "a library bar created with disable=False is silenced under --no-progress"
+        bar.close()
+        assert os.environ.get("TQDM_DISABLE") == "1", "TQDM_DISABLE is set for subprocesses"
+    bar = tqdm.tqdm(range(2), disable=False, file=open(os.devnull, "w"))  # noqa: SIM115
+    assert not bar.disable, "tqdm is restored after the command"
+    bar.close()
+    assert os.environ.get("TQDM_DISABLE") == env_before, "the environment is restored"
 
 
 # ----------------------------------------------------------------------------
