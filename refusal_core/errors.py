@@ -13,6 +13,7 @@ __all__ = [
     "EmptyInputError",
     "ImplementationError",
     "InvalidArgumentError",
+    "ModelNotFoundError",
     "NonFiniteError",
     "RefusalCoreError",
     "ShapeMismatchError",
@@ -60,3 +61,7 @@ class ArtifactError(RefusalCoreError):
 
 class ImplementationError(RefusalCoreError):
     """The implementation named for the reference-oracle suite cannot be loaded."""
+
+
+class ModelNotFoundError(InvalidArgumentError):
+    """A model spec names no local path, and no hub id in the local Hugging Face cache."""

@@ -39,6 +39,7 @@ from refusal_core.errors import (
     InvalidArgumentError,
     NonFiniteError,
     ShapeMismatchError,
+    UnsupportedArchitectureError,
     UnsupportedModuleError,
     ZeroDirectionError,
 )
@@ -208,8 +209,9 @@ def ablation_hooks(model: nn.Module, r: torch.Tensor) -> HookHandle:
         hs: list[RemovableHandle] = []
         for layer, block in enumerate(layout.blocks):
             hs.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
-            hs.append(layout.attn(layer).register_forward_hook(out_hook))
-            hs.append(layout.mlp(layer).register_forward_hook(out_hook))
+            # The modules whose outputs are added to the stream (Gemma 2/3: the post-norms).
+            hs.append(layout.attn_writer(layer).register_forward_hook(out_hook))
+            hs.append(layout.mlp_writer(layer).register_forward_hook(out_hook))
         return hs
 
     return _register_all(register)
@@ -298,9 +300,17 @@ def orthogonalize_model_(model: nn.Module, r: torch.Tensor) -> None:
     ``√d`` is a scalar, so it commutes with the projection.
 
     Every module is checked (plain floating nn.Linear, finite) and ``r``
-    validated before the first edit.
+    validated before the first edit. Post-norm families (Gemma 2/3) raise
+    :class:`~refusal_core.errors.UnsupportedArchitectureError`: there the
+    residual writers are norms, and no edit of ``o_proj``/``down_proj`` equals ablation.
     """
     layout = get_layout(model)
+    if layout.spec.has_post_norms:
+        raise UnsupportedArchitectureError(
+            f"weight orthogonalization is not exact for {layout.spec.family}: its attention/MLP outputs pass "
+            f"through post-norms before the residual add, so editing o_proj/down_proj cannot equal "
+            f"directional ablation; use ablation_hooks"
+        )
     u = unit_direction(check_directions(r, layout.d_model, allow_batch=False), layout.d_model)
     writers = residual_writer_linears(layout)
     emb = layout.embedding

@@ -56,7 +56,13 @@ from refusal_core.directions import extract_candidates, site_cosines, split_half
 from refusal_core.errors import ArtifactError, InvalidArgumentError, UnsupportedModuleError
 from refusal_core.functional import int8_quantize, llm_int8_linear
 from refusal_core.models import get_layout
-from refusal_core.testing.tiny import TINY_FAMILIES, tiny_model, tiny_prompts, tiny_tokenizer
+from refusal_core.testing.tiny import (
+    POST_NORM_FAMILIES,
+    TINY_FAMILIES,
+    tiny_model,
+    tiny_prompts,
+    tiny_tokenizer,
+)
 
 needs_bnb = pytest.mark.skipif(
     not bnb_available(), reason="bitsandbytes is not installed (pip install 'refusal_core[bnb]')"
@@ -258,15 +264,20 @@ def test_tiny_model_int8_logits_agree_with_reference(family: str) -> None:
     record = compress_(real, BnbInt8Config())
     l_float, l_ref, l_real = logits(base), logits(ref), logits(real)
     label = f"bnb-int8 vs reference llm-int8 on tiny {family} (d=64)"
-    assert rel(l_real, l_ref) <= LOGIT_REL_TOL, f"{label}: logits relative error {rel(l_real, l_ref):.4g}"
-    assert rel_max(l_real, l_ref) <= LOGIT_MAX_TOL, f"{label}: logits max error {rel_max(l_real, l_ref):.4g}"
+    # Post-norms rescale each block's (quantized) outputs to unit RMS: measured 0.026 / 0.049 there.
+    rel_tol, max_tol = (0.035, 0.06) if family in POST_NORM_FAMILIES else (LOGIT_REL_TOL, LOGIT_MAX_TOL)
+    assert rel(l_real, l_ref) <= rel_tol, f"{label}: logits relative error {rel(l_real, l_ref):.4g}"
+    assert rel_max(l_real, l_ref) <= max_tol, f"{label}: logits max error {rel_max(l_real, l_ref):.4g}"
     ratio = rel(l_real, l_ref) / rel(l_ref, l_float)
     assert ratio <= LOGIT_RATIO_TOL, (
         f"{label}: bnb is further from the reference ({rel(l_real, l_ref):.4g}) than the reference is from "
         f"the float model ({rel(l_ref, l_float):.4g})"
     )
     assert record.method == "bnb-int8", f"{label}: record method {record.method!r}"
-    assert len(record.quantization_error) == 14, f"{label}: errors for {sorted(record.quantization_error)}"
+    n_linears = 2 * len(get_layout(base).linears(0))  # 7 per block, 4 for Phi-3's fused linears
+    assert len(record.quantization_error) == n_linears, (
+        f"{label}: errors for {sorted(record.quantization_error)}"
+    )
     assert all(0 < e < 0.02 for e in record.quantization_error.values()), (
         f"{label}: per-module int8 rounding errors {record.quantization_error} outside (0, 0.02)"
     )

@@ -19,7 +19,7 @@ from refusal_core.errors import (
 from refusal_core.functional import ablate, add_direction
 from refusal_core.interventions import ablation_hooks, addition_hooks, orthogonalize_model_
 from refusal_core.models import get_layout
-from refusal_core.testing.tiny import TINY_FAMILIES, tiny_model, tiny_prompts, tiny_tokenizer
+from refusal_core.testing.tiny import ORTHOGONALIZABLE_FAMILIES, tiny_model, tiny_prompts, tiny_tokenizer
 
 TOK = tiny_tokenizer()
 PROMPTS = [*tiny_prompts(3, "harmful", seed=7), "Hi", "Write a poem about the sea and the wind, please."]
@@ -60,7 +60,7 @@ def direction(d: int = 32, seed: int = 0, dtype: torch.dtype = torch.float64) ->
     return torch.randn(d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("family", ORTHOGONALIZABLE_FAMILIES)  # post-norm families: tests/test_layouts.py
 def test_orthogonalized_model_equals_ablation_hooks(family: str) -> None:
     model = tiny_model(family, dtype=torch.float64, n_kv_heads=2, seed=2)
     r = direction(seed=3)

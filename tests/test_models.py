@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,9 +13,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from refusal_core.errors import InvalidArgumentError, UnsupportedArchitectureError
 from refusal_core.models import (
-    BLOCK_LINEARS,
     format_prompt,
     get_layout,
+    load_model,
     model_identity,
     post_instruction_tokens,
 )
@@ -25,10 +27,31 @@ def tok():  # type: ignore[no-untyped-def]
     return tiny_tokenizer()
 
 
+# What each family looks like, written from the Hugging Face modeling files (not from the registry):
+# block linears, the norm feeding the MLP, the norms outputs pass before the residual add, norm gain.
+UNFUSED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
+EXPECTED_PARTS = {
+    "llama": (UNFUSED, "post_attention_layernorm", None, 0.0),
+    "qwen2": (UNFUSED, "post_attention_layernorm", None, 0.0),
+    "mistral": (UNFUSED, "post_attention_layernorm", None, 0.0),
+    "gemma": (UNFUSED, "post_attention_layernorm", None, 1.0),
+    "qwen3": (UNFUSED, "post_attention_layernorm", None, 0.0),
+    "gemma2": (UNFUSED, "pre_feedforward_layernorm", POST_NORMS, 1.0),
+    "gemma3_text": (UNFUSED, "pre_feedforward_layernorm", POST_NORMS, 1.0),
+    "phi3": (("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), "post_attention_layernorm", None, 0.0),
+}  # fmt: skip
+
+
+def test_expected_parts_cover_every_tiny_family() -> None:
+    assert set(EXPECTED_PARTS) == set(TINY_FAMILIES), f"families without expectations: {TINY_FAMILIES}"
+
+
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_layout_finds_every_part(family: str) -> None:
     model = tiny_model(family, n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48)
     layout = get_layout(model)
+    names, mlp_norm, post_norms, offset = EXPECTED_PARTS[family]
     assert layout.n_layers == 3, f"{family}: n_layers {layout.n_layers} != 3"
     assert layout.d_model == 32, f"{family}: d_model {layout.d_model} != 32"
     assert layout.embedding is model.get_input_embeddings(), f"{family}: wrong embedding module"
@@ -44,16 +67,36 @@ def test_layout_finds_every_part(family: str) -> None:
         assert layout.post_attention_norm(layer) is block.post_attention_layernorm, (
             f"{family}: post-attn norm"
         )
+        assert layout.mlp_input_norm(layer) is getattr(block, mlp_norm), f"{family}: mlp_input_norm({layer})"
+        want_attn_writer = block.self_attn if post_norms is None else getattr(block, post_norms[0])
+        want_mlp_writer = block.mlp if post_norms is None else getattr(block, post_norms[1])
+        assert layout.attn_writer(layer) is want_attn_writer, f"{family}: attn_writer({layer})"
+        assert layout.mlp_writer(layer) is want_mlp_writer, f"{family}: mlp_writer({layer})"
         linears = layout.linears(layer)
-        assert tuple(linears) == BLOCK_LINEARS, f"{family}: linears order {tuple(linears)}"
+        assert tuple(linears) == names, f"{family}: linears order {tuple(linears)}"
         assert all(isinstance(m, nn.Linear) for m in linears.values()), f"{family}: non-Linear in linears"
+        for name, m in linears.items():
+            parent = (
+                block.self_attn if name in ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj") else block.mlp
+            )
+            assert getattr(parent, name) is m, (
+                f"{family}: linears()[{name!r}] is not {type(parent).__name__}.{name}"
+            )
+            assert layout.linear_parent(layer, name) is parent, f"{family}: linear_parent({layer}, {name!r})"
     writers = layout.residual_writers()
     assert len(writers) == 6, f"{family}: {len(writers)} residual writers, expected 2 per block"
     assert writers[0] is layout.attn_out(0), f"{family}: first writer is not o_proj of block 0"
     assert writers[1] is layout.mlp_out(0), f"{family}: second writer is not down_proj of block 0"
-    expected_offset = 1.0 if family == "gemma" else 0.0
-    assert layout.spec.norm_offset == expected_offset, f"{family}: norm_offset {layout.spec.norm_offset}"
-    assert layout.embeddings_tied == (family == "gemma"), f"{family}: tied={layout.embeddings_tied}"
+    assert layout.spec.norm_offset == offset, f"{family}: norm_offset {layout.spec.norm_offset}"
+    assert layout.spec.has_post_norms == (post_norms is not None), f"{family}: has_post_norms"
+    assert layout.spec.fused_linears == (family == "phi3"), f"{family}: fused_linears"
+    tied = family in ("gemma", "gemma2", "gemma3_text")
+    assert layout.embeddings_tied == tied, f"{family}: tied={layout.embeddings_tied}"
+
+
+def test_linear_parent_rejects_a_name_the_family_lacks() -> None:
+    with pytest.raises(InvalidArgumentError, match="q_proj"):
+        get_layout(tiny_model("phi3")).linear_parent(0, "q_proj")
 
 
 def test_layout_rejects_layer_out_of_range() -> None:
@@ -173,3 +216,165 @@ def test_tiny_prompts_classes() -> None:
     assert not set(harmful) & set(harmless), "the two prompt classes overlap"
     with pytest.raises(InvalidArgumentError, match="kind"):
         tiny_prompts(2, "neutral")
+
+
+# ----------------------------------------------------------------------------
+# load_model
+# ----------------------------------------------------------------------------
+
+
+def test_load_model_toy_is_exactly_load_toy_model() -> None:
+    from refusal_core.toy import load_toy_model
+
+    model, tok = load_model("toy")
+    ref, ref_tok = load_toy_model()
+    sd, rsd = model.state_dict(), ref.state_dict()
+    assert sd.keys() == rsd.keys(), "load_model('toy') has other parameters than load_toy_model()"
+    assert all(torch.equal(sd[k], rsd[k]) for k in sd), (
+        "load_model('toy') weights differ from load_toy_model()"
+    )
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "toy not float32 by default"
+    assert model.config._attn_implementation == "eager", "toy not loaded with eager attention"
+    assert tok.chat_template == ref_tok.chat_template, "toy chat template changed"
+    assert tok.padding_side == "left", "toy tokenizer not left-padded"
+    ident = model_identity(model)
+    assert (ident["dtype"], ident["device"]) == ("float32", "cpu"), f"identity dtype/device {ident}"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"), [("bfloat16", torch.bfloat16), (torch.float64, torch.float64)]
+)
+def test_load_model_dtype(dtype: Any, expected: torch.dtype, tmp_path: Path) -> None:
+    model, _ = load_model("toy", dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {expected}, f"toy with dtype={dtype!r}"
+    assert model_identity(model)["dtype"] == str(expected).removeprefix("torch."), "identity dtype"
+    tiny_model("qwen3", seed=1).save_pretrained(tmp_path / "q3")
+    tiny_tokenizer().save_pretrained(tmp_path / "q3")
+    model, _ = load_model(str(tmp_path / "q3"), dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {expected}, f"directory with dtype={dtype!r}"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dtype": "float8"}, "dtype"),
+        ({"dtype": torch.int8}, "dtype"),
+        ({"device": "gpu"}, "device"),
+        ({"device": "cuda:x"}, "device"),
+        ({"chat_template": "no/such/template.jinja"}, "chat_template"),
+        ({"chat_template": 3}, "chat_template"),
+    ],
+)
+def test_load_model_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=match):
+        load_model("toy", **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_load_model_cuda_without_cuda_is_a_clear_error(device: str) -> None:
+    with pytest.raises(InvalidArgumentError, match="CUDA is not available"):
+        load_model("toy", device=device)
+
+
+def test_load_model_auto_device_without_gpu_is_cpu() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU fallback of device='auto'")
+    model, _ = load_model("toy", device="auto")
+    assert model_identity(model)["device"] == "cpu", "device='auto' without a GPU should stay on the CPU"
+
+
+def _bare_directory(tmp_path: Path) -> Path:
+    """A tiny Phi-3 directory whose tokenizer has no chat template."""
+    path = tmp_path / "bare"
+    tiny_model("phi3", seed=2).save_pretrained(path)
+    tok = tiny_tokenizer()
+    tok.chat_template = None
+    tok.save_pretrained(path)
+    return path
+
+
+def test_load_model_chat_template_from_file_or_string(tmp_path: Path) -> None:
+    from refusal_core.testing.tiny import CHAT_TEMPLATE
+
+    path = _bare_directory(tmp_path)
+    _, tok = load_model(str(path))
+    with pytest.raises(InvalidArgumentError, match="chat_template"):
+        format_prompt(tok, "hi")
+    (tmp_path / "t.jinja").write_text(CHAT_TEMPLATE)
+    for given in (str(tmp_path / "t.jinja"), tmp_path / "t.jinja", CHAT_TEMPLATE):
+        _, tok = load_model(str(path), chat_template=given)
+        text = format_prompt(tok, "Tell me a story.")
+        assert text == "<|bos|><|user|>Tell me a story.<|end|><|assistant|>", (
+            f"template from {given!r}: {text!r}"
+        )
+    (tmp_path / "plain.txt").write_text("no template here")
+    with pytest.raises(InvalidArgumentError, match="no Jinja"):
+        load_model(str(path), chat_template=str(tmp_path / "plain.txt"))
+
+
+def _fake_hub_cache(tmp_path: Path, repo: str) -> Path:
+    """A Hugging Face hub cache holding ``repo`` (layout: models--org--name/{refs/main, snapshots/REV})."""
+    cache = tmp_path / "hub"
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    snap = folder / "snapshots" / rev
+    tiny_model("gemma2", seed=7).save_pretrained(snap)
+    tiny_tokenizer().save_pretrained(snap)
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(rev)
+    return cache
+
+
+def test_load_model_hub_id_from_local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    from refusal_core.errors import ModelNotFoundError
+
+    cache = _fake_hub_cache(tmp_path, "someorg/tiny-gemma2")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)  # so "someorg/..." is not a relative path that exists
+    model, _ = load_model("someorg/tiny-gemma2")
+    ref = tiny_model("gemma2", seed=7)
+    assert model_identity(model)["fingerprint"] == model_identity(ref)["fingerprint"], (
+        "wrong weights from cache"
+    )
+    assert model_identity(model)["name_or_path"] == "someorg/tiny-gemma2", "hub id not recorded as the name"
+    with pytest.raises(ModelNotFoundError) as info:
+        load_model("someorg/absent-model")
+    message = str(info.value)
+    assert "someorg/absent-model" in message, f"error should name the id: {message}"
+    assert str(cache) in message, f"error should name the cache directory: {message}"
+    assert "\n" not in message, f"error should be one line: {message!r}"
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        load_model("no_such_dir_or_id")
+    assert issubclass(ModelNotFoundError, InvalidArgumentError), "ModelNotFoundError keeps the old error type"
+
+
+def test_load_model_rejects_a_file_that_is_not_gguf(tmp_path: Path) -> None:
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(InvalidArgumentError, match="gguf"):
+        load_model(str(tmp_path / "weights.bin"))
+
+
+def test_load_model_directory_on_new_families(tmp_path: Path) -> None:
+    tok = tiny_tokenizer()
+    for family in ("qwen3", "gemma2", "gemma3_text", "phi3"):
+        ref = tiny_model(family, seed=3)
+        ref.save_pretrained(tmp_path / family)
+        tok.save_pretrained(tmp_path / family)
+        model, loaded_tok = load_model(str(tmp_path / family))
+        assert get_layout(model).spec.family == family, f"{family}: loaded as {get_layout(model)}"
+        ids = tok([format_prompt(tok, "Tell me a story.")], add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            same = torch.equal(model(**ids).logits, ref(**ids).logits)
+        assert same, f"{family}: load_model logits differ from the saved model"
+        assert loaded_tok.padding_side == "left", f"{family}: tokenizer not left-padded"
+
+
+def test_load_model_default_dtype_on_cpu_is_float32(tmp_path: Path) -> None:
+    # A checkpoint stored in bfloat16 still loads in float32 on the CPU unless asked otherwise.
+    tiny_model("llama", seed=1, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tiny_tokenizer().save_pretrained(tmp_path / "bf16")
+    model, _ = load_model(str(tmp_path / "bf16"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}, "dtype=None on CPU should give float32"

@@ -244,8 +244,7 @@ def replace_module_(parent: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _parent(layout: Any, bl: BlockLinear) -> nn.Module:
-    attn_names = ("q_proj", "k_proj", "v_proj", "o_proj")
-    parent: nn.Module = layout.attn(bl.layer) if bl.name in attn_names else layout.mlp(bl.layer)
+    parent: nn.Module = layout.linear_parent(bl.layer, bl.name)
     return parent
 
 

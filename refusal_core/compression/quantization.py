@@ -18,7 +18,7 @@ scale folded (÷ s) into      linears multiplied by s (input columns)    error m
 ``input_layernorm``          ``q_proj``, ``k_proj``, ``v_proj``         attention output
 ``v_proj`` output rows       ``o_proj`` (only without grouped-query     ``o_proj`` output
                              attention)
-``post_attention_norm``      ``gate_proj``, ``up_proj``                 MLP output
+MLP input norm               ``gate_proj``, ``up_proj``                 MLP output
 ``up_proj`` output rows      ``down_proj``                              ``down_proj`` output
 ==========================  =========================================  ======================
 
@@ -50,7 +50,7 @@ from refusal_core.compression.calibration import (
     prepare_calibration,
 )
 from refusal_core.compression.config import AWQ_OBJECTIVES, check_positive_int, check_threshold
-from refusal_core.errors import InvalidArgumentError, ShapeMismatchError
+from refusal_core.errors import InvalidArgumentError, ShapeMismatchError, UnsupportedArchitectureError
 from refusal_core.functional import (
     _awq_candidate_scales,
     check_tensor,
@@ -190,11 +190,7 @@ class Int8LinearSim(nn.Module):
 
 def _linear_parents(layout: ModelLayout, layer: int) -> dict[str, nn.Module]:
     """The module holding each named linear of a block as an attribute."""
-    attn, mlp = layout.attn(layer), layout.mlp(layer)
-    return {
-        name: attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else mlp
-        for name in layout.linears(layer)
-    }
+    return {name: layout.linear_parent(layer, name) for name in layout.linears(layer)}
 
 
 def quantize_llm_int8_(model: nn.Module, threshold: float = 6.0) -> dict[str, float]:
@@ -243,8 +239,18 @@ def _as_linear(m: nn.Module, what: str) -> nn.Linear:
     return m
 
 
+def _require_unfused(layout: ModelLayout) -> None:
+    # A fused qkv/gate_up matrix breaks the per-linear scale groups and the v→o / up→down folds.
+    if layout.spec.fused_linears:
+        raise UnsupportedArchitectureError(
+            f"AWQ is not supported for {layout.spec.family}: its fused linears "
+            f"{layout.spec.linear_names} have no separate q/k/v and gate/up groups to scale"
+        )
+
+
 def awq_scale_groups(layout: ModelLayout, layer: int) -> list[AwqScaleGroup]:
     """AWQ's scale groups of block ``layer`` (see the table in the module docstring)."""
+    _require_unfused(layout)
     lin = {name: _as_linear(m, name) for name, m in layout.linears(layer).items()}
     groups = [
         AwqScaleGroup("attn_in", layout.input_norm(layer), (lin["q_proj"], lin["k_proj"], lin["v_proj"]))
@@ -252,9 +258,7 @@ def awq_scale_groups(layout: ModelLayout, layer: int) -> list[AwqScaleGroup]:
     # With grouped-query attention one v channel feeds several o_proj inputs: no per-channel fold exists.
     if lin["v_proj"].out_features == lin["o_proj"].in_features:
         groups.append(AwqScaleGroup("o_in", lin["v_proj"], (lin["o_proj"],)))
-    groups.append(
-        AwqScaleGroup("mlp_in", layout.post_attention_norm(layer), (lin["gate_proj"], lin["up_proj"]))
-    )
+    groups.append(AwqScaleGroup("mlp_in", layout.mlp_input_norm(layer), (lin["gate_proj"], lin["up_proj"])))
     groups.append(AwqScaleGroup("down_in", lin["up_proj"], (lin["down_proj"],)))
     return groups
 
@@ -654,6 +658,7 @@ def quantize_awq_(
     is validated before the first weight changes.
     """
     layout = get_layout(model)
+    _require_unfused(layout)
     linears = require_float_linears(layout, "AWQ quantization")
     _check_awq_args(layout, w_bit, group_size, grid)
     objective = _check_objective(objective)

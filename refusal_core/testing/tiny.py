@@ -29,17 +29,25 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import (
     AttentionInterface,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GemmaConfig,
     GemmaForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from refusal_core.errors import InvalidArgumentError
@@ -50,17 +58,40 @@ except ImportError:  # pragma: no cover - older transformers: float64 models fal
     _masking = None  # type: ignore[assignment]
 
 __all__ = [
+    "AWQ_FAMILIES",
     "CHAT_TEMPLATE",
     "FLOAT64_ATTENTION",
+    "FUSED_FAMILIES",
+    "ORTHOGONALIZABLE_FAMILIES",
+    "POST_NORM_FAMILIES",
     "SPECIAL_TOKENS",
+    "TIED_FAMILIES",
     "TINY_FAMILIES",
+    "TINY_SLIDING_WINDOW",
     "tiny_model",
     "tiny_prompts",
     "tiny_tokenizer",
 ]
 
-#: The decoder families :func:`tiny_model` can build (all supported by ``get_layout``).
-TINY_FAMILIES = ("llama", "qwen2", "mistral", "gemma")
+#: The decoder families :func:`tiny_model` can build (all supported by ``get_layout``), named by
+#: their Hugging Face ``model_type``.
+TINY_FAMILIES = ("llama", "qwen2", "mistral", "gemma", "qwen3", "gemma2", "gemma3_text", "phi3")
+
+#: Families whose attention/MLP outputs pass through post-norms (weight orthogonalization refused).
+POST_NORM_FAMILIES = ("gemma2", "gemma3_text")
+#: Families with fused q/k/v and gate/up linears (AWQ refused).
+FUSED_FAMILIES = ("phi3",)
+#: Families on which ``orthogonalize_model_`` is exact (equals the ablation hooks).
+ORTHOGONALIZABLE_FAMILIES = tuple(f for f in TINY_FAMILIES if f not in POST_NORM_FAMILIES)
+#: Families the AWQ simulation supports.
+AWQ_FAMILIES = tuple(f for f in TINY_FAMILIES if f not in FUSED_FAMILIES)
+
+#: Families whose tiny models tie ``lm_head`` to the embedding by default.
+TIED_FAMILIES = ("gemma", "gemma2", "gemma3_text")
+
+#: Sliding-window width of the tiny Gemma 2/3 models: shorter than many test prompts, so the
+#: sliding-window layers really differ from the full-attention ones.
+TINY_SLIDING_WINDOW = 16
 
 BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -230,16 +261,30 @@ def _config(
     }
     if tie_word_embeddings is not None:
         common["tie_word_embeddings"] = tie_word_embeddings
+    gemma_like = {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": d_model // n_heads,
+        "sliding_window": TINY_SLIDING_WINDOW,
+    }
     config: PretrainedConfig
     if family == "llama":
         config = LlamaConfig(**common)
     elif family == "qwen2":
         config = Qwen2Config(**common)
+    elif family == "qwen3":
+        config = Qwen3Config(**common)
     elif family == "mistral":
         config = MistralConfig(sliding_window=None, **common)
-    else:
-        common["hidden_activation"] = "gelu_pytorch_tanh"
-        config = GemmaConfig(**common)
+    elif family == "gemma":
+        config = GemmaConfig(hidden_activation="gelu_pytorch_tanh", **common)
+    elif family == "gemma2":
+        # Keeps Gemma 2's attention and final logit soft-capping (50 and 30 by default).
+        config = Gemma2Config(**gemma_like, **common)
+    elif family == "gemma3_text":
+        config = Gemma3TextConfig(**gemma_like, **common)
+    else:  # phi3: head width is always hidden_size / heads, so the config takes no head_dim
+        del common["head_dim"]
+        config = Phi3Config(original_max_position_embeddings=common["max_position_embeddings"], **common)
     return config
 
 
@@ -265,6 +310,9 @@ def _eager_attention_fp64(
     key = key.repeat_interleave(n_rep, dim=1)
     value = value.repeat_interleave(n_rep, dim=1)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    softcap = kwargs.get("softcap")
+    if softcap is not None:  # Gemma 2's attention logit soft-capping, as in its eager attention
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : key.shape[-2]]
     softmax_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
@@ -291,7 +339,32 @@ _MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "qwen2": Qwen2ForCausalLM,
     "mistral": MistralForCausalLM,
     "gemma": GemmaForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
+    "gemma2": Gemma2ForCausalLM,
+    "gemma3_text": Gemma3ForCausalLM,
+    "phi3": Phi3ForCausalLM,
 }
+
+
+#: Families added after the first four: their norm gains are drawn at random (around 1), so
+#: that post-norms, q/k norms and AWQ's folds into norms are not the identity in tests. The
+#: first four keep HF's initialisation (gain exactly 1): their weights stay bit-identical.
+_NORM_PERTURBED_FAMILIES = ("qwen3", "gemma2", "gemma3_text", "phi3")
+
+
+def _perturb_norms_(model: nn.Module) -> None:
+    """Set every RMSNorm gain to ``1 + 0.1·N(0, 1)`` (drawn from the current RNG), in place.
+
+    A norm whose stored weight is initialised to 0 computes ``x̂·(1 + w)`` (Gemma family), one
+    initialised to 1 computes ``x̂·w``; both get the same effective gain distribution.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            w = getattr(module, "weight", None)
+            if "norm" not in type(module).__name__.lower() or not isinstance(w, torch.Tensor) or w.ndim != 1:
+                continue
+            noise = 0.1 * torch.randn(w.shape, dtype=w.dtype)
+            w.copy_(noise if bool((w == 0).all()) else w + noise)
 
 
 def _positive_int(value: object, name: str) -> int:
@@ -316,7 +389,7 @@ def tiny_model(
 
     ``n_kv_heads`` defaults to ``n_heads`` (no grouped-query attention), ``d_ff``
     to ``4·d_model``; ``tie_word_embeddings`` None keeps the family default
-    (tied for Gemma, untied otherwise). Weights are a deterministic function of
+    (tied for :data:`TIED_FAMILIES`, untied otherwise). Weights are a deterministic function of
     ``seed`` (the global RNG state is restored afterwards). Eager attention, eval
     mode, so CPU outputs are deterministic; a float64 model uses
     :data:`FLOAT64_ATTENTION` (the same eager attention with a float64 softmax,
@@ -355,6 +428,8 @@ def tiny_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _MODEL_CLASSES[family](config)
+        if family in _NORM_PERTURBED_FAMILIES:
+            _perturb_norms_(model)
     nn.Module.to(model, dtype=dtype)  # in place; the HF override of .to is not typed for mypy
     model.eval()
     return model

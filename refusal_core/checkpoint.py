@@ -1,0 +1,519 @@
+"""Hugging Face checkpoints out: a directory that plain transformers loads, plus a refusal_core record.
+
+:func:`save_checkpoint` writes what ``AutoModelForCausalLM.from_pretrained(dir)``
+and ``AutoTokenizer.from_pretrained(dir)`` load (``config.json``,
+``model.safetensors``, the tokenizer files with its chat template,
+``generation_config.json``) and ``refusal_core.json``, which says what the
+model is and vouches for every other file by its sha256.
+:func:`read_checkpoint_record` reads that record back and checks the hashes.
+
+How each kind of model is stored (``format`` in the record):
+
+==========================  ====================================================================
+format                      written as
+==========================  ====================================================================
+``dense``                   plain float weights (base, pruned: zeros included, AIRD-edited, ...)
+``dequantized-simulation``  the reference simulations (``Int8LinearSim``, AWQ fake quantization):
+                            their exact dequantized float weights in plain ``nn.Linear`` weights;
+                            ``simulated_method`` names the scheme. Plain transformers computes
+                            with those weights only: LLM.int8's activation quantization is not
+                            in the file, :func:`~refusal_core.models.load_model` re-applies it
+``bitsandbytes-int8``,      transformers' own bitsandbytes serialization (int8 weights + scales,
+``bitsandbytes-nf4``        packed 4-bit + quant state; ``quantization_config`` in config.json);
+                            transformers reloads it on CPU and CUDA
+==========================  ====================================================================
+
+The directory is built in a temporary sibling and renamed into place, so a
+killed process leaves the previous checkpoint or the new one, never a mix.
+
+Example:
+    >>> import tempfile
+    >>> from refusal_core.testing.tiny import tiny_model, tiny_tokenizer
+    >>> out = Path(tempfile.mkdtemp()) / "ckpt"
+    >>> model = tiny_model("llama")
+    >>> path = save_checkpoint(model, tiny_tokenizer(), out, record={"method": None})
+    >>> read_checkpoint_record(path)["format"]
+    'dense'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError
+from refusal_core.models import get_layout, model_identity
+
+__all__ = [
+    "CHECKPOINT_FORMATS",
+    "CHECKPOINT_KIND",
+    "CHECKPOINT_RECORD",
+    "CHECKPOINT_VERSION",
+    "read_checkpoint_record",
+    "restore_checkpoint_modules_",
+    "save_checkpoint",
+]
+
+#: File name of the record inside a checkpoint directory.
+CHECKPOINT_RECORD = "refusal_core.json"
+#: ``kind`` of every record.
+CHECKPOINT_KIND = "refusal_core.checkpoint"
+#: Version of the record layout.
+CHECKPOINT_VERSION = 1
+#: The storage formats (see the module docstring).
+CHECKPOINT_FORMATS = ("dense", "bitsandbytes-int8", "bitsandbytes-nf4", "dequantized-simulation")
+
+# Methods whose result is a simulation stored as dequantized floats although its modules are plain
+# nn.Linear (AWQ's fake quantization leaves float weights on the quantization grid).
+_SIMULATION_PREFIXES = ("awq",)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _package_versions(fmt: str) -> dict[str, str]:
+    names = ["torch", "transformers", "safetensors", "refusal_core"]
+    if fmt.startswith("bitsandbytes"):
+        names.append("bitsandbytes")
+    out: dict[str, str] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def _json_record(record: object) -> dict[str, Any]:
+    """``record`` as a JSON-able dict (strict JSON: no NaN or infinity), or raise."""
+    if not isinstance(record, Mapping):
+        raise InvalidArgumentError(f"record must be a mapping, got {type(record).__name__}")
+    try:
+        data = json.loads(json.dumps(dict(record), allow_nan=False, default=_json_default))
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentError(f"record is not JSON-serializable as strict JSON: {exc}") from None
+    assert isinstance(data, dict)
+    return data
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.dtype):
+        return str(obj).removeprefix("torch.")
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+# ----------------------------------------------------------------------------
+# what the model is
+# ----------------------------------------------------------------------------
+
+
+def _module_kinds(model: nn.Module) -> dict[str, list[str]]:
+    """Full names of the bitsandbytes int8 / 4-bit and simulated int8 modules of ``model``."""
+    from refusal_core.compression.bnb import is_bnb_4bit, is_bnb_int8
+    from refusal_core.compression.quantization import Int8LinearSim
+
+    kinds: dict[str, list[str]] = {"bnb-int8": [], "bnb-4bit": [], "int8-sim": []}
+    for name, module in model.named_modules():
+        if is_bnb_int8(module):
+            kinds["bnb-int8"].append(name)
+        elif is_bnb_4bit(module):
+            kinds["bnb-4bit"].append(name)
+        elif isinstance(module, Int8LinearSim):
+            kinds["int8-sim"].append(name)
+    return kinds
+
+
+def _infer_format(kinds: Mapping[str, list[str]], method: object, declared: object) -> str:
+    present = [k for k, names in kinds.items() if names]
+    if len(present) > 1:
+        raise InvalidArgumentError(
+            f"model mixes quantized module kinds {present}; cannot store it as one format"
+        )
+    if present == ["bnb-int8"]:
+        fmt = "bitsandbytes-int8"
+    elif present == ["bnb-4bit"]:
+        fmt = "bitsandbytes-nf4"
+    elif present == ["int8-sim"] or (isinstance(method, str) and method.startswith(_SIMULATION_PREFIXES)):
+        fmt = "dequantized-simulation"
+    else:
+        fmt = "dense"
+    if declared is not None and declared != fmt:
+        # A record may say that float weights are a simulation (e.g. AIRD on an AWQ model), not
+        # contradict what the modules are.
+        if not (declared == "dequantized-simulation" and fmt == "dense"):
+            raise InvalidArgumentError(
+                f"record declares format {declared!r} but the model's modules make it {fmt!r}"
+            )
+        fmt = str(declared)
+    if fmt not in CHECKPOINT_FORMATS:  # pragma: no cover - guarded above
+        raise InvalidArgumentError(f"format {fmt!r} is not one of {CHECKPOINT_FORMATS}")
+    return fmt
+
+
+def _check_finite(model: nn.Module) -> None:
+    """Raise :class:`NonFiniteError` naming the first non-finite float weight (also dequantized ones)."""
+    from refusal_core.compression._common import effective_weight
+    from refusal_core.compression.bnb import is_bnb_4bit, is_bnb_int8
+
+    for name, module in model.named_modules():
+        # bitsandbytes keeps integer codes and scales in its own objects: check what it computes with.
+        # Everything else (Int8LinearSim included: q, scale, bias) is checked tensor by tensor.
+        if is_bnb_int8(module) or is_bnb_4bit(module):
+            tensors = {"weight (dequantized)": effective_weight(module)}
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                tensors["bias"] = bias
+        else:
+            tensors = {
+                k: v
+                for k, v in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+                if isinstance(v, torch.Tensor)
+            }
+        for key, t in tensors.items():
+            if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+                where = f"{name}.{key}" if name else key
+                raise NonFiniteError(f"{where} contains NaN or infinity; refusing to save the checkpoint")
+
+
+def _skip_modules(model: nn.Module, quantized: list[str]) -> list[str]:
+    """Full names of the plain ``nn.Linear`` modules (not quantized), for transformers' skip list."""
+    done = set(quantized)
+    return sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in done)
+
+
+def _bnb_quantization_config(model: nn.Module, fmt: str, kinds: Mapping[str, list[str]]) -> dict[str, Any]:
+    """The ``quantization_config`` transformers needs to rebuild the bitsandbytes modules."""
+    if fmt == "bitsandbytes-int8":
+        thresholds = {float(model.get_submodule(n).state.threshold) for n in kinds["bnb-int8"]}
+        if len(thresholds) != 1:
+            raise InvalidArgumentError(
+                f"bitsandbytes int8 modules use several thresholds {sorted(thresholds)}"
+            )
+        (thr,) = thresholds
+        return {
+            "quant_method": "bitsandbytes",
+            "load_in_8bit": True,
+            "load_in_4bit": False,
+            # bitsandbytes reads threshold 0 as "no outlier split" (refusal_core's inf).
+            "llm_int8_threshold": 0.0 if math.isinf(thr) else thr,
+            "llm_int8_skip_modules": _skip_modules(model, kinds["bnb-int8"]),
+            "llm_int8_has_fp16_weight": False,
+        }
+    names = kinds["bnb-4bit"]
+    from refusal_core.compression import _bnb_modules
+
+    settings = [_bnb_modules.four_bit_settings(model.get_submodule(n)) for n in names]
+    s0 = settings[0]
+    for key in ("quant_type", "compress_statistics", "compute_dtype", "quant_storage"):
+        if any(s[key] != s0[key] for s in settings):
+            raise InvalidArgumentError(
+                f"bitsandbytes 4-bit modules disagree on {key}; cannot store one config"
+            )
+    if s0["quant_type"] != "nf4":
+        raise InvalidArgumentError(f"4-bit quant_type {s0['quant_type']!r} is not nf4")
+    compute = s0["compute_dtype"] or torch.float32
+    return {
+        "quant_method": "bitsandbytes",
+        "load_in_8bit": False,
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": bool(s0["compress_statistics"]),
+        "bnb_4bit_compute_dtype": str(compute).removeprefix("torch."),
+        "bnb_4bit_quant_storage": str(s0["quant_storage"]).removeprefix("torch."),
+        "llm_int8_skip_modules": _skip_modules(model, names),
+        # Not a transformers field (it ignores it): whether bitsandbytes may repack for its CPU kernel.
+        "refusal_core_cpu_packing": bool(s0["cpu_packing"]),
+    }
+
+
+@contextmanager
+def _dequantized_simulations(model: nn.Module, names: list[str]) -> Iterator[dict[str, float]]:
+    """Swap every ``Int8LinearSim`` for an ``nn.Linear`` with its exact dequantized weight, then back.
+
+    Yields ``{module name: threshold}``. The dequantized weight is cast to the
+    model's dtype: ``q · scale`` is already rounded to it (``scale`` has that dtype).
+    """
+    originals: dict[str, nn.Module] = {}
+    thresholds: dict[str, float] = {}
+    try:
+        for name in names:
+            sim: Any = model.get_submodule(name)
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            w = sim.dequantize()
+            lin = nn.Linear(sim.in_features, sim.out_features, bias=sim.bias is not None, device="meta")
+            lin.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+            if sim.bias is not None:
+                lin.bias = nn.Parameter(sim.bias.detach().clone(), requires_grad=False)
+            originals[name] = sim
+            thresholds[name] = float(sim.threshold)
+            setattr(parent, attr, lin)
+        yield thresholds
+    finally:
+        for name, sim in originals.items():
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, sim)
+
+
+# ----------------------------------------------------------------------------
+# the target directory
+# ----------------------------------------------------------------------------
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError(f"checkpoint target {str(out)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        record = out / CHECKPOINT_RECORD
+        is_previous = False
+        if record.is_file():
+            try:
+                is_previous = json.loads(record.read_text(encoding="utf-8")).get("kind") == CHECKPOINT_KIND
+            except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+                is_previous = False
+        if not is_previous:
+            raise InvalidArgumentError(
+                f"checkpoint target {str(out)!r} is a non-empty directory that is not a refusal_core "
+                f"checkpoint; pass overwrite=True to replace it"
+            )
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` to ``out``; a previous ``out`` is moved aside first, then deleted."""
+    old: Path | None = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        os.replace(out, old / "previous")
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:  # put the previous checkpoint back
+            os.replace(old / "previous", out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: str | Path,
+    *,
+    record: Mapping[str, Any],
+    base_identity: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` and ``tokenizer`` as a Hugging Face directory with a ``refusal_core.json``; returns it.
+
+    ``record`` holds the method and its settings (JSON-able, e.g.
+    ``CompressionRecord.to_dict()`` or an AIRD record; ``record["method"]`` is
+    the method's name, None for an unmodified model). ``base_identity`` is
+    :func:`~refusal_core.models.model_identity` of the model the compression
+    started from; without it, ``record["base_identity"]`` or
+    ``record["identity_before"]`` is used, and a record with neither and no
+    method means the model is its own base. ``format`` is inferred from the
+    model's modules (see the module docstring); ``record["format"]`` may only
+    say ``"dequantized-simulation"`` for float weights (e.g. AIRD applied to an
+    AWQ model).
+
+    Raises before anything is written: :class:`~refusal_core.errors.NonFiniteError`
+    for NaN/inf weights, :class:`~refusal_core.errors.InvalidArgumentError` for
+    a record that is not strict JSON, a compressed model without a base
+    identity, or a non-empty ``out_dir`` that is not a previous checkpoint
+    (``overwrite=True`` replaces it). A previous checkpoint is replaced.
+
+    The model is not changed (simulated int8 modules are swapped for their
+    dequantized ``nn.Linear`` while saving and put back).
+    """
+    layout = get_layout(model)
+    out = Path(out_dir)
+    if not isinstance(overwrite, bool):
+        raise InvalidArgumentError(f"overwrite must be a bool, got {overwrite!r}")
+    if not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise InvalidArgumentError(
+            f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}"
+        )
+    rec = _json_record(record)
+    method = rec.get("method")
+    if base_identity is not None:
+        base = _json_record(base_identity)
+    elif isinstance(rec.get("base_identity"), dict):
+        base = rec["base_identity"]
+    elif isinstance(rec.get("identity_before"), dict):
+        base = rec["identity_before"]
+    elif method in (None, "none", "base"):
+        base = model_identity(model)
+    else:
+        raise InvalidArgumentError(
+            f"record of method {method!r} names no base model: pass base_identity=model_identity(base) "
+            "(or a record with 'base_identity' / 'identity_before')"
+        )
+    kinds = _module_kinds(model)
+    fmt = _infer_format(kinds, method, rec.get("format"))
+    _check_finite(model)
+    _check_target(out, overwrite)
+    quantization_config = (
+        _bnb_quantization_config(model, fmt, kinds) if fmt.startswith("bitsandbytes") else None
+    )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
+    try:
+        identity = model_identity(model)
+        with _dequantized_simulations(model, kinds["int8-sim"]) as thresholds:
+            config: Any = layout.model.config
+            had_qc = hasattr(config, "quantization_config")
+            old_qc = getattr(config, "quantization_config", None)
+            try:
+                if quantization_config is not None:
+                    config.quantization_config = quantization_config
+                layout.model.save_pretrained(str(tmp))
+            finally:
+                if quantization_config is not None:
+                    if had_qc:
+                        config.quantization_config = old_qc
+                    else:
+                        del config.quantization_config
+        tokenizer.save_pretrained(str(tmp))
+        if not (tmp / "generation_config.json").is_file():
+            from transformers import GenerationConfig
+
+            GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        doc: dict[str, Any] = {
+            "kind": CHECKPOINT_KIND,
+            "version": CHECKPOINT_VERSION,
+            "format": fmt,
+            "method": method,
+            "record": rec,
+            "base_identity": base,
+            "identity": identity,
+            "packages": _package_versions(fmt),
+            "sha256": {p.relative_to(tmp).as_posix(): _sha256(p) for p in files},
+        }
+        if fmt == "dequantized-simulation":
+            doc["simulated_method"] = method
+            if thresholds:
+                doc["int8_simulation"] = {
+                    "modules": sorted(thresholds),
+                    "threshold": _one_threshold(thresholds),
+                }
+        (tmp / CHECKPOINT_RECORD).write_text(
+            json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8"
+        )
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _one_threshold(thresholds: Mapping[str, float]) -> float | None:
+    """The common LLM.int8 threshold (None for infinity: strict JSON has no inf); raise if they differ."""
+    values = set(thresholds.values())
+    if len(values) != 1:
+        raise InvalidArgumentError(f"simulated int8 modules use several thresholds {sorted(values)}")
+    (thr,) = values
+    return None if math.isinf(thr) else thr
+
+
+def read_checkpoint_record(path: str | Path) -> dict[str, Any] | None:
+    """The ``refusal_core.json`` of checkpoint directory ``path``, with every file's sha256 checked.
+
+    None for a directory without ``refusal_core.json`` (any other Hugging Face
+    directory). Raises :class:`~refusal_core.errors.ArtifactError` when the
+    record is malformed, a recorded file is missing, or a hash does not match;
+    :class:`~refusal_core.errors.InvalidArgumentError` when ``path`` is not a directory.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise InvalidArgumentError(f"checkpoint {str(root)!r} is not a directory")
+    record_path = root / CHECKPOINT_RECORD
+    if not record_path.is_file():
+        return None
+    try:
+        doc = json.loads(record_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{str(record_path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("kind") != CHECKPOINT_KIND:
+        raise ArtifactError(f"{str(record_path)!r} is not a {CHECKPOINT_KIND} record")
+    if doc.get("version") != CHECKPOINT_VERSION:
+        raise ArtifactError(f"{str(record_path)!r}: record version {doc.get('version')!r} is not supported")
+    if doc.get("format") not in CHECKPOINT_FORMATS:
+        raise ArtifactError(f"{str(record_path)!r}: unknown format {doc.get('format')!r}")
+    hashes = doc.get("sha256")
+    if not isinstance(hashes, dict) or not hashes:
+        raise ArtifactError(f"{str(record_path)!r} records no file hashes")
+    for rel, expected in sorted(hashes.items()):
+        file = root / rel
+        if not file.is_file():
+            raise ArtifactError(f"checkpoint {str(root)!r}: recorded file {rel!r} is missing")
+        actual = _sha256(file)
+        if actual != expected:
+            raise ArtifactError(
+                f"checkpoint {str(root)!r}: {rel!r} has sha256 {actual}, the record says {expected} "
+                "(the file was changed or corrupted after saving)"
+            )
+    return doc
+
+
+def restore_checkpoint_modules_(model: nn.Module, doc: Mapping[str, Any]) -> None:
+    """Re-create in place what plain transformers does not rebuild from a checkpoint's files.
+
+    - ``dequantized-simulation`` of LLM.int8: every module listed in
+      ``doc["int8_simulation"]`` becomes an ``Int8LinearSim`` again (per-row
+      absmax int8 quantization of ``q · scale`` gives back ``q`` and ``scale``
+      exactly, so the model computes what the saved one did, bit for bit).
+    - ``bitsandbytes-nf4`` saved without CPU packing: transformers' ``Linear4bit``
+      would repack the weight for the AVX512-BF16 CPU kernel at its first forward
+      (rounding the block scales to bfloat16); that is switched off, as it was.
+
+    Other formats are left as transformers loaded them.
+    """
+    fmt = doc.get("format")
+    sim = doc.get("int8_simulation")
+    if fmt == "dequantized-simulation" and isinstance(sim, Mapping):
+        from refusal_core.compression.quantization import Int8LinearSim
+
+        thr = sim.get("threshold")
+        threshold = math.inf if thr is None else float(thr)
+        with torch.no_grad():
+            for name in sim.get("modules", []):
+                parent_name, _, attr = str(name).rpartition(".")
+                parent = model.get_submodule(parent_name)
+                linear = getattr(parent, attr)
+                if not isinstance(linear, nn.Linear):
+                    raise ArtifactError(
+                        f"checkpoint lists {name!r} as simulated int8 but it loaded as {linear}"
+                    )
+                setattr(parent, attr, Int8LinearSim.from_linear(linear, threshold).to(linear.weight.device))
+    elif fmt == "bitsandbytes-nf4":
+        qc = getattr(getattr(model, "config", None), "quantization_config", None)
+        packing = qc.get("refusal_core_cpu_packing") if isinstance(qc, Mapping) else None
+        if packing is None:
+            packing = getattr(qc, "refusal_core_cpu_packing", False)
+        if not packing:
+            for module in model.modules():
+                if hasattr(module, "support_avx512bf16_for_cpu"):
+                    module.support_avx512bf16_for_cpu = False
