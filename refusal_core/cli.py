@@ -98,7 +98,7 @@ STUDY_ALIASES: dict[str, tuple[str, ...]] = {
     "zero_shot_tasks": ("--tasks",),
 }
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"^(cpu|auto|cuda|cuda:\d+)$")
 
 
@@ -178,7 +178,12 @@ def _add_load_args(p: argparse.ArgumentParser, *, method: str | None) -> None:
     p.add_argument(
         "--device", type=_device, default="cpu", help="cpu, cuda, cuda:N, or auto (all visible GPUs)"
     )
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the model's weights")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="dtype of the model's weights (auto: float32 on CPU, the checkpoint's own on a GPU)",
+    )
     p.add_argument(
         "--chat-template",
         metavar="FILE",
@@ -500,30 +505,21 @@ def _print_summary(results: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------
 
 
-def _dtype(name: str) -> Any:
-    import torch
+def _dtype(name: str) -> str | None:
+    """``--dtype`` for ``load_model``: None for ``auto`` (float32 on CPU, the checkpoint's own on GPU)."""
+    return None if name == "auto" else name
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
-
-def _load(args: argparse.Namespace, spec: str | None = None) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` of ``--model`` (or ``spec``) on ``--device`` in ``--dtype``."""
-    import inspect
-
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of ``--model`` on ``--device`` in ``--dtype`` with ``--chat-template``."""
     import torch
 
     from refusal_core.models import load_model
 
     torch.manual_seed(args.seed)
-    template = Path(args.chat_template).read_text(encoding="utf-8") if args.chat_template else None
-    kwargs: dict[str, Any] = {"device": args.device, "dtype": _dtype(args.dtype)}
-    takes_template = "chat_template" in inspect.signature(load_model).parameters
-    if takes_template:
-        kwargs["chat_template"] = template
-    model, tok = load_model(spec or args.model, **kwargs)
-    if template is not None and not takes_template:
-        tok.chat_template = template
-    return model, tok
+    return load_model(
+        args.model, device=args.device, dtype=_dtype(args.dtype), chat_template=args.chat_template
+    )
 
 
 def _compress_in_memory_(model: Any, tok: Any, args: argparse.Namespace) -> Any:
@@ -545,14 +541,11 @@ def _load_variant(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 
 def _checkpoint_record(spec: str) -> dict[str, Any] | None:
-    """The refusal_core record of a checkpoint directory this tool wrote, else None."""
+    """The (hash-checked) refusal_core record of a checkpoint directory, else None."""
     if spec == "toy" or not Path(spec).is_dir():
         return None
-    try:
-        from refusal_core.checkpoint import read_checkpoint_record
-    except ImportError:  # until the checkpoint module lands: the stand-in's record
-        path = Path(spec) / "refusal_core.json"
-        return dict(json.loads(path.read_text())) if path.is_file() else None
+    from refusal_core.checkpoint import read_checkpoint_record
+
     return read_checkpoint_record(Path(spec))
 
 
@@ -564,7 +557,7 @@ def _refusal_ids(spec: str, tok: Any) -> list[int]:
 
         return list(toy_refusal_token_ids())
     record = _checkpoint_record(spec)
-    ids = _find_key(record, "refusal_token_ids") if record else None
+    ids = (record.get("record") or {}).get("refusal_token_ids") if record else None
     if isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids):
         return list(ids)
     from refusal_core.evaluation.scores import refusal_token_ids_for
@@ -572,50 +565,29 @@ def _refusal_ids(spec: str, tok: Any) -> list[int]:
     return list(refusal_token_ids_for(tok))
 
 
-def _find_key(obj: Any, key: str) -> Any:
-    """The first value of ``key`` in nested dicts (the checkpoint format nests what the CLI passed)."""
-    if isinstance(obj, Mapping):
-        if key in obj:
-            return obj[key]
-        for v in obj.values():
-            found = _find_key(v, key)
-            if found is not None:
-                return found
-    return None
+def _check_checkpoint_target(out: str | Path) -> None:
+    """Refuse, before any work, an ``--out`` that ``save_checkpoint`` would refuse after it."""
+    from refusal_core.checkpoint import CHECKPOINT_KIND, CHECKPOINT_RECORD
 
-
-def _save_checkpoint(model: Any, tok: Any, out: Path, record: Mapping[str, Any]) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
+    p = Path(out)
+    if not p.is_dir() or not any(p.iterdir()):
+        return
     try:
-        from refusal_core.checkpoint import save_checkpoint
-    except ImportError:
-        return _save_checkpoint_standin(model, tok, out, record)
-    return Path(save_checkpoint(model, tok, out, record=record))
+        kind = json.loads((p / CHECKPOINT_RECORD).read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind != CHECKPOINT_KIND:
+        raise InvalidArgumentError(
+            f"--out {str(out)!r} is a non-empty directory that is not a refusal_core checkpoint"
+        )
 
 
-def _save_checkpoint_standin(model: Any, tok: Any, out: Path, record: Mapping[str, Any]) -> Path:
-    """Until ``refusal_core.checkpoint`` lands: ``save_pretrained`` of a float model plus the record.
+def _save_checkpoint(
+    model: Any, tok: Any, out: Path, record: Mapping[str, Any], base_identity: Mapping[str, Any]
+) -> Path:
+    from refusal_core.checkpoint import save_checkpoint
 
-    Models with replaced (quantized) modules are refused: only the real writer knows their format.
-    """
-    from torch import nn
-
-    from refusal_core.artifacts import atomic_write_json
-    from refusal_core.models import get_layout
-
-    layout = get_layout(model)
-    for i in range(layout.n_layers):
-        for module in layout.linears(i).values():
-            if type(module) is not nn.Linear:
-                raise RefusalCoreError(
-                    f"saving a model with {type(module).__name__} modules needs refusal_core.checkpoint"
-                )
-    if out.exists() and any(out.iterdir()) and not (out / "refusal_core.json").is_file():
-        raise InvalidArgumentError(f"--out {str(out)!r} is a non-empty directory that is not a checkpoint")
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    atomic_write_json(out / "refusal_core.json", {"kind": "refusal_core.checkpoint", "record": dict(record)})
-    return out
+    return Path(save_checkpoint(model, tok, out, record=record, base_identity=base_identity))
 
 
 def _cmd_extract(args: argparse.Namespace, ours: list[Path]) -> int:
@@ -665,9 +637,22 @@ def _cmd_extract(args: argparse.Namespace, ours: list[Path]) -> int:
     return 0
 
 
+def _base_identity(spec: str, loaded_identity: Mapping[str, Any]) -> dict[str, Any]:
+    """Identity of the model a derived checkpoint comes from: the base named by ``spec``'s own
+    checkpoint record when it has one (a compressed or repaired model), else the loaded model."""
+    record = _checkpoint_record(spec)
+    if record is not None and isinstance(record.get("base_identity"), dict):
+        return dict(record["base_identity"])
+    return dict(loaded_identity)
+
+
 def _cmd_compress(args: argparse.Namespace, ours: list[Path]) -> int:
+    from refusal_core.models import model_identity
+
+    _check_checkpoint_target(args.out)
     model, tok = _load(args)
     refusal_ids = _refusal_ids(args.model, tok)
+    base = _base_identity(args.model, model_identity(model))
     record = _compress_in_memory_(model, tok, args)
     out = _save_checkpoint(
         model,
@@ -680,6 +665,7 @@ def _cmd_compress(args: argparse.Namespace, ours: list[Path]) -> int:
             "source_model": args.model,
             "refusal_token_ids": refusal_ids,
         },
+        base_identity=base,
     )
     _print({"sparsity": record.sparsity, "method": record.method, "out": str(out)})
     return 0
@@ -720,8 +706,14 @@ def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
     sel = SelectionResult.load(Path(args.direction) / "selection")
     layer, pi = sel.source
     r = cands.directions[layer, pi]
-    model, tok, compression = _load_variant(args)
+    _check_checkpoint_target(args.out)
+    from refusal_core.models import model_identity
+
+    model, tok = _load(args)
     refusal_ids = _refusal_ids(args.model, tok)
+    base = _base_identity(args.model, model_identity(model))
+    source_record = _checkpoint_record(args.model)
+    compression = _compress_in_memory_(model, tok, args) if args.method else None
     try:
         rec = apply_aird_(model, r.to(next(model.parameters()).dtype), layer, cfg)
         aird: dict[str, Any] = {**rec.to_dict(), "path": "dense float"}
@@ -739,6 +731,7 @@ def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
         }
     record: dict[str, Any] = {
         "operation": "aird",
+        "method": f"{args.method}+aird" if args.method else "aird",
         "aird": aird,
         "direction": str(Path(args.direction).absolute()),
         "source": [layer, sel.positions[pi]],
@@ -746,8 +739,10 @@ def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
         "refusal_token_ids": refusal_ids,
     }
     if compression is not None:
-        record |= {"method": args.method, "compression": compression.to_dict()}
-    out = _save_checkpoint(model, tok, Path(args.out), record=record)
+        record["compression"] = compression.to_dict()
+    if source_record is not None and source_record.get("format") == "dequantized-simulation":
+        record["format"] = "dequantized-simulation"  # AIRD on a simulated model's float weights
+    out = _save_checkpoint(model, tok, Path(args.out), record=record, base_identity=base)
     _print({**{k: v for k, v in aird.items() if k != "quantized_edit"}, "out": str(out)})
     return 0
 
@@ -765,7 +760,7 @@ def judge_from_spec(spec: str, args: argparse.Namespace | None = None) -> Any:
 
     device = args.device if args is not None else "cpu"
     dtype = _dtype(args.dtype) if args is not None else None
-    model, tok = load_model(where, device=device, **({"dtype": dtype} if dtype is not None else {}))
+    model, tok = load_model(where, device=device, dtype=dtype)
     return ClassifierJudge(model, tok)
 
 

@@ -8,6 +8,7 @@ not assumed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -296,7 +297,7 @@ def _spy_load(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]
 
     def spy(spec: str, **kwargs: Any) -> Any:
         calls.append((spec, kwargs))
-        return real(spec, **{k: v for k, v in kwargs.items() if k != "chat_template"})
+        return real(spec, **kwargs)
 
     monkeypatch.setattr(refusal_core.models, "load_model", spy)
     return calls
@@ -305,14 +306,15 @@ def _spy_load(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]
 def test_device_and_dtype_reach_load_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import torch
 
     calls = _spy_load(monkeypatch)
     argv = ["evaluate", "--dtype", "bfloat16", "--device", "cpu", "--n-test", "1", "--max-new-tokens", "2"]
     assert main([*argv, "--no-progress", "--out", str(tmp_path / "e")]) == 0
     assert calls[0][0] == "toy"
     assert calls[0][1]["device"] == "cpu", "--device is passed to load_model"
-    assert calls[0][1]["dtype"] == torch.bfloat16, "--dtype is passed to load_model"
+    assert calls[0][1]["dtype"] == "bfloat16", "--dtype is passed to load_model"
+    identity = json.loads((tmp_path / "e" / "asr_vanilla.json").read_text())
+    assert "bfloat16" in json.dumps(identity), "the evaluated model was loaded in bfloat16"
 
 
 def test_cuda_without_cuda_is_refused_before_loading(
@@ -430,13 +432,15 @@ def test_chain_compress_aird_evaluate_and_compress_extract(
 def test_aird_with_llm_int8_in_memory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d, a = str(tmp_path / "d"), str(tmp_path / "a")
     _run(["extract", "--model", "toy", "--n", "8", "--select", "--n-val", "4", "--out", d], capsys)
-    try:
-        import refusal_core.checkpoint  # noqa: F401
-    except ImportError:
-        # Until the checkpoint writer lands, saving quantized modules is refused with one line.
-        assert main(["aird", "--method", "llm-int8", "--direction", d, "--no-progress", "--out", a]) == 2
-        assert "checkpoint" in _one_error_line(capsys.readouterr().err, "aird")
-        assert not Path(a).exists(), "no output directory is left behind"
-        return
     out = _run(["aird", "--method", "llm-int8", "--direction", d, "--out", a], capsys)
     assert "dequantize, edit, re-quantize" in out, "aird --method llm-int8 edits through the quantized path"
+    from refusal_core.checkpoint import read_checkpoint_record
+
+    doc = read_checkpoint_record(a)
+    assert doc is not None, "aird wrote a checkpoint"
+    assert doc["format"] == "dequantized-simulation", "the re-quantized int8 simulation is saved as such"
+    assert doc["method"] == "llm-int8+aird"
+    _run(
+        ["evaluate", "--model", a, "--n-test", "1", "--max-new-tokens", "2", "--out", str(tmp_path / "e")],
+        capsys,
+    )
