@@ -313,8 +313,57 @@ def test_device_and_dtype_reach_load_model(
     assert calls[0][0] == "toy"
     assert calls[0][1]["device"] == "cpu", "--device is passed to load_model"
     assert calls[0][1]["dtype"] == "bfloat16", "--dtype is passed to load_model"
-    identity = json.loads((tmp_path / "e" / "asr_vanilla.json").read_text())
-    assert "bfloat16" in json.dumps(identity), "the evaluated model was loaded in bfloat16"
+    saved = json.loads((tmp_path / "e" / "asr_vanilla.json").read_text())
+    assert saved["model"]["dtype"] == "bfloat16", "the evaluated model was loaded in bfloat16"
+
+
+def test_chat_template_reaches_load_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from refusal_core.models import load_model
+
+    template = tmp_path / "chat.jinja"
+    template.write_text(load_model("toy")[1].chat_template)  # the toy's own, so the model still works
+    calls = _spy_load(monkeypatch)
+    argv = ["extract", "--chat-template", str(template), "--n", "2", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "x")]) == 0, capsys.readouterr().err
+    assert calls[0][1]["chat_template"] == str(template), "--chat-template is passed to load_model"
+
+
+def test_select_uses_n_val_and_the_selection_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import refusal_core.selection
+
+    real = refusal_core.selection.select_direction
+    seen: list[tuple[int, int, Any]] = []
+
+    def spy(
+        model: Any, tok: Any, cands: Any, harmful: Any, harmless: Any, ids: Any, config: Any, **kw: Any
+    ) -> Any:
+        seen.append((len(harmful), len(harmless), config))
+        return real(model, tok, cands, harmful, harmless, ids, config, **kw)
+
+    monkeypatch.setattr(refusal_core.selection, "select_direction", spy)
+    argv = ["extract", "--n", "4", "--select", "--n-val", "3", "--selection-kl-threshold", "0.5"]
+    assert main([*argv, "--selection-layers", "0,1", "--no-progress", "--out", str(tmp_path / "d")]) == 0
+    capsys.readouterr()
+    n_harmful, n_harmless, config = seen[0]
+    assert (n_harmful, n_harmless) == (3, 3), "--n-val sets the validation prompts per class"
+    assert config.kl_threshold == 0.5, "--selection-kl-threshold reaches SelectionConfig"
+    assert config.layers == (0, 1), "--selection-layers reaches SelectionConfig"
+
+
+def test_classifier_judge_from_a_model_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from refusal_core.testing.tiny import tiny_model, tiny_tokenizer
+
+    judge_dir = tmp_path / "judge"
+    tiny_model("llama", n_layers=2, d_model=32, seed=3).save_pretrained(judge_dir)
+    tiny_tokenizer().save_pretrained(judge_dir)
+    argv = ["evaluate", "--judge", f"classifier:{judge_dir}", "--n-test", "2", "--max-new-tokens", "2"]
+    assert main([*argv, "--no-progress", "--out", str(tmp_path / "e")]) == 0, capsys.readouterr().err
+    saved = json.loads((tmp_path / "e" / "asr_vanilla.json").read_text())
+    assert saved["judge"] == "classifier", f"the ASR was judged by the classifier, not {saved['judge']!r}"
 
 
 def test_cuda_without_cuda_is_refused_before_loading(
