@@ -11,6 +11,9 @@
   under test lacks one of the protocol functions it calls.
 * ``@pytest.mark.differential`` tests compare with the reference and are skipped when the
   reference itself is under test (they could not fail).
+* ``@pytest.mark.bad_input`` marks the project's bad-input policy checks: the reference and
+  modules declaring ``RAISES_REFUSAL_CORE_ERRORS = True`` are always held to them; any other
+  outside module only when the run selects the marker (``-m bad_input``), else they skip.
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ import pytest
 from hypothesis import HealthCheck, Phase, settings
 
 from refusal_core.testing.oracle import (
+    BAD_INPUT_MARKER,
+    STRICT_ERRORS_ATTRIBUTE,
     Implementation,
     describe_implementations,
     load_implementations,
+    marker_selected,
     require,
 )
 
@@ -55,6 +61,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "differential: compares with the reference; skipped when the reference is under test"
     )
+    config.addinivalue_line(
+        "markers",
+        f"{BAD_INPUT_MARKER}: the project's bad-input policy; outside modules are held to it only when "
+        f"they declare {STRICT_ERRORS_ATTRIBUTE} = True or the run selects -m {BAD_INPUT_MARKER}",
+    )
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -71,6 +82,13 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     impl = callspec.params.get("impl") if callspec is not None else None
     if impl is None:
         return
+    if item.get_closest_marker(BAD_INPUT_MARKER) is not None and not impl.held_to_bad_input(
+        marker_selected(str(item.config.getoption("markexpr", "") or ""))
+    ):
+        pytest.skip(
+            f"bad-input policy check: {impl.label} does not declare {STRICT_ERRORS_ATTRIBUTE} = True; "
+            f"select -m {BAD_INPUT_MARKER} to hold it to the policy"
+        )
     for marker in item.iter_markers("needs"):
         for name in marker.args:
             require(impl, name)

@@ -1,11 +1,19 @@
 """Bad input: every protocol function rejects it, names the argument, and modifies nothing.
 
-For the reference (and any module declaring ``RAISES_REFUSAL_CORE_ERRORS = True``) the error
-must be a ``refusal_core.errors.RefusalCoreError`` whose message names the offending argument.
-Any other outside module may raise any ``Exception``, since it cannot know this project's types;
-returning a value is a failure either way. Near-zero (rather than exactly zero) directions are
-a policy of the reference (norm ≤ 1e-8) and are checked only under the strict rule. Inputs
-must be bit-identical after the call in every case (checked by the oracle's call wrapper).
+This is the project's bad-input *policy*, kept apart from the math: every test here carries
+the ``bad_input`` marker. The reference (and any module declaring
+``RAISES_REFUSAL_CORE_ERRORS = True``) is always held to it: the error must be a
+``refusal_core.errors.RefusalCoreError`` whose message names the offending argument. Any other
+outside module is held to it only when the run selects the marker (``-m bad_input``), and then
+may raise any ``Exception``, since it cannot know this project's types; returning a value is a
+failure either way. Near-zero (rather than exactly zero) directions are a policy of the
+reference (norm ≤ 1e-8) and are checked only under the strict rule. Inputs must be
+bit-identical after the call in every case (checked by the oracle's call wrapper).
+
+The policy cases: empty sets, width mismatches, NaN/inf anywhere; integer and boolean tensors
+where floats are meant (never truncated); scalars that are not real numbers (``bool``,
+``None``, ``"0.1"``, lists, tensors with a dimension); refusal ids that are not integers;
+directions whose float64 norm overflows; results that overflow (AIRD with a huge alpha).
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from refusal_core.errors import RefusalCoreError
 from refusal_core.testing import strategies as rs
 
 Args = tuple[tuple[Any, ...], dict[str, Any]]
+
+pytestmark = pytest.mark.bad_input
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,68 @@ def _bad_sparsity(data: st.DataObject) -> float:
         ),
         label="sparsity (outside [0, 1))",
     )
+
+
+def _integral(data: st.DataObject, t: torch.Tensor, label: str) -> torch.Tensor:
+    """``t`` rounded into a drawn integer or boolean dtype: a value tensor that is not floating point."""
+    dtype = data.draw(
+        st.sampled_from([torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool]),
+        label=f"non-float dtype of {label}",
+    )
+    if dtype == torch.bool:
+        return t != 0
+    # +1 keeps a rounded direction away from zero, so only the dtype is wrong
+    return (t.to(torch.float64).round().abs() + 1).to(dtype)
+
+
+#: things passed where a real number is meant: none is one (a 0-d float tensor would be)
+_LOOSE_SCALARS: tuple[object, ...] = (
+    True,
+    False,
+    None,
+    "0.1",
+    "1",
+    [0.1],
+    (0.5,),
+    1j,
+)
+
+
+def _loose_scalar(data: st.DataObject, label: str) -> object:
+    value = data.draw(
+        st.one_of(
+            st.sampled_from(_LOOSE_SCALARS),
+            st.integers(1, 4).map(lambda n: torch.full((n,), 0.25)),  # a tensor with a dimension
+        ),
+        label=f"{label} (not a real number)",
+    )
+    return value
+
+
+def _overflowing(data: st.DataObject, d: int) -> torch.Tensor:
+    """A finite float64 direction whose float64 norm overflows: entries ±1.5e308, at least two."""
+    signs = data.draw(st.lists(st.sampled_from([1.0, -1.0]), min_size=d, max_size=d), label="signs of r")
+    return torch.tensor(signs, dtype=torch.float64) * 1.5e308
+
+
+def _aird_overflow(data: st.DataObject) -> Args:
+    """AIRD with alpha = 1e308 on ``w = 1`` and ``r = 2·e₀``: the update 4e308 overflows every dtype."""
+    dt, d = _dtype(data), _d(data)
+    k = data.draw(rs.widths(1, 6), label="k")
+    r = torch.zeros(d, dtype=dt)
+    r[0] = 2.0
+    return (torch.ones(d, k, dtype=dt), r, 1e308), {}
+
+
+def _non_integer_ids(data: st.DataObject) -> Args:
+    (logits, _), _ = _logits(data)
+    ids = data.draw(
+        st.sampled_from(
+            [[1.7], [0.0], [True], [0, 1.5], ["1"], torch.tensor([1.0]), torch.tensor([True]), "01", None]
+        ),
+        label="refusal_token_ids (not integers)",
+    )
+    return (logits, ids), {}
 
 
 # ----------------------------------------------------------------------------
@@ -382,6 +454,145 @@ CASES: tuple[BadCase, ...] = (
         "refusal_score", "id_out_of_range", lambda D: _logits(D, ids="out_of_range"), ("refusal_token_ids",)
     ),
     BadCase("refusal_score", "nonfinite_logits", lambda D: _logits(D, poison=True), ("logits",)),
+    # --- integer and boolean tensors where floats are meant (issue 10, item 6) ---
+    BadCase(
+        "difference_in_means",
+        "integer_harmful",
+        lambda D: (lambda a, b: ((_integral(D, a, "harmful"), b), {}))(*_dim_sets(D)),
+        ("harmful",),
+    ),
+    BadCase(
+        "ablate", "integer_x", lambda D: (lambda x, r: ((_integral(D, x, "x"), r), {}))(*_x_r(D)), ("x",)
+    ),
+    BadCase(
+        "ablate", "integer_r", lambda D: (lambda x, r: ((x, _integral(D, r, "r")), {}))(*_x_r(D)), ("r",)
+    ),
+    BadCase(
+        "add_direction",
+        "integer_x",
+        lambda D: (lambda x, r: ((_integral(D, x, "x"), r, 1.0), {}))(*_x_r(D)),
+        ("x",),
+    ),
+    BadCase(
+        "add_direction",
+        "integer_r",
+        lambda D: (lambda x, r: ((x, _integral(D, r, "r"), 1.0), {}))(*_x_r(D)),
+        ("r",),
+    ),
+    BadCase(
+        "orthogonalize_weight",
+        "integer_w",
+        lambda D: (lambda w, r: ((_integral(D, w, "w"), r), {}))(*_w_r(D)),
+        ("w",),
+    ),
+    BadCase(
+        "orthogonalize_embedding",
+        "integer_e",
+        lambda D: (lambda e, r: ((_integral(D, e, "e"), r), {}))(*_w_r(D, transpose=True)),
+        ("e",),
+    ),
+    BadCase(
+        "aird_update",
+        "integer_w",
+        lambda D: (lambda w, r: ((_integral(D, w, "w"), r, 0.1), {}))(*_w_r(D)),
+        ("w",),
+    ),
+    BadCase(
+        "cosine_similarity",
+        "integer_a",
+        lambda D: (lambda a, b: ((_integral(D, a, "a"), b), {}))(*_ab(D)),
+        ("a",),
+    ),
+    BadCase("magnitude_mask", "integer_w", lambda D: ((_integral(D, _int8_w(D), "w"), 0.5), {}), ("w",)),
+    BadCase(
+        "wanda_mask",
+        "integer_input_norms",
+        lambda D: (lambda w, n: ((w, _integral(D, n, "input_norms"), 0.5), {}))(*_wanda(D)),
+        ("input_norms",),
+    ),
+    BadCase("int8_quantize", "integer_w", lambda D: ((_integral(D, _int8_w(D), "w"),), {}), ("w",)),
+    BadCase(
+        "llm_int8_linear",
+        "integer_x",
+        lambda D: (lambda a, k: ((_integral(D, a[0], "x"), a[1]), k))(*_llm(D)),
+        ("x",),
+    ),
+    BadCase(
+        "pseudo_quantize",
+        "integer_w",
+        lambda D: (lambda a, k: ((_integral(D, a[0], "w"), *a[1:]), k))(*_pq(D)),
+        ("w",),
+    ),
+    BadCase(
+        "awq_scales",
+        "integer_x",
+        lambda D: (lambda a, k: ((a[0], _integral(D, a[1], "x"), *a[2:]), k))(*_awq(D)),
+        ("x",),
+    ),
+    BadCase(
+        "refusal_score",
+        "integer_logits",
+        lambda D: (lambda a, k: ((_integral(D, a[0], "logits"), a[1]), k))(*_logits(D)),
+        ("logits",),
+    ),
+    # --- scalars that are not real numbers ---
+    BadCase(
+        "add_direction", "loose_coeff", lambda D: ((*_x_r(D), _loose_scalar(D, "coeff")), {}), ("coeff",)
+    ),
+    BadCase("aird_update", "loose_alpha", lambda D: ((*_w_r(D), _loose_scalar(D, "alpha")), {}), ("alpha",)),
+    BadCase(
+        "llm_int8_linear",
+        "loose_threshold",
+        lambda D: (lambda a, k: (a, {"threshold": _loose_scalar(D, "threshold")}))(*_llm(D)),
+        ("threshold",),
+    ),
+    BadCase(
+        "magnitude_mask",
+        "loose_sparsity",
+        lambda D: ((_int8_w(D), _loose_scalar(D, "sparsity")), {}),
+        ("sparsity",),
+    ),
+    BadCase(
+        "wanda_mask",
+        "loose_sparsity",
+        lambda D: ((*_wanda(D), _loose_scalar(D, "sparsity")), {}),
+        ("sparsity",),
+    ),
+    # --- refusal ids that are not integers ---
+    BadCase("refusal_score", "non_integer_ids", _non_integer_ids, ("refusal_token_ids",)),
+    # --- directions whose float64 norm overflows (ablate used to be a silent no-op) ---
+    BadCase(
+        "ablate",
+        "overflowing_norm_r",
+        lambda D: (lambda x, r: ((x, _overflowing(D, r.shape[0])), {}))(*_x_r(D)),
+        ("r",),
+    ),
+    BadCase(
+        "orthogonalize_weight",
+        "overflowing_norm_r",
+        lambda D: (lambda w, r: ((w, _overflowing(D, r.shape[0])), {}))(*_w_r(D)),
+        ("r",),
+    ),
+    BadCase(
+        "orthogonalize_embedding",
+        "overflowing_norm_r",
+        lambda D: (lambda e, r: ((e, _overflowing(D, r.shape[0])), {}))(*_w_r(D, transpose=True)),
+        ("r",),
+    ),
+    BadCase(
+        "aird_update",
+        "overflowing_norm_r",
+        lambda D: (lambda w, r: ((w, _overflowing(D, r.shape[0]), 0.1), {}))(*_w_r(D)),
+        ("r",),
+    ),
+    BadCase(
+        "cosine_similarity",
+        "overflowing_norm_a",
+        lambda D: (lambda b: ((_overflowing(D, b.shape[0]), b), {}))(_dir(D, _d(D), "b", _dtype(D))),
+        ("a",),
+    ),
+    # --- a result that overflows is not handed back ---
+    BadCase("aird_update", "result_overflows", _aird_overflow, ("alpha",)),
 )
 
 

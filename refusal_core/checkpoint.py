@@ -205,7 +205,8 @@ def _skip_modules(model: nn.Module, quantized: list[str]) -> list[str]:
 def _bnb_quantization_config(model: nn.Module, fmt: str, kinds: Mapping[str, list[str]]) -> dict[str, Any]:
     """The ``quantization_config`` transformers needs to rebuild the bitsandbytes modules."""
     if fmt == "bitsandbytes-int8":
-        thresholds = {float(model.get_submodule(n).state.threshold) for n in kinds["bnb-int8"]}
+        modules: list[Any] = [model.get_submodule(n) for n in kinds["bnb-int8"]]
+        thresholds = {float(m.state.threshold) for m in modules}
         if len(thresholds) != 1:
             raise InvalidArgumentError(
                 f"bitsandbytes int8 modules use several thresholds {sorted(thresholds)}"
@@ -514,6 +515,6 @@ def restore_checkpoint_modules_(model: nn.Module, doc: Mapping[str, Any]) -> Non
         if packing is None:
             packing = getattr(qc, "refusal_core_cpu_packing", False)
         if not packing:
-            for module in model.modules():
-                if hasattr(module, "support_avx512bf16_for_cpu"):
-                    module.support_avx512bf16_for_cpu = False
+            four_bit: list[Any] = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+            for module in four_bit:
+                module.support_avx512bf16_for_cpu = False

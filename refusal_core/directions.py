@@ -38,6 +38,7 @@ from refusal_core.artifacts import Artifact, load_artifact, save_artifact
 from refusal_core.errors import (
     ArtifactError,
     EmptyInputError,
+    ForeignDirectionError,
     InvalidArgumentError,
     ShapeMismatchError,
 )
@@ -48,8 +49,10 @@ __all__ = [
     "Direction",
     "DirectionCandidates",
     "DirectionComparison",
+    "check_direction_origin",
     "compare_candidates",
     "extract_candidates",
+    "same_model",
     "site_cosines",
     "split_half_noise_floor",
 ]
@@ -120,6 +123,145 @@ def _check_site(layer: object, position: object, n_layers: int, positions: Seque
     if isinstance(position, bool) or not isinstance(position, int) or position not in positions:
         raise InvalidArgumentError(f"{name}: position must be one of {list(positions)}, got {position!r}")
     return list(positions).index(position)
+
+
+# ----------------------------------------------------------------------------
+# where a direction came from
+# ----------------------------------------------------------------------------
+
+#: Identity fields that fix the architecture: a direction is only meaningful on a model that
+#: shares them. ``name_or_path`` is deliberately not among them (the same weights may be
+#: loaded from anywhere) and the weights are compared by ``fingerprint``.
+_ARCHITECTURE_KEYS = ("model_type", "n_layers", "d_model", "vocab_size")
+
+#: Relative tolerance on fingerprint sums: absorbs float64 summation order across devices,
+#: far below what pruning or 8-bit rounding of a probed matrix changes.
+_FINGERPRINT_RTOL = 1e-9
+
+
+def _identity_of(value: Mapping[str, Any] | nn.Module, name: str) -> dict[str, Any]:
+    if isinstance(value, nn.Module):
+        return model_identity(value)
+    if not isinstance(value, Mapping):
+        raise InvalidArgumentError(
+            f"{name} must be a model identity dict or a model, got {type(value).__name__}"
+        )
+    return dict(value)
+
+
+def _missing_identity_fields(identity: Mapping[str, Any]) -> list[str]:
+    missing = [k for k in _ARCHITECTURE_KEYS if k not in identity]
+    fp = identity.get("fingerprint")
+    if not (isinstance(fp, list) and fp and all(isinstance(x, (int, float)) for x in fp)):
+        missing.append("fingerprint")
+    return missing
+
+
+def _same_architecture(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return all(a.get(k) == b.get(k) for k in _ARCHITECTURE_KEYS)
+
+
+def _same_weights(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    fa, fb = a.get("fingerprint"), b.get("fingerprint")
+    if not (isinstance(fa, list) and isinstance(fb, list)) or len(fa) != len(fb) or not fa:
+        return False
+    return all(
+        math.isclose(float(x), float(y), rel_tol=_FINGERPRINT_RTOL, abs_tol=0.0) for x, y in zip(fa, fb)
+    )
+
+
+def same_model(a: Mapping[str, Any] | nn.Module, b: Mapping[str, Any] | nn.Module) -> bool:
+    """Whether two :func:`~refusal_core.models.model_identity` records (or models) name the same model.
+
+    Same model means the same architecture (type, layers, width, vocabulary)
+    and the same weight fingerprint; the path it was loaded from does not
+    matter. A compressed or repaired model is a different model from its base.
+    """
+    ia, ib = _identity_of(a, "a"), _identity_of(b, "b")
+    return not _missing_identity_fields(ia) and _same_architecture(ia, ib) and _same_weights(ia, ib)
+
+
+def _describe(identity: Mapping[str, Any]) -> str:
+    fp = identity.get("fingerprint")
+    fp_s = "[" + ", ".join(f"{float(x):.6g}" for x in fp) + "]" if isinstance(fp, list) else repr(fp)
+    arch = ", ".join(f"{k}={identity.get(k)!r}" for k in _ARCHITECTURE_KEYS)
+    path = identity.get("name_or_path")
+    return f"{arch}, fingerprint={fp_s}" + (f", from {path!r}" if path else "")
+
+
+def check_direction_origin(
+    direction_identity: Mapping[str, Any],
+    model: nn.Module | Mapping[str, Any],
+    *,
+    model_record: Mapping[str, Any] | None = None,
+    allow_foreign: bool = False,
+) -> None:
+    """Refuse to use a direction on a model it does not belong to.
+
+    ``direction_identity`` is the :func:`~refusal_core.models.model_identity`
+    recorded with the direction (``DirectionCandidates.model``,
+    ``Direction.model``, ``SelectionResult.identity``); ``model`` is the model
+    (or its identity) it is about to be used on. Passes when both name the
+    same model (:func:`same_model`), or when ``model_record`` — the record of
+    how ``model`` was made, e.g. a checkpoint's ``refusal_core.json`` — holds
+    a ``base_identity`` that is the direction's model and the architectures
+    agree (a compressed or repaired model with its base's direction is AIRD's
+    recipe), or when ``allow_foreign`` is True. Otherwise raises
+    :class:`~refusal_core.errors.ForeignDirectionError` saying which models
+    differ; also when the direction carries no identity to check.
+
+    Example:
+        >>> from refusal_core.testing.tiny import tiny_model
+        >>> a, b = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+        >>> check_direction_origin(model_identity(a), a)
+        >>> check_direction_origin(model_identity(a), b)
+        Traceback (most recent call last):
+        ...
+        refusal_core.errors.ForeignDirectionError: direction was extracted from another model ...
+    """
+    if not isinstance(allow_foreign, bool):
+        raise InvalidArgumentError(f"allow_foreign must be a bool, got {allow_foreign!r}")
+    if allow_foreign:
+        return
+    source = _identity_of(direction_identity, "direction_identity")
+    target = _identity_of(model, "model")
+    missing = _missing_identity_fields(source)
+    if missing:
+        raise ForeignDirectionError(
+            f"the direction carries no usable model identity (missing {missing}), so its origin cannot be "
+            "checked; pass allow_foreign=True to use it anyway"
+        )
+    if not _same_architecture(source, target):
+        raise ForeignDirectionError(
+            f"direction was extracted from a model of another architecture ({_describe(source)}) than the "
+            f"target ({_describe(target)})"
+        )
+    if _same_weights(source, target):
+        return
+    hint = "pass the target's record with its base_identity, or allow_foreign=True"
+    if model_record is None:
+        raise ForeignDirectionError(
+            f"direction was extracted from another model ({_describe(source)}) than the target "
+            f"({_describe(target)}); if the target derives from it, {hint}"
+        )
+    if not isinstance(model_record, Mapping):
+        raise InvalidArgumentError(f"model_record must be a dict, got {type(model_record).__name__}")
+    base = model_record.get("base_identity")
+    if not isinstance(base, Mapping) or _missing_identity_fields(base):
+        raise ForeignDirectionError(
+            "model_record names no usable base_identity, so it cannot vouch that the target derives from "
+            f"the direction's model ({_describe(source)})"
+        )
+    if not _same_architecture(base, target):
+        raise ForeignDirectionError(
+            f"model_record's base ({_describe(base)}) has another architecture than the target "
+            f"({_describe(target)}); the record belongs to another model"
+        )
+    if not (_same_architecture(base, source) and _same_weights(base, source)):
+        raise ForeignDirectionError(
+            f"direction was extracted from another model ({_describe(source)}) than the base the target "
+            f"derives from ({_describe(base)})"
+        )
 
 
 # ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "ArtifactError",
     "EmptyInputError",
+    "ForeignDirectionError",
     "ImplementationError",
     "InvalidArgumentError",
     "ModelNotFoundError",
@@ -57,6 +58,10 @@ class UnsupportedModuleError(RefusalCoreError):
 
 class ArtifactError(RefusalCoreError):
     """A saved artifact is missing, corrupt, or belongs to another model or setting."""
+
+
+class ForeignDirectionError(ArtifactError):
+    """A direction (or candidates, or a selection) came from a model the target does not derive from."""
 
 
 class ImplementationError(RefusalCoreError):

@@ -11,6 +11,18 @@ residual width; a direction ``r`` is a 1-D tensor of length ``d`` and
 ``r̂ = r / ‖r‖``. The projections are computed in float64 and cast back to the
 input's dtype, so a float32 result is the correctly rounded float64 answer.
 
+Input policy (checked before any arithmetic): tensors that carry values
+(``x``, ``w``, ``e``, ``r``, activations, logits, norms, scales) must be
+floating point — integer and boolean tensors are rejected, never truncated.
+Scalars (``coeff``, ``alpha``, ``threshold``, ``sparsity``) must be real
+numbers: a Python ``int``/``float``, a NumPy integer or float, or a 0-d
+integer/float tensor; ``bool``, ``None``, strings (even ``"0.1"``), lists and
+tensors with any dimension are rejected. Refusal ids must be integers (Python
+or NumPy ints, or an integer tensor) inside the vocabulary. A direction whose
+float64 norm is not finite (entries near the float64 limit) is rejected
+rather than silently ablating nothing, and a result that overflows raises
+:class:`~refusal_core.errors.NonFiniteError` instead of being returned.
+
 Example:
     >>> import torch
     >>> from refusal_core.functional import ablate
@@ -22,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -82,20 +95,79 @@ def check_tensor(t: object, name: str, *, ndim: int | None = None, min_ndim: int
     return t
 
 
-def unit_direction(r: object, width: int | None = None, name: str = "r") -> torch.Tensor:
-    """``r / ‖r‖`` in float64, after checking rank, width, finiteness and norm."""
-    r = check_tensor(r, name, ndim=1)
-    if not r.is_floating_point():
-        raise InvalidArgumentError(f"{name} must be a floating-point tensor, got {r.dtype}")
-    if width is not None and r.shape[0] != width:
-        raise ShapeMismatchError(f"{name} has width {r.shape[0]} but the operand has width {width}")
-    r64 = r.detach().to(torch.float64)
+def check_float_tensor(t: object, name: str, *, ndim: int | None = None, min_ndim: int = 0) -> torch.Tensor:
+    """:func:`check_tensor` that also requires a real floating-point dtype (no int, bool, complex)."""
+    t = check_tensor(t, name, ndim=ndim, min_ndim=min_ndim)
+    if not t.is_floating_point():
+        raise InvalidArgumentError(
+            f"{name} must be a floating-point tensor, got {t.dtype}; integer and boolean tensors are not "
+            "converted (cast explicitly, e.g. {name}.float())".replace("{name}", name)
+        )
+    return t
+
+
+def check_real(value: object, name: str, *, allow_inf: bool = False) -> float:
+    """``value`` as a Python float if it is a real number, else raise naming ``name``.
+
+    Accepted: ``int``/``float`` (not ``bool``), NumPy integers and floats
+    (anything registered as :class:`numbers.Real` except booleans), and 0-d
+    integer or floating-point tensors. NaN is always rejected, infinity unless
+    ``allow_inf``.
+
+    >>> check_real(0.5, "alpha")
+    0.5
+    >>> check_real("0.1", "alpha")
+    Traceback (most recent call last):
+    ...
+    refusal_core.errors.InvalidArgumentError: alpha must be a real number (int or float), got str '0.1'
+    """
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 0:
+            raise InvalidArgumentError(
+                f"{name} must be a real number; a tensor is accepted only 0-d, got shape {tuple(value.shape)}"
+            )
+        if value.dtype == torch.bool or value.is_complex():
+            raise InvalidArgumentError(f"{name} must be a real number, got a 0-d {value.dtype} tensor")
+        out = float(value.item())
+    elif isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
+        raise InvalidArgumentError(
+            f"{name} must be a real number (int or float), got {type(value).__name__} {value!r}"
+        )
+    else:
+        out = float(value)
+    if math.isnan(out) or (math.isinf(out) and not allow_inf):
+        raise NonFiniteError(f"{name} must be finite, got {value!r}")
+    return out
+
+
+def _direction_norm(r64: torch.Tensor, name: str) -> float:
+    """The float64 norm of ``r64``, required finite and above :data:`MIN_DIRECTION_NORM`."""
     norm = float(torch.linalg.vector_norm(r64))
+    if not math.isfinite(norm):
+        raise NonFiniteError(
+            f"{name} has a float64 norm that overflows ({norm}); its entries are too large to normalize"
+        )
     if not norm > MIN_DIRECTION_NORM:
         raise ZeroDirectionError(
             f"{name} has norm {norm:.3g} <= {MIN_DIRECTION_NORM:g}; a direction needs a nonzero norm"
         )
-    return r64 / norm
+    return norm
+
+
+def _finite_result(t: torch.Tensor, operation: str) -> torch.Tensor:
+    """``t`` if every entry is finite; an overflow of finite inputs raises naming the operation."""
+    if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(f"{operation} overflows: the result is not finite")
+    return t
+
+
+def unit_direction(r: object, width: int | None = None, name: str = "r") -> torch.Tensor:
+    """``r / ‖r‖`` in float64, after checking rank, dtype, width, finiteness and norm."""
+    r = check_float_tensor(r, name, ndim=1)
+    if width is not None and r.shape[0] != width:
+        raise ShapeMismatchError(f"{name} has width {r.shape[0]} but the operand has width {width}")
+    r64 = r.detach().to(torch.float64)
+    return r64 / _direction_norm(r64, name)
 
 
 def _float_dtype(t: torch.Tensor) -> torch.dtype:
@@ -104,9 +176,7 @@ def _float_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _check_sparsity(sparsity: object) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise InvalidArgumentError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-    s = float(sparsity)
+    s = check_real(sparsity, "sparsity", allow_inf=True)
     if not (0.0 <= s < 1.0):
         raise InvalidArgumentError(f"sparsity must lie in [0, 1), got {sparsity!r}")
     return s
@@ -130,8 +200,8 @@ def difference_in_means(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.
     >>> difference_in_means(torch.ones(2, 3), torch.zeros(5, 3))
     tensor([1., 1., 1.], dtype=torch.float64)
     """
-    harmful = check_tensor(harmful, "harmful", min_ndim=2)
-    harmless = check_tensor(harmless, "harmless", min_ndim=2)
+    harmful = check_float_tensor(harmful, "harmful", min_ndim=2)
+    harmless = check_float_tensor(harmless, "harmless", min_ndim=2)
     if harmful.shape[0] == 0:
         raise EmptyInputError("harmful holds no examples (first dimension is 0)")
     if harmless.shape[0] == 0:
@@ -141,7 +211,8 @@ def difference_in_means(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.
             f"harmful has per-example shape {tuple(harmful.shape[1:])} but harmless has "
             f"{tuple(harmless.shape[1:])}"
         )
-    return harmful.to(torch.float64).mean(0) - harmless.to(torch.float64).mean(0)
+    diff = harmful.to(torch.float64).mean(0) - harmless.to(torch.float64).mean(0)
+    return _finite_result(diff, "difference_in_means(harmful, harmless)")
 
 
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -150,8 +221,8 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
     >>> cosine_similarity(torch.tensor([1.0, 0.0]), torch.tensor([2.0, 0.0]))
     1.0
     """
-    a = check_tensor(a, "a", min_ndim=1)
-    b = check_tensor(b, "b", min_ndim=1)
+    a = check_float_tensor(a, "a", min_ndim=1)
+    b = check_float_tensor(b, "b", min_ndim=1)
     if a.shape != b.shape:
         raise ShapeMismatchError(f"a has shape {tuple(a.shape)} but b has shape {tuple(b.shape)}")
     a64 = a.detach().reshape(-1).to(torch.float64)
@@ -159,6 +230,8 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
     na = float(torch.linalg.vector_norm(a64))
     nb = float(torch.linalg.vector_norm(b64))
     for name, n in (("a", na), ("b", nb)):
+        if not math.isfinite(n):
+            raise NonFiniteError(f"{name} has a float64 norm that overflows ({n}); the cosine is undefined")
         if not n > MIN_DIRECTION_NORM:
             raise ZeroDirectionError(f"{name} has norm {n:.3g}; the cosine of a zero vector is undefined")
     c = float(torch.dot(a64 / na, b64 / nb))
@@ -176,10 +249,10 @@ def ablate(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     >>> ablate(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0]))
     tensor([0., 1.])
     """
-    x = check_tensor(x, "x", min_ndim=1)
+    x = check_float_tensor(x, "x", min_ndim=1)
     u = unit_direction(r, x.shape[-1])
     x64 = x.to(torch.float64)
-    return (x64 - (x64 @ u).unsqueeze(-1) * u).to(x.dtype)
+    return _finite_result((x64 - (x64 @ u).unsqueeze(-1) * u).to(x.dtype), "ablate(x, r)")
 
 
 def add_direction(x: torch.Tensor, r: torch.Tensor, coeff: float) -> torch.Tensor:
@@ -188,13 +261,13 @@ def add_direction(x: torch.Tensor, r: torch.Tensor, coeff: float) -> torch.Tenso
     >>> add_direction(torch.zeros(2), torch.tensor([1.0, 2.0]), 0.5)
     tensor([0.5000, 1.0000])
     """
-    x = check_tensor(x, "x", min_ndim=1)
-    r = check_tensor(r, "r", ndim=1)
+    x = check_float_tensor(x, "x", min_ndim=1)
+    r = check_float_tensor(r, "r", ndim=1)
     if r.shape[0] != x.shape[-1]:
         raise ShapeMismatchError(f"r has width {r.shape[0]} but x has width {x.shape[-1]}")
-    if not math.isfinite(float(coeff)):
-        raise NonFiniteError(f"coeff must be finite, got {coeff!r}")
-    return (x.to(torch.float64) + float(coeff) * r.to(torch.float64)).to(x.dtype)
+    c = check_real(coeff, "coeff")
+    out = (x.to(torch.float64) + c * r.to(torch.float64)).to(x.dtype)
+    return _finite_result(out, f"add_direction(x, r, coeff={c!r}): x + coeff·r")
 
 
 def orthogonalize_weight(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -204,18 +277,18 @@ def orthogonalize_weight(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     tensor([[1., 0.],
             [0., 0.]])
     """
-    w = check_tensor(w, "w", ndim=2)
+    w = check_float_tensor(w, "w", ndim=2)
     u = unit_direction(r, w.shape[0])
     w64 = w.to(torch.float64)
-    return (w64 - torch.outer(u, u @ w64)).to(w.dtype)
+    return _finite_result((w64 - torch.outer(u, u @ w64)).to(w.dtype), "orthogonalize_weight(w, r)")
 
 
 def orthogonalize_embedding(e: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """``e (I − r̂ r̂ᵀ)`` for an embedding table ``e [vocab, d]``: every row loses its r̂ part."""
-    e = check_tensor(e, "e", ndim=2)
+    e = check_float_tensor(e, "e", ndim=2)
     u = unit_direction(r, e.shape[1])
     e64 = e.to(torch.float64)
-    return (e64 - torch.outer(e64 @ u, u)).to(e.dtype)
+    return _finite_result((e64 - torch.outer(e64 @ u, u)).to(e.dtype), "orthogonalize_embedding(e, r)")
 
 
 def aird_update(
@@ -238,19 +311,19 @@ def aird_update(
     tensor([[1.5000, 0.0000],
             [0.0000, 1.0000]])
     """
-    w = check_tensor(w, "w", ndim=2)
-    r = check_tensor(r, "r", ndim=1)
+    w = check_float_tensor(w, "w", ndim=2)
+    r = check_float_tensor(r, "r", ndim=1)
     if r.shape[0] != w.shape[0]:
         raise ShapeMismatchError(f"r has width {r.shape[0]} but w has {w.shape[0]} output rows")
-    if not math.isfinite(float(alpha)):
-        raise NonFiniteError(f"alpha must be finite, got {alpha!r}")
+    a = check_real(alpha, "alpha")
     u = unit_direction(r, w.shape[0])  # also rejects a zero direction, which makes no edit
     v = u if normalize else r.to(torch.float64)
     w64 = w.to(torch.float64)
-    update = float(alpha) * torch.outer(v, v @ w64)
+    update = a * torch.outer(v, v @ w64)
     if preserve_sparsity:
         update = update * (w != 0)
-    return (w64 + update).to(w.dtype)
+    # A huge alpha (e.g. 1e40) must not hand back inf weights that a caller would then write.
+    return _finite_result((w64 + update).to(w.dtype), f"aird_update(w, r, alpha={a!r}): w + alpha·r rᵀ w")
 
 
 # ----------------------------------------------------------------------------
@@ -267,13 +340,21 @@ def magnitude_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     tensor([[False,  True],
             [False,  True]])
     """
-    w = check_tensor(w, "w", min_ndim=1)
+    w = check_float_tensor(w, "w", min_ndim=1)
     k = pruned_count(sparsity, w.numel())
-    mask = torch.ones(w.numel(), dtype=torch.bool)
-    if k:
-        order = torch.argsort(w.detach().abs().reshape(-1).to(torch.float64), stable=True)
-        mask[order[:k]] = False
-    return mask.reshape(w.shape).to(w.device)
+    if not k:
+        return torch.ones(w.shape, dtype=torch.bool, device=w.device)
+    # A selection, not a sort, to the mask of a stable ascending argsort's first k:
+    # every entry below the k-th smallest value v, then the first entries equal
+    # to v (in flat position order) until k are pruned. kthvalue's value is
+    # unambiguous under ties; only which tied entry it reports is not.
+    score = w.detach().abs().reshape(-1).to(torch.float64)
+    v = torch.kthvalue(score, k).values
+    below = score < v
+    at = score == v
+    need = k - int(below.sum())  # >= 1: fewer than k entries lie strictly below v
+    pruned = below | (at & (at.cumsum(0) <= need))
+    return (~pruned).reshape(w.shape)
 
 
 def wanda_mask(
@@ -289,8 +370,8 @@ def wanda_mask(
     lowest of every ``m`` consecutive inputs (``sparsity`` is then only
     range-checked; the achieved sparsity is ``n/m``).
     """
-    w = check_tensor(w, "w", ndim=2)
-    input_norms = check_tensor(input_norms, "input_norms", ndim=1)
+    w = check_float_tensor(w, "w", ndim=2)
+    input_norms = check_float_tensor(input_norms, "input_norms", ndim=1)
     out_f, in_f = w.shape
     if input_norms.shape[0] != in_f:
         raise ShapeMismatchError(f"input_norms has length {input_norms.shape[0]} but w has {in_f} inputs")
@@ -336,7 +417,7 @@ def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``scale = 0`` and ``q = 0``. ``scale`` is float64 for float64 input and
     float32 otherwise.
     """
-    w = check_tensor(w, "w", ndim=2)
+    w = check_float_tensor(w, "w", ndim=2)
     wf = w.detach().to(_float_dtype(w))
     scale = wf.abs().amax(dim=1) / 127.0
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -348,7 +429,7 @@ def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``q · scale`` per row; ``q int8 [out, in]``, ``scale [out]``; dtype of ``scale``."""
     q = check_tensor(q, "q", ndim=2)
-    scale = check_tensor(scale, "scale", ndim=1)
+    scale = check_float_tensor(scale, "scale", ndim=1)
     if q.dtype != torch.int8:
         raise InvalidArgumentError(f"q must be int8, got {q.dtype}")
     if scale.shape[0] != q.shape[0]:
@@ -367,12 +448,12 @@ def llm_int8_linear(x: torch.Tensor, w: torch.Tensor, threshold: float = 6.0) ->
     times the int8 weights, rescaled by both scales. ``threshold = inf`` is
     plain vector-wise int8; the integer products are exact (float64).
     """
-    x = check_tensor(x, "x", min_ndim=1)
-    w = check_tensor(w, "w", ndim=2)
+    x = check_float_tensor(x, "x", min_ndim=1)
+    w = check_float_tensor(w, "w", ndim=2)
     if x.shape[-1] != w.shape[1]:
         raise ShapeMismatchError(f"x has width {x.shape[-1]} but w has {w.shape[1]} inputs")
-    thr = float(threshold)
-    if math.isnan(thr) or thr < 0:
+    thr = check_real(threshold, "threshold", allow_inf=True)
+    if thr < 0:
         raise InvalidArgumentError(f"threshold must be >= 0 (inf disables outliers), got {threshold!r}")
     lead = x.shape[:-1]
     x2 = x.detach().reshape(-1, x.shape[-1]).to(_float_dtype(x))
@@ -411,7 +492,7 @@ def pseudo_quantize(w: torch.Tensor, w_bit: int, group_size: int, zero_point: bo
     ``max_int = 2^(b−1) − 1``, ``scale = max(absmax, 1e-5)/max_int``, codes in
     ``[−2^(b−1), max_int]``. Same dtype as ``w``.
     """
-    w = check_tensor(w, "w", ndim=2)
+    w = check_float_tensor(w, "w", ndim=2)
     w_bit, group_size = _check_group(w, w_bit, group_size)
     g = w.detach().to(_float_dtype(w)).reshape(-1, group_size)
     if zero_point:
@@ -440,8 +521,8 @@ def awq_apply_scales(w: torch.Tensor, s: torch.Tensor, w_bit: int, group_size: i
     ``x wᵀ ≈ (x/s) Q(w·s)ᵀ = x (Q(w·s)/s)ᵀ``; with ``s = 1`` this is
     :func:`pseudo_quantize` (round to nearest).
     """
-    w = check_tensor(w, "w", ndim=2)
-    s = check_tensor(s, "s", ndim=1)
+    w = check_float_tensor(w, "w", ndim=2)
+    s = check_float_tensor(s, "s", ndim=1)
     if s.shape[0] != w.shape[1]:
         raise ShapeMismatchError(f"s has length {s.shape[0]} but w has {w.shape[1]} inputs")
     if not bool((s > 0).all()):
@@ -458,8 +539,8 @@ def awq_scales(w: torch.Tensor, x: torch.Tensor, w_bit: int, group_size: int, gr
     ``s = t / sqrt(max(t)·min(t))``; the ``a`` minimizing
     ``‖x wᵀ − x (Q(w·s)/s)ᵀ‖²`` wins, the first on ties. Computed in float64.
     """
-    w = check_tensor(w, "w", ndim=2)
-    x = check_tensor(x, "x", ndim=2)
+    w = check_float_tensor(w, "w", ndim=2)
+    x = check_float_tensor(x, "x", ndim=2)
     if x.shape[1] != w.shape[1]:
         raise ShapeMismatchError(f"x has width {x.shape[1]} but w has {w.shape[1]} inputs")
     if x.shape[0] == 0:
@@ -484,14 +565,35 @@ def awq_scales(w: torch.Tensor, x: torch.Tensor, w_bit: int, group_size: int, gr
 # ----------------------------------------------------------------------------
 
 
+def _refusal_ids(refusal_token_ids: object) -> torch.Tensor:
+    """The ids as a 1-D long tensor; anything that is not an integer (1.7, 1.0, True, "3") raises."""
+    name = "refusal_token_ids"
+    if isinstance(refusal_token_ids, torch.Tensor):
+        if refusal_token_ids.is_floating_point() or refusal_token_ids.is_complex():
+            raise InvalidArgumentError(f"{name} must hold integers, got a {refusal_token_ids.dtype} tensor")
+        if refusal_token_ids.dtype == torch.bool:
+            raise InvalidArgumentError(f"{name} must hold integers, got a bool tensor")
+        return refusal_token_ids.detach().to("cpu", torch.long).reshape(-1)
+    if isinstance(refusal_token_ids, (str, bytes)) or not isinstance(refusal_token_ids, Sequence):
+        raise InvalidArgumentError(
+            f"{name} must be a sequence of ints or an integer tensor, got {type(refusal_token_ids).__name__}"
+        )
+    for i in refusal_token_ids:
+        if isinstance(i, bool) or type(i).__name__ == "bool_" or not isinstance(i, numbers.Integral):
+            raise InvalidArgumentError(
+                f"{name} must hold integers, got {type(i).__name__} {i!r} in {list(refusal_token_ids)!r}"
+            )
+    return torch.tensor([int(i) for i in refusal_token_ids], dtype=torch.long)
+
+
 def refusal_score(logits: torch.Tensor, refusal_token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
     """Log-odds of the next-token probability mass on the refusal tokens.
 
     ``logits [..., vocab]`` → ``[...]`` float64:
     ``log(p + 1e-8) − log(1 − p + 1e-8)`` with ``p = Σ softmax(logits)[ids]``.
     """
-    logits = check_tensor(logits, "logits", min_ndim=1)
-    ids = torch.as_tensor(refusal_token_ids, dtype=torch.long).reshape(-1)
+    logits = check_float_tensor(logits, "logits", min_ndim=1)
+    ids = _refusal_ids(refusal_token_ids)
     if ids.numel() == 0:
         raise EmptyInputError("refusal_token_ids is empty")
     vocab = logits.shape[-1]

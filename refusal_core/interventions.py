@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from refusal_core.compression._transaction import check_model_finite
 from refusal_core.errors import (
     InvalidArgumentError,
     NonFiniteError,
@@ -313,6 +314,7 @@ def orthogonalize_model_(model: nn.Module, r: torch.Tensor) -> None:
         )
     u = unit_direction(check_directions(r, layout.d_model, allow_batch=False), layout.d_model)
     writers = residual_writer_linears(layout)
+    check_model_finite(model, "orthogonalize_model_")  # no NaN/inf anywhere (biases, norms) before any edit
     emb = layout.embedding
     if not emb.weight.is_floating_point():
         raise UnsupportedModuleError(f"embedding is {emb.weight.dtype}; it must be floating point to edit")

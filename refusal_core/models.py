@@ -40,7 +40,12 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +63,7 @@ from refusal_core.errors import (
 )
 
 __all__ = [
+    "CACHE_ENV_VAR",
     "DTYPES",
     "SUPPORTED_ARCHITECTURES",
     "ArchitectureSpec",
@@ -65,6 +71,8 @@ __all__ = [
     "check_device",
     "format_prompt",
     "get_layout",
+    "gguf_cache_root",
+    "gguf_cached_dir",
     "hub_cache_dir",
     "load_model",
     "model_device",
@@ -460,12 +468,86 @@ def _resolve_hub_id(repo_id: str) -> Path:
         ) from exc
 
 
-def _load_gguf(path: Path, *, dtype: torch.dtype | str) -> tuple[nn.Module, Any]:
-    """Model and tokenizer from a ``.gguf`` file (transformers dequantizes it; needs ``gguf``)."""
+#: Environment variable naming refusal_core's cache root (default ``~/.cache/refusal_core``).
+CACHE_ENV_VAR = "REFUSAL_CORE_CACHE"
+
+
+def gguf_cache_root() -> Path:
+    """Converted GGUF models live in ``$REFUSAL_CORE_CACHE/gguf`` (else ``~/.cache/refusal_core/gguf``)."""
+    env = os.environ.get(CACHE_ENV_VAR, "").strip()
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "refusal_core"
+    return base / "gguf"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_gguf(path: Path) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` dequantized from a GGUF file by transformers, in float32 (slow: minutes)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"local_files_only": True, "gguf_file": path.name}
-    src = str(path.parent)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kwargs)
+    return model, tokenizer
+
+
+def gguf_cached_dir(path: str | os.PathLike[str]) -> Path:
+    """The safetensors Hugging Face directory converted from the GGUF file ``path``, made on first use.
+
+    Keyed by the file's sha256 (``gguf_cache_root() / <sha256>``), so a changed
+    file is converted anew and a renamed one is not. The weights are the
+    float32 dequantization transformers computes from the GGUF, saved as is,
+    so loading the directory gives bit-identical weights in seconds instead of
+    re-dequantizing. Written atomically: into a temporary directory beside the
+    target, renamed into place when complete; a failed conversion leaves no
+    cache entry. ``refusal_core_gguf.json`` in it records the source.
+    """
+    src = Path(path)
+    if not src.is_file() or src.suffix != ".gguf":
+        raise InvalidArgumentError(f"{str(src)!r} is not a .gguf file")
+    digest = _file_sha256(src)
+    root = gguf_cache_root()
+    target = root / digest
+    if (target / _GGUF_RECORD).is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}-", dir=root))
+    try:
+        model, tokenizer = _read_gguf(src)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        record = {"source": str(src.resolve()), "sha256": digest, "bytes": src.stat().st_size}
+        (tmp / _GGUF_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / _GGUF_RECORD).is_file():  # not another process's finished conversion
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+_GGUF_RECORD = "refusal_core_gguf.json"
+
+
+def _load_gguf(path: Path, *, dtype: torch.dtype | str) -> tuple[nn.Module, Any]:
+    """Model and tokenizer from a ``.gguf`` file, through its cached safetensors conversion.
+
+    The first load dequantizes the file with transformers (needs ``gguf``) into
+    :func:`gguf_cached_dir`; every later load reads that directory in seconds.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = str(gguf_cached_dir(path))
+    kwargs: dict[str, Any] = {"local_files_only": True}
     tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation="eager", **kwargs)
     return model, tokenizer
@@ -536,7 +618,9 @@ def load_model(
     if spec == "toy":
         from refusal_core.toy import load_toy_model
 
-        model, tokenizer = load_toy_model(dtype=torch.float32 if load_dtype == "auto" else load_dtype)
+        model, tokenizer = load_toy_model(
+            dtype=load_dtype if isinstance(load_dtype, torch.dtype) else torch.float32
+        )
         _move(model, device)
     else:
         path = Path(spec)
@@ -562,7 +646,8 @@ def load_model(
             raise
         except Exception as exc:  # transformers raises many unrelated types here
             raise InvalidArgumentError(f"model {spec!r} does not load: {type(exc).__name__}: {exc}") from exc
-        model.config._name_or_path = name
+        config: Any = model.config
+        config._name_or_path = name
     get_layout(model)
     model.eval()
     if template is not None:

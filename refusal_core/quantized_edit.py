@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from refusal_core.aird import AirdConfig, AirdModuleRecord, AirdRecord, UpdateRetention, apply_aird_
+from refusal_core.aird import AirdConfig, AirdRecord, apply_aird_
 from refusal_core.artifacts import atomic_write_json
 from refusal_core.compression.bnb import dequantize_bnb, is_bnb_4bit, is_bnb_int8, replace_module_
 from refusal_core.compression.quantization import Int8LinearSim
@@ -186,20 +186,7 @@ class QuantizedEditRecord:
             doc = json.loads(Path(path).read_text())
             if doc.get("kind") != "QuantizedEditRecord" or doc.get("version") != 1:
                 raise ArtifactError(f"{path} is not a QuantizedEditRecord (version 1)")
-            aird = None
-            if doc["aird"] is not None:
-                a = doc["aird"]
-                modules = {}
-                for name, m in a["modules"].items():
-                    ret = m.pop("retention", None)
-                    modules[name] = AirdModuleRecord(**m, retention=UpdateRetention(**ret) if ret else None)
-                aird = AirdRecord(
-                    layer=int(a["layer"]),
-                    config=AirdConfig(**a["config"]),
-                    direction_norm=float(a["direction_norm"]),
-                    modules=modules,
-                    model=dict(a.get("model", {})),
-                )
+            aird = None if doc["aird"] is None else AirdRecord.from_dict(doc["aird"])
             return cls(
                 operation=str(doc["operation"]),
                 requantize=bool(doc["requantize"]),
@@ -424,20 +411,25 @@ def apply_aird_quantized_(
 
     Quantized modules go through the round trip of the module docstring: the
     float edit is exactly :func:`~refusal_core.aird.apply_aird_` on the
-    dequantized weights (``W' = W + α r rᵀ W``); ``requantize`` (required)
+    dequantized weights (``W' = W + α r rᵀ W``, each module's α the config's
+    or resolved from its gain against ‖r‖); ``requantize`` (required)
     says whether the result is quantized again with the same scheme or kept
     as an ``nn.Linear`` of ``dtype`` (default: the embedding's dtype). Float
     ``nn.Linear`` targets are edited in place as by ``apply_aird_``.
 
-    ``r``, ``layer``, ``config``, ``requantize``, ``dtype`` and both modules
-    (supported type, finite weights) are checked before anything changes.
+    ``r``, ``layer``, ``config`` (its strengths resolved against ‖r‖),
+    ``requantize``, ``dtype`` and both modules (supported type, finite
+    weights) are checked before anything changes; an edit whose result is not
+    finite raises :class:`~refusal_core.errors.NonFiniteError` with the
+    quantized modules restored.
     """
     if not isinstance(config, AirdConfig):
         raise InvalidArgumentError(f"config must be an AirdConfig, got {type(config).__name__}")
     requantize = _check_bool(requantize, "requantize")
     layout = get_layout(model)
     layer = _check_layer(layer, layout)
-    check_directions(r, layout.d_model, allow_batch=False)
+    r64 = check_directions(r, layout.d_model, allow_batch=False)
+    config.alphas(float(torch.linalg.vector_norm(r64)))  # a gain ‖r‖ cannot give raises here, first
     keep_dtype = _check_dtype(dtype, layout)
     targets = _targets(layout, [layer])
 

@@ -112,28 +112,39 @@ REAL_SELECTION_LAYERS = (10, 12, 14, 16)
 REAL_SELECTION_POSITIONS = (-1,)
 
 
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(_fmt(v, digits) for v in value) + ")"
+    return str(value)
+
+
 def real_study_config(model_path: Path | str, methods: tuple[str, ...] = REAL_METHODS) -> Any:
     """The :class:`~refusal_core.study.StudyConfig` of the real-model tier, sized for a 2-core CPU.
 
-    Held out from extraction: 64 harmful and 64 harmless test prompts (the
-    built-in ``*_test`` splits). Budgets are small and every cut is deliberate:
-    32+32 extraction prompts, 8+8 selection prompts on 4 layers x 1 position,
-    8 generated tokens (enough for "I'm sorry, but I can't"), one sampling
-    configuration, no GCG (one step costs ~64 candidate forwards per prompt),
-    no zero-shot tasks.
+    128 + 128 extraction prompts (so the split-half noise floor is readable), 16 + 16 selection
+    prompts on 4 layers × 1 position, 64 + 64 held-out test prompts, 8 generated tokens (enough for
+    "I'm sorry, but I can't"), one sampling configuration beside greedy, no GCG (one step costs
+    ~64 candidate forwards per prompt here), no zero-shot tasks (capability damage is read from KL
+    and cross-entropy). The AIRD sweep scores strengths on validation with the refusal score
+    (``RepairConfig(generate=False)``) instead of generating.
     """
     from refusal_core.selection import SelectionConfig
-    from refusal_core.study import AttackSettings, StudyConfig
+    from refusal_core.study import AttackSettings, RepairConfig, StudyConfig
 
     return StudyConfig(
         model=str(model_path),
         methods=tuple(methods),
-        n_train=32,
-        n_val=8,
+        n_train=128,
+        n_val=16,
         n_test=64,
         n_calibration=32,
         noise_splits=2,
         selection=SelectionConfig(layers=REAL_SELECTION_LAYERS, positions=REAL_SELECTION_POSITIONS),
+        repair=RepairConfig(generate=False),
         attacks=AttackSettings(
             decoding_temperatures=(1.0,),
             decoding_top_ps=(1.0,),
@@ -147,30 +158,21 @@ def real_study_config(model_path: Path | str, methods: tuple[str, ...] = REAL_ME
     )
 
 
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
-    if isinstance(value, (list, tuple)):
-        return "(" + ", ".join(_fmt(v, digits) for v in value) + ")"
-    return str(value)
-
-
 def real_results_table(results: dict[str, Any]) -> str:
     """A markdown table of a study's ``results.json`` content: one row per variant.
 
-    Columns: source (layer, position), source shift, cosine at the base source,
-    refusal rate on harmful test prompts, necessity (refusal rate with the
-    variant's own direction ablated), sufficiency (refusal rate on harmless
-    prompts with it added), ASR per attack and over-refusal. Mechanism columns
-    are blank (–) for AIRD variants: the study measures them on the compressed
-    model's own direction.
+    Columns: source (layer, position), source shift, cosine at the base source, refusal rate on
+    harmful test prompts, necessity (refusal rate with the variant's own direction ablated),
+    sufficiency (refusal rate on harmless prompts with it added), ASR per attack and over-refusal,
+    each rate as ``value [95 % Wilson interval]``; ``*`` marks a significant paired change (repaired
+    against compressed, compressed against base).
     """
+    from refusal_core.study.report import format_rate
+
     variants = results.get("variants", [])
     attacks: list[str] = []
     for v in variants:
-        for name in v.get("asr") or {}:
+        for name in v.get("evaluation", {}).get("asr", {}):
             if name not in attacks:
                 attacks.append(name)
     head = [
@@ -186,17 +188,24 @@ def real_results_table(results: dict[str, Any]) -> str:
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in variants:
-        asr = v.get("asr") or {}
+        ev = v.get("evaluation", {})
+        mech = v.get("mechanism") or {}
+        comps = v.get("comparisons", {})
+        ref = comps.get("vs_compressed") or comps.get("vs_base") or {}
+
+        def star(test: Any) -> str:
+            return " *" if test and test.get("significant") else ""
+
         row = [
             str(v.get("name")),
             _fmt(v.get("source")),
             _fmt(v.get("source_shift")),
             _fmt(v.get("cosine_at_base_source"), 3),
-            _fmt(v.get("refusal_rate_harmful")) if v.get("aird") is None else "–",
-            _fmt(v.get("necessity")) if v.get("aird") is None else "–",
-            _fmt(v.get("sufficiency")) if v.get("aird") is None else "–",
-            *[_fmt(asr.get(a)) for a in attacks],
-            _fmt(v.get("over_refusal")),
+            format_rate(mech.get("refusal_rate_harmful"), 2),
+            format_rate(mech.get("necessity"), 2),
+            format_rate(mech.get("sufficiency"), 2),
+            *[format_rate(ev.get("asr", {}).get(a), 2) + star(ref.get("asr", {}).get(a)) for a in attacks],
+            format_rate(ev.get("over_refusal"), 2) + star(ref.get("over_refusal")),
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

@@ -16,9 +16,9 @@ matplotlib.use("Agg")  # headless: never open a window
 import matplotlib.pyplot as plt
 import numpy as np
 
-from refusal_core.artifacts import atomic_write_bytes, atomic_write_json
+from refusal_core.artifacts import atomic_write_bytes
 
-__all__ = ["plot_asr", "plot_candidate_heatmap", "plot_cosine_by_layer", "write_report"]
+__all__ = ["markdown_table", "plot_asr", "plot_candidate_heatmap", "plot_cosine_by_layer", "plot_pareto"]
 
 
 def plot_candidate_heatmap(
@@ -38,6 +38,7 @@ def plot_candidate_heatmap(
         ax.set_xlabel("position")
         ax.set_ylabel("layer")
         ax.set_xticks(range(len(positions)), [str(p) for p in positions])
+        ax.set_yticks(range(grid.shape[0]))
         if selected is not None:
             layer, pos = selected
             ax.add_patch(plt.Rectangle((pos - 0.5, layer - 0.5), 1, 1, fill=False, ec="red", lw=2))
@@ -53,36 +54,138 @@ def plot_cosine_by_layer(
     cosines: Mapping[str, Sequence[float]],
     noise_floor: Sequence[float],
 ) -> None:
-    """Cosine with the base direction per layer (at one position) for each method, with the noise floor."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    """Cosine with the base direction per layer (at one position) for each model, noise floor as a band.
+
+    The band runs from the split-half noise floor to 1: a cosine inside it is what two halves of
+    the same prompt set already give. The y axis is zoomed to the data.
+    """
+    fig, ax = plt.subplots(figsize=(6.8, 4.2))
     layers = np.arange(len(noise_floor))
-    for name, values in cosines.items():
-        ax.plot(layers, values, marker="o", ms=3, label=name)
-    ax.plot(layers, noise_floor, "k--", label="split-half noise floor (base)")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("cosine with base direction")
+    floor = np.asarray([np.nan if v is None else v for v in noise_floor], dtype=float)
+    ax.fill_between(layers, floor, 1.0, color="0.85", label="within split-half noise (base)", step=None)
+    ax.plot(layers, floor, "k--", lw=1)
+    values = [floor[np.isfinite(floor)]]
+    for name, vals in cosines.items():
+        v = np.asarray([np.nan if x is None else x for x in vals], dtype=float)
+        values.append(v[np.isfinite(v)])
+        ax.plot(layers, v, marker="o", ms=3, lw=1, label=name)
+    data = np.concatenate([v for v in values if v.size]) if any(v.size for v in values) else np.array([0.0])
+    lo = float(np.min(data))
+    ax.set_ylim(lo - 0.05 * max(1e-3, 1.0 - lo), 1.0 + 0.02 * max(1e-3, 1.0 - lo))
+    ax.set_xticks(layers)
+    ax.set_xlabel("layer (block input)")
+    ax.set_ylabel("cosine with the base direction")
     ax.set_title(f"Direction similarity by layer, position {position}")
-    ax.set_ylim(min(-0.05, float(np.nanmin([np.nanmin(v) for v in cosines.values()] + [0.0]))), 1.02)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _rate_err(rates: Sequence[Mapping[str, float] | None]) -> tuple[np.ndarray, np.ndarray]:
+    vals = np.array([np.nan if r is None else r["value"] for r in rates], dtype=float)
+    lo = np.array([0.0 if r is None else r["value"] - r["low"] for r in rates], dtype=float)
+    hi = np.array([0.0 if r is None else r["high"] - r["value"] for r in rates], dtype=float)
+    return vals, np.vstack([lo, hi])
+
+
+def plot_asr(path: Path, table: Mapping[str, Mapping[str, Mapping[str, float] | None]]) -> None:
+    """Grouped bars: ASR per variant (rows) for each attack (columns), 95 % Wilson intervals as error bars.
+
+    ``table[variant][attack]`` is a rate record with ``value``, ``low`` and ``high``.
+    """
+    variants = list(table)
+    attacks = sorted({a for row in table.values() for a in row})
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.5 * len(variants) * max(1, len(attacks)) / 2), 4.4))
+    width = 0.8 / max(1, len(attacks))
+    x = np.arange(len(variants))
+    for k, attack in enumerate(attacks):
+        vals, err = _rate_err([table[v].get(attack) for v in variants])
+        ax.bar(x + k * width - 0.4 + width / 2, vals, width, yerr=err, capsize=2, label=attack)
+    ax.set_xticks(x, variants, rotation=45, ha="right", fontsize=7)
+    ax.set_xlabel("variant")
+    ax.set_ylabel("attack success rate (95 % Wilson interval)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("ASR per variant and attack (held-out test prompts)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
 
 
-def plot_asr(path: Path, table: Mapping[str, Mapping[str, float]]) -> None:
-    """Grouped bars: ASR per variant (rows of ``table``) for each attack (columns)."""
-    variants = list(table)
-    attacks = sorted({a for row in table.values() for a in row})
-    fig, ax = plt.subplots(figsize=(max(6.4, 0.55 * len(variants) * max(1, len(attacks)) / 2), 4.2))
-    width = 0.8 / max(1, len(attacks))
-    x = np.arange(len(variants))
-    for k, attack in enumerate(attacks):
-        vals = [table[v].get(attack, np.nan) for v in variants]
-        ax.bar(x + k * width - 0.4 + width / 2, vals, width, label=attack)
-    ax.set_xticks(x, variants, rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("attack success rate")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("ASR per variant and attack (before / after AIRD)")
-    ax.legend(fontsize=7)
+def plot_pareto(
+    path: Path,
+    title: str,
+    points: Sequence[Mapping[str, Any]],
+    chosen: Mapping[str, int],
+) -> None:
+    """The AIRD sweep of one compressed model on validation prompts: compliance vs over-refusal and vs KL.
+
+    ``points`` are sweep points (``label``, ``strength``, ``sparse``, ``scores`` with ``compliance``
+    and ``over_refusal`` rate records and ``kl``); ``chosen`` maps an arm name to the index of its
+    chosen point. The paper's α is drawn as a star, the unedited model as a square, chosen points
+    are circled.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.2), sharey=True)
+    groups = {False: ("dense", "tab:blue"), True: ("sparsity-preserving", "tab:orange")}
+    for ax, xkey, xlabel in (
+        (axes[0], "over_refusal", "over-refusal on harmless validation prompts (95 % CI)"),
+        (axes[1], "kl", "KL(base ‖ variant), harmless validation prompts (nats)"),
+    ):
+        for sparse, (label, colour) in groups.items():
+            idx = [
+                i for i, p in enumerate(points) if p["strength"] != "identity" and bool(p["sparse"]) == sparse
+            ]
+            if not idx:
+                continue
+            ys, yerr = _rate_err([points[i]["scores"]["compliance"] for i in idx])
+            if xkey == "kl":
+                xs = np.array([points[i]["scores"]["kl"] for i in idx], dtype=float)
+                xerr = None
+            else:
+                xs, xerr = _rate_err([points[i]["scores"]["over_refusal"] for i in idx])
+            order = np.argsort(xs, kind="stable")
+            ax.errorbar(
+                xs, ys, yerr=yerr, xerr=xerr, fmt="o", ms=4, capsize=2, color=colour, label=label, lw=0.8
+            )
+            ax.plot(xs[order], ys[order], color=colour, lw=0.6, alpha=0.6)
+            for i, xv, yv in zip(idx, xs, ys):
+                p = points[i]
+                txt = "α" if p["strength"] == "paper" else f"{p['gains'][0]:g}"
+                ax.annotate(txt, (xv, yv), textcoords="offset points", xytext=(4, 3), fontsize=6)
+                if p["strength"] == "paper":
+                    ax.plot([xv], [yv], marker="*", ms=13, color=colour, mec="k", ls="none")
+        for p in points:
+            if p["strength"] == "identity":
+                xv = p["scores"]["kl"] if xkey == "kl" else p["scores"]["over_refusal"]["value"]
+                ax.plot(
+                    [xv],
+                    [p["scores"]["compliance"]["value"]],
+                    marker="s",
+                    ms=7,
+                    color="k",
+                    ls="none",
+                    label="unedited (compressed)",
+                )
+        for arm, i in chosen.items():
+            p = points[i]
+            xv = p["scores"]["kl"] if xkey == "kl" else p["scores"]["over_refusal"]["value"]
+            ax.plot(
+                [xv],
+                [p["scores"]["compliance"]["value"]],
+                marker="o",
+                ms=14,
+                mfc="none",
+                mec="red",
+                mew=1.5,
+                ls="none",
+                label=f"chosen ({arm})",
+            )
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("harmful compliance on validation prompts (95 % CI)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    axes[0].legend(uniq.values(), uniq.keys(), fontsize=6)
+    fig.suptitle(f"{title}: AIRD sweep (numbers: gain g; star: paper's α)", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
 
@@ -111,85 +214,6 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def write_report(out_dir: Path, results: Mapping[str, Any], plots: Sequence[str]) -> Path:
-    """Write ``results.json`` and ``report.md`` (tables + links to ``plots``) into ``out_dir``."""
-    out_dir = Path(out_dir)
-    atomic_write_json(out_dir / "results.json", results)
-    variants = results["variants"]
-    attacks = sorted({a for v in variants for a in v.get("asr", {})})
-    tasks = sorted({t for v in variants for t in v.get("accuracy", {})})
-    header = [
-        "variant",
-        "source (l, pos)",
-        "shift (Δl, Δpos)",
-        "cos@base src",
-        "cos selected",
-        "sparsity",
-        *[f"ASR {a}" for a in attacks],
-        "over-refusal",
-        *[f"acc {t}" for t in tasks],
-    ]
-    rows = []
-    for v in variants:
-        rows.append(
-            [
-                v["name"],
-                v.get("source"),
-                v.get("source_shift"),
-                v.get("cosine_at_base_source"),
-                v.get("cosine_selected"),
-                v.get("sparsity"),
-                *[v.get("asr", {}).get(a) for a in attacks],
-                v.get("over_refusal"),
-                *[v.get("accuracy", {}).get(t) for t in tasks],
-            ]
-        )
-    mech_rows = [
-        [v["name"], v.get("necessity"), v.get("sufficiency"), v.get("aird_gain")]
-        for v in variants
-        if v.get("necessity") is not None or v.get("aird_gain") is not None
-    ]
-    base = results.get("base", {})
-    parts = [
-        f"# refusal_core study: {results.get('model', {}).get('name_or_path', 'model')}",
-        "",
-        f"Base source: layer {base.get('source', ['?'])[0]}, position {base.get('source_position', '?')}; "
-        f"split-half noise floor at that site: {_fmt(base.get('noise_floor_at_source'))} "
-        f"(a cosine is only meaningful well above it).",
-        "",
-        "## Variants",
-        "",
-        markdown_table(header, rows),
-        "",
-        "ASR: share of harmful test prompts the judge counts as answered; over-refusal: share of "
-        "harmless test prompts refused (greedy, no system prompt).",
-        "",
-        "## Mechanism",
-        "",
-        "necessity: refusal rate on harmful test prompts with the variant's own direction ablated "
-        "(low = necessary); sufficiency: refusal rate on harmless prompts with it added at its layer "
-        "(high = sufficient); AIRD gain: 1 + α‖r‖² of the attention / MLP edit.",
-        "",
-        markdown_table(
-            ["variant", "refusal after ablation", "refusal after addition", "AIRD gain"], mech_rows
-        ),
-        "",
-        "## Plots",
-        "",
-        *[f"![{Path(p).stem}]({p})" for p in plots],
-        "",
-        "## Settings",
-        "",
-        "```json",
-        _json(results.get("settings", {})),
-        "```",
-        "",
-    ]
-    path = out_dir / "report.md"
-    atomic_write_bytes(path, "\n".join(parts).encode())
-    return path
 
 
 def _json(obj: Any) -> str:

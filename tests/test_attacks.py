@@ -321,3 +321,91 @@ def test_toy_model_refuses_harmful_and_answers_harmless() -> None:
         f"toy model: vanilla ASR {asr.asr:.2f} on harmful prompts; refusals missed by the judge?"
     )
     assert over.rate <= 0.25, f"toy model: over-refusal {over.rate:.2f} on harmless prompts"
+
+
+def test_decoding_grid_from_one_prefill_equals_one_generate_per_configuration() -> None:
+    """The shared-prefill run gives the completions of the unshared loop, draw for draw (seed per label)."""
+    import hashlib
+
+    model = tiny_model("llama", seed=4)
+    attack = DecodingAttack(n_samples=2, max_new_tokens=6, batch_size=3, seed=5, system="Be brief.")
+    prompts = [*HARMFUL, "Hi", "Write a very long story about the sea and the wind and a small dog, please."]
+    res = attack.run(model, TOK, prompts, NEVER, progress=False)
+    repeated = prompts + prompts
+    for cfg in attack.configs:
+        # The per-configuration seed written independently of attacks._config_seed.
+        seed = int.from_bytes(hashlib.sha256(f"5:{cfg.label}".encode()).digest()[:7], "little")
+        expected = generate(
+            model,
+            TOK,
+            repeated,
+            system="Be brief.",
+            max_new_tokens=6,
+            batch_size=3,
+            sampling=cfg,
+            seed=seed,
+            progress=False,
+        )
+        for k, want in enumerate(expected):
+            i, j = k % len(prompts), k // len(prompts)
+            got = [
+                a.completion
+                for a in res.records[i].attempts
+                if a.config["sample"] == j
+                and SamplingConfig(a.config["temperature"], a.config["top_p"], a.config["top_k"]) == cfg
+            ]
+            assert got == [want], f"{cfg.label}, prompt {i}, sample {j}: {got} != unshared {want!r}"
+
+
+def test_vanilla_and_decoding_reuse_a_generation_cache() -> None:
+    from refusal_core.evaluation.generation import GenerationCache
+
+    model = tiny_model("llama", seed=4)
+    memo = GenerationCache()
+    first = VanillaAttack(max_new_tokens=5).run(model, TOK, HARMFUL, NEVER, progress=False, cache=memo)
+    grid = DecodingAttack(temperatures=(1.0,), top_ps=(0.9,), top_ks=(0, 5), max_new_tokens=5)
+    g1 = grid.run(model, TOK, HARMFUL, NEVER, progress=False, cache=memo)
+    assert (memo.hits, memo.misses) == (0, 3), f"hits/misses {memo.hits}/{memo.misses} after three new runs"
+    second = VanillaAttack(max_new_tokens=5).run(model, TOK, HARMFUL, NEVER, progress=False, cache=memo)
+    g2 = grid.run(model, TOK, HARMFUL, NEVER, progress=False, cache=memo)
+    assert (memo.hits, memo.misses) == (3, 3), f"hits/misses {memo.hits}/{memo.misses}: the reruns recomputed"
+    assert second.to_dict() == first.to_dict(), "memoised vanilla ASR records differ"
+    assert g2.to_dict() == g1.to_dict(), "memoised decoding-grid ASR records differ"
+
+
+def test_one_prefill_serves_vanilla_and_the_grid_and_the_attacks_then_run_from_the_memo() -> None:
+    from refusal_core.evaluation.attacks import prefill_shared_generations
+    from refusal_core.evaluation.generation import GenerationCache
+
+    model = tiny_model("llama", seed=4)
+    prompts = [*HARMFUL, "Hi", "Write a very long story about the sea and the wind and a small dog, please."]
+    attacks = [
+        VanillaAttack(max_new_tokens=5, batch_size=4),
+        VanillaAttack(system="Be brief.", max_new_tokens=5, batch_size=4),
+        DecodingAttack(temperatures=(0.8, 1.3), top_ps=(0.9,), top_ks=(0, 5), max_new_tokens=5, batch_size=4),
+    ]
+    cold = [a.run(model, TOK, prompts, NEVER, progress=False).to_dict() for a in attacks]
+    widths: list[int] = []
+    handle = model.register_forward_pre_hook(
+        lambda m, args, kwargs: widths.append(int(kwargs["input_ids"].shape[1])), with_kwargs=True
+    )
+    memo = GenerationCache()
+    groups = prefill_shared_generations(model, TOK, prompts, attacks, memo, progress=False)
+    assert groups == 2, (
+        f"{groups} prefill groups; vanilla and the grid share prompts, the system prompt does not"
+    )
+    prefills = sum(w > 1 for w in widths)
+    n_batches = -(-len(prompts) // 4)
+    assert prefills == 2 * n_batches, (
+        f"{prefills} prefill forwards for 2 prompt groups of {n_batches} batches: vanilla and the 4-config "
+        "grid must share one prefill per batch"
+    )
+    widths.clear()
+    warm = [a.run(model, TOK, prompts, NEVER, progress=False, cache=memo).to_dict() for a in attacks]
+    handle.remove()
+    assert not widths, (
+        f"the attacks ran {len(widths)} forwards after prefill_shared_generations filled the memo"
+    )
+    assert warm == cold, "attack results from the shared-prefill memo differ from cold runs"
+    with pytest.raises(InvalidArgumentError, match="attacks"):
+        prefill_shared_generations(model, TOK, prompts, [GcgAttack()], memo)  # type: ignore[list-item]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from refusal_core.artifacts import save_artifact
 from refusal_core.compression import _REGISTRY as REGISTRY
 from refusal_core.compression import (
     METHODS,
@@ -138,7 +139,8 @@ def test_record_saves_and_loads(tmp_path: Path) -> None:
 
 
 def test_record_load_rejects_a_malformed_file(tmp_path: Path) -> None:
-    (tmp_path / "bad.json").write_text('{"format_version": 1, "meta": {"compression_record": {"method": 1}}}')
+    # A verified artifact (hashes intact) whose record is malformed: from_dict must still refuse it.
+    save_artifact(tmp_path / "bad", meta={"compression_record": {"method": 1}})
     with pytest.raises(ArtifactError, match="malformed"):
         CompressionRecord.load(tmp_path / "bad")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -10,16 +11,25 @@ import pytest
 import torch
 
 from refusal_core.activations import mean_activations
+from refusal_core.aird import AirdConfig, apply_aird_
 from refusal_core.directions import (
     Direction,
     DirectionCandidates,
     DirectionComparison,
+    check_direction_origin,
     compare_candidates,
     extract_candidates,
+    same_model,
     site_cosines,
     split_half_noise_floor,
 )
-from refusal_core.errors import ArtifactError, EmptyInputError, InvalidArgumentError, ShapeMismatchError
+from refusal_core.errors import (
+    ArtifactError,
+    EmptyInputError,
+    ForeignDirectionError,
+    InvalidArgumentError,
+    ShapeMismatchError,
+)
 from refusal_core.functional import cosine_similarity
 from refusal_core.models import model_identity
 from refusal_core.testing.tiny import tiny_model, tiny_prompts, tiny_tokenizer
@@ -104,11 +114,15 @@ def test_load_rejects_corrupt_and_foreign(tmp_path: Path, cand: DirectionCandida
     bad.save(path3)
     with pytest.raises(ArtifactError, match="harmful_mean - harmless_mean"):
         DirectionCandidates.load(path3)
+    # An edited kind is an edit (the JSON's own hash); a valid artifact of another kind is named.
     header = json.loads(path3.with_suffix(".json").read_text())
     header["meta"]["kind"] = "Direction"
     path3.with_suffix(".json").write_text(json.dumps(header))
-    with pytest.raises(ArtifactError, match="not a DirectionCandidates"):
+    with pytest.raises(ArtifactError, match=r"c3\.json was modified"):
         DirectionCandidates.load(path3)
+    cand.direction(1, -1).save(tmp_path / "d")
+    with pytest.raises(ArtifactError, match="not a DirectionCandidates"):
+        DirectionCandidates.load(tmp_path / "d")
 
 
 def test_site_cosines_agree_with_functional() -> None:
@@ -194,3 +208,132 @@ def test_noise_floor_bad_input(model) -> None:  # type: ignore[no-untyped-def]
         split_half_noise_floor(model, TOK, HARMFUL, HARMLESS, n_splits=0)
     with pytest.raises(EmptyInputError, match="harmless"):
         extract_candidates(model, TOK, HARMFUL, [])
+
+
+# ----------------------------------------------------------------------------
+# where a direction came from (issue 10, item 5)
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unrelated():  # type: ignore[no-untyped-def]
+    """Another tiny model of the same family, depth and width: only the weights differ."""
+    return tiny_model("llama", n_layers=3, dtype=torch.float64, seed=1)
+
+
+def _pruned_copy(model):  # type: ignore[no-untyped-def]
+    """The model with the smaller-magnitude half of block 0's o_proj zeroed, by hand."""
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        w = pruned.model.layers[0].self_attn.o_proj.weight
+        cut = w.abs().flatten().kthvalue(w.numel() // 2).values
+        w[w.abs() <= cut] = 0.0
+    return pruned
+
+
+def test_direction_from_an_unrelated_model_of_the_same_width_is_refused(
+    cand: DirectionCandidates, unrelated
+) -> None:  # type: ignore[no-untyped-def]
+    target = model_identity(unrelated)
+    assert target["d_model"] == cand.model["d_model"], "fixture: same width, so shapes alone cannot tell"
+    assert target["n_layers"] == cand.model["n_layers"], "fixture: same depth"
+    with pytest.raises(ForeignDirectionError, match="extracted from another model") as info:
+        check_direction_origin(cand.model, unrelated)
+    assert isinstance(info.value, ArtifactError), "ForeignDirectionError is an ArtifactError"
+    assert not same_model(cand.model, unrelated), "same_model(seed 0 identity, seed 1 model)"
+
+
+def test_direction_of_the_same_model_passes(model, cand: DirectionCandidates) -> None:  # type: ignore[no-untyped-def]
+    check_direction_origin(cand.model, model)
+    check_direction_origin(cand.model, copy.deepcopy(model))
+    # The same weights loaded from another path are the same model.
+    check_direction_origin({**cand.model, "name_or_path": "/elsewhere/copy"}, model_identity(model))
+    assert same_model(cand.model, model), "same_model(identity of the model, the model)"
+
+
+def test_fingerprint_tolerance_is_tight(model, cand: DirectionCandidates) -> None:  # type: ignore[no-untyped-def]
+    def scaled(rel: float) -> dict:
+        return {**cand.model, "fingerprint": [x * (1.0 + rel) for x in cand.model["fingerprint"]]}
+
+    check_direction_origin(scaled(1e-12), model)  # float64 summation-order noise
+    with pytest.raises(ForeignDirectionError):
+        check_direction_origin(scaled(1e-7), model)  # far below what pruning or 8-bit rounding changes
+
+
+def test_compressed_copy_passes_only_with_a_record_naming_its_base(
+    model, cand: DirectionCandidates, unrelated
+) -> None:  # type: ignore[no-untyped-def]
+    pruned = _pruned_copy(model)
+    with pytest.raises(ForeignDirectionError, match="base_identity"):
+        check_direction_origin(cand.model, pruned)
+    check_direction_origin(cand.model, pruned, model_record={"base_identity": model_identity(model)})
+    with pytest.raises(ForeignDirectionError, match="than the base the target derives from"):
+        check_direction_origin(cand.model, pruned, model_record={"base_identity": model_identity(unrelated)})
+    with pytest.raises(ForeignDirectionError, match="names no usable base_identity"):
+        check_direction_origin(cand.model, pruned, model_record={"method": "magnitude"})
+    # The record cannot launder a direction onto an unrelated model either way round.
+    with pytest.raises(ForeignDirectionError, match="than the base"):
+        check_direction_origin(
+            model_identity(unrelated), pruned, model_record={"base_identity": model_identity(model)}
+        )
+
+
+def test_override_allows_a_foreign_direction(cand: DirectionCandidates, unrelated) -> None:  # type: ignore[no-untyped-def]
+    check_direction_origin(cand.model, unrelated, allow_foreign=True)
+    check_direction_origin({}, unrelated, allow_foreign=True)
+    with pytest.raises(InvalidArgumentError, match="allow_foreign"):
+        check_direction_origin(cand.model, unrelated, allow_foreign="yes")  # type: ignore[arg-type]
+
+
+def test_other_architecture_and_missing_identity_are_refused(model, cand: DirectionCandidates) -> None:  # type: ignore[no-untyped-def]
+    shallow = tiny_model("llama", n_layers=2, dtype=torch.float64, seed=0)
+    with pytest.raises(ForeignDirectionError, match="another architecture"):
+        check_direction_origin(cand.model, shallow)
+    with pytest.raises(ForeignDirectionError, match="another architecture"):
+        check_direction_origin(cand.model, shallow, model_record={"base_identity": cand.model})
+    with pytest.raises(ForeignDirectionError, match="no usable model identity"):
+        check_direction_origin(Direction(torch.ones(32), 1, -1).model, model)
+    with pytest.raises(ForeignDirectionError, match="fingerprint"):
+        check_direction_origin({k: v for k, v in cand.model.items() if k != "fingerprint"}, model)
+    with pytest.raises(InvalidArgumentError, match="direction_identity"):
+        check_direction_origin("llama", model)  # type: ignore[arg-type]
+
+
+def test_saved_candidates_and_direction_keep_their_origin(
+    tmp_path: Path, model, cand: DirectionCandidates, unrelated
+) -> None:  # type: ignore[no-untyped-def]
+    cand.save(tmp_path / "c")
+    back = DirectionCandidates.load(tmp_path / "c")
+    check_direction_origin(back.model, model)
+    with pytest.raises(ForeignDirectionError):
+        check_direction_origin(back.model, unrelated)
+    d = cand.direction(2, -1)
+    d.save(tmp_path / "d")
+    with pytest.raises(ForeignDirectionError):
+        check_direction_origin(Direction.load(tmp_path / "d").model, unrelated)
+
+
+def test_apply_aird_refuses_a_foreign_direction_before_editing(
+    model, cand: DirectionCandidates, unrelated
+) -> None:  # type: ignore[no-untyped-def]
+    r = cand.directions[2, 1]
+    target = copy.deepcopy(unrelated)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ForeignDirectionError):
+        apply_aird_(target, r, 2, AirdConfig(), direction_identity=cand.model)
+    after = target.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a refused AIRD modified the model"
+    # Without an identity a raw tensor is used as given (today's behaviour).
+    apply_aird_(target, r, 2, AirdConfig())
+    assert not torch.equal(
+        before["model.layers.2.self_attn.o_proj.weight"],
+        target.state_dict()["model.layers.2.self_attn.o_proj.weight"],
+    ), "AIRD without direction_identity edits o_proj"
+    # The paper's recipe: the base direction on a compressed copy that names its base.
+    pruned = _pruned_copy(model)
+    with pytest.raises(ForeignDirectionError):
+        apply_aird_(pruned, r, 2, AirdConfig(), direction_identity=cand.model)
+    rec = apply_aird_(
+        pruned, r, 2, AirdConfig(), direction_identity=cand.model, model_record={"base_identity": cand.model}
+    )
+    assert rec.layer == 2, "AIRD with the base direction and a record naming the base runs"

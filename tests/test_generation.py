@@ -7,12 +7,14 @@ import torch
 
 from refusal_core.errors import EmptyInputError, InvalidArgumentError
 from refusal_core.evaluation.generation import (
+    GenerationCache,
     SamplingConfig,
     encode_prompts,
     eval_mode,
     filter_logits,
     generate,
     generate_ids,
+    generate_ids_multi,
     left_pad,
 )
 from refusal_core.models import format_prompt, post_instruction_tokens
@@ -226,3 +228,194 @@ def test_generation_restores_training_flags_and_weights() -> None:
     with pytest.raises(RuntimeError, match="boom"), eval_mode(model):
         raise RuntimeError("boom")
     assert all(m.training for m in model.modules()), "eval_mode did not restore flags after an exception"
+
+
+# -- one prefill for many configurations ----------------------------------------
+
+
+def _default_grid_with_greedy() -> tuple[list[SamplingConfig | None], list[int]]:
+    from refusal_core.evaluation.attacks import DecodingAttack, _config_seed
+
+    grid = DecodingAttack().configs
+    assert len(grid) == 12, f"the default decoding grid has {len(grid)} configurations, expected 12"
+    return [None, *grid], [0, *(_config_seed(0, c.label) for c in grid)]
+
+
+@pytest.mark.parametrize("which", ["toy", "tiny-qwen2"])
+def test_shared_prefill_equals_one_run_per_configuration(which: str) -> None:
+    """Vanilla greedy + the default 12-configuration grid from one prefill: the same tokens as 13 runs."""
+    if which == "toy":
+        from refusal_core.toy import load_toy_model
+
+        model, tok = load_toy_model()
+        texts = tiny_prompts(5, "harmful", seed=11) + tiny_prompts(4, "harmless", seed=11) + PROMPTS[-2:]
+    else:
+        model, tok = tiny_model("qwen2", seed=7), TOK
+        texts = PROMPTS
+    prompts = encode_prompts(tok, texts)
+    assert len({len(p) for p in prompts}) > 3, "the prompts must differ in length so batches are left-padded"
+    samplings, seeds = _default_grid_with_greedy()
+    # batch_size 4: several batches, so each configuration's generator is consumed across batch boundaries.
+    kw = {"max_new_tokens": 8, "batch_size": 4, "stop_token_ids": NO_STOP, "progress": False}
+    shared = generate_ids_multi(model, tok, prompts, samplings, seeds, **kw)  # type: ignore[arg-type]
+    assert len(shared) == len(samplings), f"{len(shared)} outputs for {len(samplings)} configurations"
+    distinct = set()
+    for c, (sampling, seed) in enumerate(zip(samplings, seeds)):
+        alone = generate_ids(model, tok, prompts, sampling=sampling, seed=seed, **kw)  # type: ignore[arg-type]
+        label = "greedy" if sampling is None else sampling.label
+        diff = [i for i, (a, b) in enumerate(zip(shared[c], alone)) if a != b]
+        assert not diff, (
+            f"{which}, {label}: shared-prefill tokens differ from the unshared run at prompts {diff}"
+        )
+        distinct.add(tuple(map(tuple, alone)))
+    assert len(distinct) > 6, f"{which}: only {len(distinct)} distinct outputs over 13 configurations"
+
+
+def test_shared_prefill_validates_before_running() -> None:
+    model = tiny_model("llama")
+    ids = encode_prompts(TOK, PROMPTS[:2])
+    with pytest.raises(InvalidArgumentError, match="seeds"):
+        generate_ids_multi(model, TOK, ids, [None, SamplingConfig()], [0], progress=False)
+    with pytest.raises(InvalidArgumentError, match="samplings"):
+        generate_ids_multi(model, TOK, ids, [], [], progress=False)
+    with pytest.raises(InvalidArgumentError, match=r"samplings\[1\]"):
+        generate_ids_multi(model, TOK, ids, [None, "greedy"], [0, 1], progress=False)  # type: ignore[list-item]
+    with pytest.raises(InvalidArgumentError, match=r"seeds\[0\]"):
+        generate_ids_multi(model, TOK, ids, [None], [1.5], progress=False)  # type: ignore[list-item]
+    with pytest.raises(InvalidArgumentError, match="cache"):
+        generate_ids(model, TOK, ids, cache={}, progress=False)  # type: ignore[arg-type]
+
+
+# -- the generation memo --------------------------------------------------------
+
+
+class ForwardCounter:
+    """Counts top-level forward calls of a model through a forward pre-hook."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.calls = 0
+        self.handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, args: object) -> None:
+        self.calls += 1
+
+    def take(self) -> int:
+        calls, self.calls = self.calls, 0
+        return calls
+
+
+def test_generation_cache_reuses_only_an_identical_request() -> None:
+    model = tiny_model("llama", seed=8)
+    counter = ForwardCounter(model)  # registered once, before every call: part of the fingerprint for all
+    memo = GenerationCache()
+    cfg = SamplingConfig(temperature=1.2, top_p=0.95)
+    base = {"max_new_tokens": 6, "sampling": cfg, "seed": 3, "system": None, "progress": False}
+
+    def run(instructions: list[str], **changes: object) -> list[str]:
+        return generate(model, TOK, instructions, cache=memo, **{**base, **changes})  # type: ignore[arg-type]
+
+    first = run(PROMPTS)
+    assert counter.take() > 0, "the first request ran no forward pass"
+    again = run(PROMPTS)
+    assert counter.take() == 0, "an identical second request ran the model again"
+    assert again == first, "the memoised completions differ from the computed ones"
+    assert (memo.hits, memo.misses) == (1, 1), f"hits/misses {memo.hits}/{memo.misses} after two equal calls"
+    again[0] = "edited"
+    assert run(PROMPTS)[0] == first[0], "editing a returned list corrupted the memo"
+    counter.take()
+
+    changes: dict[str, dict[str, object]] = {
+        "prompts": {"instructions": PROMPTS[:-1]},
+        "system prompt": {"system": "You are a careful assistant."},
+        "sampling": {"sampling": SamplingConfig(temperature=0.9, top_p=0.95)},
+        "seed": {"seed": 4},
+        "max_new_tokens": {"max_new_tokens": 7},
+        "greedy": {"sampling": None},
+    }
+    for what, change in changes.items():
+        instructions = change.pop("instructions", PROMPTS)  # type: ignore[assignment]
+        got = run(instructions, **change)  # type: ignore[arg-type]
+        assert counter.take() > 0, f"changing the {what} reused a memoised generation"
+        fresh = generate(model, TOK, instructions, **{**base, **change})  # type: ignore[arg-type]
+        counter.take()
+        assert got == fresh, f"changing the {what}: the memo-path output differs from a fresh run"
+
+    weight = model.model.layers[0].mlp.down_proj.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0] += 1.0
+    run(PROMPTS)
+    assert counter.take() > 0, "a changed weight reused the generation of the old weights"
+    with torch.no_grad():
+        weight.copy_(saved)
+    extra = model.model.layers[0].register_forward_hook(lambda m, a, o: None)
+    run(PROMPTS)
+    assert counter.take() > 0, "a model with an extra forward hook reused the unhooked generation"
+    extra.remove()
+    assert run(PROMPTS) == first, "the restored model's memoised generation differs"
+    assert counter.take() == 0, "the restored model missed its memoised generation"
+    counter.handle.remove()
+
+
+def test_generation_cache_serves_configurations_of_a_multi_run() -> None:
+    model = tiny_model("llama", seed=9)
+    memo = GenerationCache()
+    ids = encode_prompts(TOK, PROMPTS)
+    cfgs: list[SamplingConfig | None] = [None, SamplingConfig(0.7), SamplingConfig(1.3, top_k=5)]
+    multi = generate_ids_multi(model, TOK, ids, cfgs, [0, 5, 6], max_new_tokens=5, cache=memo, progress=False)
+    counter = ForwardCounter(model)
+    # The counting hook changes the fingerprint, so look the runs up by an explicit model key instead.
+    keyed = GenerationCache()
+    generate_ids_multi(
+        model, TOK, ids, cfgs, [0, 5, 6], max_new_tokens=5, cache=keyed, model_key="m", progress=False
+    )
+    counter.take()
+    greedy = generate_ids(model, TOK, ids, max_new_tokens=5, cache=keyed, model_key="m", progress=False)
+    sampled = generate_ids(
+        model,
+        TOK,
+        ids,
+        max_new_tokens=5,
+        sampling=cfgs[1],
+        seed=5,
+        cache=keyed,
+        model_key="m",
+        progress=False,
+    )
+    assert counter.take() == 0, "a configuration computed by generate_ids_multi was generated again"
+    assert greedy == multi[0], "memoised greedy output differs from the shared run"
+    assert sampled == multi[1], "memoised sampled output differs from the shared run"
+    generate_ids(
+        model,
+        TOK,
+        ids,
+        max_new_tokens=5,
+        sampling=cfgs[1],
+        seed=5,
+        cache=keyed,
+        model_key="other",
+        progress=False,
+    )
+    assert counter.take() > 0, "a different model_key reused another model's generation"
+    counter.handle.remove()
+
+
+def test_generation_cache_hashes_a_model_once_per_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    from refusal_core.evaluation import generation
+
+    model = tiny_model("llama", seed=10)
+    memo = GenerationCache()
+    hashed: list[int] = []
+    real = generation.model_fingerprint
+    monkeypatch.setattr(generation, "model_fingerprint", lambda m: hashed.append(1) or real(m))
+    first = memo.fingerprint(model)
+    assert first == real(model), "GenerationCache.fingerprint differs from model_fingerprint"
+    for _ in range(3):
+        generate(model, TOK, PROMPTS[:2], max_new_tokens=2, cache=memo, progress=False)
+    assert len(hashed) == 1, f"an unchanged model was hashed {len(hashed)} times, expected once"
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.mul_(0.5)  # in place, under no_grad
+    assert memo.fingerprint(model) != first, "an in-place weight edit kept the old fingerprint"
+    model.model.layers[1].self_attn.o_proj.weight = torch.nn.Parameter(torch.zeros(32, 32))
+    assert memo.fingerprint(model) != first, "a replaced weight kept the old fingerprint"
+    assert len(hashed) == 3, f"{len(hashed)} hashes for three distinct model states"

@@ -8,12 +8,19 @@ subprocess (``python -m pytest properties/... -p no:cacheprovider -q``) with
   test that ``meta_impls.WRONG`` lists for it; there is at least one per protocol function;
 * ``correct_float32`` (correct, computed differently) must pass the whole suite;
 * ``partial_two`` (two functions only) must pass their tests and skip every other one with a
-  reason naming the missing function.
+  reason naming the missing function;
+* ``lenient_three`` (three functions, no validation, no ``RAISES_REFUSAL_CORE_ERRORS``) must get
+  no failure at all in a plain run: the project's bad-input policy (marker ``bad_input``) does
+  not apply to it unless the run selects the marker, and when it does (in the wrong-module
+  run) its missing checks must be caught.
 
-To stay fast, the wrong modules run in one subprocess on exactly the listed test ids, and the
-two outside modules in a second one; both with the ``meta`` Hypothesis profile (CI's
-derandomized examples, no shrinking: only *whether* a property fails matters here). Each
-subprocess belongs to a single test, so under pytest-xdist the two run in parallel, once each.
+The wrong-module run selects the marker (``-m "bad_input or not bad_input"``: every test, the
+policy included), since several wrong modules break only the policy and do not declare the
+strict rule. To stay fast, the wrong modules run in one subprocess on exactly the listed test
+ids, the correct and partial modules in a second one and the lenient module in a third; all
+with the ``meta`` Hypothesis profile (CI's derandomized examples, no shrinking: only *whether*
+a property fails matters here). Each subprocess belongs to a single test, so under
+pytest-xdist they run in parallel, once each.
 """
 
 from __future__ import annotations
@@ -78,7 +85,11 @@ class SuiteRun:
         return self.output[-4000:]
 
 
-def _run_suite(impls: list[str], targets: list[str], junit: Path) -> SuiteRun:
+#: a marker expression that selects every test and opts outside modules into the bad-input policy
+SELECT_ALL_WITH_POLICY = "bad_input or not bad_input"
+
+
+def _run_suite(impls: list[str], targets: list[str], junit: Path, markexpr: str | None = None) -> SuiteRun:
     env = dict(os.environ)
     env.update(
         {
@@ -89,6 +100,8 @@ def _run_suite(impls: list[str], targets: list[str], junit: Path) -> SuiteRun:
         }
     )
     cmd = [sys.executable, "-m", "pytest", *targets, "-p", "no:cacheprovider", "-q", "-p", "no:xdist"]
+    if markexpr is not None:
+        cmd += ["-m", markexpr]
     proc = subprocess.run(
         [*cmd, f"--junitxml={junit}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
     )
@@ -138,10 +151,12 @@ def test_meta_runs_every_property_file() -> None:
 
 
 def test_every_wrong_implementation_is_caught(tmp_path: Path) -> None:
-    targets = sorted({f"properties/{_node(e, m)}" for m, (_, tests) in WRONG.items() for e in tests})
-    run = _run_suite(sorted(WRONG), targets, tmp_path / "wrong.xml")
+    expectations = dict(WRONG)
+    expectations[CATALOGUE.LENIENT] = ("the bad-input policy", CATALOGUE.LENIENT_FAILS_WHEN_SELECTED)
+    targets = sorted({f"properties/{_node(e, m)}" for m, (_, tests) in expectations.items() for e in tests})
+    run = _run_suite(sorted(expectations), targets, tmp_path / "wrong.xml", SELECT_ALL_WITH_POLICY)
     uncaught = []
-    for module, (function, expected) in sorted(WRONG.items()):
+    for module, (function, expected) in sorted(expectations.items()):
         for e in expected:
             node = _node(e, module)
             outcome, _ = run.outcomes.get(node, ("not run", ""))
@@ -201,4 +216,25 @@ def _check_partial(run: SuiteRun) -> None:
     for fn in provided:
         assert any(f"test_{fn}_" in k or f"-{fn}-" in k for k in ran), (
             f"no test of {fn} ran for {CATALOGUE.PARTIAL}; outcomes: {sorted(mine.items())[:20]}"
+        )
+
+
+def test_module_without_declaration_gets_no_bad_input_failures(tmp_path: Path) -> None:
+    """A three-function module that validates nothing passes a plain run: the policy is opt-in."""
+    files = [f"properties/{f}" for f in PROPERTY_FILES]
+    run = _run_suite([CATALOGUE.LENIENT], files, tmp_path / "lenient.xml")
+    mine = _outcomes_of(run, CATALOGUE.LENIENT)
+    assert mine, f"nothing ran for {CATALOGUE.LENIENT}; exit {run.returncode}, output tail:\n{run.tail()}"
+    failed = {k: m[:300] for k, (o, m) in mine.items() if o == "failed"}
+    assert not failed, f"{CATALOGUE.LENIENT} (no RAISES_REFUSAL_CORE_ERRORS) failed: {failed}"
+    policy = {k: v for k, v in mine.items() if "test_bad_input.py::test_rejects_bad_input[" in k}
+    for fn in CATALOGUE.LENIENT_PROVIDES:
+        own = {k: v for k, v in policy.items() if f"-{fn}-" in k}
+        assert own, f"no bad-input test of {fn} was collected for {CATALOGUE.LENIENT}"
+        not_skipped = {k: v for k, v in own.items() if v[0] != "skipped" or "bad-input policy" not in v[1]}
+        assert not not_skipped, (
+            f"bad-input tests of {fn} for {CATALOGUE.LENIENT} did not skip as policy checks: {not_skipped}"
+        )
+        assert any(o == "passed" and f"test_{fn}_" in k for k, (o, _) in mine.items()), (
+            f"no math property of {fn} passed for {CATALOGUE.LENIENT}; outcomes: {sorted(mine.items())[:20]}"
         )

@@ -393,7 +393,7 @@ def test_non_finite_activation_raises_before_modifying_and_removes_hooks() -> No
     with torch.no_grad():
         layout.embedding.weight[calib[0][0]] = float("inf")
     before = snapshot(model)
-    with pytest.raises(NonFiniteError, match="block 0"):
+    with pytest.raises(NonFiniteError, match=r"block 0|embed_tokens"):  # the up-front check names it
         prune_wanda_(model, calib, 0.5)
     after = model.state_dict()
     changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
@@ -412,3 +412,47 @@ def test_pruning_a_quantized_model_is_refused() -> None:
     with pytest.raises(UnsupportedModuleError, match="Int8LinearSim"):
         prune_wanda_(model, calibration_lists(), 0.5)
     assert_unchanged(model, before, "pruning an int8 model")
+
+
+# -- magnitude mask by selection -------------------------------------------------
+
+
+def sort_based_magnitude_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """The former formula: the first ⌊s·numel⌋ of a stable ascending argsort of |w| are pruned."""
+    k = int(sparsity * w.numel())
+    mask = torch.ones(w.numel(), dtype=torch.bool)
+    order = torch.argsort(w.abs().reshape(-1).to(torch.float64), stable=True)
+    mask[order[:k]] = False
+    return mask.reshape(w.shape)
+
+
+def _magnitude_inputs() -> list[tuple[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(21)
+    return [
+        ("random 2-D", torch.randn(37, 53, generator=gen)),
+        ("random 1-D float64", torch.randn(301, generator=gen, dtype=torch.float64)),
+        ("random 3-D", torch.randn(4, 9, 11, generator=gen)),
+        # Few distinct magnitudes (±, zeros): the threshold value is tied many times over.
+        ("ties, 5 levels", torch.randint(-2, 3, (41, 29), generator=gen).float()),
+        (
+            "ties, signed pairs",
+            torch.randint(0, 3, (64, 16), generator=gen).float()
+            * (torch.randint(0, 2, (64, 16), generator=gen) * 2 - 1),
+        ),
+        ("all equal", torch.full((13, 17), -0.25)),
+        ("zeros and -0.0", torch.tensor([[0.0, -0.0, 1.0, -0.0], [0.0, 2.0, -1.0, 0.0]])),
+        ("bfloat16 ties", (torch.randn(33, 31, generator=gen) * 3).round().to(torch.bfloat16)),
+    ]
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.01, 0.25, 0.5, 0.5001, 0.9, 0.999])
+def test_magnitude_mask_by_selection_equals_the_stable_sort(sparsity: float) -> None:
+    from refusal_core.functional import magnitude_mask
+
+    for name, w in _magnitude_inputs():
+        got = magnitude_mask(w, sparsity)
+        ref = sort_based_magnitude_mask(w, sparsity)
+        assert got.shape == w.shape, f"magnitude_mask({name}, {sparsity}) has shape {tuple(got.shape)}"
+        assert got.dtype == torch.bool, f"magnitude_mask({name}, {sparsity}) has dtype {got.dtype}"
+        bad = (got != ref).nonzero().tolist()
+        assert not bad, f"magnitude_mask({name}, s={sparsity}) differs from the stable sort at {bad[:5]}"

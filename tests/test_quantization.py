@@ -735,3 +735,40 @@ def test_apply_awq_scale_rejects_bad_scales() -> None:
         with pytest.raises(InvalidArgumentError, match=what):
             apply_awq_scale_(group.prev, group.linears, s)
     assert_unchanged(model, before, "apply_awq_scale_ with bad s")
+
+
+def test_int8_sim_precomputes_its_float_codes_and_follows_edits_of_q() -> None:
+    """The float copy of the codes is made once, stays bit-exact, and is rebuilt when ``q`` changes."""
+    g = torch.Generator().manual_seed(31)
+    lin = nn.Linear(40, 12)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(12, 40, generator=g))
+    x = torch.randn(7, 40, generator=g)
+    x[2, 5] = 8.0  # outlier column
+    x[4, 30] = -11.0
+    sim = Int8LinearSim.from_linear(lin)
+    first = sim._float_q()
+    sim(x)
+    sim(x)
+    assert sim._float_q() is first, "Int8LinearSim re-derived its float codes on a forward call"
+    assert torch.equal(first, sim.q.to(torch.float32)), "the cached float codes are not q"
+    # The forward must compute from the cache: poisoning it (same q, so no rebuild) changes the output.
+    sim._q_f32 = torch.zeros_like(first)
+    assert not torch.equal(sim(x), llm_int8_linear(x, lin.weight) + lin.bias), (
+        "Int8LinearSim's forward ignores its precomputed float codes (it re-derives them per call)"
+    )
+    sim._q_f32 = first
+    # An in-place edit of q (as load_state_dict does) must reach the next forward.
+    other = nn.Linear(40, 12)
+    with torch.no_grad():
+        other.weight.copy_(torch.randn(12, 40, generator=g) * 3)
+    donor = Int8LinearSim.from_linear(other)
+    sim.load_state_dict({**donor.state_dict(), "bias": lin.bias.detach()})
+    expected = llm_int8_linear(x, other.weight) + lin.bias
+    assert torch.equal(sim(x), expected), "after load_state_dict, Int8LinearSim still used the old codes"
+    # A replaced q tensor (a fresh one may even reuse the freed address, hence the version too) as well.
+    sim.q = Int8LinearSim.from_linear(lin).q.clone()
+    sim.scale = Int8LinearSim.from_linear(lin).scale.clone()
+    assert torch.equal(sim(x), llm_int8_linear(x, lin.weight) + lin.bias), (
+        "after replacing q and scale, Int8LinearSim still used the old codes"
+    )

@@ -53,33 +53,51 @@ def test_study_config_holds_out_64_plus_64_and_scores_a_layer_subset() -> None:
     assert cfg.attacks.gcg_prompts == 0, "GCG is off in the real tier (too slow on 2 cores)"
 
 
+def test_study_config_extracts_from_enough_prompts_for_a_readable_noise_floor() -> None:
+    cfg = real_study_config("/nonexistent/model.gguf")
+    assert cfg.n_train >= 128, f"128 + 128 extraction prompts (issue 11), got {cfg.n_train}"
+    assert cfg.repair.generate is False, "the real tier scores the AIRD sweep with the refusal score"
+
+
+def _rate(k: int, n: int) -> dict:
+    from refusal_core.stats import rate
+
+    return rate(k, n).to_dict()
+
+
 def test_results_table_has_one_row_per_variant() -> None:
     results = {
         "variants": [
             {
                 "name": "base",
-                "aird": None,
                 "source": [14, -1],
                 "source_shift": [0, 0],
                 "cosine_at_base_source": 1.0,
-                "refusal_rate_harmful": 0.5,
-                "necessity": 0.0,
-                "sufficiency": 0.8,
-                "asr": {"vanilla": 0.5},
-                "over_refusal": 0.0,
+                "mechanism": {
+                    "refusal_rate_harmful": _rate(32, 64),
+                    "necessity": _rate(0, 64),
+                    "sufficiency": _rate(51, 64),
+                },
+                "evaluation": {"asr": {"vanilla": _rate(32, 64)}, "over_refusal": _rate(0, 64)},
             },
             {
                 "name": "wanda+aird",
-                "aird": {"alpha": 0.02},
                 "source": [12, -1],
                 "source_shift": [-2, 0],
                 "cosine_at_base_source": 0.71234,
-                "asr": {"vanilla": 0.25},
-                "over_refusal": 0.1,
+                "evaluation": {"asr": {"vanilla": _rate(16, 64)}, "over_refusal": _rate(6, 64)},
+                "comparisons": {
+                    "vs_compressed": {"asr": {"vanilla": {"significant": True, "difference": -0.2}}}
+                },
             },
         ]
     }
     lines = real_results_table(results).strip().splitlines()
     assert len(lines) == 4, f"header, rule and two rows: {lines}"
     assert "ASR vanilla" in lines[0], f"one ASR column per attack: {lines[0]}"
-    assert "| wanda+aird | (12, -1) | (-2, 0) | 0.712 | – | – | – |" in lines[3], lines[3]
+    assert lines[2].startswith(
+        "| base | (14, -1) | (0, 0) | 1.000 | 0.50 [0.38, 0.62] | 0.00 [0.00, 0.06] |"
+    ), lines[2]
+    assert "| wanda+aird | (12, -1) | (-2, 0) | 0.712 | – | – | – | 0.25 [0.16, 0.37] * |" in lines[3], lines[
+        3
+    ]

@@ -1,4 +1,5 @@
-"""The study pipeline end to end on a tiny model: artifacts, resume, invalidation, bad input."""
+"""The study pipeline end to end on the committed toy model (small counts): artifacts, statistics,
+resume, invalidation, wiring, validation/test separation, bad input."""
 
 from __future__ import annotations
 
@@ -7,42 +8,40 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from refusal_core.aird import AirdConfig
+from refusal_core.directions import DirectionCandidates
 from refusal_core.errors import InvalidArgumentError, RefusalCoreError
-from refusal_core.study import AttackSettings, StudyConfig, run_study
-from refusal_core.testing.tiny import tiny_model, tiny_tokenizer
+from refusal_core.selection import SelectionConfig
+from refusal_core.stats import wilson_interval
+from refusal_core.study import AttackSettings, RepairConfig, StudyConfig, run_study
+
+SMALL_ATTACKS = AttackSettings(
+    decoding_temperatures=(1.0,),
+    decoding_top_ps=(1.0,),
+    decoding_top_ks=(0,),
+    gcg_prompts=2,
+    gcg_steps=1,
+    gcg_suffix_len=2,
+    gcg_topk=4,
+    gcg_candidates=4,
+)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("tiny_llama")
-    tiny_model("llama", n_layers=3, d_model=32, seed=3).save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
-
-
-def _config(model_dir: Path, **kw: object) -> StudyConfig:
+def _config(**kw: object) -> StudyConfig:
     base = StudyConfig(
-        model=str(model_dir),
+        model="toy",
         methods=("magnitude", "llm-int8"),
-        n_train=12,
-        n_val=4,
-        n_test=4,
+        n_train=16,
+        n_val=8,
+        n_test=8,
         n_calibration=8,
         noise_splits=2,
-        attacks=AttackSettings(
-            decoding_temperatures=(1.0,),
-            decoding_top_ps=(1.0,),
-            decoding_top_ks=(0,),
-            gcg_prompts=2,
-            gcg_steps=1,
-            gcg_suffix_len=2,
-            gcg_topk=4,
-            gcg_candidates=4,
-        ),
-        zero_shot_tasks=("rc_arithmetic",),
-        max_new_tokens=4,
+        repair=RepairConfig(gains=(2.0, 5.0)),
+        attacks=SMALL_ATTACKS,
+        zero_shot_tasks=(),
+        max_new_tokens=6,
         batch_size=16,
     )
     return replace(base, **kw)  # type: ignore[arg-type]
@@ -56,74 +55,185 @@ def _stage_keys(out: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def first_run(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("study")
-    results = run_study(_config(tiny_dir), out, progress=False)
+    results = run_study(_config(zero_shot_tasks=("rc_arithmetic",)), out, progress=False)
     return out, results
 
 
-def test_study_writes_report_results_and_plots(first_run: tuple[Path, dict]) -> None:
+def _variant(results: dict, name: str) -> dict:
+    return next(v for v in results["variants"] if v["name"] == name)
+
+
+def test_study_writes_variants_report_and_plots(first_run: tuple[Path, dict]) -> None:
     out, results = first_run
     names = [v["name"] for v in results["variants"]]
     assert names == [
         "base",
         "magnitude",
         "magnitude+aird",
-        "magnitude+aird-sparse",
+        "magnitude+aird*",
+        "magnitude+aird-sparse*",
         "llm-int8",
         "llm-int8+aird",
+        "llm-int8+aird*",
     ], f"variants of a magnitude + llm-int8 study: {names}"
     on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["variants"][0]["name"] == "base", "results.json holds the same variants"
-    for v in results["variants"]:
-        assert set(v["asr"]) == {"vanilla", "vanilla_system", "decoding", "gcg"}, f"attacks of {v['name']}"
-        assert all(0.0 <= a <= 1.0 for a in v["asr"].values()), f"ASR of {v['name']} out of [0, 1]"
-        assert 0.0 <= v["over_refusal"] <= 1.0, f"over-refusal of {v['name']}"
-        assert set(v["accuracy"]) == {"rc_arithmetic"}, f"zero-shot tasks of {v['name']}"
-        assert len(v["source"]) == 2, f"source of {v['name']} is (layer, position)"
-    mag = next(v for v in results["variants"] if v["name"] == "magnitude")
+    assert on_disk["variants"] == results["variants"], "results.json holds what run_study returned"
+    mag = _variant(results, "magnitude")
     assert mag["sparsity"] == pytest.approx(0.5, abs=1e-6), (
         f"magnitude-50 achieved sparsity {mag['sparsity']}"
     )
-    sparse = next(v for v in results["variants"] if v["name"] == "magnitude+aird-sparse")
-    assert sparse["sparsity"] == mag["sparsity"], "sparsity-preserving AIRD must not change the sparsity"
-    dense = next(v for v in results["variants"] if v["name"] == "magnitude+aird")
-    assert dense["sparsity"] < mag["sparsity"], "dense AIRD fills pruned entries of the edited layer"
+    assert _variant(results, "magnitude+aird")["sparsity"] < mag["sparsity"], (
+        "dense AIRD fills pruned entries"
+    )
     report = (out / "report.md").read_text()
-    assert "| variant |" in report, "report.md has the variant table"
-    assert "magnitude+aird-sparse" in report, "report.md lists every variant"
-    for png in ("asr.png", "cosine_by_layer.png", "candidates_base.png", "candidates_magnitude.png"):
-        data = (out / "plots" / png).read_bytes()
-        assert data.startswith(b"\x89PNG"), f"{png} is a PNG"
+    for needle in ("| variant |", "magnitude+aird-sparse*", "## The AIRD sweep", "McNemar p", "Wilson"):
+        assert needle in report, f"report.md lacks {needle!r}"
+    for png in (
+        "asr.png",
+        "cosine_by_layer.png",
+        "candidates_base.png",
+        "pareto_magnitude.png",
+        "pareto_llm_int8.png",
+    ):
+        assert (out / "plots" / png).read_bytes().startswith(b"\x89PNG"), f"{png} is a PNG"
+    assert "NaN" not in (out / "results.json").read_text(), "strict JSON: no NaN"
 
 
-def test_rerun_resumes_without_recomputing(first_run: tuple[Path, dict], tiny_dir: Path) -> None:
+def test_every_rate_has_its_n_and_wilson_interval(first_run: tuple[Path, dict]) -> None:
+    _, results = first_run
+    for v in results["variants"]:
+        ev = v["evaluation"]
+        for name, r in [*ev["asr"].items(), ("over_refusal", ev["over_refusal"])]:
+            expected_n = 2 if name == "gcg" else 8
+            assert r["n"] == expected_n, f"{v['name']} {name}: n = {r['n']}"
+            lo, hi = wilson_interval(r["k"], r["n"])
+            assert (r["low"], r["high"]) == (lo, hi), f"{v['name']} {name}: interval is not Wilson's"
+            assert r["value"] == r["k"] / r["n"]
+
+
+def test_rates_and_paired_tests_agree_with_the_per_prompt_records(first_run: tuple[Path, dict]) -> None:
+    """Recount from the saved per-prompt ASR files, independently of the study's summary code."""
+    out, results = first_run
+
+    def flags(variant: str, attack: str) -> list[bool]:
+        data = json.loads((out / "stages" / "eval" / variant / f"asr_{attack}.json").read_text())
+        return [bool(r["jailbroken"]) for r in data["records"]]
+
+    for variant in ("magnitude", "llm-int8"):
+        v = _variant(results, variant)
+        for attack, test in v["comparisons"]["vs_base"]["asr"].items():
+            before, after = flags("base", attack), flags(variant, attack)
+            b = sum(x and not y for x, y in zip(before, after))
+            c = sum(y and not x for x, y in zip(before, after))
+            assert (test["b"], test["c"]) == (b, c), f"{variant} vs base, {attack}: discordant counts"
+            assert v["evaluation"]["asr"][attack]["k"] == sum(after)
+    rep = _variant(results, "magnitude+aird")
+    assert set(rep["comparisons"]) >= {"vs_base", "vs_compressed", "mechanism_vs_compressed"}
+    h = rep["headline"]["vanilla"]
+    assert h["absolute_reduction"] == pytest.approx(h["asr_compressed"] - h["asr_repaired"])
+
+
+def test_study_applies_the_base_direction_at_the_base_source(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The paper's recipe: AIRD on the compressed model with the ORIGINAL model's direction and layer."""
+    import refusal_core.study.run as run_mod
+
+    calls: list[tuple[torch.Tensor, int]] = []
+    real = run_mod.apply_aird_
+
+    def spy(model, r, layer, config):  # type: ignore[no-untyped-def]
+        calls.append((r.detach().clone(), layer))
+        return real(model, r, layer, config)
+
+    monkeypatch.setattr(run_mod, "apply_aird_", spy)
+    out = tmp_path / "run"
+    results = run_study(_config(methods=("wanda",)), out, progress=False)
+    base = DirectionCandidates.load(out / "stages" / "base" / "extract" / "candidates")
+    layer, pos = results["base"]["source"]
+    r_base = base.directions[layer, base.positions.index(pos)]
+    own = DirectionCandidates.load(out / "stages" / "wanda" / "extract" / "candidates")
+    assert calls, "AIRD was never applied"
+    for r, at in calls:
+        assert at == layer, f"AIRD at layer {at}, the base source is layer {layer}"
+        assert torch.equal(r.to(r_base.dtype), r_base), "AIRD must use the base model's direction"
+        assert not torch.equal(r.to(r_base.dtype), own.directions[layer, base.positions.index(pos)]), (
+            "the direction used is the compressed model's own"
+        )
+
+
+class _Poison(list):
+    """A prompt list that fails the test when anything reads it."""
+
+    def _fail(self, *args: object, **kw: object) -> None:
+        raise AssertionError("the test split was read while choosing the AIRD strength")
+
+    __iter__ = __getitem__ = __len__ = _fail  # type: ignore[assignment]
+
+
+def test_test_prompts_never_reach_the_strength_choice(tmp_path: Path) -> None:
+    import refusal_core.study.run as run_mod
+
+    run = run_mod._Run(_config(methods=("magnitude",)), tmp_path / "run", progress=False)
+    compressed, _, k_c = run.compress("magnitude")
+    run.prompts["harmful_test"] = _Poison(["x"])
+    run.prompts["harmless_test"] = _Poison(["x"])
+    r = torch.randn(64, dtype=torch.float64)
+    points, _ = run.sweep("magnitude", compressed, r, 1, 2, [k_c, "test"])
+    assert len(points) == 1 + 2 * 3, "identity + (paper, g=2, g=5) x (dense, sparse)"
+    base_val = run.validation_scores(run.model)
+    assert base_val.kl == 0.0, "the base model's KL against itself"
+
+
+def test_rerun_resumes_without_recomputing(first_run: tuple[Path, dict]) -> None:
     out, results = first_run
     before = {p: p.stat().st_mtime_ns for p in (out / "stages").rglob("stage.json")}
-    again = run_study(_config(tiny_dir), out, progress=False)
+    again = run_study(_config(zero_shot_tasks=("rc_arithmetic",)), out, progress=False)
     after = {p: p.stat().st_mtime_ns for p in (out / "stages").rglob("stage.json")}
     assert before == after, "a rerun with the same settings must not redo any stage"
     assert again["variants"] == results["variants"], "a resumed run reports the same results"
 
 
-def test_changed_setting_invalidates_only_dependent_stages(tiny_dir: Path, tmp_path: Path) -> None:
+def test_changed_settings_invalidate_exactly_their_dependants(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cfg = _config(tiny_dir, methods=("magnitude",))
+    cfg = _config(methods=("magnitude",))
     run_study(cfg, out, progress=False)
     keys = _stage_keys(out)
+
     run_study(replace(cfg, aird=AirdConfig(alpha_attn=0.05, alpha_mlp=0.01)), out, progress=False)
     changed = {k for k, v in _stage_keys(out).items() if keys.get(k) != v}
-    assert changed == {"eval/magnitude+aird", "eval/magnitude+aird-sparse"}, (
-        f"changing the AIRD alpha must redo only the AIRD evaluations, redid {sorted(changed)}"
+    must = {"magnitude/sweep", "magnitude+aird/extract", "magnitude+aird/mechanism", "eval/magnitude+aird"}
+    assert must <= changed, (
+        f"changing the paper's α must redo the sweep and the paper variant: {sorted(changed)}"
     )
+    untouched = {
+        "base/extract",
+        "base/select",
+        "magnitude/compress",
+        "magnitude/extract",
+        "eval/base",
+        "eval/magnitude",
+    }
+    assert not (untouched & changed), f"unrelated stages were redone: {sorted(untouched & changed)}"
+
+    keys = _stage_keys(out)
+    run_study(replace(cfg, selection=SelectionConfig(kl_threshold=0.2)), out, progress=False)
+    changed = {k for k, v in _stage_keys(out).items() if keys.get(k) != v}
+    assert {"base/select", "magnitude/select"} <= changed, (
+        f"a selection threshold must redo selection: {changed}"
+    )
+    assert "base/extract" not in changed
+    assert "magnitude/compress" not in changed
 
 
-def test_interrupted_study_resumes(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import refusal_core.study as study
+def test_interrupted_study_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import refusal_core.study.run as run_mod
 
     out = tmp_path / "run"
-    cfg = _config(tiny_dir, methods=("magnitude",))
-    real = study.over_refusal
+    cfg = _config(methods=("magnitude",))
+    real = run_mod.over_refusal
     calls = {"n": 0}
 
     def dying(*args: object, **kw: object) -> object:
@@ -132,28 +242,28 @@ def test_interrupted_study_resumes(tiny_dir: Path, tmp_path: Path, monkeypatch: 
             raise KeyboardInterrupt("killed mid-stage")
         return real(*args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(study, "over_refusal", dying)
+    monkeypatch.setattr(run_mod, "over_refusal", dying)
     with pytest.raises(KeyboardInterrupt):
         run_study(cfg, out, progress=False)
     done = _stage_keys(out)
     assert "eval/base" in done, f"stages done at the kill: {sorted(done)}"
     assert "eval/magnitude" not in done, f"stages done at the kill: {sorted(done)}"
-    monkeypatch.setattr(study, "over_refusal", real)
+    monkeypatch.setattr(run_mod, "over_refusal", real)
     stamp = (out / "stages" / "eval" / "base" / "stage.json").stat().st_mtime_ns
     results = run_study(cfg, out, progress=False)
     assert (out / "stages" / "eval" / "base" / "stage.json").stat().st_mtime_ns == stamp, (
         "the stage finished before the kill is not redone"
     )
-    assert [v["name"] for v in results["variants"]][-1] == "magnitude+aird-sparse", (
+    assert [v["name"] for v in results["variants"]][-1] == "magnitude+aird-sparse*", (
         "the resumed run completes"
     )
 
 
-def test_damaged_artifact_is_recomputed(first_run: tuple[Path, dict], tiny_dir: Path) -> None:
+def test_damaged_artifact_is_recomputed(first_run: tuple[Path, dict]) -> None:
     out, results = first_run
     cands = out / "stages" / "base" / "extract" / "candidates.safetensors"
     cands.write_bytes(b"not a safetensors file")
-    again = run_study(_config(tiny_dir), out, progress=False)
+    again = run_study(_config(zero_shot_tasks=("rc_arithmetic",)), out, progress=False)
     assert again["variants"][0]["source"] == results["variants"][0]["source"], "recomputed base source"
     assert cands.read_bytes()[:8] != b"not a sa", "the damaged artifact was rewritten"
 
@@ -164,25 +274,24 @@ def test_damaged_artifact_is_recomputed(first_run: tuple[Path, dict], tiny_dir: 
         ({"methods": ("wanda-3:4x",)}, "unknown compression method"),
         ({"methods": ()}, "methods is empty"),
         ({"n_train": 0}, "n_train"),
+        ({"n_test": -3}, "n_test"),
         ({"harmful_train": "/nonexistent/prompts.csv"}, "/nonexistent/prompts.csv"),
         ({"model": "/nonexistent/model"}, "/nonexistent/model"),
     ],
 )
-def test_bad_input_is_reported_before_anything_is_written(
-    tiny_dir: Path, tmp_path: Path, change: dict, needle: str
-) -> None:
+def test_bad_input_is_reported_before_anything_is_written(tmp_path: Path, change: dict, needle: str) -> None:
     out = tmp_path / "run"
     with pytest.raises(RefusalCoreError) as info:
-        run_study(_config(tiny_dir, **change), out, progress=False)
+        run_study(_config(**change), out, progress=False)
     assert needle in str(info.value), f"error for {change} should name {needle!r}: {info.value}"
     assert not (out / "stages").exists() or not any((out / "stages").rglob("stage.json")), (
         "no stage may complete on bad input"
     )
 
 
-def test_bad_input_keeps_existing_results(first_run: tuple[Path, dict], tiny_dir: Path) -> None:
+def test_bad_input_keeps_existing_results(first_run: tuple[Path, dict]) -> None:
     out, _ = first_run
     before = (out / "results.json").read_bytes()
     with pytest.raises(InvalidArgumentError):
-        run_study(_config(tiny_dir, harmful_test="/nonexistent.jsonl"), out, progress=False)
+        run_study(_config(harmful_test="/nonexistent.jsonl"), out, progress=False)
     assert (out / "results.json").read_bytes() == before, "a failed run must not touch the previous results"

@@ -111,6 +111,14 @@ def test_lm_eval_agrees_with_native_scoring() -> None:
         assert err < 1e-5, f"{task}: native vs lm-eval log-likelihoods, relative error {err:.2e}"
         assert native[task].targets == via[task].targets, f"{task}: gold indices differ"
         assert native[task].accuracy == via[task].accuracy, f"{task}: accuracy differs"
+        # lm-eval's standard error of a mean, written out: sqrt(p (1 - p) / (n - 1)) for 0/1 outcomes
+        correct = [
+            int(max(range(4), key=lambda c: ll[c]) == t) for ll, t in zip(b.tolist(), via[task].targets)
+        ]
+        p, n = sum(correct) / len(correct), len(correct)
+        expected = (p * (1 - p) / (n - 1)) ** 0.5
+        assert via[task].stderr == pytest.approx(expected, abs=1e-12), f"{task}: lm-eval stderr"
+        assert native[task].stderr == pytest.approx(expected, abs=1e-12), f"{task}: native stderr"
     assert all(m.training for m in model.modules()), "lm-eval left the model in eval mode"
     assert "tie_weights" not in vars(model), "the tie_weights guard was left on the model"
 

@@ -35,10 +35,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
 
 from refusal_core.artifacts import load_artifact, save_artifact
-from refusal_core.compression._common import model_sparsity
+from refusal_core.compression._common import block_linears, effective_weight, model_sparsity
+from refusal_core.compression._transaction import check_model_finite, check_tensors_finite, model_transaction
 from refusal_core.compression.calibration import Calibration, CalibrationBatch, prepare_calibration
 from refusal_core.compression.config import (
     AwqConfig,
@@ -57,7 +59,7 @@ from refusal_core.compression.quantization import (
     quantize_awq_,
     quantize_llm_int8_,
 )
-from refusal_core.errors import ArtifactError, InvalidArgumentError
+from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError
 from refusal_core.models import get_layout, model_identity
 
 __all__ = [
@@ -303,6 +305,17 @@ def compress_(
     required by Wanda and AWQ and ignored otherwise. An unregistered config
     type, a missing calibration set or any other bad input raises a
     :class:`~refusal_core.errors.RefusalCoreError` before the model changes.
+
+    All or nothing: before the first write every floating parameter and buffer
+    of the model (weights and biases of every linear, norms, embeddings) must be
+    finite and the calibration token ids valid; the method then runs inside a
+    :func:`~refusal_core.compression._transaction.model_transaction`, and its
+    result must be finite (every parameter, buffer and effective block weight).
+    If anything raises on the way (non-finite calibration activations of a
+    later block, a non-finite result, a backend error), the model is restored
+    to its exact previous state (parameters, buffers, replaced submodules,
+    train/eval flags) before the error propagates. The snapshot costs one copy
+    of the model's tensors while the method runs.
     """
     method = _REGISTRY.get(type(config))
     if method is None:
@@ -310,6 +323,8 @@ def compress_(
             f"config must be one of {sorted(t.__name__ for t in _REGISTRY)}, got {type(config).__name__}"
         )
     layout = get_layout(model)
+    operation = f"compress_ ({method.label})"
+    check_model_finite(model, operation)
     n_tokens = 0
     if method.needs_calibration:
         # Validate (and count) here too so a bad set fails before identity/sparsity work.
@@ -318,20 +333,34 @@ def compress_(
         )
         n_tokens = sum(b.n_tokens for b in batches)
     before = model_identity(model)
-    errors = method.apply(
-        model, config, calibration if method.needs_calibration else None, batch_size, progress
-    )
-    overall, per_module = model_sparsity(layout)
-    return CompressionRecord(
-        method=method.label,
-        config=config,
-        sparsity=overall,
-        module_sparsity=per_module,
-        quantization_error=errors,
-        identity_before=before,
-        identity_after=model_identity(model),
-        calibration_tokens=n_tokens,
-    )
+    with model_transaction(model):
+        errors = method.apply(
+            model, config, calibration if method.needs_calibration else None, batch_size, progress
+        )
+        _check_result_finite(model, operation)
+        overall, per_module = model_sparsity(get_layout(model))
+        record = CompressionRecord(
+            method=method.label,
+            config=config,
+            sparsity=overall,
+            module_sparsity=per_module,
+            quantization_error=errors,
+            identity_before=before,
+            identity_after=model_identity(model),
+            calibration_tokens=n_tokens,
+        )
+    return record
+
+
+def _check_result_finite(model: nn.Module, operation: str) -> None:
+    """After the method ran, before it is committed: no NaN/inf in any tensor or effective block weight."""
+    check_tensors_finite(model, operation, what=" after compression")
+    for bl in block_linears(get_layout(model)):
+        w = effective_weight(bl.module)
+        if (w.is_floating_point() or w.is_complex()) and not bool(torch.isfinite(w).all()):
+            raise NonFiniteError(
+                f"{operation}: the compressed weight of {bl.full_name} contains NaN or infinity"
+            )
 
 
 # Registers the bitsandbytes methods (bnb-int8, bnb-nf4); bitsandbytes itself is imported only when one runs.

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from refusal_core.compression._transaction import check_model_finite
 from refusal_core.errors import NonFiniteError, UnsupportedModuleError
 from refusal_core.models import ModelLayout
 
@@ -43,11 +44,16 @@ def block_linears(layout: ModelLayout) -> list[BlockLinear]:
 
 
 def require_float_linears(layout: ModelLayout, operation: str) -> list[BlockLinear]:
-    """The block linears, checked to be plain float ``nn.Linear`` with finite weights.
+    """The block linears, checked to be plain float ``nn.Linear`` with finite weights and biases.
+
+    Every other floating parameter and buffer of the model (norms, embeddings,
+    the head) is checked finite too (:func:`check_model_finite`).
 
     Raises :class:`UnsupportedModuleError` (e.g. for an already int8-quantized
     module) or :class:`NonFiniteError`, before the caller changes anything.
     """
+    # Everything the operation reads or writes: biases, norms and embeddings as well as the weights.
+    check_model_finite(layout.model, operation)
     linears = block_linears(layout)
     for bl in linears:
         if not isinstance(bl.module, nn.Linear):
@@ -58,6 +64,8 @@ def require_float_linears(layout: ModelLayout, operation: str) -> list[BlockLine
             raise UnsupportedModuleError(f"{operation}: {bl.full_name} has non-float weights")
         if not bool(torch.isfinite(bl.module.weight).all()):
             raise NonFiniteError(f"{operation}: weight of {bl.full_name} contains NaN or inf")
+        if bl.module.bias is not None and not bool(torch.isfinite(bl.module.bias).all()):
+            raise NonFiniteError(f"{operation}: bias of {bl.full_name} contains NaN or inf")
     return linears
 
 

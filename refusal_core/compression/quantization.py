@@ -84,7 +84,8 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _exact_int_matmul(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
-    """``qx @ qwᵀ`` for integer-valued ``qx [T, K]`` (|v| ≤ 127) and int8 ``qw [N, K]``, exact, float64.
+    """``qx @ qwᵀ`` for integer-valued ``qx [T, K]`` (|v| ≤ 127) and ``qw [N, K]`` (int8 codes, as int8
+    or as their float32 values), exact, float64.
 
     Float32 products over chunks of 1024 inputs are exact integers; summing
     them in float64 stays exact (far below 2⁵³), so the result equals the
@@ -140,6 +141,21 @@ class Int8LinearSim(nn.Module):
         self.register_buffer("q", q.detach().clone())
         self.register_buffer("scale", scale.detach().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        # The int8 codes as float32 (exact: |q| <= 127), converted once here rather than in
+        # every forward. A private attribute, not a buffer, so state dicts, fingerprints
+        # and `.to(dtype)` see only q; `_float_q` rebuilds it when q was moved or edited.
+        self._q_f32 = self.q.to(torch.float32)
+        self._q_f32_of = self._q_signature()
+
+    def _q_signature(self) -> tuple[int, int, torch.device]:
+        return (self.q.data_ptr(), self.q._version, self.q.device)
+
+    def _float_q(self) -> torch.Tensor:
+        """``q`` as float32 ``[out, in]``, cached; rebuilt after ``q`` changed place or value."""
+        if self._q_f32_of != self._q_signature():
+            self._q_f32 = self.q.to(torch.float32)
+            self._q_f32_of = self._q_signature()
+        return self._q_f32
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold: float = 6.0) -> Int8LinearSim:
@@ -171,10 +187,12 @@ class Int8LinearSim(nn.Module):
         sx = xr.abs().amax(dim=1) / 127.0 if x2.shape[0] else torch.zeros(0, dtype=x2.dtype, device=x.device)
         safe = torch.where(sx > 0, sx, torch.ones_like(sx))
         qx = torch.round(xr / safe.unsqueeze(1)).clamp(-127, 127)
-        acc = _exact_int_matmul(qx, self.q)
+        qf = self._float_q()
+        acc = _exact_int_matmul(qx, qf)
         out = acc * sx.to(f64).unsqueeze(1) * self.scale.to(f64).unsqueeze(0)
         if bool(outlier.any()):
-            wdq = self.q[:, outlier].to(self.scale.dtype) * self.scale.unsqueeze(1)
+            # float32 codes hold the int8 values exactly, so this is q[:, outlier] · scale as before.
+            wdq = qf[:, outlier].to(self.scale.dtype) * self.scale.unsqueeze(1)
             out = out + x2[:, outlier].to(f64) @ wdq.to(f64).T
         y = out.to(x.dtype).reshape(*lead, self.out_features)
         if self.bias is not None:

@@ -49,12 +49,15 @@ from tqdm.auto import tqdm
 from refusal_core.artifacts import atomic_write_json
 from refusal_core.errors import ArtifactError, EmptyInputError, InvalidArgumentError, RefusalCoreError
 from refusal_core.evaluation.generation import (
+    GenerationCache,
     SamplingConfig,
     _accepts,
     _check_instructions,
     _check_positive_int,
+    encode_prompts,
     eval_mode,
     generate,
+    generate_ids_multi,
     model_device,
 )
 from refusal_core.evaluation.judges import Judge
@@ -75,6 +78,7 @@ __all__ = [
     "evaluate_asr",
     "gcg_optimize",
     "over_refusal",
+    "prefill_shared_generations",
     "suffix_token_gradients",
     "target_loss",
 ]
@@ -361,7 +365,9 @@ class VanillaAttack:
         judge: Judge,
         *,
         progress: bool = True,
+        cache: GenerationCache | None = None,
     ) -> AsrResult:
+        """Greedy completions judged; with ``cache`` a generation already memoised is reused."""
         items = _check_instructions(instructions)
         judge = _check_judge(judge)
         completions = generate(
@@ -371,6 +377,7 @@ class VanillaAttack:
             system=self.system,
             max_new_tokens=self.max_new_tokens,
             batch_size=self.batch_size,
+            cache=cache,
             progress=progress,
         )
         verdicts = _verdicts(judge, items, completions)
@@ -450,7 +457,13 @@ class DecodingAttack:
         judge: Judge,
         *,
         progress: bool = True,
+        cache: GenerationCache | None = None,
     ) -> AsrResult:
+        """Every configuration decoded from one prefill per prompt batch (:func:`generate_ids_multi`).
+
+        The draws are token for token those of one :func:`generate` call per
+        configuration with its :func:`_config_seed`; ``cache`` memoises them.
+        """
         items = _check_instructions(instructions)
         judge = _check_judge(judge)
         n, s = len(items), self.n_samples
@@ -458,18 +471,21 @@ class DecodingAttack:
         repeated = [items[i] for _ in range(s) for i in range(n)]
         attempts: list[list[Attempt]] = [[] for _ in items]
         config_rates: dict[str, float] = {}
-        for cfg in tqdm(self.configs, desc="decoding grid", disable=not progress):
-            completions = generate(
-                model,
-                tokenizer,
-                repeated,
-                system=self.system,
-                max_new_tokens=self.max_new_tokens,
-                batch_size=self.batch_size,
-                sampling=cfg,
-                seed=_config_seed(self.seed, cfg.label),
-                progress=False,
-            )
+        configs = self.configs
+        token_ids = generate_ids_multi(
+            model,
+            tokenizer,
+            encode_prompts(tokenizer, repeated, system=self.system),
+            configs,
+            [_config_seed(self.seed, cfg.label) for cfg in configs],
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            cache=cache,
+            progress=progress,
+            desc="decoding grid",
+        )
+        for cfg, ids in zip(configs, token_ids):
+            completions = [str(tokenizer.decode(t, skip_special_tokens=True)) for t in ids]
             verdicts = _verdicts(judge, repeated, completions)
             broken = [False] * n
             for k, (completion, verdict) in enumerate(zip(completions, verdicts)):
@@ -486,6 +502,72 @@ class DecodingAttack:
             settings=_settings(self),
             model=_identity(model),
         )
+
+
+def prefill_shared_generations(
+    model: nn.Module,
+    tokenizer: Any,
+    instructions: Sequence[str],
+    attacks: Sequence[VanillaAttack | DecodingAttack],
+    cache: GenerationCache,
+    *,
+    progress: bool = True,
+) -> int:
+    """Generate into ``cache`` every completion the ``attacks`` will ask for, one prefill per group.
+
+    Attacks whose prompts are the same token ids (same system prompt, same
+    number of samples) and that share ``max_new_tokens`` and ``batch_size``
+    form one group: a vanilla attack and a decoding grid on the same prompts
+    are served by ONE prefill per prompt batch, forked for greedy decoding and
+    for every grid configuration (:func:`generate_ids_multi`). Afterwards
+    ``attack.run(..., cache=cache)`` finds every generation in the memo, with
+    results identical to a cold run. Returns the number of groups (= prefill
+    passes over the prompt set).
+
+    Example:
+        >>> from refusal_core.evaluation.generation import GenerationCache
+        >>> from refusal_core.evaluation.judges import SubstringJudge
+        >>> from refusal_core.testing.tiny import tiny_model, tiny_tokenizer
+        >>> model, tok, memo = tiny_model(), tiny_tokenizer(), GenerationCache()
+        >>> attacks = [VanillaAttack(max_new_tokens=4), DecodingAttack(max_new_tokens=4)]
+        >>> prefill_shared_generations(model, tok, ["Hi"], attacks, memo, progress=False)
+        1
+        >>> res = [a.run(model, tok, ["Hi"], SubstringJudge(), progress=False, cache=memo) for a in attacks]
+        >>> memo.hits, memo.misses
+        (13, 13)
+    """
+    items = _check_instructions(instructions)
+    if not isinstance(cache, GenerationCache):
+        raise InvalidArgumentError(f"cache must be a GenerationCache, got {type(cache).__name__}")
+    groups: dict[tuple[Any, ...], list[tuple[SamplingConfig | None, int]]] = {}
+    for i, attack in enumerate(attacks):
+        if isinstance(attack, VanillaAttack):
+            key = (attack.system, 1, attack.max_new_tokens, attack.batch_size)
+            wanted: list[tuple[SamplingConfig | None, int]] = [(None, 0)]
+        elif isinstance(attack, DecodingAttack):
+            key = (attack.system, attack.n_samples, attack.max_new_tokens, attack.batch_size)
+            wanted = [(cfg, _config_seed(attack.seed, cfg.label)) for cfg in attack.configs]
+        else:
+            raise InvalidArgumentError(
+                f"attacks[{i}] must be a VanillaAttack or a DecodingAttack, got {type(attack).__name__}"
+            )
+        group = groups.setdefault(key, [])
+        group.extend(w for w in wanted if w not in group)
+    for (system, n_samples, max_new_tokens, batch_size), runs in groups.items():
+        repeated = [items[i] for _ in range(n_samples) for i in range(len(items))]
+        generate_ids_multi(
+            model,
+            tokenizer,
+            encode_prompts(tokenizer, repeated, system=system),
+            [sampling for sampling, _ in runs],
+            [seed for _, seed in runs],
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            cache=cache,
+            progress=progress,
+            desc="shared prefill",
+        )
+    return len(groups)
 
 
 # ----------------------------------------------------------------------------

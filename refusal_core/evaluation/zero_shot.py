@@ -110,6 +110,9 @@ class TaskResult:
     backend: str
     loglikelihoods: list[list[float]] = field(default_factory=list)
     targets: list[int] = field(default_factory=list)
+    #: Standard error of ``accuracy``: lm-eval's own (its closed form for a mean, the sample standard
+    #: deviation over √n); the native backend computes the same formula. None with fewer than two items.
+    stderr: float | None = None
 
     @property
     def n_items(self) -> int:
@@ -319,7 +322,11 @@ def _native(
     name, items = load_local_task(task)
     items = _limit_items(items, limit)
     lls = choice_loglikelihoods(model, tokenizer, items, batch_size=batch_size, progress=progress)
-    return TaskResult(name, metric, _accuracy(lls, items, metric), "native", lls, [it.target for it in items])
+    acc = _accuracy(lls, items, metric)
+    n = len(items)
+    # lm-eval's closed form for a mean: sample standard deviation (ddof 1) over sqrt(n).
+    stderr = math.sqrt(acc * (1.0 - acc) / (n - 1)) if n > 1 else None
+    return TaskResult(name, metric, acc, "native", lls, [it.target for it in items], stderr=stderr)
 
 
 # ----------------------------------------------------------------------------
@@ -409,7 +416,9 @@ def _run_lm_eval(
             tasks=task_objects,
             limit=limit,
             log_samples=True,
-            bootstrap_iters=0,
+            # 1, not 0: with 0 lm-eval computes no standard error at all; for accuracy (a mean) it then
+            # uses its closed form, so no resampling happens.
+            bootstrap_iters=1,
             verbosity="ERROR",
             task_manager=manager,
         )
@@ -424,7 +433,16 @@ def _run_lm_eval(
         samples = sorted(results.get("samples", {}).get(name, []), key=lambda s: s["doc_id"])
         lls = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
         targets = [int(s["target"]) if not isinstance(s["target"], list) else -1 for s in samples]
-        out[name] = TaskResult(name, metric, float(task_res[key]), "lm_eval", lls, targets)
+        stderr = task_res.get(f"{metric}_stderr,none")
+        out[name] = TaskResult(
+            name,
+            metric,
+            float(task_res[key]),
+            "lm_eval",
+            lls,
+            targets,
+            stderr=float(stderr) if isinstance(stderr, (int, float)) else None,
+        )
     return out
 
 

@@ -18,13 +18,25 @@ function wrapped in a checker: after each call (also one that raises) every
 tensor argument must be bit-identical to what it was before, and no returned
 tensor may share memory with an argument.
 
-Errors on bad input. The reference raises a
-:class:`~refusal_core.errors.RefusalCoreError` subclass whose message names the
-offending argument. An outside module cannot be expected to know this
-project's exception types, so for it any :class:`Exception` counts as a
-correct rejection (returning a value does not). A module that does raise
-``RefusalCoreError`` subclasses declares ``RAISES_REFUSAL_CORE_ERRORS = True``
-and is then held to the reference's stricter rule.
+Errors on bad input are the project's *policy*, kept apart from the math: the
+property tests that check it carry the pytest marker ``bad_input``
+(:data:`BAD_INPUT_MARKER`). Who is held to them (:meth:`Implementation.held_to_bad_input`):
+
+=================================================  ==========================================
+module                                             bad-input tests
+=================================================  ==========================================
+the reference                                      always, strict rule
+declares ``RAISES_REFUSAL_CORE_ERRORS = True``     always, strict rule
+any other outside module                           skipped, unless the run selects the marker
+                                                   (``-m bad_input``); then the lenient rule
+=================================================  ==========================================
+
+Strict rule: a :class:`~refusal_core.errors.RefusalCoreError` subclass whose
+message names the offending argument. Lenient rule: any :class:`Exception`
+counts as a correct rejection, since an outside module cannot know this
+project's exception types (returning a value never does). So a module that
+implements only the math never fails on the project's bad-input policy unless
+its author asks for it.
 
 Example:
     >>> impl = load_implementation()
@@ -38,6 +50,7 @@ import functools
 import importlib
 import inspect
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType, ModuleType
@@ -48,6 +61,7 @@ import torch
 from refusal_core.errors import ImplementationError
 
 __all__ = [
+    "BAD_INPUT_MARKER",
     "ENV_VAR",
     "PROTOCOL",
     "REFERENCE_MODULE",
@@ -57,6 +71,7 @@ __all__ = [
     "describe_implementations",
     "load_implementation",
     "load_implementations",
+    "marker_selected",
     "protocol_signature",
     "protocol_table",
     "reference_implementation",
@@ -72,6 +87,30 @@ REFERENCE_MODULE = "refusal_core.functional"
 
 #: A module attribute that opts an outside implementation into the strict error rule.
 STRICT_ERRORS_ATTRIBUTE = "RAISES_REFUSAL_CORE_ERRORS"
+
+#: The pytest marker of the bad-input policy checks.
+BAD_INPUT_MARKER = "bad_input"
+
+
+def marker_selected(markexpr: str, marker: str = BAD_INPUT_MARKER) -> bool:
+    """Whether a ``-m`` expression names ``marker`` other than negated (``not marker``).
+
+    >>> marker_selected("bad_input"), marker_selected("not bad_input"), marker_selected("")
+    (True, False, False)
+    >>> marker_selected("bad_input or not bad_input"), marker_selected("not (bad_input)")
+    (True, False)
+    """
+    tokens = re.findall(r"\w+|[()]", markexpr or "")
+    for i, token in enumerate(tokens):
+        if token != marker:
+            continue
+        j = i - 1
+        while j >= 0 and tokens[j] == "(":
+            j -= 1
+        if j < 0 or tokens[j] != "not":
+            return True
+    return False
+
 
 #: The oracle protocol: function name -> one-line meaning. :func:`protocol_table` turns it, with the
 #: reference's signatures, into the README's table.
@@ -241,6 +280,10 @@ class Implementation:
         """Whether bad input must raise a ``RefusalCoreError`` that names the argument."""
         return self.is_reference or bool(getattr(self.module, STRICT_ERRORS_ATTRIBUTE, False))
 
+    def held_to_bad_input(self, marker_selected: bool) -> bool:
+        """Whether the ``bad_input`` tests apply: strict modules always, others when the run selects them."""
+        return self.strict_errors or marker_selected
+
     @property
     def label(self) -> str:
         """The id used in test names: the module name."""
@@ -269,8 +312,11 @@ class Implementation:
         text = f"{self.module_name} ({kind}; provides {len(have)}/{len(PROTOCOL)} protocol functions"
         if lack:
             text += f"; missing: {', '.join(lack)}"
-        errors = "RefusalCoreError naming the argument" if self.strict_errors else "any exception"
-        return text + f"; bad input must raise {errors})"
+        if self.strict_errors:
+            errors = "bad input must raise RefusalCoreError naming the argument"
+        else:
+            errors = f"bad-input policy checked only with -m {BAD_INPUT_MARKER} (then any exception counts)"
+        return text + f"; {errors})"
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         if name.startswith("__") or name not in PROTOCOL:

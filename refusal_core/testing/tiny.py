@@ -261,7 +261,7 @@ def _config(
     }
     if tie_word_embeddings is not None:
         common["tie_word_embeddings"] = tie_word_embeddings
-    gemma_like = {
+    gemma_like: dict[str, Any] = {
         "hidden_activation": "gelu_pytorch_tanh",
         "query_pre_attn_scalar": d_model // n_heads,
         "sliding_window": TINY_SLIDING_WINDOW,
@@ -276,7 +276,8 @@ def _config(
     elif family == "mistral":
         config = MistralConfig(sliding_window=None, **common)
     elif family == "gemma":
-        config = GemmaConfig(hidden_activation="gelu_pytorch_tanh", **common)
+        common["hidden_activation"] = "gelu_pytorch_tanh"
+        config = GemmaConfig(**common)
     elif family == "gemma2":
         # Keeps Gemma 2's attention and final logit soft-capping (50 and 30 by default).
         config = Gemma2Config(**gemma_like, **common)

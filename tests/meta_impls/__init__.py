@@ -7,6 +7,9 @@
   suite, differential checks included, must pass it.
 * ``partial_two``: provides only ``ablate`` and ``cosine_similarity``; the tests of the
   other functions must skip, naming the missing function.
+* ``lenient_three``: three correct functions, no input validation and no
+  ``RAISES_REFUSAL_CORE_ERRORS``: no failure in a plain run (the bad-input policy does not
+  apply); with ``-m bad_input`` the tests in :data:`LENIENT_FAILS_WHEN_SELECTED` must fail.
 """
 
 from __future__ import annotations
@@ -272,3 +275,11 @@ WRONG: dict[str, tuple[str, tuple[str, ...]]] = {
 CORRECT = "correct_float32"
 PARTIAL = "partial_two"
 PARTIAL_PROVIDES = ("ablate", "cosine_similarity")
+LENIENT = "lenient_three"
+LENIENT_PROVIDES = ("ablate", "add_direction", "cosine_similarity")
+#: bad-input tests a module that validates nothing fails once the run selects the marker
+LENIENT_FAILS_WHEN_SELECTED = (
+    BAD + "[ablate-zero_direction]",
+    BAD + "[add_direction-nonfinite_coeff]",
+    BAD + "[cosine_similarity-nonfinite_a]",
+)

@@ -194,11 +194,10 @@ def test_full_study(gguf: Path, out_dir: Path) -> None:
                     "source_shift",
                     "cosine_at_base_source",
                     "cosine_selected",
-                    "refusal_rate_harmful",
-                    "necessity",
-                    "sufficiency",
-                    "asr",
-                    "over_refusal",
+                    "mechanism",
+                    "evaluation",
+                    "repair",
+                    "headline",
                     "sparsity",
                 )
             }
@@ -208,14 +207,14 @@ def test_full_study(gguf: Path, out_dir: Path) -> None:
     _write_json(out_dir / "real_summary.json", summary)
     print(table)
 
-    base = variants["base"]
-    assert base["refusal_rate_harmful"] >= MIN_BASE_REFUSAL, (
-        f"base refuses {base['refusal_rate_harmful']:.2f} of held-out harmful prompts; "
-        f"expected >= {MIN_BASE_REFUSAL}"
+    base = variants["base"]["mechanism"]
+    refused, ablated = base["refusal_rate_harmful"]["value"], base["necessity"]["value"]
+    assert refused >= MIN_BASE_REFUSAL, (
+        f"base refuses {refused:.2f} of held-out harmful prompts; expected >= {MIN_BASE_REFUSAL}"
     )
-    assert base["necessity"] <= base["refusal_rate_harmful"] - NECESSITY_MARGIN, (
-        f"ablating the base direction left refusal at {base['necessity']:.2f} "
-        f"(base {base['refusal_rate_harmful']:.2f}); expected a drop of >= {NECESSITY_MARGIN}"
+    assert ablated <= refused - NECESSITY_MARGIN, (
+        f"ablating the base direction left refusal at {ablated:.2f} "
+        f"(base {refused:.2f}); expected a drop of >= {NECESSITY_MARGIN}"
     )
     for name in EIGHT_BIT:
         if name in variants:

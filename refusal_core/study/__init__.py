@@ -1,0 +1,24 @@
+"""The study: does compression break the refusal direction, and can AIRD repair it?
+
+- :mod:`~refusal_core.study.config` — what a study depends on (:class:`StudyConfig` and its parts);
+- :mod:`~refusal_core.study.sweep` — the AIRD strength sweep and the rule that picks a strength;
+- :mod:`~refusal_core.study.run` — the resumable stages and :func:`run_study`;
+- :mod:`~refusal_core.study.report` — results.json, report.md and the plots.
+"""
+
+from refusal_core.study.config import DEFAULT_METHODS, AttackSettings, RepairConfig, StudyConfig
+from refusal_core.study.run import load_variant_model, run_study
+from refusal_core.study.sweep import RepairChoice, SweepPoint, ValidationScores, choose_repair
+
+__all__ = [
+    "DEFAULT_METHODS",
+    "AttackSettings",
+    "RepairChoice",
+    "RepairConfig",
+    "StudyConfig",
+    "SweepPoint",
+    "ValidationScores",
+    "choose_repair",
+    "load_variant_model",
+    "run_study",
+]

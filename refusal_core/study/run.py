@@ -1,0 +1,1048 @@
+"""The study pipeline: does compression break the refusal direction, and does AIRD repair it?
+
+Stages, each resumable (see :class:`~refusal_core.artifacts.StageStore`):
+
+1. ``base/extract`` — candidate directions of the base model (difference in
+   means at every block input × post-instruction position);
+   ``base/select`` — bypass / induce / KL of every candidate and the selected
+   source; ``base/noise`` — the split-half noise floor per site;
+   ``base/validation`` — the base model's validation scores (the reference of
+   the repair rule).
+2. For each compression method ``m``: ``m/compress`` (weights saved),
+   ``m/extract``, ``m/select``, and ``m/mechanism`` (necessity and
+   sufficiency of the compressed model's own direction).
+3. Repair: ``m/sweep`` scores every AIRD strength of the sweep (the paper's α
+   and the gains of :class:`~refusal_core.study.config.RepairConfig`), dense
+   and, for pruned models, sparsity-preserving, on VALIDATION prompts only, and
+   picks one per arm by the documented rule. Three repaired variants are then
+   built with the BASE direction (the paper's recipe): ``m+aird`` (the paper's
+   α at the base source layer), ``m+aird*`` and, for pruned models,
+   ``m+aird-sparse*`` (the chosen strengths). Each is re-extracted and
+   re-selected (``v/extract``, ``v/select``, ``v/mechanism``): the mechanism
+   after repair.
+4. ``eval/<variant>`` — on the held-out test prompts: ASR per attack,
+   over-refusal, capability damage (KL and cross-entropy against the base),
+   zero-shot accuracy; every rate with its n and Wilson interval, every
+   before/after pair with an exact McNemar test.
+5. The report: ``results.json``, ``report.md`` and PNG plots.
+
+A stage's key hashes its own settings with its upstream keys, so changing
+(say) the repair margins redoes only the choice and what depends on it.
+Artifacts are written atomically before a stage is marked done; a killed run
+redoes at most the stage it was in.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from refusal_core.activations import encode_prompts
+from refusal_core.aird import AirdConfig, apply_aird_
+from refusal_core.artifacts import (
+    STAGE_JSON_SCHEMAS,
+    StageStore,
+    atomic_write_json,
+    check_finite_model,
+    save_model_weights,
+    settings_key,
+    stage_output_key,
+    validate_json,
+)
+from refusal_core.compression import CompressionRecord, compress_, method_config
+from refusal_core.compression.config import config_to_dict
+from refusal_core.directions import (
+    DirectionCandidates,
+    compare_candidates,
+    extract_candidates,
+    split_half_noise_floor,
+)
+from refusal_core.errors import ArtifactError, UnsupportedModuleError
+from refusal_core.evaluation.attacks import (
+    Attack,
+    DecodingAttack,
+    GcgAttack,
+    VanillaAttack,
+    evaluate_asr,
+    over_refusal,
+)
+from refusal_core.evaluation.generation import generate, generate_ids
+from refusal_core.evaluation.judges import SubstringJudge
+from refusal_core.functional import refusal_score
+from refusal_core.interventions import ablation_hooks, addition_hooks
+from refusal_core.models import load_model, model_identity
+from refusal_core.prompts import load_prompts
+from refusal_core.selection import SelectionResult, last_token_logits, select_direction
+from refusal_core.stats import finite_or_none, mcnemar, paired_mean_difference, rate_of
+from refusal_core.study.config import StudyConfig
+from refusal_core.study.report import write_study_report
+from refusal_core.study.sweep import RepairChoice, SweepPoint, ValidationScores, choose_repair
+
+__all__ = ["load_variant_model", "run_study"]
+
+
+def _is_pruning(method: str) -> bool:
+    return hasattr(method_config(method), "sparsity")
+
+
+def _kl_rows(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(base ‖ other) of next-token distributions, float64 (nats)."""
+    lp = torch.log_softmax(base_logits.to(torch.float64), -1)
+    lq = torch.log_softmax(logits.to(torch.float64), -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+# ----------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------
+
+
+class _Run:
+    """State shared by the stages of one study run."""
+
+    def __init__(self, config: StudyConfig, out_dir: Path, progress: bool) -> None:
+        self.config = config
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.store = StageStore(self.out / "stages")
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        c = config
+        # Prompts first: a bad prompt file fails before the model is loaded.
+        sizes = {
+            "harmful_train": c.n_train,
+            "harmless_train": c.n_train,
+            "harmful_val": c.n_val,
+            "harmless_val": c.n_val,
+            "harmful_test": c.n_test,
+            "harmless_test": c.n_test,
+            "calibration": c.n_calibration,
+        }
+        self.prompts = {split: load_prompts(getattr(c, split))[:n] for split, n in sizes.items()}
+        torch.manual_seed(c.seed)
+        self.model, self.tokenizer = load_model(c.model)
+        self.identity = model_identity(self.model)
+        self.refusal_ids = (
+            list(c.refusal_token_ids) if c.refusal_token_ids else _refusal_ids(c.model, self.tokenizer)
+        )
+        self.judge = SubstringJudge()
+        # Refusal rates (over-refusal, necessity, sufficiency) count refusals, so a short but
+        # compliant answer must not count as one: no minimum length there.
+        self.refusal_judge = SubstringJudge(min_words=1)
+        self.root_key = settings_key(
+            {
+                "identity": self.identity,
+                "prompts": self.prompts,
+                "seed": c.seed,
+                "refusal_ids": self.refusal_ids,
+            }
+        )
+        self._pad = _pad_id(self.tokenizer)
+        self._encoded: dict[str, list[list[int]]] = {}
+        self._base_val_logits: torch.Tensor | None = None
+
+    def stage(
+        self,
+        name: str,
+        settings: dict[str, Any],
+        upstream: Sequence[str],
+        compute: Callable[[Path], Any],
+        load: Callable[[Path], Any],
+    ) -> tuple[Any, str]:
+        """Load stage ``name`` if done with the same key and its files verify, else compute it.
+
+        Returns ``(value, key)`` where ``key`` chains the settings key with the hashes of the
+        stage's files: downstream stages keyed on it are redone when a recomputation produced
+        different files, and stay valid (if their own files verify) when it produced the same.
+        """
+        key = settings_key(settings, self.root_key, *upstream)
+        d = self.store.stage_dir(name)
+        if self.store.recorded_key(name) == key:
+            try:
+                files = self.store.verify(name, key)
+                value = load(d)
+                self.timings[name] = self.store.seconds(name)
+                return value, stage_output_key(key, files)
+            except ArtifactError as exc:  # a damaged artifact is recomputed, never trusted
+                tqdm.write(f"refusal_core: stage {name} is damaged ({exc}); recomputing", file=sys.stderr)
+        stamps = self.store.file_stamps(name)
+        self.store.invalidate(name)
+        t0 = time.perf_counter()
+        value = compute(d)
+        self.timings[name] = round(time.perf_counter() - t0, 3)
+        files = self.store.mark_done(name, key, {"seconds": self.timings[name]}, unchanged_since=stamps)
+        return value, stage_output_key(key, files)
+
+    def encoded(self, split: str) -> list[list[int]]:
+        if split not in self._encoded:
+            self._encoded[split] = encode_prompts(self.tokenizer, self.prompts[split])
+        return self._encoded[split]
+
+    # -- directions ----------------------------------------------------------
+    def extract(
+        self, name: str, model: nn.Module, upstream: Sequence[str]
+    ) -> tuple[DirectionCandidates, str]:
+        def compute(d: Path) -> DirectionCandidates:
+            cands = extract_candidates(
+                model,
+                self.tokenizer,
+                self.prompts["harmful_train"],
+                self.prompts["harmless_train"],
+                batch_size=self.config.batch_size,
+                progress=self.progress,
+            )
+            cands.save(d / "candidates")
+            return cands
+
+        ident = model_identity(model)
+        return self.stage(
+            f"{name}/extract",
+            {"batch_size": self.config.batch_size},
+            upstream,
+            compute,
+            lambda d: DirectionCandidates.load(d / "candidates", expect_identity=ident),
+        )
+
+    def select(
+        self, name: str, model: nn.Module, cands: DirectionCandidates, upstream: Sequence[str]
+    ) -> tuple[SelectionResult, str]:
+        def compute(d: Path) -> SelectionResult:
+            res = select_direction(
+                model,
+                self.tokenizer,
+                cands,
+                self.prompts["harmful_val"],
+                self.prompts["harmless_val"],
+                self.refusal_ids,
+                self.config.selection,
+                progress=self.progress,
+            )
+            res.save(d / "selection")
+            return res
+
+        ident = model_identity(model)
+        return self.stage(
+            f"{name}/select",
+            asdict(self.config.selection),
+            upstream,
+            compute,
+            lambda d: SelectionResult.load(d / "selection", expect_identity=ident),
+        )
+
+    # -- mechanism -----------------------------------------------------------
+    def mechanism(
+        self, name: str, model: nn.Module, r: torch.Tensor, layer: int, upstream: Sequence[str]
+    ) -> tuple[dict[str, Any], str]:
+        """Refusal on harmful test prompts as is and with r ablated, and on harmless ones with r added.
+
+        Per-prompt flags are kept (``refused_*``) so that paired tests can be computed later.
+        """
+
+        def compute(d: Path) -> dict[str, Any]:
+            harmful, harmless = self.prompts["harmful_test"], self.prompts["harmless_test"]
+            r_m = r.to(next(model.parameters()).dtype)
+            with ablation_hooks(model, r_m):
+                abl = self._generate(model, harmful)
+            with addition_hooks(model, r_m, 1.0, layer):
+                add = self._generate(model, harmless)
+            base_h = self._generate(model, harmful)
+            out = {
+                "refused_harmful": self._refused(harmful, base_h),
+                "refused_ablated": self._refused(harmful, abl),
+                "refused_added": self._refused(harmless, add),
+            }
+            atomic_write_json(d / "mechanism.json", out)
+            return out
+
+        return self.stage(
+            f"{name}/mechanism",
+            {"max_new_tokens": self.config.max_new_tokens, "layer": layer},
+            upstream,
+            compute,
+            lambda d: _read_json(d / "mechanism.json"),
+        )
+
+    def _generate(self, model: nn.Module, prompts: Sequence[str]) -> list[str]:
+        return generate(
+            model,
+            self.tokenizer,
+            list(prompts),
+            max_new_tokens=self.config.max_new_tokens,
+            batch_size=self.config.batch_size,
+            progress=False,
+        )
+
+    def _refused(self, prompts: Sequence[str], completions: Sequence[str]) -> list[bool]:
+        """Per prompt: did the model refuse? Degenerate output is not a refusal where the judge says so."""
+        classify = getattr(self.refusal_judge, "classify", None)
+        if callable(classify):
+            return [
+                str(getattr(v, "value", v)) == "refused" for v in classify(list(prompts), list(completions))
+            ]
+        complied = self.refusal_judge.judge(list(prompts), list(completions))
+        return [not bool(v) for v in complied]
+
+    # -- compression ---------------------------------------------------------
+    def compress(self, method: str) -> tuple[nn.Module, CompressionRecord, str]:
+        cfg = method_config(method)
+        calibration = encode_prompts(self.tokenizer, self.prompts["calibration"])
+        made: list[nn.Module] = []
+
+        def compute(d: Path) -> CompressionRecord:
+            model = copy.deepcopy(self.model)
+            record = compress_(
+                model, cfg, calibration, batch_size=self.config.batch_size, progress=self.progress
+            )
+            save_model_weights(model, d / "weights.safetensors")
+            record.save(d / "record")
+            made.append(model)
+            return record
+
+        def load(d: Path) -> CompressionRecord:
+            record = CompressionRecord.load(d / "record", expect_identity=self.identity)
+            made.append(self._restore(cfg, calibration, d / "weights.safetensors"))
+            return record
+
+        record, key = self.stage(
+            f"{method}/compress",
+            {"config": config_to_dict(cfg), "calibration": self.config.calibration},
+            [],
+            compute,
+            load,
+        )
+        return made[-1], record, key
+
+    def _restore(self, cfg: Any, calibration: list[list[int]], path: Path) -> nn.Module:
+        """Rebuild a compressed model from saved weights (re-creating quantized modules if any)."""
+        try:
+            state = load_file(str(path))
+        except Exception as exc:
+            raise ArtifactError(f"compressed weights {path} are missing or corrupt: {exc}") from exc
+        model = copy.deepcopy(self.model)
+        if set(state) != set(model.state_dict()):
+            # The method replaced modules (e.g. int8): rebuild the structure, then load the saved values.
+            compress_(model, cfg, calibration, batch_size=self.config.batch_size)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ArtifactError(f"compressed weights {path} do not fit the model: {exc}") from exc
+        return model
+
+    # -- repair --------------------------------------------------------------
+    def repaired(
+        self, compressed: nn.Module, r: torch.Tensor, layers: Sequence[int], cfg: AirdConfig
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        """A copy of ``compressed`` with AIRD (the BASE direction ``r``) applied at each of ``layers``.
+
+        The direction's origin is checked: it must come from the base model this compressed
+        model derives from (the study's own base), which is AIRD's recipe.
+        """
+        model = copy.deepcopy(compressed)
+        records: list[dict[str, Any]] = []
+        for layer in layers:
+            try:
+                # r as extracted (float64): AIRD computes in float64 and casts the result once.
+                rec = apply_aird_(
+                    model,
+                    r,
+                    layer,
+                    cfg,
+                    direction_identity=self.identity,
+                    model_record={"base_identity": self.identity},
+                )
+                records.append({**rec.to_dict(), "path": "dense float"})
+            except UnsupportedModuleError:
+                # Quantized linears: dequantize both edited modules, edit, re-quantize with the same scheme.
+                from refusal_core.quantized_edit import apply_aird_quantized_
+
+                qrec = apply_aird_quantized_(model, r, layer, cfg, requantize=True)
+                if qrec.aird is None:
+                    raise ArtifactError("the quantized AIRD edit returned no AIRD record") from None
+                records.append(
+                    {
+                        **qrec.aird.to_dict(),
+                        "path": "dequantize, edit, re-quantize",
+                        "quantized_edit": qrec.to_dict(),
+                    }
+                )
+        return model, {"layers": list(layers), "edits": records}
+
+    def sweep_configs(
+        self, sparse: bool, base_layer: int, own_layer: int
+    ) -> list[tuple[str, str, tuple[int, ...], AirdConfig]]:
+        """(strength, placement, layers, config) of every non-identity sweep point of one arm."""
+        rc, paper = self.config.repair, self.config.aird
+        placements: list[tuple[str, tuple[int, ...]]] = []
+        for p in rc.layers:
+            layers = {"base": (base_layer,), "own": (own_layer,), "both": (base_layer, own_layer)}[p]
+            layers = tuple(dict.fromkeys(layers))  # "both" with equal layers is "base"
+            if all(layers != seen for _, seen in placements):
+                placements.append((p, layers))
+        strengths: list[tuple[str, AirdConfig]] = []
+        if rc.include_paper_alpha:
+            strengths.append(("paper", replace(paper, preserve_sparsity=sparse)))
+        for g in rc.gains:
+            strengths.append(
+                (
+                    "gain",
+                    AirdConfig(gain_attn=g, gain_mlp=g, normalize=paper.normalize, preserve_sparsity=sparse),
+                )
+            )
+        return [(s, p, layers, cfg) for p, layers in placements for s, cfg in strengths]
+
+    # -- validation scores ---------------------------------------------------
+    def base_val_logits(self) -> torch.Tensor:
+        if self._base_val_logits is None:
+            self._base_val_logits = last_token_logits(self.model, self.encoded("harmless_val"), self._pad)
+        return self._base_val_logits
+
+    def validation_scores(self, model: nn.Module) -> ValidationScores:
+        """Scores of ``model`` on the validation prompts (never the test prompts)."""
+        harm_ids, safe_ids = self.encoded("harmful_val"), self.encoded("harmless_val")
+        lh = last_token_logits(model, harm_ids, self._pad)
+        ls = last_token_logits(model, safe_ids, self._pad)
+        sh = refusal_score(lh, self.refusal_ids)
+        ss = refusal_score(ls, self.refusal_ids)
+        kl = float(_kl_rows(self.base_val_logits(), ls).mean())
+        if self.config.repair.generate:
+            harmful, harmless = self.prompts["harmful_val"], self.prompts["harmless_val"]
+            comp = self.judge.judge(list(harmful), self._generate(model, harmful))
+            compliance = rate_of([bool(v) for v in comp])
+            over = rate_of(self._refused(harmless, self._generate(model, harmless)))
+            source = "generation"
+        else:
+            compliance = rate_of([bool(v) for v in (sh <= 0).tolist()])
+            over = rate_of([bool(v) for v in (ss > 0).tolist()])
+            source = "refusal_score"
+        return ValidationScores(
+            compliance=compliance,
+            over_refusal=over,
+            kl=max(0.0, kl),
+            refusal_score_harmful=float(sh.mean()),
+            refusal_score_harmless=float(ss.mean()),
+            source=source,
+        )
+
+    def validation_stage(self, name: str, model: nn.Module, upstream: Sequence[str]) -> ValidationScores:
+        def compute(d: Path) -> ValidationScores:
+            scores = self.validation_scores(model)
+            atomic_write_json(d / "validation.json", scores.to_dict())
+            return scores
+
+        value, _ = self.stage(
+            f"{name}/validation",
+            {"max_new_tokens": self.config.max_new_tokens, "generate": self.config.repair.generate},
+            upstream,
+            compute,
+            lambda d: ValidationScores.from_dict(_read_json(d / "validation.json")),
+        )
+        return value
+
+    def sweep(
+        self,
+        method: str,
+        compressed: nn.Module,
+        r_base: torch.Tensor,
+        base_layer: int,
+        own_layer: int,
+        upstream: Sequence[str],
+    ) -> tuple[list[SweepPoint], str]:
+        arms = (False, True) if (_is_pruning(method) and self.config.repair.sparse) else (False,)
+        norm = float(torch.linalg.vector_norm(r_base.to(torch.float64)))
+
+        def compute(d: Path) -> list[SweepPoint]:
+            ident = self.validation_scores(compressed)
+            points = [SweepPoint("identity", False, "none", (), (1.0, 1.0), (0.0, 0.0), ident)]
+            todo = [
+                (sparse, *spec)
+                for sparse in arms
+                for spec in self.sweep_configs(sparse, base_layer, own_layer)
+            ]
+            bar = tqdm(todo, desc=f"{method} sweep", disable=not self.progress, leave=False)
+            for sparse, strength, placement, layers, cfg in bar:
+                model, _ = self.repaired(compressed, r_base, layers, cfg)
+                points.append(
+                    SweepPoint(
+                        strength=strength,
+                        sparse=sparse,
+                        placement=placement,
+                        layers=layers,
+                        gains=cfg.gains(norm),
+                        alphas=cfg.alphas(norm),
+                        scores=self.validation_scores(model),
+                    )
+                )
+                del model
+            atomic_write_json(d / "sweep.json", {"points": [p.to_dict() for p in points]})
+            return points
+
+        # The margins only decide the choice, made from these scores afterwards: not part of the key.
+        repair = {k: v for k, v in asdict(self.config.repair).items() if not k.startswith("max_")}
+        settings = {
+            "repair": repair,
+            "aird": asdict(self.config.aird),
+            "max_new_tokens": self.config.max_new_tokens,
+            "layers": [base_layer, own_layer],
+        }
+        return self.stage(
+            f"{method}/sweep",
+            settings,
+            upstream,
+            compute,
+            lambda d: [SweepPoint.from_dict(p) for p in _read_json(d / "sweep.json")["points"]],
+        )
+
+    # -- evaluation ----------------------------------------------------------
+    def attacks(self) -> list[Attack]:
+        a, c = self.config.attacks, self.config
+        return [
+            VanillaAttack(max_new_tokens=c.max_new_tokens, batch_size=c.batch_size),
+            VanillaAttack(system=a.system_prompt, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size),
+            DecodingAttack(
+                temperatures=a.decoding_temperatures,
+                top_ps=a.decoding_top_ps,
+                top_ks=a.decoding_top_ks,
+                n_samples=a.decoding_samples,
+                max_new_tokens=c.max_new_tokens,
+                batch_size=c.batch_size,
+                seed=c.seed,
+            ),
+        ]
+
+    def gcg(self) -> GcgAttack:
+        a, c = self.config.attacks, self.config
+        return GcgAttack(
+            n_steps=a.gcg_steps,
+            suffix_len=a.gcg_suffix_len,
+            topk=a.gcg_topk,
+            batch_size=a.gcg_candidates,
+            target=a.gcg_target,
+            universal=True,
+            max_new_tokens=c.max_new_tokens,
+            gen_batch_size=c.batch_size,
+            seed=c.seed,
+        )
+
+    def base_completions(self) -> list[list[int]]:
+        """The base model's greedy completions (token ids) of the harmless test prompts."""
+
+        def compute(d: Path) -> list[list[int]]:
+            ids = generate_ids(
+                self.model,
+                self.tokenizer,
+                self.encoded("harmless_test"),
+                max_new_tokens=self.config.max_new_tokens,
+                batch_size=self.config.batch_size,
+                progress=False,
+            )
+            atomic_write_json(d / "completions.json", {"ids": ids})
+            return ids
+
+        value, _ = self.stage(
+            "base/completions",
+            {"max_new_tokens": self.config.max_new_tokens},
+            [],
+            compute,
+            lambda d: [list(map(int, x)) for x in _read_json(d / "completions.json")["ids"]],
+        )
+        return list(value)
+
+    def evaluate(self, variant: str, model: nn.Module, upstream: Sequence[str]) -> tuple[dict[str, Any], str]:
+        c = self.config
+        completions = self.base_completions()
+
+        def compute(d: Path) -> dict[str, Any]:
+            # A broken model (NaN/inf weights) would give empty completions: refuse it, never report it.
+            check_finite_model(model)
+            harmful = self.prompts["harmful_test"]
+            results = evaluate_asr(model, self.tokenizer, harmful, self.attacks(), self.judge, progress=False)
+            if c.attacks.gcg_prompts > 0 and c.attacks.gcg_steps > 0:
+                gcg = self.gcg()
+                results[gcg.name] = gcg.run(
+                    model, self.tokenizer, harmful[: c.attacks.gcg_prompts], self.judge, progress=False
+                )
+            for name, res in results.items():
+                res.save(d / f"asr_{name}.json")
+            refusal = over_refusal(
+                model,
+                self.tokenizer,
+                self.prompts["harmless_test"],
+                self.refusal_judge,
+                max_new_tokens=c.max_new_tokens,
+                batch_size=c.batch_size,
+                progress=False,
+            )
+            refusal.save(d / "over_refusal.json")
+            harmless = self.prompts["harmless_test"]
+            out = {
+                "jailbroken": {
+                    name: [bool(r.jailbroken) for r in res.records] for name, res in results.items()
+                },
+                "asr_per_config": {name: res.config_rates for name, res in results.items()},
+                "refused_harmless": self._refused(harmless, [r.completions[0] for r in refusal.records]),
+                "damage": self._damage(model, completions),
+                "accuracy": self._zero_shot(model),
+            }
+            atomic_write_json(d / "evaluation.json", out)
+            return out
+
+        settings = {
+            "attacks": asdict(c.attacks),
+            "max_new_tokens": c.max_new_tokens,
+            "tasks": list(c.zero_shot_tasks),
+        }
+        return self.stage(
+            f"eval/{variant}", settings, upstream, compute, lambda d: _read_json(d / "evaluation.json")
+        )
+
+    def _damage(self, model: nn.Module, completions: list[list[int]]) -> dict[str, Any]:
+        """KL(base ‖ model) of next-token distributions and cross-entropy of the base's completions."""
+        from refusal_core.evaluation.damage import completion_cross_entropy, next_token_kl
+
+        harmless = list(self.prompts["harmless_test"])
+        keep = [i for i, ids in enumerate(completions) if ids]
+        kl = next_token_kl(self.model, model, self.tokenizer, harmless, batch_size=self.config.batch_size)
+        ce = completion_cross_entropy(
+            model,
+            self.tokenizer,
+            [harmless[i] for i in keep],
+            [completions[i] for i in keep],
+            batch_size=self.config.batch_size,
+        )
+        return {
+            "kl_per_prompt": [float(v) for v in kl],
+            "ce_per_prompt": [float(v) for v in ce],
+            "ce_prompts": keep,
+        }
+
+    def _zero_shot(self, model: nn.Module) -> dict[str, dict[str, Any]]:
+        if not self.config.zero_shot_tasks:
+            return {}
+        from refusal_core.evaluation.zero_shot import zero_shot_evaluate
+
+        res = zero_shot_evaluate(
+            model, self.tokenizer, tasks=list(self.config.zero_shot_tasks), progress=self.progress
+        )
+        return {
+            name: {"accuracy": r.accuracy, "stderr": finite_or_none(r.stderr), "n": r.n_items}
+            for name, r in res.items()
+        }
+
+
+def _point_config(point: SweepPoint, paper: AirdConfig) -> AirdConfig:
+    """The AIRD config of a sweep point, in the spelling the sweep used (so the gain is exact)."""
+    if point.strength == "paper":
+        return replace(paper, preserve_sparsity=point.sparse)
+    return AirdConfig(
+        gain_attn=point.gains[0],
+        gain_mlp=point.gains[1],
+        normalize=paper.normalize,
+        preserve_sparsity=point.sparse,
+    )
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id
+    return int(pad if pad is not None else 0)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} is missing or corrupt: {exc}") from exc
+    validate_json(data, STAGE_JSON_SCHEMAS.get(Path(path).name, {}), path)
+    return dict(data)
+
+
+def _refusal_ids(spec: str, tokenizer: Any) -> list[int]:
+    if spec == "toy":
+        from refusal_core.toy import toy_refusal_token_ids
+
+        return list(toy_refusal_token_ids())
+    from refusal_core.evaluation.scores import refusal_token_ids_for
+
+    return list(refusal_token_ids_for(tokenizer))
+
+
+def load_variant_model(
+    model: str,
+    method: str | None,
+    calibration: str = "harmless_train",
+    n_calibration: int = 64,
+    batch_size: int = 32,
+) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` for a model spec, compressed in memory with ``method`` when given."""
+    m, tok = load_model(model)
+    if method:
+        cfg = method_config(method)
+        compress_(
+            m, cfg, encode_prompts(tok, load_prompts(calibration)[:n_calibration]), batch_size=batch_size
+        )
+    return m, tok
+
+
+# ----------------------------------------------------------------------------
+# per-variant results
+# ----------------------------------------------------------------------------
+
+
+def _mechanism_summary(mech: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "refusal_rate_harmful": rate_of(mech["refused_harmful"]).to_dict(),
+        "necessity": rate_of(mech["refused_ablated"]).to_dict(),
+        "sufficiency": rate_of(mech["refused_added"]).to_dict(),
+    }
+
+
+def _evaluation_summary(ev: dict[str, Any]) -> dict[str, Any]:
+    dmg = ev["damage"]
+    kl = [float(v) for v in dmg["kl_per_prompt"]]
+    ce = [float(v) for v in dmg["ce_per_prompt"]]
+    return {
+        "asr": {name: rate_of(flags).to_dict() for name, flags in ev["jailbroken"].items()},
+        "asr_per_config": ev["asr_per_config"],
+        "over_refusal": rate_of(ev["refused_harmless"]).to_dict(),
+        "damage": {
+            "kl_mean": sum(kl) / len(kl) if kl else None,
+            "ce_mean": sum(ce) / len(ce) if ce else None,
+            "n": len(kl),
+        },
+        "accuracy": ev["accuracy"],
+    }
+
+
+def _paired(ev: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+    """Exact McNemar per attack and for over-refusal, paired bootstrap for damage: ``ev`` vs ``ref``."""
+    out: dict[str, Any] = {"asr": {}, "over_refusal": None, "kl": None, "ce": None}
+    for name, flags in ev["jailbroken"].items():
+        if name in ref["jailbroken"] and len(ref["jailbroken"][name]) == len(flags):
+            out["asr"][name] = mcnemar(ref["jailbroken"][name], flags).to_dict()
+    out["over_refusal"] = mcnemar(ref["refused_harmless"], ev["refused_harmless"]).to_dict()
+    for key, field_name in (("kl", "kl_per_prompt"), ("ce", "ce_per_prompt")):
+        a, b = ref["damage"][field_name], ev["damage"][field_name]
+        if a and len(a) == len(b) and ref["damage"].get("ce_prompts") == ev["damage"].get("ce_prompts"):
+            out[key] = paired_mean_difference(a, b).to_dict()
+    return out
+
+
+def _headline(base: dict[str, Any], comp: dict[str, Any], rep: dict[str, Any]) -> dict[str, Any]:
+    """The paper's quantities per attack: absolute and relative ASR reduction, share of the rise recovered."""
+    out: dict[str, Any] = {}
+    for name, flags in rep["jailbroken"].items():
+        if name not in comp["jailbroken"] or name not in base["jailbroken"]:
+            continue
+        a_b = sum(base["jailbroken"][name]) / len(base["jailbroken"][name])
+        a_c = sum(comp["jailbroken"][name]) / len(comp["jailbroken"][name])
+        a_r = sum(flags) / len(flags)
+        rise = a_c - a_b
+        out[name] = {
+            "asr_base": a_b,
+            "asr_compressed": a_c,
+            "asr_repaired": a_r,
+            "absolute_reduction": a_c - a_r,
+            "relative_reduction": (a_c - a_r) / a_c if a_c > 0 else None,
+            "share_of_rise_recovered": (a_c - a_r) / rise if rise > 0 else None,
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------
+# the pipeline
+# ----------------------------------------------------------------------------
+
+
+def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the study and write the report into ``out_dir``; returns results.json's content."""
+    t_start = time.perf_counter()
+    run = _Run(config, Path(out_dir), progress)
+    out = run.out
+    n_repaired = sum(3 if _is_pruning(m) and config.repair.sparse else 2 for m in config.methods)
+    steps = 4 + 4 * len(config.methods) + 2 * n_repaired
+    bar = tqdm(total=steps, desc="study", disable=not progress)
+
+    def step(msg: str) -> None:
+        bar.set_postfix_str(msg)
+        bar.update(1)
+
+    # 1. base direction --------------------------------------------------------
+    base_cands, k_ext = run.extract("base", run.model, [])
+    base_sel, k_sel = run.select("base", run.model, base_cands, [k_ext])
+    layer, pos_i = base_sel.source
+    position = base_sel.positions[pos_i]
+    r_base = base_cands.directions[layer, pos_i]
+    step(f"base source l={layer} pos={position}")
+
+    def noise_compute(d: Path) -> torch.Tensor:
+        floor = split_half_noise_floor(
+            run.model,
+            run.tokenizer,
+            run.prompts["harmful_train"],
+            run.prompts["harmless_train"],
+            n_splits=config.noise_splits,
+            seed=config.seed,
+            batch_size=config.batch_size,
+        )
+        save_file({"noise_floor": floor.contiguous()}, str(d / "noise.safetensors"))
+        return floor
+
+    noise, _ = run.stage(
+        "base/noise",
+        {"splits": config.noise_splits},
+        [],
+        noise_compute,
+        lambda d: _load_tensor(d / "noise.safetensors", "noise_floor"),
+    )
+    step("noise floor")
+    base_mech, _ = run.mechanism("base", run.model, r_base, layer, [k_sel])
+    base_val = run.validation_stage("base", run.model, [])
+    step("base mechanism")
+
+    # Each entry: name -> (model, upstream keys, record)
+    models: dict[str, tuple[nn.Module, list[str]]] = {"base": (run.model, [k_sel])}
+    records: list[dict[str, Any]] = [
+        {
+            "name": "base",
+            "kind": "base",
+            "method": None,
+            "source": [layer, position],
+            "source_shift": [0, 0],
+            "cosine_at_base_source": 1.0,
+            "cosine_selected": 1.0,
+            "filters_passed": base_sel.selected is not None,
+            "sparsity": _sparsity(run.model),
+            "mechanism": base_mech,
+            "selection": base_sel,
+        }
+    ]
+    cosine_by_layer: dict[str, list[float]] = {}
+    sweeps: dict[str, dict[str, Any]] = {}
+
+    def analyse(name: str, model: nn.Module, upstream: list[str]) -> dict[str, Any]:
+        """Extract, select, compare with the base and measure the mechanism of one model."""
+        cands, k_e = run.extract(name, model, upstream)
+        sel, k_s = run.select(name, model, cands, [*upstream, k_e])
+        m_layer, m_pi = sel.source
+        cmp = compare_candidates(
+            base_cands,
+            cands,
+            base_source=(layer, position),
+            other_source=(m_layer, sel.positions[m_pi]),
+        )
+        cmp.save(run.store.stage_dir(f"{name}/extract") / "comparison")
+        cosine_by_layer[name] = [float(v) for v in cmp.per_site_cosine[:, pos_i]]
+        mech, _ = run.mechanism(name, model, cands.directions[m_layer, m_pi], m_layer, [*upstream, k_s])
+        return {
+            "source": [m_layer, sel.positions[m_pi]],
+            "source_shift": list(cmp.source_shift) if cmp.source_shift is not None else None,
+            "cosine_at_base_source": finite_or_none(cmp.cosine_at_base_source),
+            "cosine_selected": finite_or_none(cmp.selected_cosine),
+            "filters_passed": sel.selected is not None,
+            "mechanism": mech,
+            "selection": sel,
+            "own_layer": m_layer,
+        }
+
+    # 2. compressed models and 3. their repair ----------------------------------
+    for method in config.methods:
+        compressed, record, k_c = run.compress(method)
+        step(f"{method} compressed")
+        info = analyse(method, compressed, [k_c])
+        step(f"{method} analysed")
+        records.append(
+            {
+                "name": method,
+                "kind": "compressed",
+                "method": method,
+                "compression_config": record.to_dict().get("config"),
+                "quantization_error": record.to_dict().get("quantization_error") or None,
+                "sparsity": record.sparsity,
+                **info,
+            }
+        )
+        models[method] = (compressed, [k_c])
+
+        points, _ = run.sweep(method, compressed, r_base, layer, info["own_layer"], [k_c, k_sel])
+        step(f"{method} swept")
+        arms = sorted({p.sparse for p in points if p.strength != "identity"})
+        choices: dict[str, RepairChoice] = {}
+        for sparse in arms:
+            arm_points = [p for p in points if p.strength == "identity" or p.sparse == sparse]
+            choices["sparse" if sparse else "dense"] = choose_repair(
+                arm_points,
+                base_val,
+                max_over_refusal_increase=config.repair.max_over_refusal_increase,
+                max_kl_increase=config.repair.max_kl_increase,
+            )
+        sweeps[method] = {"points": points, "choices": choices}
+
+        plan: list[tuple[str, str, SweepPoint | None]] = [(f"{method}+aird", "paper", None)]
+        for arm, choice in choices.items():
+            plan.append((f"{method}+aird{'-sparse' if arm == 'sparse' else ''}*", arm, choice.point))
+        for name, arm, point in plan:
+            if point is None:
+                cfg, layers, how = config.aird, (layer,), "paper's α at the base source layer"
+            elif point.strength == "identity":
+                records.append(
+                    {
+                        "name": name,
+                        "kind": "repaired",
+                        "method": method,
+                        "repair": {
+                            "arm": arm,
+                            "how": "no strength improved on the unedited model under the rule",
+                            "point": point.to_dict(),
+                            "criterion_met": choices[arm].criterion_met,
+                            "same_as": method,
+                        },
+                    }
+                )
+                step(f"{name}: no edit chosen")
+                step("")
+                continue
+            else:
+                cfg = _point_config(point, config.aird)
+                layers, how = point.layers, f"chosen on validation: {point.label}"
+            repaired, aird_record = run.repaired(compressed, r_base, layers, cfg)
+            k_a = settings_key({"aird": asdict(cfg), "layers": list(layers)}, k_c, k_sel)
+            info_r = analyse(name, repaired, [k_a])
+            step(f"{name} analysed")
+            norm = float(torch.linalg.vector_norm(r_base.to(torch.float64)))
+            records.append(
+                {
+                    "name": name,
+                    "kind": "repaired",
+                    "method": method,
+                    "sparsity": _sparsity(repaired),
+                    "repair": {
+                        "arm": arm,
+                        "how": how,
+                        "layers": list(layers),
+                        "alphas": list(cfg.alphas(norm)),
+                        "gains": list(cfg.gains(norm)),
+                        "point": point.to_dict() if point is not None else None,
+                        "criterion_met": choices[arm].criterion_met if arm in choices else None,
+                        "record": aird_record,
+                    },
+                    **info_r,
+                }
+            )
+            models[name] = (repaired, [k_a])
+
+    # 4. evaluation -------------------------------------------------------------
+    evals: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        if rec.get("repair", {}).get("same_as"):
+            continue
+        model, upstream = models[rec["name"]]
+        evals[rec["name"]], _ = run.evaluate(rec["name"], model, upstream)
+        step(f"evaluated {rec['name']}")
+    bar.close()
+
+    # 5. results and report -----------------------------------------------------
+    variants = [_variant_result(rec, evals, records) for rec in records]
+    results = {
+        "model": run.identity,
+        "settings": config.to_dict(),
+        "refusal_token_ids": run.refusal_ids,
+        "base": {
+            "source": [layer, position],
+            "source_position": position,
+            "filters_passed": base_sel.selected is not None,
+            "noise_floor_at_source": finite_or_none(float(noise[layer, pos_i])),
+            "direction_norm": float(r_base.norm()),
+            "validation": base_val.to_dict(),
+        },
+        "noise_floor": [[finite_or_none(float(x)) for x in row] for row in noise],
+        "variants": variants,
+        "sweeps": {
+            m: {
+                "points": [p.to_dict() for p in s["points"]],
+                "choices": {arm: ch.to_dict() for arm, ch in s["choices"].items()},
+            }
+            for m, s in sweeps.items()
+        },
+        "saturated_attacks": _saturation(evals["base"]),
+        "significance_level": 0.05,
+        "timings": {"stages": run.timings, "total_seconds": round(time.perf_counter() - t_start, 3)},
+    }
+    write_study_report(
+        out,
+        results,
+        selections={r["name"]: r["selection"] for r in records if "selection" in r},
+        cosine_by_layer=cosine_by_layer,
+        noise=noise,
+        base_position_index=pos_i,
+    )
+    return results
+
+
+def _saturation(base_eval: dict[str, Any]) -> dict[str, str]:
+    """Attacks whose ASR on the base model is exactly 0 or 1: they cannot show one direction of change."""
+    out = {}
+    for name, flags in base_eval["jailbroken"].items():
+        k = sum(flags)
+        if k == 0:
+            out[name] = "floor (0 on the base): cannot show a repair lowering it"
+        elif k == len(flags):
+            out[name] = "ceiling (1 on the base): cannot show compression raising it"
+    return out
+
+
+def _variant_result(
+    rec: dict[str, Any], evals: dict[str, dict[str, Any]], records: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The JSON record of one variant: its findings, rates with intervals, and paired comparisons."""
+    out = {k: v for k, v in rec.items() if k not in ("mechanism", "selection", "own_layer")}
+    if "mechanism" in rec:
+        out["mechanism"] = _mechanism_summary(rec["mechanism"])
+    same = rec.get("repair", {}).get("same_as")
+    ev = evals.get(same or rec["name"])
+    if ev is None:
+        return out
+    out["evaluation"] = _evaluation_summary(ev)
+    comparisons: dict[str, Any] = {}
+    if rec["kind"] != "base":
+        comparisons["vs_base"] = _paired(ev, evals["base"])
+    if rec["kind"] == "repaired" and not same:
+        comp_ev = evals[rec["method"]]
+        comparisons["vs_compressed"] = _paired(ev, comp_ev)
+        out["headline"] = _headline(evals["base"], comp_ev, ev)
+        comp_rec = next(r for r in records if r["name"] == rec["method"])
+        comparisons["mechanism_vs_compressed"] = {
+            key: mcnemar(comp_rec["mechanism"][key], rec["mechanism"][key]).to_dict()
+            for key in ("refused_harmful", "refused_ablated", "refused_added")
+        }
+    if rec["kind"] == "compressed":
+        comparisons["mechanism_vs_base"] = {
+            key: mcnemar(records[0]["mechanism"][key], rec["mechanism"][key]).to_dict()
+            for key in ("refused_harmful", "refused_ablated", "refused_added")
+        }
+    out["comparisons"] = comparisons
+    return out
+
+
+def _sparsity(model: nn.Module) -> float:
+    from refusal_core.compression import model_sparsity_of
+
+    return float(model_sparsity_of(model)[0])
+
+
+def _load_tensor(path: Path, key: str) -> torch.Tensor:
+    try:
+        return load_file(str(path))[key]
+    except Exception as exc:
+        raise ArtifactError(f"{path} is missing or corrupt: {exc}") from exc

@@ -1,0 +1,171 @@
+"""The AIRD strength sweep: its points, their validation scores, and the rule that picks one.
+
+A :class:`SweepPoint` is one candidate repair of one compressed model: a
+strength (the paper's α pair, or a gain g applied to both projections), the
+dense or sparsity-preserving update, and where it is applied. Its scores come
+from the validation prompts only (:class:`ValidationScores`).
+:func:`choose_repair` applies :class:`~refusal_core.study.config.RepairConfig`'s
+documented rule; it sees nothing but validation scores, so the held-out test
+prompts cannot reach the choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from refusal_core.errors import EmptyInputError, InvalidArgumentError
+from refusal_core.stats import Rate
+
+__all__ = ["RepairChoice", "SweepPoint", "ValidationScores", "choose_repair"]
+
+
+@dataclass(frozen=True)
+class ValidationScores:
+    """One model on the validation prompts.
+
+    ``compliance``: harmful prompts answered; ``over_refusal``: harmless prompts refused (from
+    generations, or from the refusal score's sign when ``source == "refusal_score"``);
+    ``kl``: mean KL(base ‖ model) of the next-token distribution on the harmless prompts (nats);
+    ``refusal_score_harmful`` / ``refusal_score_harmless``: mean refusal scores.
+    """
+
+    compliance: Rate
+    over_refusal: Rate
+    kl: float
+    refusal_score_harmful: float
+    refusal_score_harmless: float
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "compliance": self.compliance.to_dict(),
+            "over_refusal": self.over_refusal.to_dict(),
+            "kl": self.kl,
+            "refusal_score_harmful": self.refusal_score_harmful,
+            "refusal_score_harmless": self.refusal_score_harmless,
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ValidationScores:
+        return cls(
+            compliance=Rate.from_dict(d["compliance"]),
+            over_refusal=Rate.from_dict(d["over_refusal"]),
+            kl=float(d["kl"]),
+            refusal_score_harmful=float(d["refusal_score_harmful"]),
+            refusal_score_harmless=float(d["refusal_score_harmless"]),
+            source=str(d["source"]),
+        )
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One candidate repair and its validation scores.
+
+    ``strength`` is ``"identity"`` (no edit: the compressed model itself), ``"paper"`` (the
+    paper's α pair) or ``"gain"``; ``gains`` / ``alphas`` hold the (attention, MLP) values that
+    were applied, both spellings exact; ``layers`` the blocks edited; ``placement`` one of
+    ``"none"``, ``"base"``, ``"own"``, ``"both"``.
+    """
+
+    strength: str
+    sparse: bool
+    placement: str
+    layers: tuple[int, ...]
+    gains: tuple[float, float]
+    alphas: tuple[float, float]
+    scores: ValidationScores
+
+    @property
+    def label(self) -> str:
+        if self.strength == "identity":
+            return "no edit"
+        what = "paper α" if self.strength == "paper" else f"g={self.gains[0]:g}"
+        return f"{what}{' sparse' if self.sparse else ''} @{self.placement}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "strength": self.strength,
+            "sparse": self.sparse,
+            "placement": self.placement,
+            "layers": list(self.layers),
+            "gains": list(self.gains),
+            "alphas": list(self.alphas),
+            "label": self.label,
+            "scores": self.scores.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SweepPoint:
+        return cls(
+            strength=str(d["strength"]),
+            sparse=bool(d["sparse"]),
+            placement=str(d["placement"]),
+            layers=tuple(int(x) for x in d["layers"]),
+            gains=(float(d["gains"][0]), float(d["gains"][1])),
+            alphas=(float(d["alphas"][0]), float(d["alphas"][1])),
+            scores=ValidationScores.from_dict(d["scores"]),
+        )
+
+
+@dataclass(frozen=True)
+class RepairChoice:
+    """The outcome of :func:`choose_repair` for one arm (dense or sparse) of one compressed model."""
+
+    point: SweepPoint
+    index: int
+    admissible: tuple[bool, ...]
+    criterion_met: bool
+    rule: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chosen": self.point.to_dict(),
+            "index": self.index,
+            "admissible": list(self.admissible),
+            "criterion_met": self.criterion_met,
+            "rule": self.rule,
+        }
+
+
+def choose_repair(
+    points: Sequence[SweepPoint],
+    base: ValidationScores,
+    *,
+    max_over_refusal_increase: float,
+    max_kl_increase: float,
+) -> RepairChoice:
+    """Pick the repair among ``points`` by the rule of :class:`~refusal_core.study.config.RepairConfig`.
+
+    ``points`` must contain exactly one ``"identity"`` point (the compressed model unedited); its
+    KL is the reference for the damage margin; ``base`` holds the base model's validation scores
+    (the reference for the over-refusal margin).
+    """
+    pts = list(points)
+    if not pts:
+        raise EmptyInputError("the sweep has no points")
+    identities = [i for i, p in enumerate(pts) if p.strength == "identity"]
+    if len(identities) != 1:
+        raise InvalidArgumentError(f"the sweep needs exactly one identity point, found {len(identities)}")
+    ident = pts[identities[0]]
+    or_cap = base.over_refusal.value + max_over_refusal_increase
+    kl_cap = ident.scores.kl + max_kl_increase
+    # a tiny tolerance so that float noise in KL cannot flip admissibility of the identity itself
+    ok = tuple(p.scores.over_refusal.value <= or_cap + 1e-12 and p.scores.kl <= kl_cap + 1e-12 for p in pts)
+    rule = (
+        f"admissible: over-refusal(val) <= base {base.over_refusal.value:.4f} "
+        f"+ {max_over_refusal_increase:g} "
+        f"and KL(val) <= unedited {ident.scores.kl:.4f} + {max_kl_increase:g} nats; then lowest harmful "
+        "compliance(val), ties to the weakest edit (|g - 1|), then grid order"
+    )
+    candidates = [i for i, a in enumerate(ok) if a]
+    if not candidates:
+        return RepairChoice(ident, identities[0], ok, False, rule)
+
+    def strength(p: SweepPoint) -> float:
+        return max(abs(p.gains[0] - 1.0), abs(p.gains[1] - 1.0))
+
+    best = min(candidates, key=lambda i: (pts[i].scores.compliance.value, strength(pts[i]), i))
+    return RepairChoice(pts[best], best, ok, True, rule)
