@@ -485,19 +485,23 @@ def _nested_keys(cls: type, prefix: str = "") -> set[str]:
 def build_config(cls: type, *layers: Mapping[str, Any]) -> Any:
     """An instance of ``cls``: its defaults, overridden by each ``{dotted key: value}`` layer in turn.
 
-    Later layers win (pass the file's values, then the command line's). The
-    dataclasses' own validation runs on the result and raises
-    :class:`~refusal_core.errors.InvalidArgumentError` for bad values.
+    Later layers win (pass the file's values, then the command line's). Only
+    the given fields are passed to the constructor, so a config that resolves
+    fields in ``__post_init__`` (``AirdConfig``: α from a gain or the paper's
+    default) sees what the user said, not the resolved defaults. A nested
+    config whose ``default_factory`` is not its class itself keeps that
+    factory's values for the fields not given. The dataclasses' own
+    validation runs and raises :class:`~refusal_core.errors.InvalidArgumentError`.
     """
     merged: dict[str, Any] = {}
     for layer in layers:
         merged.update(layer)
-    return _build(cls, cls(), merged, "")
+    return _build(cls, None, merged, "")
 
 
 def _build(cls: type, default: Any, values: Mapping[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
-    changes: dict[str, Any] = {}
+    given: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
@@ -505,11 +509,15 @@ def _build(cls: type, default: Any, values: Mapping[str, Any], prefix: str) -> A
         tp, optional = _unwrap_optional(hints[f.name])
         if isinstance(tp, type) and dataclasses.is_dataclass(tp) and not optional:
             if any(k.startswith(key + ".") for k in values):
-                changes[f.name] = _build(tp, getattr(default, f.name), values, key + ".")
+                factory = f.default_factory
+                base = None if factory is tp or factory is dataclasses.MISSING else factory()
+                given[f.name] = _build(tp, base, values, key + ".")
         elif key in values:
-            changes[f.name] = values[key]
+            given[f.name] = values[key]
     try:
-        return dataclasses.replace(default, **changes) if changes else default
+        if default is None:
+            return cls(**given)
+        return dataclasses.replace(default, **given) if given else default
     except TypeError as exc:  # a value of a type the dataclass does not check itself
         raise InvalidArgumentError(f"bad value for {cls.__name__}: {exc}") from None
 

@@ -117,7 +117,7 @@ def test_aird_options_come_from_airdconfig() -> None:
 BAD_INPUT_CASES: list[tuple[str, list[str], str]] = [
     ("study-method-is-not-an-option", ["study", "--method", "wanda", "--out", "{tmp}/o"], "--method"),
     ("study-abbreviation-refused", ["study", "--meth", "wanda", "--out", "{tmp}/o"], "--meth"),
-    ("study-n-train-zero", ["study", "--n-train", "0", "--out", "{tmp}/o"], "n_train must be >= 1"),
+    ("study-n-train-zero", ["study", "--n-train", "0", "--out", "{tmp}/o"], "n_train must be"),
     ("study-n-test-negative", ["study", "--n-test", "-4", "--out", "{tmp}/o"], "--n-test"),
     ("study-batch-size-zero", ["study", "--batch-size", "0", "--out", "{tmp}/o"], "batch_size"),
     ("study-bad-float", ["study", "--aird-alpha-attn", "big", "--out", "{tmp}/o"], "--aird-alpha-attn"),

@@ -179,10 +179,25 @@ def test_bad_config_files_are_refused_naming_the_key(tmp_path: Path, text: str, 
 
 
 def test_dataclass_validation_runs_on_the_merged_config() -> None:
-    with pytest.raises(InvalidArgumentError, match="n_train must be >= 1"):
+    with pytest.raises(InvalidArgumentError, match="n_train must be"):
         cc.build_config(StudyConfig, {"n_train": 0})
     with pytest.raises(InvalidArgumentError, match="kl_threshold"):
         cc.build_config(StudyConfig, {"selection.kl_threshold": -1.0})
+
+
+def test_only_given_fields_reach_the_constructor() -> None:
+    # AirdConfig resolves alpha_attn to the paper's 0.02 when no gain is given; passing that resolved
+    # value back with a gain would be "both spellings for one module".
+    cfg = cc.build_config(StudyConfig, {"aird.gain_attn": 2.0})
+    assert cfg.aird == AirdConfig(gain_attn=2.0), (
+        f"--aird-gain-attn alone gives AirdConfig(gain_attn=2.0): {cfg.aird}"
+    )
+    assert cfg.aird.alpha_attn is None, "the alpha of a module given as a gain stays None"
+    with pytest.raises(InvalidArgumentError):
+        cc.build_config(StudyConfig, {"aird.gain_attn": 2.0, "aird.alpha_attn": 0.1})
+    assert cc.build_config(Knobs, {"inner.ratio": 0.25}).inner == Inner(depth=5, ratio=0.25), (
+        "a nested default_factory's own values stay for the fields not given"
+    )
 
 
 def test_written_config_reads_back_to_the_same_config(tmp_path: Path) -> None:
@@ -193,7 +208,7 @@ def test_written_config_reads_back_to_the_same_config(tmp_path: Path) -> None:
         n_train=3,
         zero_shot_tasks=(),
         refusal_token_ids=(4, 5),
-        aird=AirdConfig(alpha_attn=-0.5, normalize=True),
+        aird=AirdConfig(alpha_attn=-0.5, gain_mlp=3.0, normalize=True),
         selection=SelectionConfig(kl_threshold=math.inf, system='say "no"\nthen\ttab', positions=(-2, -1)),
         attacks=replace(d.attacks, decoding_top_ks=(0,), gcg_target="Sure\\"),
     )
