@@ -488,24 +488,29 @@ def _cmd_study(args: argparse.Namespace, ours: list[Path]) -> int:
 
 
 def _print_summary(results: dict[str, Any]) -> None:
+    """One row per variant: source, cosine at the base source, ASR per attack and over-refusal
+    (rates as ``value [low, high]``, from each variant's ``evaluation``)."""
     from refusal_core.report import markdown_table
+    from refusal_core.study.report import format_rate
 
-    attacks = sorted({a for v in results["variants"] for a in v.get("asr", {})})
+    def rate(r: Any) -> str:
+        return format_rate(r) if isinstance(r, Mapping) else ("–" if r is None else f"{float(r):.3f}")
+
+    variants = results["variants"]
+    evals = [v.get("evaluation") or {} for v in variants]
+    attacks = sorted({a for ev in evals for a in ev.get("asr", {})})
     rows = [
         [
             v["name"],
             v.get("source"),
             v.get("cosine_at_base_source"),
-            *[v.get("asr", {}).get(a) for a in attacks],
-            v.get("over_refusal"),
+            *[rate(ev.get("asr", {}).get(a)) for a in attacks],
+            rate(ev.get("over_refusal")),
         ]
-        for v in results["variants"]
+        for v, ev in zip(variants, evals)
     ]
-    print(
-        markdown_table(
-            ["variant", "source", "cos@base", *[f"ASR {a}" for a in attacks], "over-refusal"], rows
-        )
-    )
+    header = ["variant", "source", "cos@base", *[f"ASR {a}" for a in attacks], "over-refusal"]
+    print(markdown_table(header, rows))
     print(f"total: {results['timings']['total_seconds']:.1f} s")
 
 

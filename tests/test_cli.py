@@ -243,14 +243,18 @@ def fake_study(monkeypatch: pytest.MonkeyPatch) -> list[tuple[StudyConfig, bool,
 
     def run(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
         seen.append((config, progress, {p.name for p in Path(out_dir).iterdir()}))
-        return {"variants": [], "timings": {"total_seconds": 0.0}}
+        rate = {"value": 0.25, "low": 0.05, "high": 0.7, "k": 1, "n": 4, "confidence": 0.95}
+        variant = {"name": "base", "source": [1, -1], "evaluation": {"asr": {"vanilla": rate}}}
+        return {"variants": [variant], "timings": {"total_seconds": 0.0}}
 
     monkeypatch.setattr(refusal_core.study, "run_study", run)
     return seen
 
 
 def test_study_precedence_default_file_command_line(
-    tmp_path: Path, fake_study: list[tuple[StudyConfig, bool, set[str]]]
+    tmp_path: Path,
+    fake_study: list[tuple[StudyConfig, bool, set[str]]],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     cfg_file = tmp_path / "study.toml"
     cfg_file.write_text('methods = ["wanda"]\nn_train = 5\nn_val = 7\n[attacks]\ngcg_steps = 3\n')
@@ -267,6 +271,9 @@ def test_study_precedence_default_file_command_line(
     assert "config.toml" in files, "the resolved config is in the run directory before the work starts"
     written = cc.read_config_file(out / "config.toml", StudyConfig, cc.config_options(StudyConfig))
     assert cc.build_config(StudyConfig, written) == cfg, "config.toml holds the resolved config"
+    out_text = capsys.readouterr().out
+    assert "| base | (1, -1) |" in out_text, f"the summary has a row per variant: {out_text}"
+    assert "0.250 [0.050, 0.700]" in out_text, f"the summary shows each rate with its interval: {out_text}"
 
 
 def test_study_failing_early_leaves_no_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
