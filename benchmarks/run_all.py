@@ -71,6 +71,21 @@ def best_of(repeats: int, fn: Callable[[], Any]) -> tuple[float, Any]:
     return best, out
 
 
+def best_of_pair(repeats: int, a: Callable[[], Any], b: Callable[[], Any]) -> tuple[float, Any, float, Any]:
+    """Like :func:`best_of` for two operations, alternating a, b, a, b, ... so that a busy spell on a
+    shared machine hits both instead of whichever happened to run then."""
+    out_a, out_b = a(), b()
+    best_a = best_b = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out_a = a()
+        best_a = min(best_a, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        out_b = b()
+        best_b = min(best_b, time.perf_counter() - t0)
+    return best_a, out_a, best_b, out_b
+
+
 def speedup(
     baseline_s: float,
     ours_s: float,
@@ -156,8 +171,7 @@ def bench_decoding_grid(quick: bool, repeats: int) -> dict[str, Any]:
         def unshared(m: Any = m, t: Any = t, ids: Any = ids, kw: dict[str, Any] = kw) -> Any:
             return [generate_ids(m, t, ids, sampling=c, seed=s, **kw) for c, s in zip(grid, seeds)]
 
-        t_shared, out_shared = best_of(repeats, shared)
-        t_unshared, out_unshared = best_of(repeats, unshared)
+        t_shared, out_shared, t_unshared, out_unshared = best_of_pair(repeats + 1, shared, unshared)
         rows[name] = speedup(
             t_unshared,
             t_shared,
@@ -219,8 +233,9 @@ def bench_capture(quick: bool, repeats: int) -> dict[str, Any]:
         for start in range(0, n, bs):
             model.model(**batch_inputs([encoded[i] for i in order[start : start + bs]], pad), use_cache=False)
 
-    t_plain, _ = best_of(repeats, plain)
-    t_cap, _ = best_of(repeats, lambda: mean_activations(model, tok, texts, batch_size=bs))
+    t_plain, _, t_cap, _ = best_of_pair(
+        repeats, plain, lambda: mean_activations(model, tok, texts, batch_size=bs)
+    )
     ratio = t_cap / t_plain
     return {
         "ratio": round(ratio, 3),
@@ -233,12 +248,12 @@ def bench_capture(quick: bool, repeats: int) -> dict[str, Any]:
     }
 
 
-def _forward_time(model: Any, ids: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
+def _forward(model: Any, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
     @torch.inference_mode()
     def run() -> torch.Tensor:
         return model(input_ids=ids, use_cache=False).logits[:, -1].float()
 
-    return best_of(repeats, run)
+    return run
 
 
 def bench_bf16(quick: bool, repeats: int) -> dict[str, Any]:
@@ -252,9 +267,8 @@ def bench_bf16(quick: bool, repeats: int) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     for name, model in cases:
         ids = torch.randint(3, model.config.vocab_size, (16, 64), generator=gen)
-        t32, l32 = _forward_time(model, ids, repeats)
         m16 = copy.deepcopy(model).to(torch.bfloat16)
-        t16, l16 = _forward_time(m16, ids, repeats)
+        t32, l32, t16, l16 = best_of_pair(repeats, _forward(model, ids), _forward(m16, ids))
         agree = float((l32.argmax(-1) == l16.argmax(-1)).float().mean())
         out[name] = speedup(
             t32,
@@ -352,8 +366,9 @@ def bench_magnitude(quick: bool, repeats: int) -> dict[str, Any]:
 
     shape = (448, 2432) if quick else (896, 4864)  # (half) Qwen2.5-0.5B's MLP matrix
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    t_sort, ref = best_of(repeats, lambda: _sort_magnitude_mask(w, 0.5))
-    t_sel, got = best_of(repeats, lambda: magnitude_mask(w, 0.5))
+    t_sort, ref, t_sel, got = best_of_pair(
+        repeats, lambda: _sort_magnitude_mask(w, 0.5), lambda: magnitude_mask(w, 0.5)
+    )
     return speedup(
         t_sort,
         t_sel,
@@ -394,8 +409,7 @@ def bench_int8(quick: bool, repeats: int) -> dict[str, Any]:
 
         return run
 
-    t_old, y_old = best_of(repeats, many(per_call))
-    t_new, y_new = best_of(repeats, many(cached))
+    t_old, y_old, t_new, y_new = best_of_pair(repeats, many(per_call), many(cached))
     return speedup(
         t_old,
         t_new,

@@ -102,15 +102,25 @@ def _package_versions(fmt: str) -> dict[str, str]:
 
 
 def _json_record(record: object) -> dict[str, Any]:
-    """``record`` as a JSON-able dict (strict JSON: no NaN or infinity), or raise."""
+    """``record`` as a strict-JSON dict: NaN and ±infinity become null (strict parsers reject them)."""
     if not isinstance(record, Mapping):
         raise InvalidArgumentError(f"record must be a mapping, got {type(record).__name__}")
     try:
-        data = json.loads(json.dumps(dict(record), allow_nan=False, default=_json_default))
+        data = json.loads(json.dumps(_finite_or_null(dict(record)), allow_nan=False, default=_json_default))
     except (TypeError, ValueError) as exc:
-        raise InvalidArgumentError(f"record is not JSON-serializable as strict JSON: {exc}") from None
+        raise InvalidArgumentError(f"record is not JSON-serializable: {exc}") from None
     assert isinstance(data, dict)
     return data
+
+
+def _finite_or_null(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
 
 
 def _json_default(obj: Any) -> Any:
@@ -243,7 +253,7 @@ def _bnb_quantization_config(model: nn.Module, fmt: str, kinds: Mapping[str, lis
         "bnb_4bit_compute_dtype": str(compute).removeprefix("torch."),
         "bnb_4bit_quant_storage": str(s0["quant_storage"]).removeprefix("torch."),
         "llm_int8_skip_modules": _skip_modules(model, names),
-        # Not a transformers field (it ignores it): whether bitsandbytes may repack for its CPU kernel.
+        # Not a transformers field (BitsAndBytesConfig drops it; save_checkpoint moves it into the record).
         "refusal_core_cpu_packing": bool(s0["cpu_packing"]),
     }
 
@@ -340,7 +350,7 @@ def save_checkpoint(
 
     Raises before anything is written: :class:`~refusal_core.errors.NonFiniteError`
     for NaN/inf weights, :class:`~refusal_core.errors.InvalidArgumentError` for
-    a record that is not strict JSON, a compressed model without a base
+    a record that is not JSON-serializable (NaN and inf are stored as null), a compressed model without a base
     identity, or a non-empty ``out_dir`` that is not a previous checkpoint
     (``overwrite=True`` replaces it). A previous checkpoint is replaced.
 
@@ -378,6 +388,10 @@ def save_checkpoint(
         _bnb_quantization_config(model, fmt, kinds) if fmt.startswith("bitsandbytes") else None
     )
 
+    cpu_packing = (
+        bool(quantization_config.pop("refusal_core_cpu_packing", False)) if quantization_config else False
+    )
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
     try:
@@ -413,6 +427,8 @@ def save_checkpoint(
             "packages": _package_versions(fmt),
             "sha256": {p.relative_to(tmp).as_posix(): _sha256(p) for p in files},
         }
+        if fmt == "bitsandbytes-nf4":
+            doc["bitsandbytes_cpu_packing"] = cpu_packing
         if fmt == "dequantized-simulation":
             doc["simulated_method"] = method
             if thresholds:
@@ -509,12 +525,7 @@ def restore_checkpoint_modules_(model: nn.Module, doc: Mapping[str, Any]) -> Non
                         f"checkpoint lists {name!r} as simulated int8 but it loaded as {linear}"
                     )
                 setattr(parent, attr, Int8LinearSim.from_linear(linear, threshold).to(linear.weight.device))
-    elif fmt == "bitsandbytes-nf4":
-        qc = getattr(getattr(model, "config", None), "quantization_config", None)
-        packing = qc.get("refusal_core_cpu_packing") if isinstance(qc, Mapping) else None
-        if packing is None:
-            packing = getattr(qc, "refusal_core_cpu_packing", False)
-        if not packing:
-            four_bit: list[Any] = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
-            for module in four_bit:
-                module.support_avx512bf16_for_cpu = False
+    elif fmt == "bitsandbytes-nf4" and not doc.get("bitsandbytes_cpu_packing", False):
+        four_bit: list[Any] = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+        for module in four_bit:
+            module.support_avx512bf16_for_cpu = False

@@ -564,19 +564,16 @@ def _checkpoint_record(spec: str) -> dict[str, Any] | None:
 
 
 def _refusal_ids(spec: str, tok: Any) -> list[int]:
-    """The refusal token ids of a model spec: the toy's own, those its checkpoint record names, or
-    the first tokens of the standard refusal phrases in this tokenizer."""
-    if spec == "toy":
-        from refusal_core.toy import toy_refusal_token_ids
+    """The refusal token ids of a model spec: those its checkpoint record names (a model this tool
+    derived, e.g. from the toy), else the study's default for the spec (the toy's own, or the
+    first tokens of the standard refusal phrases in this tokenizer)."""
+    from refusal_core.study import default_refusal_token_ids
 
-        return list(toy_refusal_token_ids())
     record = _checkpoint_record(spec)
     ids = (record.get("record") or {}).get("refusal_token_ids") if record else None
     if isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids):
         return list(ids)
-    from refusal_core.evaluation.scores import refusal_token_ids_for
-
-    return list(refusal_token_ids_for(tok))
+    return default_refusal_token_ids(spec, tok)
 
 
 def _check_checkpoint_target(out: str | Path) -> None:

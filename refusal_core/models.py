@@ -40,6 +40,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -520,7 +521,7 @@ def gguf_cached_dir(path: str | os.PathLike[str]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}-", dir=root))
     try:
         model, tokenizer = _read_gguf(src)
-        model.save_pretrained(tmp)
+        _save_dequantized(model, tmp)
         tokenizer.save_pretrained(tmp)
         record = {"source": str(src.resolve()), "sha256": digest, "bytes": src.stat().st_size}
         (tmp / _GGUF_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
@@ -536,6 +537,34 @@ def gguf_cached_dir(path: str | os.PathLike[str]) -> Path:
 
 
 _GGUF_RECORD = "refusal_core_gguf.json"
+
+
+def _save_dequantized(model: Any, directory: Path) -> None:
+    """Save a GGUF-loaded model as a plain float Hugging Face directory.
+
+    transformers refuses ``save_pretrained`` on a model loaded with
+    ``gguf_file=`` (it counts as quantized), although its weights are plain
+    dequantized tensors; so the weights go to ``model.safetensors`` directly
+    and the config is saved without its GGUF quantization record. A tied
+    ``lm_head`` is left out (transformers re-ties it on load).
+    """
+    from safetensors.torch import save_file
+
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file(
+        {k: v.detach().contiguous() for k, v in state.items()},
+        str(directory / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(directory)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(directory)
 
 
 def _load_gguf(path: Path, *, dtype: torch.dtype | str) -> tuple[nn.Module, Any]:

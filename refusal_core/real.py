@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -112,16 +111,6 @@ REAL_SELECTION_LAYERS = (10, 12, 14, 16)
 REAL_SELECTION_POSITIONS = (-1,)
 
 
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
-    if isinstance(value, (list, tuple)):
-        return "(" + ", ".join(_fmt(v, digits) for v in value) + ")"
-    return str(value)
-
-
 def real_study_config(model_path: Path | str, methods: tuple[str, ...] = REAL_METHODS) -> Any:
     """The :class:`~refusal_core.study.StudyConfig` of the real-model tier, sized for a 2-core CPU.
 
@@ -167,6 +156,7 @@ def real_results_table(results: dict[str, Any]) -> str:
     each rate as ``value [95 % Wilson interval]``; ``*`` marks a significant paired change (repaired
     against compressed, compressed against base).
     """
+    from refusal_core.report import format_value
     from refusal_core.study.report import format_rate
 
     variants = results.get("variants", [])
@@ -198,9 +188,9 @@ def real_results_table(results: dict[str, Any]) -> str:
 
         row = [
             str(v.get("name")),
-            _fmt(v.get("source")),
-            _fmt(v.get("source_shift")),
-            _fmt(v.get("cosine_at_base_source"), 3),
+            format_value(v.get("source")),
+            format_value(v.get("source_shift")),
+            format_value(v.get("cosine_at_base_source"), 3),
             format_rate(mech.get("refusal_rate_harmful"), 2),
             format_rate(mech.get("necessity"), 2),
             format_rate(mech.get("sufficiency"), 2),

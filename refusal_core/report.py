@@ -6,6 +6,7 @@ grids), so a report can be rebuilt from saved artifacts without a model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,14 @@ import numpy as np
 
 from refusal_core.artifacts import atomic_write_bytes
 
-__all__ = ["markdown_table", "plot_asr", "plot_candidate_heatmap", "plot_cosine_by_layer", "plot_pareto"]
+__all__ = [
+    "format_value",
+    "markdown_table",
+    "plot_asr",
+    "plot_candidate_heatmap",
+    "plot_cosine_by_layer",
+    "plot_pareto",
+]
 
 
 def plot_candidate_heatmap(
@@ -199,20 +207,21 @@ def _save(fig: Any, path: Path) -> None:
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
+def format_value(value: Any, digits: int = 3) -> str:
+    """A table cell: ``–`` for None or a non-finite float, floats to ``digits``, sequences as ``(a, b)``."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     if isinstance(value, (list, tuple)):
-        return "(" + ", ".join(_fmt(v, digits) for v in value) + ")"
+        return "(" + ", ".join(format_value(v, digits) for v in value) + ")"
     return str(value)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-flavoured markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(format_value(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 

@@ -734,8 +734,20 @@ def select_direction(
 ) -> SelectionResult:
     """Score every candidate of ``candidates`` and pick the refusal direction (batched).
 
-    Scores equal :func:`select_direction_naive`'s to rounding; see the module
-    docstring for how the work is shared.
+    Candidates below the layer cut, inside ``config.layers`` / ``positions``
+    and with a nonzero direction are scored on the validation prompts (after
+    :func:`filter_prompts_by_refusal` when ``config.filter_prompts``); the
+    pick is :func:`select_from_scores`, with the fallback of
+    :class:`SelectionResult`. Scores equal :func:`select_direction_naive`'s
+    to rounding (bit-identical on the toy and tiny models here); see the
+    module docstring for how the work is shared. Emits a ``RuntimeWarning``
+    if the block-suffix replay cannot be used for this model and full
+    forwards are run instead.
+
+    Raises before any forward pass: :class:`EmptyInputError` for empty prompt
+    sets or refusal ids, :class:`InvalidArgumentError` when the candidates do
+    not fit the model, a requested layer or position does not exist, or no
+    requested layer lies below the cut.
     """
     config = config or SelectionConfig()
     ref_ids = _validate(candidates, harmful_val, harmless_val, refusal_token_ids)

@@ -182,14 +182,14 @@ def test_filters_follow_the_thresholds() -> None:
     _, selected, _ = _filters(bypass, induce, kl, SelectionConfig(kl_threshold=1.0))
     assert selected == (3, 1), "(3, 1) still beats (1, 1)"
     _, selected, fallback = _filters(bypass, -induce.abs(), kl, SelectionConfig())
-    assert selected is None, f"nothing passes induce > 0, yet {selected} was selected"
+    assert selected is None, f"nothing passes induce >= 0 (all are -1), yet {selected} was selected"
     assert fallback == (3, 1), f"fallback {fallback}"
     no_induce_31 = induce.clone()
     no_induce_31[3, 1] = -1.0
     _, selected, fallback = _filters(bypass, no_induce_31, kl + 1.0, SelectionConfig())
     assert selected is None, "nothing passes KL <= 0.1"
     assert fallback == (1, 1), (
-        f"KL relaxed first: (1, 1) has the lowest bypass with induce > 0, got {fallback}"
+        f"KL relaxed first: (1, 1) has the lowest bypass with induce >= 0, got {fallback}"
     )
 
 

@@ -144,9 +144,9 @@ def test_study_applies_the_base_direction_at_the_base_source(
     calls: list[tuple[torch.Tensor, int]] = []
     real = run_mod.apply_aird_
 
-    def spy(model, r, layer, config):  # type: ignore[no-untyped-def]
+    def spy(model, r, layer, config, **kw):  # type: ignore[no-untyped-def]
         calls.append((r.detach().clone(), layer))
-        return real(model, r, layer, config)
+        return real(model, r, layer, config, **kw)
 
     monkeypatch.setattr(run_mod, "apply_aird_", spy)
     out = tmp_path / "run"
@@ -295,3 +295,25 @@ def test_bad_input_keeps_existing_results(first_run: tuple[Path, dict]) -> None:
     with pytest.raises(InvalidArgumentError):
         run_study(_config(harmful_test="/nonexistent.jsonl"), out, progress=False)
     assert (out / "results.json").read_bytes() == before, "a failed run must not touch the previous results"
+
+
+def test_filter_prompts_keeps_what_the_base_refuses_and_leaves_the_test_split(tmp_path: Path) -> None:
+    import refusal_core.study.run as run_mod
+    from refusal_core.activations import encode_prompts
+    from refusal_core.functional import refusal_score
+    from refusal_core.selection import last_token_logits
+
+    plain = run_mod._Run(_config(), tmp_path / "a", progress=False)
+    filt = run_mod._Run(_config(filter_prompts=True), tmp_path / "b", progress=False)
+    assert filt.prompts["harmful_test"] == plain.prompts["harmful_test"], "the test split is never filtered"
+    assert filt.root_key != plain.root_key, "filtered prompts are part of every stage key"
+    pad = plain.tokenizer.pad_token_id or 0
+    for split, sign in (("harmful_train", 1), ("harmless_train", -1), ("harmful_val", 1)):
+        kept = filt.prompts[split]
+        assert set(kept) <= set(plain.prompts[split]), f"{split}: filtering only removes prompts"
+        scores = refusal_score(
+            last_token_logits(plain.model, encode_prompts(plain.tokenizer, plain.prompts[split]), pad),
+            plain.refusal_ids,
+        )
+        expected = [p for p, s in zip(plain.prompts[split], scores.tolist()) if sign * s > 0]
+        assert kept == expected, f"{split}: kept prompts are those with refusal score sign {sign:+d}, in order"

@@ -422,7 +422,8 @@ def model_fingerprint(model: nn.Module) -> str:
         data = t.detach().to("cpu").contiguous().reshape(-1)
         h.update(f"t:{name}:{data.dtype}:{tuple(t.shape)};".encode())
         if data.numel():
-            h.update(data.view(torch.uint8).numpy())  # the buffer itself, no bytes copy
+            raw: Any = data.view(torch.uint8).numpy()  # hashed through the buffer protocol, no bytes copy
+            h.update(raw)
     return h.hexdigest()
 
 

@@ -7,7 +7,7 @@
 """
 
 from refusal_core.study.config import DEFAULT_METHODS, AttackSettings, RepairConfig, StudyConfig
-from refusal_core.study.run import load_variant_model, run_study
+from refusal_core.study.run import default_refusal_token_ids, load_variant_model, run_study
 from refusal_core.study.sweep import RepairChoice, SweepPoint, ValidationScores, choose_repair
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "SweepPoint",
     "ValidationScores",
     "choose_repair",
+    "default_refusal_token_ids",
     "load_variant_model",
     "run_study",
 ]

@@ -17,6 +17,7 @@ import torch
 
 from refusal_core.artifacts import atomic_write_bytes, atomic_write_json
 from refusal_core.report import (
+    format_value,
     markdown_table,
     plot_asr,
     plot_candidate_heatmap,
@@ -32,16 +33,6 @@ def format_rate(r: Mapping[str, Any] | None, digits: int = 3) -> str:
     if not r:
         return "–"
     return f"{r['value']:.{digits}f} [{r['low']:.{digits}f}, {r['high']:.{digits}f}]"
-
-
-def _num(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    if isinstance(v, (list, tuple)):
-        return "(" + ", ".join(_num(x, digits) for x in v) + ")"
-    return str(v)
 
 
 def _mark(test: Mapping[str, Any] | None) -> str:
@@ -136,18 +127,18 @@ def write_study_report(
         same = v.get("repair", {}).get("same_as")
         cells = [
             v["name"] + (f" (= {same}: no edit chosen)" if same else ""),
-            _num(v.get("source")) + ("" if v.get("filters_passed", True) else " †"),
-            _num(v.get("source_shift")),
-            _num(v.get("cosine_at_base_source")),
-            _num(v.get("cosine_selected")),
-            _num(v.get("sparsity")),
+            format_value(v.get("source")) + ("" if v.get("filters_passed", True) else " †"),
+            format_value(v.get("source_shift")),
+            format_value(v.get("cosine_at_base_source")),
+            format_value(v.get("cosine_selected")),
+            format_value(v.get("sparsity")),
         ]
         for a in attacks:
             cells.append(format_rate(ev.get("asr", {}).get(a)) + _mark(ref.get("asr", {}).get(a)))
         cells.append(format_rate(ev.get("over_refusal")) + _mark(ref.get("over_refusal")))
         dmg = ev.get("damage", {})
-        cells.append(_num(dmg.get("kl_mean"), 4) + _mark(ref.get("kl")))
-        cells.append(_num(dmg.get("ce_mean"), 3) + _mark(ref.get("ce")))
+        cells.append(format_value(dmg.get("kl_mean"), 4) + _mark(ref.get("kl")))
+        cells.append(format_value(dmg.get("ce_mean"), 3) + _mark(ref.get("ce")))
         rows.append(cells)
 
     mech_rows = []
@@ -164,8 +155,8 @@ def write_study_report(
                 format_rate(m["refusal_rate_harmful"]) + _mark(ref.get("refused_harmful")),
                 format_rate(m["necessity"]) + _mark(ref.get("refused_ablated")),
                 format_rate(m["sufficiency"]) + _mark(ref.get("refused_added")),
-                _num(v.get("cosine_at_base_source")),
-                _num(v.get("source_shift")),
+                format_value(v.get("cosine_at_base_source")),
+                format_value(v.get("source_shift")),
             ]
         )
 
@@ -185,13 +176,13 @@ def write_study_report(
                 [
                     v["name"],
                     rep.get("how", ""),
-                    _num(rep.get("gains")),
-                    _num(rep.get("alphas"), 5),
+                    format_value(rep.get("gains")),
+                    format_value(rep.get("alphas"), 5),
                     a,
                     f"{h['asr_compressed']:.3f} → {h['asr_repaired']:.3f}",
-                    _num(h["absolute_reduction"]),
-                    _num(h["relative_reduction"]),
-                    _num(h["share_of_rise_recovered"]),
+                    format_value(h["absolute_reduction"]),
+                    format_value(h["relative_reduction"]),
+                    format_value(h["share_of_rise_recovered"]),
                     f"{t['p_value']:.3g}" + (" *" if t["significant"] else ""),
                 ]
             )
@@ -201,11 +192,11 @@ def write_study_report(
         srows = [
             [
                 p["label"],
-                _num(p["gains"]),
-                _num(p["alphas"], 5),
+                format_value(p["gains"]),
+                format_value(p["alphas"], 5),
                 format_rate(p["scores"]["compliance"]),
                 format_rate(p["scores"]["over_refusal"]),
-                _num(p["scores"]["kl"], 4),
+                format_value(p["scores"]["kl"], 4),
             ]
             for p in sweep["points"]
         ]
@@ -258,7 +249,7 @@ def write_study_report(
         f"Base source: layer {base['source'][0]}, position {base['source_position']}"
         + ("" if base.get("filters_passed", True) else " (no candidate passed the filters: fallback †)")
         + f"; ‖r‖ = {base['direction_norm']:.3f}; split-half noise floor at that site: "
-        f"{_num(base.get('noise_floor_at_source'))} (a cosine is only meaningful well above it).",
+        f"{format_value(base.get('noise_floor_at_source'))} (a cosine is only meaningful well above it).",
         "",
         f"Rates: value [95 % Wilson interval], n per rate in results.json. `*` marks a paired difference "
         f"significant at p < {level} (exact McNemar on the same prompts; paired bootstrap for KL and CE): "

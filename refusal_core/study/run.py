@@ -68,16 +68,15 @@ from refusal_core.directions import (
     extract_candidates,
     split_half_noise_floor,
 )
-from refusal_core.errors import ArtifactError, UnsupportedModuleError
+from refusal_core.errors import ArtifactError, EmptyInputError, UnsupportedModuleError
 from refusal_core.evaluation.attacks import (
-    Attack,
     DecodingAttack,
     GcgAttack,
     VanillaAttack,
-    evaluate_asr,
     over_refusal,
+    prefill_shared_generations,
 )
-from refusal_core.evaluation.generation import generate, generate_ids
+from refusal_core.evaluation.generation import GenerationCache, generate, generate_ids
 from refusal_core.evaluation.judges import SubstringJudge
 from refusal_core.functional import refusal_score
 from refusal_core.interventions import ablation_hooks, addition_hooks
@@ -89,7 +88,7 @@ from refusal_core.study.config import StudyConfig
 from refusal_core.study.report import write_study_report
 from refusal_core.study.sweep import RepairChoice, SweepPoint, ValidationScores, choose_repair
 
-__all__ = ["load_variant_model", "run_study"]
+__all__ = ["default_refusal_token_ids", "load_variant_model", "run_study"]
 
 
 def _is_pruning(method: str) -> bool:
@@ -134,8 +133,10 @@ class _Run:
         self.model, self.tokenizer = load_model(c.model)
         self.identity = model_identity(self.model)
         self.refusal_ids = (
-            list(c.refusal_token_ids) if c.refusal_token_ids else _refusal_ids(c.model, self.tokenizer)
+            list(c.refusal_token_ids) if c.refusal_token_ids else default_refusal_token_ids(c.model, self.tokenizer)
         )
+        if c.filter_prompts:
+            self._filter_prompts()
         self.judge = SubstringJudge()
         # Refusal rates (over-refusal, necessity, sufficiency) count refusals, so a short but
         # compliant answer must not count as one: no minimum length there.
@@ -151,6 +152,34 @@ class _Run:
         self._pad = _pad_id(self.tokenizer)
         self._encoded: dict[str, list[list[int]]] = {}
         self._base_val_logits: torch.Tensor | None = None
+        # One memo of generations for the whole run: the same (model state, prompts, sampling,
+        # seed, budget) is generated once, e.g. the greedy harmful completions the mechanism
+        # stage and the vanilla attack both need. Keyed by a fingerprint of the weights and hooks.
+        self.memo = GenerationCache()
+
+    def _filter_prompts(self) -> None:
+        """Arditi et al.'s filter: keep harmful prompts the base refuses and harmless ones it does not.
+
+        Applied to the extraction and validation splits only; the held-out test prompts stay as
+        they are, so rates on them are not conditioned on the base model's behaviour.
+        """
+        from refusal_core.selection import filter_prompts_by_refusal
+
+        for harmful, harmless in (("harmful_train", "harmless_train"), ("harmful_val", "harmless_val")):
+            kept_h, kept_s = filter_prompts_by_refusal(
+                self.model,
+                self.tokenizer,
+                self.prompts[harmful],
+                self.prompts[harmless],
+                self.refusal_ids,
+                batch_size=self.config.batch_size,
+            )
+            for split, kept in ((harmful, kept_h), (harmless, kept_s)):
+                if len(kept) < 2:
+                    raise EmptyInputError(
+                        f"filter_prompts left {len(kept)} prompt(s) of {split}: too few to continue"
+                    )
+                self.prompts[split] = kept
 
     def stage(
         self,
@@ -281,6 +310,7 @@ class _Run:
             max_new_tokens=self.config.max_new_tokens,
             batch_size=self.config.batch_size,
             progress=False,
+            cache=self.memo,
         )
 
     def _refused(self, prompts: Sequence[str], completions: Sequence[str]) -> list[bool]:
@@ -504,7 +534,7 @@ class _Run:
         )
 
     # -- evaluation ----------------------------------------------------------
-    def attacks(self) -> list[Attack]:
+    def attacks(self) -> list[VanillaAttack | DecodingAttack]:
         a, c = self.config.attacks, self.config
         return [
             VanillaAttack(max_new_tokens=c.max_new_tokens, batch_size=c.batch_size),
@@ -566,7 +596,14 @@ class _Run:
             # A broken model (NaN/inf weights) would give empty completions: refuse it, never report it.
             check_finite_model(model)
             harmful = self.prompts["harmful_test"]
-            results = evaluate_asr(model, self.tokenizer, harmful, self.attacks(), self.judge, progress=False)
+            attacks = self.attacks()
+            # vanilla, system-prompt and the decoding grid: one prefill per prompt batch and system prompt,
+            # the KV cache forked per sampling configuration (tokens identical to separate runs)
+            prefill_shared_generations(model, self.tokenizer, harmful, attacks, self.memo, progress=False)
+            results = {
+                a.name: a.run(model, self.tokenizer, harmful, self.judge, progress=False, cache=self.memo)
+                for a in attacks
+            }
             if c.attacks.gcg_prompts > 0 and c.attacks.gcg_steps > 0:
                 gcg = self.gcg()
                 results[gcg.name] = gcg.run(
@@ -668,7 +705,8 @@ def _read_json(path: Path) -> dict[str, Any]:
     return dict(data)
 
 
-def _refusal_ids(spec: str, tokenizer: Any) -> list[int]:
+def default_refusal_token_ids(spec: str, tokenizer: Any) -> list[int]:
+    """The refusal token ids the study uses for model ``spec``: the toy's own, else the family's."""
     if spec == "toy":
         from refusal_core.toy import toy_refusal_token_ids
 
