@@ -456,6 +456,11 @@ def test_chain_compress_aird_evaluate_and_compress_extract(
     pruned = AutoModelForCausalLM.from_pretrained(c).requires_grad_(False)
     w = pruned.model.layers[0].mlp.down_proj.weight
     assert abs(float((w == 0).double().mean()) - 0.5) < 0.01, "compress wrote the pruned weights (50 % zeros)"
+    from refusal_core.toy import toy_refusal_token_ids
+
+    assert cli._refusal_ids(c, None) == toy_refusal_token_ids(), (
+        "a checkpoint of the toy keeps the toy's refusal ids"
+    )
 
     _run(["extract", "--model", "toy", "--n", "8", "--select", "--n-val", "4", "--out", d], capsys)
     assert (tmp_path / "direction" / "selection.json").is_file(), "extract --select writes the selection"
