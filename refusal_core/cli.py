@@ -1,206 +1,641 @@
 """The ``refusal-core`` command line.
 
 ``refusal-core study`` runs the whole experiment (on the embedded toy model by
-default); ``extract``, ``compress``, ``compare``, ``aird`` and ``evaluate`` run
-one step each on any supported local model (a Hugging Face directory, a
-``.gguf`` file, or ``toy``). ``--method`` on a step compresses the model in
-memory first, deterministically, so every step can work on any variant.
-Errors of refusal_core print as one line and exit with status 2.
+default); its options are generated from :class:`~refusal_core.study.StudyConfig`
+(nested configs flattened: ``--aird-alpha-attn``, ``--selection-kl-threshold``)
+and ``--config FILE.toml`` sets any of them (command-line values win over the
+file, the file over the defaults); the resolved config is written to the run
+directory as ``config.toml`` before the work starts.
+
+``extract``, ``compress``, ``aird`` and ``evaluate`` run one step each, and
+chain by directory: ``compress`` and ``aird`` write Hugging Face checkpoint
+directories that ``--model`` of every step accepts, ``extract --select`` writes
+the direction that ``aird --direction`` reads::
+
+    refusal-core compress --model toy --method magnitude --out c
+    refusal-core extract --model toy --select --out d
+    refusal-core aird --model c --direction d --out a
+    refusal-core evaluate --model a --out e
+
+``--method`` on ``extract``, ``aird`` and ``evaluate`` compresses the loaded
+model in memory first (``aird --method llm-int8`` edits through
+dequantize-edit-requantize). Every error of refusal_core, and every bad
+command line, prints one line and exits with status 2; the output location is
+checked before any model is loaded, and a failing command leaves no empty
+output directory behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import re
 import sys
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from refusal_core.errors import RefusalCoreError
+from refusal_core import _cli_config as cc
+from refusal_core.errors import InvalidArgumentError, RefusalCoreError
 
-__all__ = ["main"]
+__all__ = ["COMMANDS", "build_parser", "check_output_location", "judge_from_spec", "main"]
+
+#: Help of config fields that carry no comment or docstring in their own class.
+HELP: dict[tuple[str, str], str] = {
+    ("StudyConfig", "model"): "'toy', a local HF model directory (one this tool wrote too), or a .gguf file",
+    ("StudyConfig", "methods"): "comma-separated compression methods (pruning methods take @SPARSITY)",
+    ("StudyConfig", "harmful_train"): "harmful prompts for extraction (built-in split name or file)",
+    ("StudyConfig", "harmless_train"): "harmless prompts for extraction (built-in split name or file)",
+    ("StudyConfig", "harmful_val"): "harmful prompts for selection (built-in split name or file)",
+    ("StudyConfig", "harmless_val"): "harmless prompts for selection (built-in split name or file)",
+    ("StudyConfig", "harmful_test"): "harmful prompts for evaluation (built-in split name or file)",
+    ("StudyConfig", "harmless_test"): "harmless prompts for evaluation (built-in split name or file)",
+    ("StudyConfig", "calibration"): "calibration prompts of Wanda and AWQ (built-in split name or file)",
+    ("StudyConfig", "n_train"): "prompts per class for extraction",
+    ("StudyConfig", "n_val"): "prompts per class for selection",
+    ("StudyConfig", "n_test"): "prompts per class for evaluation",
+    ("StudyConfig", "n_calibration"): "calibration prompts",
+    ("StudyConfig", "noise_splits"): "random half splits of the split-half noise floor",
+    ("StudyConfig", "zero_shot_tasks"): "comma-separated zero-shot tasks ('' for none)",
+    (
+        "StudyConfig",
+        "refusal_token_ids",
+    ): "token ids whose probability is the refusal score (none: per model)",
+    ("StudyConfig", "max_new_tokens"): "tokens generated per completion",
+    ("StudyConfig", "batch_size"): "prompts per forward pass",
+    ("StudyConfig", "seed"): "seed of every random choice",
+    ("AirdConfig", "alpha_attn"): "AIRD step size at o_proj (paper: 0.02; none when the gain is given)",
+    ("AirdConfig", "alpha_mlp"): "AIRD step size at down_proj (paper: 0.01; none when the gain is given)",
+    ("AirdConfig", "gain_attn"): "AIRD gain along r/|r| at o_proj, g = 1 + alpha |r|^2 (instead of alpha)",
+    ("AirdConfig", "gain_mlp"): "AIRD gain along r/|r| at down_proj, g = 1 + alpha |r|^2 (instead of alpha)",
+    ("RepairConfig", "gains"): "gains of the AIRD sweep on every compressed model",
+    ("RepairConfig", "include_paper_alpha"): "also sweep the paper's alphas (alpha_attn, alpha_mlp)",
+    ("RepairConfig", "layers"): "where the repair edits: base (base model's source layer), own, or both",
+    ("RepairConfig", "sparse"): "on pruned models, also sweep the sparsity-preserving update",
+    ("RepairConfig", "max_over_refusal_increase"): "admissible: over-refusal at most the base model's + this",
+    ("RepairConfig", "max_kl_increase"): "admissible: KL to the base at most the compressed model's + this",
+    ("RepairConfig", "generate"): "score the sweep on generations (--no-...: on the refusal score, cheaper)",
+    ("AirdConfig", "normalize"): "AIRD with the unit direction r/|r| instead of the raw difference in means",
+    (
+        "AirdConfig",
+        "preserve_sparsity",
+    ): "restrict the AIRD update to the nonzero weights (sparsity unchanged)",
+    ("AttackSettings", "system_prompt"): "system prompt of the system-prompt attack",
+    ("AttackSettings", "decoding_temperatures"): "temperatures of the decoding attack's grid",
+    ("AttackSettings", "decoding_top_ps"): "top-p values of the decoding attack's grid",
+    ("AttackSettings", "decoding_top_ks"): "top-k values of the decoding attack's grid (0: off)",
+    ("AttackSettings", "decoding_samples"): "samples per prompt and grid point",
+    (
+        "AttackSettings",
+        "gcg_prompts",
+    ): "harmful prompts GCG optimises its universal suffix on (0 disables GCG)",
+    ("AttackSettings", "gcg_steps"): "GCG optimisation steps (0 disables GCG)",
+    ("AttackSettings", "gcg_suffix_len"): "GCG suffix length in tokens",
+    ("AttackSettings", "gcg_topk"): "GCG top-k token substitutions per position",
+    ("AttackSettings", "gcg_candidates"): "GCG candidate suffixes per step",
+    ("AttackSettings", "gcg_target"): "GCG target completion",
+}
+
+#: Flags of older command lines, kept as aliases of the generated ones.
+STUDY_ALIASES: dict[str, tuple[str, ...]] = {
+    "aird.alpha_attn": ("--alpha-attn",),
+    "aird.alpha_mlp": ("--alpha-mlp",),
+    "attacks.gcg_steps": ("--gcg-steps",),
+    "zero_shot_tasks": ("--tasks",),
+}
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"^(cpu|auto|cuda|cuda:\d+)$")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="toy", help="'toy', a local HF model directory, or a .gguf file")
+# ----------------------------------------------------------------------------
+# parser
+# ----------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default; options without one (required, or with the default in the text) show none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.required or action.default is None or "(default:" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _device(text: str) -> str:
+    if not _DEVICE.match(text):
+        raise argparse.ArgumentTypeError(f"--device must be cpu, cuda, cuda:N or auto, got {text!r}")
+    return text
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonnegative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _judge_spec(text: str) -> str:
+    if text != "substring" and not (text.startswith("classifier:") and len(text) > len("classifier:")):
+        raise argparse.ArgumentTypeError(f"--judge must be 'substring' or 'classifier:DIR', got {text!r}")
+    return text
+
+
+def _add_load_args(p: argparse.ArgumentParser, *, method: str | None) -> None:
+    """Options of every command that loads a model."""
     p.add_argument(
-        "--method",
-        default=None,
-        help="compress the model in memory first (e.g. wanda, wanda-2:4, magnitude@0.3, llm-int8, awq-w4)",
+        "--model",
+        default="toy",
+        help="'toy', a local HF model directory (also one this tool wrote), or a .gguf file",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    if method == "optional":
+        p.add_argument(
+            "--method",
+            default=None,
+            help="compress the model in memory first (e.g. wanda, wanda-2:4, magnitude@0.3, llm-int8)",
+        )
+    elif method == "required":
+        p.add_argument(
+            "--method",
+            required=True,
+            help="compression method (e.g. wanda, wanda-2:4, magnitude@0.3, llm-int8)",
+        )
+    p.add_argument(
+        "--device", type=_device, default="cpu", help="cpu, cuda, cuda:N, or auto (all visible GPUs)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="dtype of the model's weights (auto: float32 on CPU, the checkpoint's own on a GPU)",
+    )
+    p.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        default=None,
+        help="Jinja chat template for a tokenizer without one",
+    )
+    p.add_argument("--seed", type=_nonnegative, default=0, help="seed of every random choice")
+    _add_progress(p)
 
 
-def _parser() -> argparse.ArgumentParser:
-    from refusal_core.compression import METHODS
-    from refusal_core.study import DEFAULT_METHODS
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="hide every progress bar (also the libraries')")
 
-    top = argparse.ArgumentParser(
+
+def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+    from refusal_core.study import StudyConfig
+
+    d = StudyConfig()
+    p.add_argument(
+        "--calibration", default=d.calibration, help="calibration prompts of Wanda and AWQ (split or file)"
+    )
+    p.add_argument("--n-calibration", type=_count, default=d.n_calibration, help="calibration prompts")
+    p.add_argument("--batch-size", type=_count, default=d.batch_size, help="prompts per forward pass")
+
+
+def _study_options() -> list[cc.ConfigOption]:
+    from refusal_core.study import StudyConfig
+
+    return cc.config_options(StudyConfig, table=HELP)
+
+
+def _selection_options() -> list[cc.ConfigOption]:
+    from refusal_core.selection import SelectionConfig
+
+    return cc.config_options(SelectionConfig, table=HELP, prefix=("selection",))
+
+
+def _aird_options() -> list[cc.ConfigOption]:
+    from refusal_core.aird import AirdConfig
+
+    return cc.config_options(AirdConfig, table=HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``refusal-core`` parser; config options are generated from the config dataclasses."""
+    from refusal_core.study import StudyConfig
+
+    d = StudyConfig()
+    common: dict[str, Any] = {"formatter_class": _Formatter, "allow_abbrev": False}
+    top = _Parser(
         prog="refusal-core",
         description="Did compressing this model break its refusal direction, and can AIRD repair it?",
+        **common,
     )
-    sub = top.add_subparsers(dest="command", required=True)
+    sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    s = sub.add_parser("study", help="run (or resume) the whole study and write a report")
-    _add_model_args(s)
-    s.add_argument("--out", default="runs/study", help="run directory (artifacts, report.md, plots)")
+    s = sub.add_parser("study", help="run (or resume) the whole study and write a report", **common)
     s.add_argument(
-        "--methods",
-        default=",".join(DEFAULT_METHODS),
-        help=f"comma-separated compression methods (known: {', '.join(METHODS)}; pruning takes @SPARSITY)",
+        "--config", metavar="FILE.toml", default=None, help="study settings (command-line values win)"
     )
-    s.add_argument("--n-train", type=int, default=128, help="prompts per class for extraction")
-    s.add_argument("--n-val", type=int, default=32, help="prompts per class for selection")
-    s.add_argument("--n-test", type=int, default=64, help="prompts per class for evaluation")
-    s.add_argument("--harmful-train", default="harmful_train", help="built-in split name or file")
-    s.add_argument("--harmless-train", default="harmless_train")
-    s.add_argument("--harmful-val", default="harmful_val")
-    s.add_argument("--harmless-val", default="harmless_val")
-    s.add_argument("--harmful-test", default="harmful_test")
-    s.add_argument("--harmless-test", default="harmless_test")
-    s.add_argument("--alpha-attn", type=float, default=0.02, help="AIRD alpha at o_proj (paper: 0.02)")
-    s.add_argument("--alpha-mlp", type=float, default=0.01, help="AIRD alpha at down_proj (paper: 0.01)")
-    s.add_argument("--aird-normalize", action="store_true", help="AIRD with the unit direction")
-    s.add_argument("--gcg-steps", type=int, default=None, help="GCG steps (0 disables GCG)")
-    s.add_argument("--tasks", default=None, help="comma-separated zero-shot tasks ('' for none)")
-    s.add_argument("--max-new-tokens", type=int, default=24)
-    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument(
+        "--out", default="runs/study", help="run directory (artifacts, config.toml, report.md, plots)"
+    )
+    _add_progress(s)
+    options = _study_options()
+    taken = {o.flag for o in options} | {"--config", "--out", "--no-progress"}
+    aliases = {k: tuple(f for f in v if f not in taken) for k, v in STUDY_ALIASES.items()}
+    file_only = cc.add_config_options(s, options, aliases=aliases, title="study settings (StudyConfig)")
+    if file_only:
+        s.epilog = "settable only in --config: " + ", ".join(o.key for o in file_only)
 
-    e = sub.add_parser("extract", help="candidate directions (and the selected one) of a model")
-    _add_model_args(e)
-    e.add_argument("--harmful", default="harmful_train")
-    e.add_argument("--harmless", default="harmless_train")
-    e.add_argument("--n", type=int, default=128, help="prompts per class")
+    e = sub.add_parser("extract", help="candidate directions (and the selected one) of a model", **common)
+    _add_load_args(e, method="optional")
+    e.add_argument("--harmful", default=d.harmful_train, help="harmful prompts (built-in split or file)")
+    e.add_argument("--harmless", default=d.harmless_train, help="harmless prompts (built-in split or file)")
+    e.add_argument("--n", type=_count, default=d.n_train, help="prompts per class for extraction")
     e.add_argument("--select", action="store_true", help="also score and select among the candidates")
-    e.add_argument("--out", required=True, help="directory for candidates(.json/.safetensors)")
+    e.add_argument("--harmful-val", default=d.harmful_val, help="harmful prompts for --select")
+    e.add_argument("--harmless-val", default=d.harmless_val, help="harmless prompts for --select")
+    e.add_argument("--n-val", type=_count, default=d.n_val, help="prompts per class for --select")
+    _add_calibration_args(e)
+    cc.add_config_options(
+        e, _selection_options(), title="selection settings (SelectionConfig, with --select)"
+    )
+    e.add_argument("--out", required=True, help="directory for candidates (and selection) artifacts")
 
-    c = sub.add_parser("compress", help="compress a model and save its weights and record")
-    _add_model_args(c)
-    c.add_argument("--out", required=True)
+    c = sub.add_parser("compress", help="compress a model and save it as a checkpoint directory", **common)
+    _add_load_args(c, method="required")
+    _add_calibration_args(c)
+    c.add_argument("--out", required=True, help="checkpoint directory to write")
 
-    m = sub.add_parser("compare", help="compare two saved candidate sets")
-    m.add_argument("--base", required=True, help="directory written by 'extract' for the base model")
+    m = sub.add_parser("compare", help="compare two saved candidate sets", **common)
+    m.add_argument("--base", required=True, help="directory written by 'extract --select' for the base model")
     m.add_argument("--other", required=True, help="directory written by 'extract' for the other model")
 
-    a = sub.add_parser("aird", help="apply AIRD with a saved direction and save the edited weights")
-    _add_model_args(a)
+    a = sub.add_parser(
+        "aird", help="apply AIRD with a saved direction and save the repaired checkpoint", **common
+    )
+    _add_load_args(a, method="optional")
+    _add_calibration_args(a)
     a.add_argument("--direction", required=True, help="directory written by 'extract --select'")
-    a.add_argument("--alpha-attn", type=float, default=0.02)
-    a.add_argument("--alpha-mlp", type=float, default=0.01)
-    a.add_argument("--normalize", action="store_true")
-    a.add_argument("--preserve-sparsity", action="store_true")
-    a.add_argument("--out", required=True)
+    cc.add_config_options(a, _aird_options(), title="AIRD settings (AirdConfig)")
+    a.add_argument("--out", required=True, help="checkpoint directory to write")
 
-    v = sub.add_parser("evaluate", help="ASR per attack and over-refusal of a model")
-    _add_model_args(v)
-    v.add_argument("--weights", default=None, help="a weights.safetensors written by 'aird' or 'compress'")
-    v.add_argument("--n-test", type=int, default=64)
-    v.add_argument("--gcg-steps", type=int, default=0)
-    v.add_argument("--out", required=True)
+    v = sub.add_parser("evaluate", help="ASR per attack and over-refusal of a model", **common)
+    _add_load_args(v, method="optional")
+    _add_calibration_args(v)
+    v.add_argument("--harmful", default=d.harmful_test, help="harmful prompts (built-in split or file)")
+    v.add_argument("--harmless", default=d.harmless_test, help="harmless prompts for over-refusal")
+    v.add_argument("--n-test", type=_count, default=d.n_test, help="prompts per class")
+    v.add_argument("--max-new-tokens", type=_count, default=d.max_new_tokens, help="tokens per completion")
+    v.add_argument(
+        "--gcg-steps", type=_nonnegative, default=0, help="steps of a universal GCG attack (0: none)"
+    )
+    v.add_argument(
+        "--judge",
+        type=_judge_spec,
+        default="substring",
+        help="ASR judge: 'substring' (refusal phrases) or 'classifier:DIR' (a LlamaGuard-style model);"
+        " over-refusal always counts refusal phrases",
+    )
+    v.add_argument("--out", required=True, help="directory for the ASR and over-refusal results")
     return top
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+# ----------------------------------------------------------------------------
+# checks before any work
+# ----------------------------------------------------------------------------
+
+
+def check_output_location(path: str | Path) -> Path | None:
+    """Check that ``path`` can be (or is) a writable directory, before any work.
+
+    Returns the topmost directory the command would create (``None`` when
+    ``path`` exists), so an early failure can remove what this run created.
+    Raises :class:`~refusal_core.errors.InvalidArgumentError` when ``path`` is
+    a file, lies under a file, or is not writable.
+    """
+    p = Path(path).absolute()
+    if p.exists():
+        if not p.is_dir():
+            raise InvalidArgumentError(f"--out {str(path)!r} exists and is not a directory")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise InvalidArgumentError(f"--out {str(path)!r} is not writable")
+        return None
+    top = p
+    for parent in p.parents:
+        if parent.is_dir():
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise InvalidArgumentError(
+                    f"--out {str(path)!r} cannot be created: {str(parent)!r} is not writable"
+                )
+            return top
+        if parent.exists() or parent.is_symlink():
+            raise InvalidArgumentError(
+                f"--out {str(path)!r} lies under {str(parent)!r}, which is not a directory"
+            )
+        top = parent
+    raise InvalidArgumentError(f"--out {str(path)!r} has no existing parent directory")  # pragma: no cover
+
+
+def _remove_created(top: Path, ours: Sequence[Path] = ()) -> None:
+    """After a failure: remove ``top`` (created by this run) if it holds nothing but empty
+    directories and the files in ``ours``; otherwise leave its work for a resumed run."""
+    if not top.is_dir():
+        return
+    own = {Path(p).absolute() for p in ours}
+    files = [Path(root) / f for root, _, fs in os.walk(top) for f in fs]
+    if any(f.absolute() not in own for f in files):
+        return
+    for f in files:
+        f.unlink()
+    for root, _, _ in sorted(os.walk(top), key=lambda t: -len(t[0])):
+        Path(root).rmdir()
+
+
+def _precheck_load_args(args: argparse.Namespace) -> None:
+    """Cheap checks of the model-loading options, before anything is loaded."""
+    device = getattr(args, "device", "cpu")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError(f"--device {device}: CUDA is not available on this machine")
+    template = getattr(args, "chat_template", None)
+    if template is not None and not Path(template).is_file():
+        raise InvalidArgumentError(f"--chat-template {template!r} is not a file")
+    judge = getattr(args, "judge", "substring")
+    if judge.startswith("classifier:") and not Path(judge.partition(":")[2]).is_dir():
+        raise InvalidArgumentError(f"--judge {judge!r}: {judge.partition(':')[2]!r} is not a model directory")
+    if getattr(args, "method", None):
+        from refusal_core.compression import method_config
+
+        method_config(args.method)  # raises, listing the valid names
+
+
+@contextlib.contextmanager
+def _quiet_progress(enabled: bool) -> Iterator[None]:
+    """While active, no tqdm bar is drawn, whoever creates it (and whatever ``disable=`` it passes)."""
+    if not enabled:
+        yield
+        return
+    import tqdm.std
+
+    saved_env = {k: os.environ.get(k) for k in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    os.environ["TQDM_DISABLE"] = "1"  # for subprocesses and for tqdm imported later
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    original = tqdm.std.tqdm.__init__
+
+    def silent_init(self: Any, *a: Any, **kw: Any) -> None:
+        kw["disable"] = True
+        original(self, *a, **kw)
+
+    tqdm.std.tqdm.__init__ = silent_init
     try:
-        handler = globals()[f"_cmd_{args.command}"]
-        return int(handler(args))
+        yield
+    finally:
+        tqdm.std.tqdm.__init__ = original
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# ----------------------------------------------------------------------------
+# entry point
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Command:
+    run: Callable[[argparse.Namespace, list[Path]], int]
+    writes: bool = True  # whether it has an --out to check
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = COMMANDS[args.command]
+    created: Path | None = None
+    ours: list[Path] = []
+    try:
+        if command.writes:
+            created = check_output_location(args.out)
+        _precheck_load_args(args)
+        with _quiet_progress(bool(getattr(args, "no_progress", False))):
+            return int(command.run(args, ours))
     except RefusalCoreError as exc:
-        print(f"refusal-core: error: {exc}", file=sys.stderr)
+        if created is not None:
+            _remove_created(created, ours)
+        print(f"refusal-core {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BaseException:
+        if created is not None:
+            _remove_created(created, ours)
+        raise
 
 
 def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
-def _cmd_study(args: argparse.Namespace) -> int:
-    from refusal_core.aird import AirdConfig
-    from refusal_core.study import StudyConfig, run_study
+# ----------------------------------------------------------------------------
+# study
+# ----------------------------------------------------------------------------
 
-    cfg = StudyConfig(
-        model=args.model,
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        n_train=args.n_train,
-        n_val=args.n_val,
-        n_test=args.n_test,
-        harmful_train=args.harmful_train,
-        harmless_train=args.harmless_train,
-        harmful_val=args.harmful_val,
-        harmless_val=args.harmless_val,
-        harmful_test=args.harmful_test,
-        harmless_test=args.harmless_test,
-        aird=AirdConfig(alpha_attn=args.alpha_attn, alpha_mlp=args.alpha_mlp, normalize=args.aird_normalize),
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        seed=args.seed,
-    )
-    if args.gcg_steps is not None:
-        cfg = replace(cfg, attacks=replace(cfg.attacks, gcg_steps=args.gcg_steps))
-    if args.tasks is not None:
-        cfg = replace(cfg, zero_shot_tasks=tuple(t for t in args.tasks.split(",") if t))
-    results = run_study(cfg, Path(args.out), progress=not args.no_progress)
+
+def resolve_study_config(config_file: str | None, overrides: Mapping[str, Any]) -> Any:
+    """The :class:`~refusal_core.study.StudyConfig` of defaults < ``config_file`` < ``overrides``."""
+    from refusal_core.study import StudyConfig
+
+    options = _study_options()
+    from_file = cc.read_config_file(config_file, StudyConfig, options) if config_file else {}
+    return cc.build_config(StudyConfig, from_file, overrides)
+
+
+def _cmd_study(args: argparse.Namespace, ours: list[Path]) -> int:
+    from refusal_core.artifacts import atomic_write_bytes
+    from refusal_core.study import run_study
+
+    cfg = resolve_study_config(args.config, cc.cli_overrides(args))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = out / "config.toml"
+    ours.append(written)
+    header = "refusal-core study: the resolved settings of the last run in this directory"
+    atomic_write_bytes(written, cc.config_to_toml(cfg, header=header).encode("utf-8"))
+    results = run_study(cfg, out, progress=not args.no_progress)
     _print_summary(results)
-    print(f"report: {Path(args.out) / 'report.md'}")
+    print(f"report: {out / 'report.md'}")
     return 0
 
 
 def _print_summary(results: dict[str, Any]) -> None:
+    """One row per variant: source, cosine at the base source, ASR per attack and over-refusal
+    (rates as ``value [low, high]``, from each variant's ``evaluation``)."""
     from refusal_core.report import markdown_table
+    from refusal_core.study.report import format_rate
 
-    attacks = sorted({a for v in results["variants"] for a in v.get("asr", {})})
+    def rate(r: Any) -> str:
+        return format_rate(r) if isinstance(r, Mapping) else ("–" if r is None else f"{float(r):.3f}")
+
+    variants = results["variants"]
+    evals = [v.get("evaluation") or {} for v in variants]
+    attacks = sorted({a for ev in evals for a in ev.get("asr", {})})
     rows = [
         [
             v["name"],
             v.get("source"),
             v.get("cosine_at_base_source"),
-            *[v.get("asr", {}).get(a) for a in attacks],
-            v.get("over_refusal"),
+            *[rate(ev.get("asr", {}).get(a)) for a in attacks],
+            rate(ev.get("over_refusal")),
         ]
-        for v in results["variants"]
+        for v, ev in zip(variants, evals)
     ]
-    print(
-        markdown_table(
-            ["variant", "source", "cos@base", *[f"ASR {a}" for a in attacks], "over-refusal"], rows
-        )
-    )
+    header = ["variant", "source", "cos@base", *[f"ASR {a}" for a in attacks], "over-refusal"]
+    print(markdown_table(header, rows))
     print(f"total: {results['timings']['total_seconds']:.1f} s")
 
 
+# ----------------------------------------------------------------------------
+# steps
+# ----------------------------------------------------------------------------
+
+
+def _dtype(name: str) -> str | None:
+    """``--dtype`` for ``load_model``: None for ``auto`` (float32 on CPU, the checkpoint's own on GPU)."""
+    return None if name == "auto" else name
+
+
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of ``--model`` on ``--device`` in ``--dtype`` with ``--chat-template``."""
     import torch
 
-    from refusal_core.study import load_variant_model
+    from refusal_core.models import load_model
 
     torch.manual_seed(args.seed)
-    return load_variant_model(args.model, args.method)
+    return load_model(
+        args.model, device=args.device, dtype=_dtype(args.dtype), chat_template=args.chat_template
+    )
 
 
-def _cmd_extract(args: argparse.Namespace) -> int:
-    from refusal_core.directions import extract_candidates
+def _compress_in_memory_(model: Any, tok: Any, args: argparse.Namespace) -> Any:
+    """Apply ``--method`` to ``model`` in place; returns the CompressionRecord."""
+    from refusal_core.activations import encode_prompts
+    from refusal_core.compression import compress_, method_config
     from refusal_core.prompts import load_prompts
 
-    harmful, harmless = load_prompts(args.harmful)[: args.n], load_prompts(args.harmless)[: args.n]
+    cfg = method_config(args.method)
+    calib = encode_prompts(tok, load_prompts(args.calibration)[: args.n_calibration])
+    return compress_(model, cfg, calib, batch_size=args.batch_size, progress=not args.no_progress)
+
+
+def _load_variant(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """``(model, tokenizer, compression record or None)``: ``--model``, compressed by ``--method``."""
     model, tok = _load(args)
+    record = _compress_in_memory_(model, tok, args) if getattr(args, "method", None) else None
+    return model, tok, record
+
+
+def _checkpoint_record(spec: str) -> dict[str, Any] | None:
+    """The (hash-checked) refusal_core record of a checkpoint directory, else None."""
+    if spec == "toy" or not Path(spec).is_dir():
+        return None
+    from refusal_core.checkpoint import read_checkpoint_record
+
+    return read_checkpoint_record(Path(spec))
+
+
+def _refusal_ids(spec: str, tok: Any) -> list[int]:
+    """The refusal token ids of a model spec: those its checkpoint record names (a model this tool
+    derived, e.g. from the toy), else the study's default for the spec (the toy's own, or the
+    first tokens of the standard refusal phrases in this tokenizer)."""
+    from refusal_core.study import default_refusal_token_ids
+
+    record = _checkpoint_record(spec)
+    ids = (record.get("record") or {}).get("refusal_token_ids") if record else None
+    if isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids):
+        return list(ids)
+    return default_refusal_token_ids(spec, tok)
+
+
+def _check_checkpoint_target(out: str | Path) -> None:
+    """Refuse, before any work, an ``--out`` that ``save_checkpoint`` would refuse after it."""
+    from refusal_core.checkpoint import CHECKPOINT_KIND, CHECKPOINT_RECORD
+
+    p = Path(out)
+    if not p.is_dir() or not any(p.iterdir()):
+        return
+    try:
+        kind = json.loads((p / CHECKPOINT_RECORD).read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind != CHECKPOINT_KIND:
+        raise InvalidArgumentError(
+            f"--out {str(out)!r} is a non-empty directory that is not a refusal_core checkpoint"
+        )
+
+
+def _save_checkpoint(
+    model: Any, tok: Any, out: Path, record: Mapping[str, Any], base_identity: Mapping[str, Any]
+) -> Path:
+    from refusal_core.checkpoint import save_checkpoint
+
+    return Path(save_checkpoint(model, tok, out, record=record, base_identity=base_identity))
+
+
+def _cmd_extract(args: argparse.Namespace, ours: list[Path]) -> int:
+    from refusal_core.directions import extract_candidates
+    from refusal_core.prompts import load_prompts
+    from refusal_core.selection import SelectionConfig
+
+    # Prompts and settings first: a bad file or value fails before the model is loaded.
+    harmful, harmless = load_prompts(args.harmful)[: args.n], load_prompts(args.harmless)[: args.n]
+    sel_cfg = None
+    if args.select:
+        sel_over = {k.partition(".")[2]: v for k, v in cc.cli_overrides(args).items()}
+        sel_cfg = cc.build_config(SelectionConfig, sel_over)
+        harmful_val = load_prompts(args.harmful_val)[: args.n_val]
+        harmless_val = load_prompts(args.harmless_val)[: args.n_val]
+    elif cc.cli_overrides(args):
+        given = ", ".join("--" + k.replace(".", "-").replace("_", "-") for k in cc.cli_overrides(args))
+        raise InvalidArgumentError(f"{given} only apply with --select")
+    model, tok, _ = _load_variant(args)
+    cands = extract_candidates(
+        model, tok, harmful, harmless, batch_size=args.batch_size, progress=not args.no_progress
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cands = extract_candidates(model, tok, harmful, harmless, progress=not args.no_progress)
     cands.save(out / "candidates")
     summary: dict[str, Any] = {"candidates": str(out / "candidates"), "shape": list(cands.directions.shape)}
-    if args.select:
+    if sel_cfg is not None:
         from refusal_core.selection import select_direction
-        from refusal_core.study import default_refusal_token_ids as _refusal_ids
 
         sel = select_direction(
             model,
             tok,
             cands,
-            load_prompts("harmful_val")[:32],
-            load_prompts("harmless_val")[:32],
+            harmful_val,
+            harmless_val,
             _refusal_ids(args.model, tok),
+            sel_cfg,
             progress=not args.no_progress,
         )
         sel.save(out / "selection")
@@ -213,30 +648,41 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_compress(args: argparse.Namespace) -> int:
-    from refusal_core.activations import encode_prompts
-    from refusal_core.artifacts import save_model_weights
-    from refusal_core.compression import compress_, method_config
-    from refusal_core.models import load_model
-    from refusal_core.prompts import load_prompts
+def _base_identity(spec: str, loaded_identity: Mapping[str, Any]) -> dict[str, Any]:
+    """Identity of the model a derived checkpoint comes from: the base named by ``spec``'s own
+    checkpoint record when it has one (a compressed or repaired model), else the loaded model."""
+    record = _checkpoint_record(spec)
+    if record is not None and isinstance(record.get("base_identity"), dict):
+        return dict(record["base_identity"])
+    return dict(loaded_identity)
 
-    if not args.method:
-        from refusal_core.errors import InvalidArgumentError
 
-        raise InvalidArgumentError("compress needs --method")
-    cfg = method_config(args.method)
-    model, tok = load_model(args.model)
-    calib = encode_prompts(tok, load_prompts("harmless_train")[:64])
-    record = compress_(model, cfg, calib, progress=not args.no_progress)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_model_weights(model, out / "weights.safetensors")
-    record.save(out / "record")
+def _cmd_compress(args: argparse.Namespace, ours: list[Path]) -> int:
+    from refusal_core.models import model_identity
+
+    _check_checkpoint_target(args.out)
+    model, tok = _load(args)
+    refusal_ids = _refusal_ids(args.model, tok)
+    base = _base_identity(args.model, model_identity(model))
+    record = _compress_in_memory_(model, tok, args)
+    out = _save_checkpoint(
+        model,
+        tok,
+        Path(args.out),
+        record={
+            "operation": "compress",
+            "method": args.method,
+            "compression": record.to_dict(),
+            "source_model": args.model,
+            "refusal_token_ids": refusal_ids,
+        },
+        base_identity=base,
+    )
     _print({"sparsity": record.sparsity, "method": record.method, "out": str(out)})
     return 0
 
 
-def _cmd_compare(args: argparse.Namespace) -> int:
+def _cmd_compare(args: argparse.Namespace, ours: list[Path]) -> int:
     from refusal_core.directions import DirectionCandidates, compare_candidates
     from refusal_core.selection import SelectionResult
 
@@ -259,62 +705,131 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_aird(args: argparse.Namespace) -> int:
+def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
     from refusal_core.aird import AirdConfig, apply_aird_
-    from refusal_core.artifacts import save_model_weights
     from refusal_core.directions import DirectionCandidates
+    from refusal_core.errors import UnsupportedModuleError
     from refusal_core.selection import SelectionResult
 
+    # The direction and the settings first: a bad one fails before the model is loaded.
+    cfg = cc.build_config(AirdConfig, cc.cli_overrides(args))
     cands = DirectionCandidates.load(Path(args.direction) / "candidates")
     sel = SelectionResult.load(Path(args.direction) / "selection")
     layer, pi = sel.source
-    cfg = AirdConfig(
-        alpha_attn=args.alpha_attn,
-        alpha_mlp=args.alpha_mlp,
-        normalize=args.normalize,
-        preserve_sparsity=args.preserve_sparsity,
-    )
-    model, _ = _load(args)
-    record = apply_aird_(model, cands.directions[layer, pi].float(), layer, cfg)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_model_weights(model, out / "weights.safetensors")
-    record.save(out / "aird.json")
-    _print(record.to_dict())
+    r = cands.directions[layer, pi]
+    _check_checkpoint_target(args.out)
+    from refusal_core.models import model_identity
+
+    model, tok = _load(args)
+    refusal_ids = _refusal_ids(args.model, tok)
+    base = _base_identity(args.model, model_identity(model))
+    source_record = _checkpoint_record(args.model)
+    compression = _compress_in_memory_(model, tok, args) if args.method else None
+    try:
+        rec = apply_aird_(model, r.to(next(model.parameters()).dtype), layer, cfg)
+        aird: dict[str, Any] = {**rec.to_dict(), "path": "dense float"}
+    except UnsupportedModuleError:
+        # Quantized linears (e.g. --method llm-int8): dequantize the two modules, edit, re-quantize.
+        from refusal_core.quantized_edit import apply_aird_quantized_
+
+        qrec = apply_aird_quantized_(model, r, layer, cfg, requantize=True)
+        if qrec.aird is None:  # pragma: no cover - apply_aird_quantized_ always records the edit
+            raise RefusalCoreError("the quantized AIRD edit returned no record") from None
+        aird = {
+            **qrec.aird.to_dict(),
+            "path": "dequantize, edit, re-quantize",
+            "quantized_edit": qrec.to_dict(),
+        }
+    record: dict[str, Any] = {
+        "operation": "aird",
+        "method": f"{args.method}+aird" if args.method else "aird",
+        "aird": aird,
+        "direction": str(Path(args.direction).absolute()),
+        "source": [layer, sel.positions[pi]],
+        "source_model": args.model,
+        "refusal_token_ids": refusal_ids,
+    }
+    if compression is not None:
+        record["compression"] = compression.to_dict()
+    if source_record is not None and source_record.get("format") == "dequantized-simulation":
+        record["format"] = "dequantized-simulation"  # AIRD on a simulated model's float weights
+    out = _save_checkpoint(model, tok, Path(args.out), record=record, base_identity=base)
+    _print({**{k: v for k, v in aird.items() if k != "quantized_edit"}, "out": str(out)})
     return 0
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from refusal_core.errors import ArtifactError
+def judge_from_spec(spec: str, args: argparse.Namespace | None = None) -> Any:
+    """The ASR judge of ``--judge``: ``substring`` or ``classifier:DIR`` (loaded on ``--device``)."""
+    from refusal_core.evaluation.judges import ClassifierJudge, SubstringJudge
+
+    if spec == "substring":
+        return SubstringJudge()
+    kind, _, where = spec.partition(":")
+    if kind != "classifier" or not where:
+        raise InvalidArgumentError(f"judge must be 'substring' or 'classifier:DIR', got {spec!r}")
+    from refusal_core.models import load_model
+
+    device = args.device if args is not None else "cpu"
+    dtype = _dtype(args.dtype) if args is not None else None
+    model, tok = load_model(where, device=device, dtype=dtype)
+    return ClassifierJudge(model, tok)
+
+
+def _cmd_evaluate(args: argparse.Namespace, ours: list[Path]) -> int:
     from refusal_core.evaluation.attacks import GcgAttack, VanillaAttack, evaluate_asr, over_refusal
     from refusal_core.evaluation.judges import SubstringJudge
     from refusal_core.prompts import load_prompts
+    from refusal_core.study import AttackSettings
 
-    model, tok = _load(args)
-    if args.weights:
-        from safetensors.torch import load_file
-
-        try:
-            model.load_state_dict(load_file(args.weights), strict=True)
-        except Exception as exc:
-            raise ArtifactError(f"weights {args.weights} do not load into this model: {exc}") from exc
-    harmful = load_prompts("harmful_test")[: args.n_test]
-    harmless = load_prompts("harmless_test")[: args.n_test]
-    attacks: list[Any] = [VanillaAttack(max_new_tokens=24)]
+    harmful = load_prompts(args.harmful)[: args.n_test]
+    harmless = load_prompts(args.harmless)[: args.n_test]
+    judge = judge_from_spec(args.judge, args)
+    model, tok, _ = _load_variant(args)
+    attacks: list[Any] = [VanillaAttack(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)]
     if args.gcg_steps > 0:
+        a = AttackSettings()
         attacks.append(
-            GcgAttack(n_steps=args.gcg_steps, suffix_len=6, topk=32, batch_size=64, universal=True)
+            GcgAttack(
+                n_steps=args.gcg_steps,
+                suffix_len=a.gcg_suffix_len,
+                topk=a.gcg_topk,
+                batch_size=a.gcg_candidates,
+                target=a.gcg_target,
+                universal=True,
+                max_new_tokens=args.max_new_tokens,
+                gen_batch_size=args.batch_size,
+                seed=args.seed,
+            )
         )
-    judge = SubstringJudge()
-    res = evaluate_asr(model, tok, harmful, attacks, judge, progress=not args.no_progress)
-    refusal = over_refusal(model, tok, harmless, SubstringJudge(min_words=1), max_new_tokens=24)
+    progress = not args.no_progress
+    res = evaluate_asr(model, tok, harmful, attacks, judge, progress=progress)
+    refusal = over_refusal(
+        model,
+        tok,
+        harmless,
+        SubstringJudge(min_words=1),
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        progress=progress,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, r in res.items():
         r.save(out / f"asr_{name}.json")
     refusal.save(out / "over_refusal.json")
-    _print({"asr": {k: v.asr for k, v in res.items()}, "over_refusal": refusal.rate})
+    _print({"asr": {k: v.asr for k, v in res.items()}, "over_refusal": refusal.rate, "judge": args.judge})
     return 0
+
+
+#: Subcommand → handler.
+COMMANDS: dict[str, _Command] = {
+    "study": _Command(_cmd_study),
+    "extract": _Command(_cmd_extract),
+    "compress": _Command(_cmd_compress),
+    "compare": _Command(_cmd_compare, writes=False),
+    "aird": _Command(_cmd_aird),
+    "evaluate": _Command(_cmd_evaluate),
+}
 
 
 if __name__ == "__main__":  # pragma: no cover

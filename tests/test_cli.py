@@ -1,27 +1,60 @@
-"""The command line: every subcommand has help; errors exit 2 with one line naming the problem."""
+"""The command line: generated options, config file precedence, output checks before work, chaining.
+
+Parse-level tests load no model: ``load_model`` is replaced by a function that
+fails the test if called, so "refused before the model is loaded" is checked,
+not assumed.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from refusal_core.cli import main
-from refusal_core.testing.tiny import tiny_model, tiny_tokenizer
+import refusal_core.models
+from refusal_core import _cli_config as cc
+from refusal_core import cli
+from refusal_core.cli import build_parser, main
+from refusal_core.study import StudyConfig
+
+COMMANDS = ["study", "extract", "compress", "compare", "aird", "evaluate"]
 
 
-@pytest.mark.parametrize("command", ["study", "extract", "compress", "compare", "aird", "evaluate"])
-def test_every_subcommand_has_help(command: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "refusal_core.cli", command, "--help"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, f"{command} --help failed: {proc.stderr}"
-    assert "--model" in proc.stdout or "--base" in proc.stdout, f"{command} --help lists its options"
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make any model load fail the test (records the spec for the message)."""
+    calls: list[str] = []
+
+    def forbidden(spec: str, **_: Any) -> Any:
+        calls.append(spec)
+        raise AssertionError(f"load_model({spec!r}) was called; the command should have failed before")
+
+    monkeypatch.setattr(refusal_core.models, "load_model", forbidden)
+    return calls
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    top = build_parser()
+    action = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def _one_error_line(err: str, command: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"{command}: expected one error line, got {lines}"
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------
+# help and generated options
+# ----------------------------------------------------------------------------
 
 
 def test_console_script_entry_point_is_declared() -> None:
@@ -29,48 +62,446 @@ def test_console_script_entry_point_is_declared() -> None:
     assert 'refusal-core = "refusal_core.cli:main"' in text, "pyproject declares the refusal-core script"
 
 
-def test_errors_exit_2_with_a_message(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert main(["study", "--model", "/nonexistent/model", "--out", str(tmp_path / "o")]) == 2
-    assert "/nonexistent/model" in capsys.readouterr().err, "the error names the model path"
-    assert main(["study", "--methods", "quantum-7", "--out", str(tmp_path / "o")]) == 2
-    assert "unknown compression method" in capsys.readouterr().err, "the error names the bad method"
+def test_module_runs_as_a_script_and_prints_help() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "refusal_core.cli", "--help"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, f"python -m refusal_core.cli --help failed: {proc.stderr}"
+    for command in COMMANDS:
+        assert command in proc.stdout, f"top-level help lists {command}"
 
 
-def test_extract_compress_aird_compare_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    model_dir = tmp_path / "m"
-    tiny_model("llama", n_layers=3, d_model=32, seed=2).save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    m = str(model_dir)
-    common = ["--model", m, "--no-progress"]
-    assert main(["extract", *common, "--n", "8", "--select", "--out", str(tmp_path / "base")]) == 0
-    assert (tmp_path / "base" / "candidates.safetensors").is_file(), "extract writes candidates"
-    assert (
-        main(["extract", *common, "--method", "wanda", "--n", "8", "--select", "--out", str(tmp_path / "w")])
-        == 0
-    )
-    assert main(["compare", "--base", str(tmp_path / "base"), "--other", str(tmp_path / "w")]) == 0
-    assert "cosine_at_base_source" in capsys.readouterr().out, "compare prints the cosine"
-    assert main(["compress", *common, "--method", "magnitude", "--out", str(tmp_path / "c")]) == 0
-    assert (tmp_path / "c" / "record.json").is_file(), "compress writes its record"
-    assert main(["aird", *common, "--direction", str(tmp_path / "base"), "--out", str(tmp_path / "a")]) == 0
-    weights = tmp_path / "a" / "weights.safetensors"
-    assert weights.is_file(), "aird writes the edited weights"
-    capsys.readouterr()
-    assert (
-        main(["evaluate", *common, "--weights", str(weights), "--n-test", "2", "--out", str(tmp_path / "e")])
-        == 0
-    )
-    assert "over_refusal" in capsys.readouterr().out, "evaluate prints over-refusal"
-    assert (
-        main(
-            [
-                "evaluate",
-                *common,
-                "--weights",
-                str(tmp_path / "c" / "record.json"),
-                "--out",
-                str(tmp_path / "e"),
-            ]
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_has_help_and_every_default_is_shown(command: str) -> None:
+    parser = _subparsers()[command]
+    text = parser.format_help()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        flag = action.option_strings[0]
+        assert action.help, f"{command} {flag} has help text"
+        assert action.help.strip(), f"{command} {flag} has non-blank help text"
+        shown = (
+            action.help if "(default:" in action.help else parser._get_formatter()._get_help_string(action)
         )
-        == 2
+        if not action.required and action.default is not None:
+            assert "(default:" in (shown or ""), f"{command} {flag} shows its default"
+    assert "--help" in text
+
+
+def test_study_options_come_from_every_studyconfig_field() -> None:
+    options = cc.config_options(StudyConfig, table=cli.HELP)
+    flags = {a for act in _subparsers()["study"]._actions for a in act.option_strings}
+    for o in options:
+        if o.kind != "other":
+            assert o.flag in flags, f"StudyConfig field {o.key} has the option {o.flag}"
+        assert o.help_source != "none", f"StudyConfig field {o.key} has documentation (comment or cli.HELP)"
+    assert "--selection-kl-threshold" in flags, "nested SelectionConfig fields are prefixed"
+    assert "--aird-alpha-attn" in flags, "nested AirdConfig fields are prefixed"
+
+
+def test_aird_options_come_from_airdconfig() -> None:
+    from refusal_core.aird import AirdConfig
+
+    flags = {a for act in _subparsers()["aird"]._actions for a in act.option_strings}
+    for o in cc.config_options(AirdConfig):
+        assert o.flag in flags, f"aird has {o.flag} for AirdConfig.{o.key}"
+
+
+# ----------------------------------------------------------------------------
+# refused at parse time
+# ----------------------------------------------------------------------------
+
+#: Bad command lines: (id, argv with {tmp} for the test directory, text the one error line contains).
+#: Each must exit 2 with one line on stderr, load no model and write nothing under {tmp}.
+BAD_INPUT_CASES: list[tuple[str, list[str], str]] = [
+    ("study-method-is-not-an-option", ["study", "--method", "wanda", "--out", "{tmp}/o"], "--method"),
+    ("study-abbreviation-refused", ["study", "--meth", "wanda", "--out", "{tmp}/o"], "--meth"),
+    ("study-n-train-zero", ["study", "--n-train", "0", "--out", "{tmp}/o"], "n_train must be"),
+    ("study-n-test-negative", ["study", "--n-test", "-4", "--out", "{tmp}/o"], "--n-test"),
+    ("study-batch-size-zero", ["study", "--batch-size", "0", "--out", "{tmp}/o"], "batch_size"),
+    ("study-bad-float", ["study", "--aird-alpha-attn", "big", "--out", "{tmp}/o"], "--aird-alpha-attn"),
+    ("study-unknown-method", ["study", "--methods", "quantum-7", "--out", "{tmp}/o"], "quantum-7"),
+    ("study-config-missing", ["study", "--config", "{tmp}/none.toml", "--out", "{tmp}/o"], "none.toml"),
+    ("study-config-unknown-key", ["study", "--config", "{tmp}/unknown.toml", "--out", "{tmp}/o"], "n_trian"),
+    ("study-config-bad-count", ["study", "--config", "{tmp}/zero.toml", "--out", "{tmp}/o"], "n_val"),
+    ("study-out-is-a-file", ["study", "--out", "{tmp}/file"], "not a directory"),
+    ("study-out-under-a-file", ["study", "--out", "{tmp}/file/sub"], "lies under"),
+    ("extract-n-zero", ["extract", "--n", "0", "--out", "{tmp}/o"], "--n"),
+    ("extract-n-val-negative", ["extract", "--select", "--n-val", "-1", "--out", "{tmp}/o"], "--n-val"),
+    (
+        "extract-selection-without-select",
+        ["extract", "--selection-kl-threshold", "0.2", "--out", "{tmp}/o"],
+        "--select",
+    ),
+    ("extract-out-is-a-file", ["extract", "--out", "{tmp}/file"], "not a directory"),
+    ("compress-no-method", ["compress", "--out", "{tmp}/o"], "--method"),
+    ("compress-unknown-method", ["compress", "--method", "zip", "--out", "{tmp}/o"], "zip"),
+    (
+        "compress-out-under-a-file",
+        ["compress", "--method", "magnitude", "--out", "{tmp}/file/c"],
+        "lies under",
+    ),
+    ("aird-out-is-a-file", ["aird", "--direction", "{tmp}", "--out", "{tmp}/file"], "not a directory"),
+    (
+        "aird-nonfinite-alpha",
+        ["aird", "--direction", "{tmp}", "--alpha-attn", "inf", "--out", "{tmp}/o"],
+        "finite",
+    ),
+    ("evaluate-n-test-zero", ["evaluate", "--n-test", "0", "--out", "{tmp}/o"], "--n-test"),
+    ("evaluate-gcg-negative", ["evaluate", "--gcg-steps", "-1", "--out", "{tmp}/o"], "--gcg-steps"),
+    ("evaluate-bad-judge", ["evaluate", "--judge", "llm", "--out", "{tmp}/o"], "--judge"),
+    (
+        "evaluate-judge-dir-missing",
+        ["evaluate", "--judge", "classifier:{tmp}/nope", "--out", "{tmp}/o"],
+        "nope",
+    ),
+    ("evaluate-bad-device", ["evaluate", "--device", "gpu0", "--out", "{tmp}/o"], "--device"),
+    ("evaluate-bad-dtype", ["evaluate", "--dtype", "int8", "--out", "{tmp}/o"], "--dtype"),
+    (
+        "evaluate-template-missing",
+        ["evaluate", "--chat-template", "{tmp}/t.jinja", "--out", "{tmp}/o"],
+        "t.jinja",
+    ),
+]
+
+
+def _prepare(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    (tmp_path / "unknown.toml").write_text("n_trian = 5\n")
+    (tmp_path / "zero.toml").write_text("n_val = 0\n")
+
+
+def _snapshot(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize(("case", "argv", "fragment"), BAD_INPUT_CASES, ids=[c[0] for c in BAD_INPUT_CASES])
+def test_bad_command_lines_exit_2_with_one_line_and_write_nothing(
+    case: str,
+    argv: list[str],
+    fragment: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_model_load: list[str],
+) -> None:
+    _prepare(tmp_path)
+    before = _snapshot(tmp_path)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, f"{case}: exit code {code}, stderr {err!r}"
+    line = _one_error_line(err, case)
+    assert fragment.replace("{tmp}", str(tmp_path)) in line, f"{case}: the error names {fragment!r}: {line}"
+    assert not no_model_load, f"{case}: a model was loaded before the error"
+    assert _snapshot(tmp_path) == before, f"{case}: files were written: {_snapshot(tmp_path) - before}"
+
+
+def test_unwritable_output_directory_is_refused_before_work(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    no_model_load: list[str],
+) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    # Root may write anywhere, so the permission answer is faked for this one directory.
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    for argv in (["study", "--out", str(locked / "run")], ["extract", "--out", str(locked)]):
+        assert main(argv) == 2, f"{argv} on a read-only directory"
+        assert "not writable" in _one_error_line(capsys.readouterr().err, argv[0])
+    assert list(locked.iterdir()) == [], "nothing was created in the read-only directory"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_directory_for_real(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert main(["extract", "--out", str(locked / "x")]) == 2
+        assert "not writable" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o755)
+
+
+# ----------------------------------------------------------------------------
+# study: config file, precedence, resolved config written before work
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_study(monkeypatch: pytest.MonkeyPatch) -> list[tuple[StudyConfig, bool, set[str]]]:
+    """Replace run_study; records (config, progress, files in the run dir when the work started)."""
+    import refusal_core.study
+
+    seen: list[tuple[StudyConfig, bool, set[str]]] = []
+
+    def run(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+        seen.append((config, progress, {p.name for p in Path(out_dir).iterdir()}))
+        rate = {"value": 0.25, "low": 0.05, "high": 0.7, "k": 1, "n": 4, "confidence": 0.95}
+        variant = {"name": "base", "source": [1, -1], "evaluation": {"asr": {"vanilla": rate}}}
+        return {"variants": [variant], "timings": {"total_seconds": 0.0}}
+
+    monkeypatch.setattr(refusal_core.study, "run_study", run)
+    return seen
+
+
+def test_study_precedence_default_file_command_line(
+    tmp_path: Path,
+    fake_study: list[tuple[StudyConfig, bool, set[str]]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cfg_file = tmp_path / "study.toml"
+    cfg_file.write_text('methods = ["wanda"]\nn_train = 5\nn_val = 7\n[attacks]\ngcg_steps = 3\n')
+    out = tmp_path / "run"
+    argv = ["study", "--config", str(cfg_file), "--n-val", "9", "--gcg-steps", "0", "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 0
+    cfg, progress, files = fake_study[0]
+    d = StudyConfig()
+    assert (cfg.methods, cfg.n_train, cfg.n_val, cfg.n_test) == (("wanda",), 5, 9, d.n_test), (
+        "default < file < command line for methods, n_train, n_val, n_test"
+    )
+    assert cfg.attacks.gcg_steps == 0, "the --gcg-steps alias overrides [attacks] gcg_steps of the file"
+    assert progress is False, "--no-progress reaches run_study"
+    assert "config.toml" in files, "the resolved config is in the run directory before the work starts"
+    written = cc.read_config_file(out / "config.toml", StudyConfig, cc.config_options(StudyConfig))
+    assert cc.build_config(StudyConfig, written) == cfg, "config.toml holds the resolved config"
+    out_text = capsys.readouterr().out
+    assert "| base | (1, -1) |" in out_text, f"the summary has a row per variant: {out_text}"
+    assert "0.250 [0.050, 0.700]" in out_text, f"the summary shows each rate with its interval: {out_text}"
+
+
+def test_study_failing_early_leaves_no_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "new" / "run"
+    assert main(["study", "--model", str(tmp_path / "missing"), "--no-progress", "--out", str(out)]) == 2
+    assert "missing" in _one_error_line(capsys.readouterr().err, "study")
+    assert not (tmp_path / "new").exists(), "the directories this run created are removed on an early error"
+
+
+def test_existing_output_directory_is_kept_on_failure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    assert main(["extract", "--model", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    capsys.readouterr()
+    assert out.is_dir(), "a directory the user had is not removed"
+
+
+# ----------------------------------------------------------------------------
+# model loading options
+# ----------------------------------------------------------------------------
+
+
+def _spy_load(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
+    calls: list[tuple[str, dict[str, Any]]] = []
+    real: Callable[..., Any] = refusal_core.models.load_model
+
+    def spy(spec: str, **kwargs: Any) -> Any:
+        calls.append((spec, kwargs))
+        return real(spec, **kwargs)
+
+    monkeypatch.setattr(refusal_core.models, "load_model", spy)
+    return calls
+
+
+def test_device_and_dtype_reach_load_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+
+    calls = _spy_load(monkeypatch)
+    argv = ["evaluate", "--dtype", "bfloat16", "--device", "cpu", "--n-test", "1", "--max-new-tokens", "2"]
+    assert main([*argv, "--no-progress", "--out", str(tmp_path / "e")]) == 0
+    assert calls[0][0] == "toy"
+    assert calls[0][1]["device"] == "cpu", "--device is passed to load_model"
+    assert calls[0][1]["dtype"] == "bfloat16", "--dtype is passed to load_model"
+    saved = json.loads((tmp_path / "e" / "asr_vanilla.json").read_text())
+    assert saved["model"]["dtype"] == "bfloat16", "the evaluated model was loaded in bfloat16"
+
+
+def test_chat_template_reaches_load_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from refusal_core.models import load_model
+
+    template = tmp_path / "chat.jinja"
+    template.write_text(load_model("toy")[1].chat_template)  # the toy's own, so the model still works
+    calls = _spy_load(monkeypatch)
+    argv = ["extract", "--chat-template", str(template), "--n", "2", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "x")]) == 0, capsys.readouterr().err
+    assert calls[0][1]["chat_template"] == str(template), "--chat-template is passed to load_model"
+
+
+def test_select_uses_n_val_and_the_selection_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import refusal_core.selection
+
+    real = refusal_core.selection.select_direction
+    seen: list[tuple[int, int, Any]] = []
+
+    def spy(
+        model: Any, tok: Any, cands: Any, harmful: Any, harmless: Any, ids: Any, config: Any, **kw: Any
+    ) -> Any:
+        seen.append((len(harmful), len(harmless), config))
+        return real(model, tok, cands, harmful, harmless, ids, config, **kw)
+
+    monkeypatch.setattr(refusal_core.selection, "select_direction", spy)
+    argv = ["extract", "--n", "4", "--select", "--n-val", "3", "--selection-kl-threshold", "0.5"]
+    assert main([*argv, "--selection-layers", "0,1", "--no-progress", "--out", str(tmp_path / "d")]) == 0
+    capsys.readouterr()
+    n_harmful, n_harmless, config = seen[0]
+    assert (n_harmful, n_harmless) == (3, 3), "--n-val sets the validation prompts per class"
+    assert config.kl_threshold == 0.5, "--selection-kl-threshold reaches SelectionConfig"
+    assert config.layers == (0, 1), "--selection-layers reaches SelectionConfig"
+
+
+def test_classifier_judge_from_a_model_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from refusal_core.testing.tiny import tiny_model, tiny_tokenizer
+
+    judge_dir = tmp_path / "judge"
+    tiny_model("llama", n_layers=2, d_model=32, seed=3).save_pretrained(judge_dir)
+    tiny_tokenizer().save_pretrained(judge_dir)
+    argv = ["evaluate", "--judge", f"classifier:{judge_dir}", "--n-test", "2", "--max-new-tokens", "2"]
+    assert main([*argv, "--no-progress", "--out", str(tmp_path / "e")]) == 0, capsys.readouterr().err
+    saved = json.loads((tmp_path / "e" / "asr_vanilla.json").read_text())
+    assert saved["judge"] == "classifier", f"the ASR was judged by the classifier, not {saved['judge']!r}"
+
+
+def test_cuda_without_cuda_is_refused_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model_load: list[str]
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert main(["extract", "--device", "cuda:0", "--out", str(tmp_path / "o")]) == 2
+    assert "CUDA" in _one_error_line(capsys.readouterr().err, "extract")
+
+
+# ----------------------------------------------------------------------------
+# progress bars
+# ----------------------------------------------------------------------------
+
+
+def test_no_progress_silences_every_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from refusal_core.testing.tiny import tiny_model, tiny_tokenizer
+
+    model_dir = tmp_path / "m"  # loading a directory draws transformers' own "Loading weights" bar
+    tiny_model("llama", n_layers=2, d_model=32, seed=1).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    capsys.readouterr()  # bars drawn while saving it are not the command's
+    argv = [
+        "evaluate",
+        "--model",
+        str(model_dir),
+        "--n-test",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--method",
+        "wanda",
+    ]
+    assert main([*argv, "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
+    quiet = capsys.readouterr().err
+    assert "it/s]" not in quiet, f"--no-progress still drew a bar: {quiet[-300:]!r}"
+    assert "%|" not in quiet, f"--no-progress still drew a bar: {quiet[-300:]!r}"
+    assert main([*argv, "--out", str(tmp_path / "loud")]) == 0
+    loud = capsys.readouterr().err
+    assert "it/s]" in loud, "without --no-progress bars are drawn (so the check above can fail)"
+
+
+def test_quiet_progress_overrides_an_explicit_disable_false_and_is_undone() -> None:
+    import os
+
+    import tqdm
+
+    env_before = os.environ.get("TQDM_DISABLE")
+    with cli._quiet_progress(True):
+        bar = tqdm.tqdm(range(2), disable=False)
+        assert bar.disable, "a library bar created with disable=False is silenced under --no-progress"
+        bar.close()
+        assert os.environ.get("TQDM_DISABLE") == "1", "TQDM_DISABLE is set for subprocesses"
+    bar = tqdm.tqdm(range(2), disable=False, file=open(os.devnull, "w"))  # noqa: SIM115
+    assert not bar.disable, "tqdm is restored after the command"
+    bar.close()
+    assert os.environ.get("TQDM_DISABLE") == env_before, "the environment is restored"
+
+
+# ----------------------------------------------------------------------------
+# chaining on the toy model
+# ----------------------------------------------------------------------------
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    code = main([*argv, "--no-progress"]) if argv[0] != "compare" else main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, f"{' '.join(argv)} failed: {captured.err}"
+    return captured.out
+
+
+def test_chain_compress_aird_evaluate_and_compress_extract(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    c, d, a, e, x = (str(tmp_path / n) for n in ("compress", "direction", "aird", "eval", "extract"))
+    _run(["compress", "--model", "toy", "--method", "magnitude", "--out", c], capsys)
+    pruned = AutoModelForCausalLM.from_pretrained(c).requires_grad_(False)
+    w = pruned.model.layers[0].mlp.down_proj.weight
+    assert abs(float((w == 0).double().mean()) - 0.5) < 0.01, "compress wrote the pruned weights (50 % zeros)"
+    from refusal_core.toy import toy_refusal_token_ids
+
+    assert cli._refusal_ids(c, None) == toy_refusal_token_ids(), (
+        "a checkpoint of the toy keeps the toy's refusal ids"
+    )
+
+    _run(["extract", "--model", "toy", "--n", "8", "--select", "--n-val", "4", "--out", d], capsys)
+    assert (tmp_path / "direction" / "selection.json").is_file(), "extract --select writes the selection"
+
+    # aird takes compress's output by directory, with no --method repeated
+    _run(["aird", "--model", c, "--direction", d, "--alpha-attn", "0.5", "--out", a], capsys)
+    repaired = AutoModelForCausalLM.from_pretrained(a).requires_grad_(False)
+    from refusal_core.directions import DirectionCandidates
+    from refusal_core.selection import SelectionResult
+
+    sel = SelectionResult.load(Path(d) / "selection")
+    layer, pi = sel.source
+    r = DirectionCandidates.load(Path(d) / "candidates").directions[layer, pi].double()
+    w0 = pruned.model.layers[layer].self_attn.o_proj.weight.double()
+    w1 = repaired.model.layers[layer].self_attn.o_proj.weight.double()
+    expected = w0 + 0.5 * torch.outer(r, r @ w0)  # W' = W + α r rᵀ W, written out here
+    err = float((w1 - expected).norm() / expected.norm())
+    assert err < 1e-5, f"aird on the compressed checkpoint: o_proj differs from W + α r rᵀ W by {err:.2e}"
+
+    out = _run(["evaluate", "--model", a, "--n-test", "2", "--max-new-tokens", "4", "--out", e], capsys)
+    assert '"over_refusal"' in out, "evaluate prints over-refusal"
+    assert (tmp_path / "eval" / "over_refusal.json").is_file()
+
+    _run(["extract", "--model", c, "--n", "8", "--out", x], capsys)
+    assert (tmp_path / "extract" / "candidates.safetensors").is_file(), "extract reads compress's output"
+    out = _run(["compare", "--base", d, "--other", x], capsys)
+    assert "cosine_at_base_source" in out, "compare reads both extract outputs"
+
+
+def test_aird_with_llm_int8_in_memory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d, a = str(tmp_path / "d"), str(tmp_path / "a")
+    _run(["extract", "--model", "toy", "--n", "8", "--select", "--n-val", "4", "--out", d], capsys)
+    out = _run(["aird", "--method", "llm-int8", "--direction", d, "--out", a], capsys)
+    assert "dequantize, edit, re-quantize" in out, "aird --method llm-int8 edits through the quantized path"
+    from refusal_core.checkpoint import read_checkpoint_record
+
+    doc = read_checkpoint_record(a)
+    assert doc is not None, "aird wrote a checkpoint"
+    assert doc["format"] == "dequantized-simulation", "the re-quantized int8 simulation is saved as such"
+    assert doc["method"] == "llm-int8+aird"
+    _run(
+        ["evaluate", "--model", a, "--n-test", "1", "--max-new-tokens", "2", "--out", str(tmp_path / "e")],
+        capsys,
     )
