@@ -316,4 +316,6 @@ def test_filter_prompts_keeps_what_the_base_refuses_and_leaves_the_test_split(tm
             plain.refusal_ids,
         )
         expected = [p for p, s in zip(plain.prompts[split], scores.tolist()) if sign * s > 0]
-        assert kept == expected, f"{split}: kept prompts are those with refusal score sign {sign:+d}, in order"
+        assert kept == expected, (
+            f"{split}: kept prompts are those with refusal score sign {sign:+d}, in order"
+        )

@@ -949,6 +949,7 @@ def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> d
         for arm, choice in choices.items():
             plan.append((f"{method}+aird{'-sparse' if arm == 'sparse' else ''}*", arm, choice.point))
         for name, arm, point in plan:
+            layers: tuple[int, ...]
             if point is None:
                 cfg, layers, how = config.aird, (layer,), "paper's α at the base source layer"
             elif point.strength == "identity":
