@@ -557,8 +557,19 @@ def awq_scales(w: torch.Tensor, x: torch.Tensor, w_bit: int, group_size: int, gr
 # ----------------------------------------------------------------------------
 
 
+def check_refusal_ids(refusal_token_ids: object, vocab: int | None = None) -> torch.Tensor:
+    """The ids as a 1-D long CPU tensor, each an integer in ``[0, vocab)`` when ``vocab`` is given.
+
+    Anything that is not an integer (1.7, 1.0, True, "3", a float tensor) raises
+    :class:`~refusal_core.errors.InvalidArgumentError` naming ``refusal_token_ids``.
+    """
+    ids = _refusal_ids(refusal_token_ids)
+    if vocab is not None and bool(((ids < 0) | (ids >= vocab)).any()):
+        raise InvalidArgumentError(f"refusal_token_ids must lie in [0, {vocab}), got {ids.tolist()}")
+    return ids
+
+
 def _refusal_ids(refusal_token_ids: object) -> torch.Tensor:
-    """The ids as a 1-D long tensor; anything that is not an integer (1.7, 1.0, True, "3") raises."""
     name = "refusal_token_ids"
     if isinstance(refusal_token_ids, torch.Tensor):
         if refusal_token_ids.is_floating_point() or refusal_token_ids.is_complex():
@@ -585,12 +596,10 @@ def refusal_score(logits: torch.Tensor, refusal_token_ids: Sequence[int] | torch
     ``log(p + 1e-8) − log(1 − p + 1e-8)`` with ``p = Σ softmax(logits)[ids]``.
     """
     logits = check_float_tensor(logits, "logits", min_ndim=1)
-    ids = _refusal_ids(refusal_token_ids)
+    ids = check_refusal_ids(refusal_token_ids)
     if ids.numel() == 0:
         raise EmptyInputError("refusal_token_ids is empty")
-    vocab = logits.shape[-1]
-    if bool(((ids < 0) | (ids >= vocab)).any()):
-        raise InvalidArgumentError(f"refusal_token_ids must lie in [0, {vocab}), got {ids.tolist()}")
+    check_refusal_ids(ids, logits.shape[-1])
     if ids.unique().numel() != ids.numel():
         raise InvalidArgumentError(f"refusal_token_ids has duplicates: {ids.tolist()}")
     probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)
