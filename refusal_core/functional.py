@@ -140,9 +140,22 @@ def check_real(value: object, name: str, *, allow_inf: bool = False) -> float:
     return out
 
 
+def _norm64(t64: torch.Tensor) -> float:
+    """``‖t‖₂`` of a finite float64 tensor; inf only when the norm itself exceeds the float64 range.
+
+    The plain sum of squares overflows for entries above ~1e154; then the norm is
+    recomputed on ``t / max|t|`` (only then, so ordinary inputs keep their exact bits).
+    """
+    norm = float(torch.linalg.vector_norm(t64))
+    if math.isinf(norm):
+        m = float(t64.abs().max())
+        norm = m * float(torch.linalg.vector_norm(t64 / m))
+    return norm
+
+
 def _direction_norm(r64: torch.Tensor, name: str) -> float:
     """The float64 norm of ``r64``, required finite and above :data:`MIN_DIRECTION_NORM`."""
-    norm = float(torch.linalg.vector_norm(r64))
+    norm = _norm64(r64)
     if not math.isfinite(norm):
         raise NonFiniteError(
             f"{name} has a float64 norm that overflows ({norm}); its entries are too large to normalize"
@@ -227,8 +240,7 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
         raise ShapeMismatchError(f"a has shape {tuple(a.shape)} but b has shape {tuple(b.shape)}")
     a64 = a.detach().reshape(-1).to(torch.float64)
     b64 = b.detach().reshape(-1).to(torch.float64)
-    na = float(torch.linalg.vector_norm(a64))
-    nb = float(torch.linalg.vector_norm(b64))
+    na, nb = _norm64(a64), _norm64(b64)
     for name, n in (("a", na), ("b", nb)):
         if not math.isfinite(n):
             raise NonFiniteError(f"{name} has a float64 norm that overflows ({n}); the cosine is undefined")
