@@ -318,7 +318,9 @@ def select_direction(
     config = config or SelectionConfig()
     ref_ids = _validate(candidates, harmful_val, harmless_val, refusal_token_ids)
     layout = get_layout(model)
-    check_refusal_ids(ref_ids, int(layout.lm_head.weight.shape[0]))  # not an IndexError mid-scoring
+    head = layout.lm_head.weight
+    assert isinstance(head, torch.Tensor)
+    check_refusal_ids(ref_ids, int(head.shape[0]))  # the logits' vocabulary: no IndexError mid-scoring
     dirs = candidates.directions
     n_layers, n_pos, d = dirs.shape
     if n_layers != layout.n_layers or d != layout.d_model:
