@@ -145,6 +145,7 @@ class Case:
     error: type[RefusalCoreError]
     issue: str = ""  # issue 10's case class: "1", "4", "6" (or "" for the older classes)
     setup: Callable[[Env], None] | None = None
+    known_gap: str = ""  # a known, reported failure: the row runs as a strict xfail until fixed
 
 
 def _k_bias_1(e: Env) -> None:
@@ -285,6 +286,13 @@ CASES: tuple[Case, ...] = (
         "4",
     ),
     Case(
+        "aird/alpha-mlp-1e40-after-o-proj",
+        lambda e: apply_aird_(e.model, e.r, 0, AirdConfig(alpha_mlp=1e40)),
+        NonFiniteError,
+        "1",
+        known_gap="apply_aird_ writes o_proj before down_proj's update overflows (compute both, then write)",
+    ),
+    Case(
         "aird/alpha-str",
         lambda e: apply_aird_(e.model, e.r, 0, AirdConfig(alpha_attn="0.02")),
         InvalidArgumentError,
@@ -400,7 +408,12 @@ def test_catalogue_ids_are_unique_and_cover_issue_10_classes() -> None:
     assert {"1", "4", "6"} <= covered, f"issue 10 case classes covered: {sorted(covered)}; need 1, 4 and 6"
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def _param(case: Case) -> Any:
+    marks = [pytest.mark.xfail(strict=True, reason=case.known_gap)] if case.known_gap else []
+    return pytest.param(case, id=case.id, marks=marks)
+
+
+@pytest.mark.parametrize("case", [_param(c) for c in CASES])
 def test_catalogue_case(case: Case, tmp_path: Path) -> None:
     env = Env(tmp=tmp_path)
     if case.setup is not None:
