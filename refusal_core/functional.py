@@ -140,9 +140,22 @@ def check_real(value: object, name: str, *, allow_inf: bool = False) -> float:
     return out
 
 
+def _norm64(t64: torch.Tensor) -> float:
+    """``‖t‖₂`` of a finite float64 tensor; inf only when the norm itself exceeds the float64 range.
+
+    The plain sum of squares overflows for entries above ~1e154; then the norm is
+    recomputed on ``t / max|t|`` (only then, so ordinary inputs keep their exact bits).
+    """
+    norm = float(torch.linalg.vector_norm(t64))
+    if math.isinf(norm):
+        m = float(t64.abs().max())
+        norm = m * float(torch.linalg.vector_norm(t64 / m))
+    return norm
+
+
 def _direction_norm(r64: torch.Tensor, name: str) -> float:
     """The float64 norm of ``r64``, required finite and above :data:`MIN_DIRECTION_NORM`."""
-    norm = float(torch.linalg.vector_norm(r64))
+    norm = _norm64(r64)
     if not math.isfinite(norm):
         raise NonFiniteError(
             f"{name} has a float64 norm that overflows ({norm}); its entries are too large to normalize"
@@ -227,8 +240,7 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
         raise ShapeMismatchError(f"a has shape {tuple(a.shape)} but b has shape {tuple(b.shape)}")
     a64 = a.detach().reshape(-1).to(torch.float64)
     b64 = b.detach().reshape(-1).to(torch.float64)
-    na = float(torch.linalg.vector_norm(a64))
-    nb = float(torch.linalg.vector_norm(b64))
+    na, nb = _norm64(a64), _norm64(b64)
     for name, n in (("a", na), ("b", nb)):
         if not math.isfinite(n):
             raise NonFiniteError(f"{name} has a float64 norm that overflows ({n}); the cosine is undefined")
@@ -565,8 +577,19 @@ def awq_scales(w: torch.Tensor, x: torch.Tensor, w_bit: int, group_size: int, gr
 # ----------------------------------------------------------------------------
 
 
+def check_refusal_ids(refusal_token_ids: object, vocab: int | None = None) -> torch.Tensor:
+    """The ids as a 1-D long CPU tensor, each an integer in ``[0, vocab)`` when ``vocab`` is given.
+
+    Anything that is not an integer (1.7, 1.0, True, "3", a float tensor) raises
+    :class:`~refusal_core.errors.InvalidArgumentError` naming ``refusal_token_ids``.
+    """
+    ids = _refusal_ids(refusal_token_ids)
+    if vocab is not None and bool(((ids < 0) | (ids >= vocab)).any()):
+        raise InvalidArgumentError(f"refusal_token_ids must lie in [0, {vocab}), got {ids.tolist()}")
+    return ids
+
+
 def _refusal_ids(refusal_token_ids: object) -> torch.Tensor:
-    """The ids as a 1-D long tensor; anything that is not an integer (1.7, 1.0, True, "3") raises."""
     name = "refusal_token_ids"
     if isinstance(refusal_token_ids, torch.Tensor):
         if refusal_token_ids.is_floating_point() or refusal_token_ids.is_complex():
@@ -593,12 +616,10 @@ def refusal_score(logits: torch.Tensor, refusal_token_ids: Sequence[int] | torch
     ``log(p + 1e-8) − log(1 − p + 1e-8)`` with ``p = Σ softmax(logits)[ids]``.
     """
     logits = check_float_tensor(logits, "logits", min_ndim=1)
-    ids = _refusal_ids(refusal_token_ids)
+    ids = check_refusal_ids(refusal_token_ids)
     if ids.numel() == 0:
         raise EmptyInputError("refusal_token_ids is empty")
-    vocab = logits.shape[-1]
-    if bool(((ids < 0) | (ids >= vocab)).any()):
-        raise InvalidArgumentError(f"refusal_token_ids must lie in [0, {vocab}), got {ids.tolist()}")
+    check_refusal_ids(ids, logits.shape[-1])
     if ids.unique().numel() != ids.numel():
         raise InvalidArgumentError(f"refusal_token_ids has duplicates: {ids.tolist()}")
     probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)

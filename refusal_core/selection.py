@@ -61,7 +61,7 @@ from refusal_core.activations import batch_inputs, block_input, encode_prompts, 
 from refusal_core.artifacts import load_artifact, save_artifact
 from refusal_core.directions import DirectionCandidates
 from refusal_core.errors import EmptyInputError, InvalidArgumentError, RefusalCoreError
-from refusal_core.functional import MIN_DIRECTION_NORM, REFUSAL_SCORE_EPS, check_tensor
+from refusal_core.functional import MIN_DIRECTION_NORM, REFUSAL_SCORE_EPS, check_refusal_ids, check_tensor
 from refusal_core.interventions import ablation_hooks, addition_hooks
 from refusal_core.models import ModelLayout, get_layout, model_identity
 
@@ -618,7 +618,7 @@ def _validate(
     if len(harmless) == 0:
         raise EmptyInputError("harmless validation prompts are empty")
     check_tensor(candidates.directions, "candidates.directions", ndim=3)
-    ids = torch.as_tensor(list(refusal_ids), dtype=torch.long)
+    ids = check_refusal_ids(refusal_ids)  # integers only: 1.7 is not silently id 1
     if ids.numel() == 0:
         raise EmptyInputError("refusal_token_ids is empty")
     return ids
@@ -752,6 +752,10 @@ def select_direction(
     config = config or SelectionConfig()
     ref_ids = _validate(candidates, harmful_val, harmless_val, refusal_token_ids)
     layout = _check_model_matches(model, candidates)
+    head = layout.lm_head.weight
+    if not isinstance(head, torch.Tensor):
+        raise InvalidArgumentError("the model's lm_head has no weight tensor")
+    check_refusal_ids(ref_ids, int(head.shape[0]))  # the logits' vocabulary: no IndexError mid-scoring
     dirs = candidates.directions
     n_layers, n_pos, d = dirs.shape
     scored = _scored_sites(candidates, config)

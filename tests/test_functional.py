@@ -369,3 +369,78 @@ def test_functions_never_mutate_inputs_on_success() -> None:
     assert torch.equal(x, X), "ablate modified x"
     assert torch.equal(r, R), "ablate modified r"
     assert torch.equal(w, W), "an operation modified w"
+
+
+# ----------------------------------------------------------------------------
+# the scalar and dtype policy: what is accepted, exactly
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "coeff",
+    [2, 2.0, torch.tensor(2.0), torch.tensor(2), torch.tensor(2.0, dtype=torch.float64)],
+    ids=["int", "float", "0-d float tensor", "0-d int tensor", "0-d float64 tensor"],
+)
+def test_real_scalars_are_accepted_and_used_exactly(coeff: object) -> None:
+    got = F.add_direction(torch.zeros(1, 3), torch.tensor([1.0, -0.5, 0.25]), coeff)
+    assert_tensor_equal(got, torch.tensor([[2.0, -1.0, 0.5]]), f"add_direction with coeff={coeff!r}")
+
+
+def test_numpy_scalars_are_accepted() -> None:
+    np = pytest.importorskip("numpy")
+    for coeff in (np.float32(2.0), np.float64(2.0), np.int64(2)):
+        got = F.aird_update(torch.eye(2), torch.tensor([1.0, 0.0]), coeff)
+        assert_tensor_equal(got, torch.tensor([[3.0, 0.0], [0.0, 1.0]]), f"aird_update with alpha={coeff!r}")
+    ids = [np.int64(0), np.int32(2)]
+    got = F.refusal_score(torch.zeros(1, 4), ids)
+    expected = math.log(0.5 + 1e-8) - math.log(0.5 + 1e-8)  # p = 2/4
+    assert abs(float(got[0]) - expected) < 1e-12, f"refusal_score, numpy ids: {float(got[0])} != {expected}"
+
+
+@pytest.mark.parametrize(
+    "coeff",
+    [True, None, "0.1", [0.1], torch.tensor([0.1]), torch.tensor(True), 1j],
+    ids=["bool", "None", "str", "list", "1-element 1-d tensor", "0-d bool tensor", "complex"],
+)
+def test_loose_scalars_are_rejected_naming_the_argument(coeff: object) -> None:
+    with pytest.raises(InvalidArgumentError, match=r"\bcoeff\b"):
+        F.add_direction(X, R, coeff)
+
+
+def test_threshold_accepts_infinity_but_not_nan() -> None:
+    x, w = torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 1.0]])
+    assert_tensor_equal(F.llm_int8_linear(x, w, math.inf), F.llm_int8_linear(x, w, 1e30), "threshold inf")
+    with pytest.raises(NonFiniteError, match="threshold"):
+        F.llm_int8_linear(x, w, math.nan)
+
+
+def test_integer_tensors_are_rejected_not_truncated() -> None:
+    xi = torch.tensor([[3, 4]])
+    with pytest.raises(InvalidArgumentError, match=r"\bx\b.*torch.int64"):
+        F.ablate(xi, torch.tensor([1.0, 0.0]))
+    with pytest.raises(InvalidArgumentError, match=r"\bw\b.*torch.bool"):
+        F.magnitude_mask(torch.tensor([[True, False]]), 0.5)
+
+
+def test_overflowing_direction_norm_is_rejected_not_a_no_op() -> None:
+    """‖(1.5e308, 1.5e308)‖ overflows float64: r̂ would be 0 and ablate would return x unchanged."""
+    r = torch.tensor([1.5e308, 1.5e308], dtype=torch.float64)
+    with pytest.raises(NonFiniteError, match=r"\br\b.*overflows"):
+        F.ablate(torch.tensor([[1.0, 2.0]]), r)
+    # just below the limit the norm is finite and the ablation is exact
+    r_ok = torch.tensor([1e308, 1e308], dtype=torch.float64)
+    got = F.ablate(torch.tensor([[1.0, 3.0]], dtype=torch.float64), r_ok)
+    assert_tensor_equal(got, torch.tensor([[-1.0, 1.0]], dtype=torch.float64), "ablate with r near the limit")
+
+
+def test_refusal_ids_must_be_integers() -> None:
+    for ids in ([1.7], [1.0], [True], torch.tensor([1.0]), "1", None):
+        with pytest.raises(InvalidArgumentError, match="refusal_token_ids"):
+            F.refusal_score(torch.zeros(1, 4), ids)
+    got = F.refusal_score(torch.zeros(1, 4), torch.tensor([1, 3], dtype=torch.int32))
+    assert abs(float(got[0])) < 1e-12, f"p = 1/2 gives score 0, got {float(got[0])}"
+
+
+def test_aird_update_result_overflow_names_alpha() -> None:
+    with pytest.raises(NonFiniteError, match=r"\balpha\b"):
+        F.aird_update(torch.ones(2, 2), torch.tensor([2.0, 0.0]), 1e40)

@@ -11,15 +11,16 @@ subprocess (``python -m pytest properties/... -p no:cacheprovider -q``) with
   reason naming the missing function;
 * ``lenient_three`` (three functions, no validation, no ``RAISES_REFUSAL_CORE_ERRORS``) must get
   no failure at all in a plain run: the project's bad-input policy (marker ``bad_input``) does
-  not apply to it unless the run selects the marker, and when it does (in the wrong-module
-  run) its missing checks must be caught.
+  not apply to it unless the run selects the marker; with ``-m bad_input`` its missing checks
+  must be caught.
 
-The wrong-module run selects the marker (``-m "bad_input or not bad_input"``: every test, the
-policy included), since several wrong modules break only the policy and do not declare the
-strict rule. To stay fast, the wrong modules run in one subprocess on exactly the listed test
-ids, the correct and partial modules in a second one and the lenient module in a third; all
-with the ``meta`` Hypothesis profile (CI's derandomized examples, no shrinking: only *whether*
-a property fails matters here). Each subprocess belongs to a single test, so under
+The wrong-module run selects the marker (``-m "(bad_input or not bad_input) and not gpu ..."``:
+every test of the CPU tier, the policy included), since several wrong modules break only the
+policy and do not declare the strict rule. To stay fast, the wrong modules run in one
+subprocess on exactly the listed test ids, the correct and partial modules in a second one,
+and the lenient module in two more (plain, then ``-m bad_input`` on the bad-input file only);
+all with the ``meta`` Hypothesis profile (CI's derandomized examples, no shrinking: only
+*whether* a property fails matters here). Each subprocess belongs to a single test, so under
 pytest-xdist they run in parallel, once each.
 """
 
@@ -36,7 +37,7 @@ from types import ModuleType
 
 import pytest
 
-from refusal_core.testing.oracle import PROTOCOL
+from refusal_core.testing.oracle import BAD_INPUT_MARKER, PROTOCOL
 
 pytestmark = pytest.mark.meta
 
@@ -86,7 +87,7 @@ class SuiteRun:
 
 
 #: a marker expression that selects every test and opts outside modules into the bad-input policy
-SELECT_ALL_WITH_POLICY = "bad_input or not bad_input"
+SELECT_ALL_WITH_POLICY = "(bad_input or not bad_input) and not gpu and not real and not slow"
 
 
 def _run_suite(impls: list[str], targets: list[str], junit: Path, markexpr: str | None = None) -> SuiteRun:
@@ -152,7 +153,6 @@ def test_meta_runs_every_property_file() -> None:
 
 def test_every_wrong_implementation_is_caught(tmp_path: Path) -> None:
     expectations = dict(WRONG)
-    expectations[CATALOGUE.LENIENT] = ("the bad-input policy", CATALOGUE.LENIENT_FAILS_WHEN_SELECTED)
     targets = sorted({f"properties/{_node(e, m)}" for m, (_, tests) in expectations.items() for e in tests})
     run = _run_suite(sorted(expectations), targets, tmp_path / "wrong.xml", SELECT_ALL_WITH_POLICY)
     uncaught = []
@@ -237,4 +237,14 @@ def test_module_without_declaration_gets_no_bad_input_failures(tmp_path: Path) -
         )
         assert any(o == "passed" and f"test_{fn}_" in k for k, (o, _) in mine.items()), (
             f"no math property of {fn} passed for {CATALOGUE.LENIENT}; outcomes: {sorted(mine.items())[:20]}"
+        )
+    # Opting in with the marker holds it to the (lenient) policy: its missing checks are caught.
+    opted = _run_suite(
+        [CATALOGUE.LENIENT], ["properties/test_bad_input.py"], tmp_path / "opted.xml", BAD_INPUT_MARKER
+    )
+    for expected in CATALOGUE.LENIENT_FAILS_WHEN_SELECTED:
+        node = _node(expected, CATALOGUE.LENIENT)
+        outcome, _ = opted.outcomes.get(node, ("not run", ""))
+        assert outcome == "failed", (
+            f"with -m {BAD_INPUT_MARKER}, {node} was {outcome}, expected failed; output tail:\n{opted.tail()}"
         )

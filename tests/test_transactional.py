@@ -30,6 +30,7 @@ from refusal_core.compression import _REGISTRY as REGISTRY
 from refusal_core.compression import (
     METHODS,
     CompressionConfig,
+    _bnb_modules,
     compress_,
     pruning,
     quantization,
@@ -211,6 +212,29 @@ MID_WAY = {
     "wanda": (pruning, "_wanda_keep_mask", 9),
     "awq-w8": (quantization, "apply_awq_scale_", 5),  # 4 scale groups per block
 }
+
+
+#: direct entry points (not through compress_): entry point -> (module, attribute, failing call)
+DIRECT_MID_WAY = {
+    "prune_wanda_": (pruning, "_wanda_keep_mask", 9),
+    "prune_magnitude_": (pruning, "magnitude_mask", 9),
+    "quantize_llm_int8_": (quantization.Int8LinearSim, "from_linear", 9),
+    "quantize_awq_": (quantization, "apply_awq_scale_", 5),
+    "quantize_bnb_int8_": (_bnb_modules, "int8_from_weight", 9),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(DIRECT_MID_WAY))
+def test_direct_entry_point_failing_in_block_1_restores_the_model(
+    entry: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner, attribute, n = DIRECT_MID_WAY[entry]
+    monkeypatch.setattr(owner, attribute, _fail_on_call(getattr(owner, attribute), n))
+    model = copy.deepcopy(_base_model("qwen2"))
+    before = state_of(model)
+    with pytest.raises(NonFiniteError, match="simulated failure"):
+        ENTRY_POINTS[entry](model)
+    assert_unchanged(model, before, f"{entry} failing in block 1")
 
 
 @pytest.mark.parametrize("method", sorted(MID_WAY))

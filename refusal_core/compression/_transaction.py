@@ -9,7 +9,10 @@ submodule objects and its train/eval flag — and :meth:`ModelSnapshot.restore`
 puts all of it back, so a method that replaced ``layer 0``'s linears by
 quantized modules and then failed on ``layer 1`` leaves the model as it was.
 :func:`model_transaction` wraps the two: the body runs, and if it raises,
-the model is restored before the error propagates.
+the model is restored before the error propagates. Transactions nest: inside
+one, a transaction on the same model takes no second snapshot (the outer one
+restores everything). :func:`transactional` makes an in-place entry point
+``fn(model, ...)`` run as one transaction.
 
 The snapshot holds one copy of every parameter and buffer on its own device
 (tied parameters are copied once); that memory is the price of the guarantee.
@@ -31,16 +34,30 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 import torch
 from torch import nn
 
 from refusal_core.errors import NonFiniteError
 
-__all__ = ["ModelSnapshot", "check_model_finite", "check_tensors_finite", "model_transaction"]
+__all__ = [
+    "ModelSnapshot",
+    "check_model_finite",
+    "check_tensors_finite",
+    "model_transaction",
+    "transactional",
+]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+#: ids of the models inside a transaction now (an inner transaction on one of them is a no-op)
+_ACTIVE: set[int] = set()
 
 
 def _nonfinite(t: torch.Tensor) -> bool:
@@ -119,11 +136,31 @@ class ModelSnapshot:
 
 
 @contextmanager
-def model_transaction(model: nn.Module) -> Iterator[ModelSnapshot]:
+def model_transaction(model: nn.Module) -> Iterator[None]:
     """Run the body on ``model``; if it raises, restore ``model`` exactly, then re-raise."""
+    if id(model) in _ACTIVE:  # nested: the outer transaction's snapshot covers this one
+        yield
+        return
     snapshot = ModelSnapshot(model)
+    _ACTIVE.add(id(model))
     try:
-        yield snapshot
+        yield
     except BaseException:
         snapshot.restore()
         raise
+    finally:
+        _ACTIVE.discard(id(model))
+
+
+def transactional(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Decorate an in-place entry point ``fn(model, ...)``: it changes the model fully or not at all."""
+
+    @functools.wraps(fn)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        model = args[0] if args else kwargs.get("model")
+        if not isinstance(model, nn.Module):
+            return fn(*args, **kwargs)  # the entry point's own check raises for a non-model
+        with model_transaction(model):
+            return fn(*args, **kwargs)
+
+    return run

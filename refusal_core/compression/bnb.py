@@ -53,6 +53,7 @@ from torch import nn
 
 from refusal_core.compression import Calibration, register_method
 from refusal_core.compression._common import BlockLinear, relative_error, require_float_linears
+from refusal_core.compression._transaction import transactional
 from refusal_core.compression.config import (
     CONFIG_TYPES,
     CompressionConfig,
@@ -259,6 +260,7 @@ def _checked_linears(model: nn.Module, operation: str) -> tuple[Any, list[BlockL
     return layout, linears
 
 
+@transactional  # all or nothing: restored exactly if anything raises after a write
 def quantize_bnb_int8_(model: nn.Module, threshold: float = 6.0) -> dict[str, float]:
     """Replace every block linear by a bitsandbytes int8 ``Linear8bitLt`` in eval mode, in place.
 
@@ -281,6 +283,7 @@ def quantize_bnb_int8_(model: nn.Module, threshold: float = 6.0) -> dict[str, fl
     return errors
 
 
+@transactional  # all or nothing: restored exactly if anything raises after a write
 def quantize_bnb_nf4_(
     model: nn.Module,
     *,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from refusal_core.compression._common import SHARED_INPUT, block_linears, require_float_linears
+from refusal_core.compression._transaction import transactional
 from refusal_core.compression.calibration import Calibration, SequentialBlocks, prepare_calibration
 from refusal_core.compression.config import check_n_m, check_sparsity
 from refusal_core.errors import InvalidArgumentError
@@ -71,6 +72,7 @@ def _wanda_keep_mask(
     return ~_lowest_k(score, k)
 
 
+@transactional  # all or nothing: restored exactly if anything raises after a write
 def prune_magnitude_(model: torch.nn.Module, sparsity: float) -> dict[str, float]:
     """Zero exactly ``⌊sparsity·numel⌋`` smallest-``|W|`` entries of every block linear, in place.
 
@@ -91,6 +93,7 @@ def prune_magnitude_(model: torch.nn.Module, sparsity: float) -> dict[str, float
     return out
 
 
+@transactional  # all or nothing: restored exactly if anything raises after a write
 def prune_wanda_(
     model: torch.nn.Module,
     calibration: Calibration,

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from refusal_core.compression._common import relative_error, require_float_linears
+from refusal_core.compression._transaction import transactional
 from refusal_core.compression.calibration import (
     Calibration,
     RecordedCall,
@@ -211,6 +212,7 @@ def _linear_parents(layout: ModelLayout, layer: int) -> dict[str, nn.Module]:
     return {name: layout.linear_parent(layer, name) for name in layout.linears(layer)}
 
 
+@transactional  # all or nothing: restored exactly if anything raises after a write
 def quantize_llm_int8_(model: nn.Module, threshold: float = 6.0) -> dict[str, float]:
     """Replace every block linear by an :class:`Int8LinearSim`, in place.
 
@@ -624,6 +626,7 @@ def _check_objective(objective: object) -> str:
     return str(objective)
 
 
+@transactional  # all or nothing: restored exactly if anything raises after a write
 def quantize_awq_(
     model: nn.Module,
     calibration: Calibration,

@@ -93,23 +93,33 @@ BAD_INPUT_MARKER = "bad_input"
 
 
 def marker_selected(markexpr: str, marker: str = BAD_INPUT_MARKER) -> bool:
-    """Whether a ``-m`` expression names ``marker`` other than negated (``not marker``).
+    """Whether a ``-m`` expression asks for the tests marked ``marker``.
+
+    True when the expression names ``marker`` and is true for a test carrying
+    ``marker`` and no other marker — so ``bad_input``, ``bad_input or not
+    bad_input`` and ``bad_input and not slow`` select it, while ``not bad_input``,
+    ``not (gpu or bad_input)`` and expressions that do not name it (the default
+    ``not gpu and not real and not slow``) do not. Uses pytest's own expression
+    parser; an expression it rejects counts as not selecting.
 
     >>> marker_selected("bad_input"), marker_selected("not bad_input"), marker_selected("")
     (True, False, False)
-    >>> marker_selected("bad_input or not bad_input"), marker_selected("not (bad_input)")
+    >>> marker_selected("bad_input or not bad_input"), marker_selected("not (gpu or bad_input)")
     (True, False)
+    >>> marker_selected("not gpu and not real and not slow")
+    False
     """
-    tokens = re.findall(r"\w+|[()]", markexpr or "")
-    for i, token in enumerate(tokens):
-        if token != marker:
-            continue
-        j = i - 1
-        while j >= 0 and tokens[j] == "(":
-            j -= 1
-        if j < 0 or tokens[j] != "not":
-            return True
-    return False
+    if not markexpr or not re.search(rf"(?<!\w){re.escape(marker)}(?!\w)", markexpr):
+        return False
+    try:
+        from _pytest.mark.expression import Expression  # the parser behind -m itself
+
+        def only_marker(name: str, /, **kwargs: str | int | bool | None) -> bool:
+            return name == marker
+
+        return bool(Expression.compile(markexpr).evaluate(only_marker))
+    except Exception:  # a malformed expression (pytest reports it itself) or another pytest
+        return False
 
 
 #: The oracle protocol: function name -> one-line meaning. :func:`protocol_table` turns it, with the
