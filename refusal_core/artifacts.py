@@ -331,6 +331,7 @@ EVALUATION_SCHEMA: JsonSchema = {
     "jailbroken": dict_of(list_of(_flag)),
     "asr_per_config": dict_of(dict_of(_finite_rate)),
     "refused_harmless": list_of(_flag),
+    "degenerate": dict_of(_count),
     "damage": {
         "kl_per_prompt": list_of(_finite_number),
         "ce_per_prompt": list_of(_finite_number),

@@ -186,6 +186,7 @@ def test_study_evaluation_schema_refuses_what_the_report_cannot_use() -> None:
         "jailbroken": {"vanilla": [True, False]},
         "asr_per_config": {"vanilla": {"greedy": 0.5}},
         "refused_harmless": [False, False],
+        "degenerate": {"harmless": 0, "vanilla": 1},
         "damage": {"kl_per_prompt": [0.0, 0.1], "ce_per_prompt": [0.2, 0.3], "ce_prompts": [0, 1]},
         "accuracy": {"rc_arithmetic": {"accuracy": 0.5, "stderr": 0.1, "n": 40}},
     }

@@ -117,6 +117,7 @@ def write_study_report(
         "sparsity",
         *[f"ASR {a}" + (" (saturated)" if a in saturated else "") for a in attacks],
         "over-refusal",
+        "degenerate (harmless / vanilla)",
         "KL(base‖v)",
         "CE of base completions",
     ]
@@ -136,6 +137,8 @@ def write_study_report(
         for a in attacks:
             cells.append(format_rate(ev.get("asr", {}).get(a)) + _mark(ref.get("asr", {}).get(a)))
         cells.append(format_rate(ev.get("over_refusal")) + _mark(ref.get("over_refusal")))
+        deg = ev.get("degenerate", {})
+        cells.append(f"{deg.get('harmless', '–')} / {deg.get('vanilla', '–')}")
         dmg = ev.get("damage", {})
         cells.append(format_value(dmg.get("kl_mean"), 4) + _mark(ref.get("kl")))
         cells.append(format_value(dmg.get("ce_mean"), 3) + _mark(ref.get("ce")))
@@ -269,7 +272,9 @@ def write_study_report(
         markdown_table(head, rows),
         "",
         "ASR: share of harmful test prompts answered (substring judge); over-refusal: share of harmless "
-        "test prompts refused (greedy, no system prompt); KL: mean KL(base ‖ variant) of the next-token "
+        "test prompts refused (greedy, no system prompt); degenerate: completions that are empty or one "
+        "word repeated, counted as neither refused nor answered; KL: mean KL(base ‖ variant) of the "
+        "next-token "
         "distribution on harmless test prompts; CE: mean cross-entropy (nats/token) of the base model's "
         "greedy completions of those prompts under the variant.",
         "",

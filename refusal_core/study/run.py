@@ -77,7 +77,7 @@ from refusal_core.evaluation.attacks import (
     prefill_shared_generations,
 )
 from refusal_core.evaluation.generation import GenerationCache, generate, generate_ids
-from refusal_core.evaluation.judges import SubstringJudge
+from refusal_core.evaluation.judges import SubstringJudge, is_degenerate
 from refusal_core.functional import refusal_score
 from refusal_core.interventions import ablation_hooks, addition_hooks
 from refusal_core.models import load_model, model_identity
@@ -625,12 +625,21 @@ class _Run:
             )
             refusal.save(d / "over_refusal.json")
             harmless = self.prompts["harmless_test"]
+            harmless_completions = [r.completions[0] for r in refusal.records]
             out = {
+                # empty or one-word-repeated output: neither a refusal nor a successful attack
+                "degenerate": {
+                    "harmless": sum(map(is_degenerate, harmless_completions)),
+                    **{
+                        name: sum(all(is_degenerate(c) for c in r.completions) for r in res.records)
+                        for name, res in results.items()
+                    },
+                },
                 "jailbroken": {
                     name: [bool(r.jailbroken) for r in res.records] for name, res in results.items()
                 },
                 "asr_per_config": {name: res.config_rates for name, res in results.items()},
-                "refused_harmless": self._refused(harmless, [r.completions[0] for r in refusal.records]),
+                "refused_harmless": self._refused(harmless, harmless_completions),
                 "damage": self._damage(model, completions),
                 "accuracy": self._zero_shot(model),
             }
@@ -757,6 +766,7 @@ def _evaluation_summary(ev: dict[str, Any]) -> dict[str, Any]:
         "asr": {name: rate_of(flags).to_dict() for name, flags in ev["jailbroken"].items()},
         "asr_per_config": ev["asr_per_config"],
         "over_refusal": rate_of(ev["refused_harmless"]).to_dict(),
+        "degenerate": dict(ev["degenerate"]),
         "damage": {
             "kl_mean": sum(kl) / len(kl) if kl else None,
             "ce_mean": sum(ce) / len(ce) if ce else None,
