@@ -294,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_args(a, method="optional")
     _add_calibration_args(a)
     a.add_argument("--direction", required=True, help="directory written by 'extract --select'")
+    a.add_argument(
+        "--allow-foreign-direction",
+        action="store_true",
+        help="use a direction extracted from a model that is neither this one nor the base its "
+        "checkpoint record names (refused by default)",
+    )
     cc.add_config_options(a, _aird_options(), title="AIRD settings (AirdConfig)")
     a.add_argument("--out", required=True, help="checkpoint directory to write")
 
@@ -707,7 +713,7 @@ def _cmd_compare(args: argparse.Namespace, ours: list[Path]) -> int:
 
 def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
     from refusal_core.aird import AirdConfig, apply_aird_
-    from refusal_core.directions import DirectionCandidates
+    from refusal_core.directions import DirectionCandidates, check_direction_origin
     from refusal_core.errors import UnsupportedModuleError
     from refusal_core.selection import SelectionResult
 
@@ -724,6 +730,11 @@ def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
     refusal_ids = _refusal_ids(args.model, tok)
     base = _base_identity(args.model, model_identity(model))
     source_record = _checkpoint_record(args.model)
+    # The direction must come from this model or from the base its checkpoint record names
+    # (AIRD's recipe: the base's direction on the compressed model); else only with the override.
+    check_direction_origin(
+        cands.model, model, model_record={"base_identity": base}, allow_foreign=args.allow_foreign_direction
+    )
     compression = _compress_in_memory_(model, tok, args) if args.method else None
     try:
         rec = apply_aird_(model, r.to(next(model.parameters()).dtype), layer, cfg)
@@ -776,6 +787,7 @@ def judge_from_spec(spec: str, args: argparse.Namespace | None = None) -> Any:
 
 
 def _cmd_evaluate(args: argparse.Namespace, ours: list[Path]) -> int:
+    from refusal_core.artifacts import check_finite_model
     from refusal_core.evaluation.attacks import GcgAttack, VanillaAttack, evaluate_asr, over_refusal
     from refusal_core.evaluation.judges import SubstringJudge
     from refusal_core.prompts import load_prompts
@@ -785,6 +797,8 @@ def _cmd_evaluate(args: argparse.Namespace, ours: list[Path]) -> int:
     harmless = load_prompts(args.harmless)[: args.n_test]
     judge = judge_from_spec(args.judge, args)
     model, tok, _ = _load_variant(args)
+    # NaN/inf weights give empty completions that would read as "safe": refuse, never report them.
+    check_finite_model(model)
     attacks: list[Any] = [VanillaAttack(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)]
     if args.gcg_steps > 0:
         a = AttackSettings()

@@ -505,3 +505,48 @@ def test_aird_with_llm_int8_in_memory(tmp_path: Path, capsys: pytest.CaptureFixt
         ["evaluate", "--model", a, "--n-test", "1", "--max-new-tokens", "2", "--out", str(tmp_path / "e")],
         capsys,
     )
+
+
+def _toy_variant_dir(tmp_path: Path, name: str, edit: Any) -> str:
+    """The toy model with one weight edited, saved as a plain HF directory (no refusal_core record)."""
+    import torch
+
+    from refusal_core.toy import load_toy_model
+
+    model, tok = load_toy_model()
+    with torch.no_grad():
+        edit(model)
+    out = tmp_path / name
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def test_aird_refuses_a_direction_from_an_unrelated_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = str(tmp_path / "d")
+    _run(["extract", "--model", "toy", "--n", "8", "--select", "--n-val", "4", "--out", d], capsys)
+    other = _toy_variant_dir(tmp_path, "other", lambda m: m.model.layers[0].self_attn.o_proj.weight.mul_(1.5))
+    out = tmp_path / "a"
+    code = main(["aird", "--model", other, "--direction", d, "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, f"a foreign direction must be refused (exit 2), got {code}: {err}"
+    assert "another model" in _one_error_line(err, "aird"), err
+    assert not out.exists(), "nothing is written when the direction is refused"
+    _run(["aird", "--model", other, "--direction", d, "--allow-foreign-direction", "--out", str(out)], capsys)
+    assert (out / "refusal_core.json").is_file(), "the explicit override applies the direction"
+
+
+def test_evaluate_refuses_a_model_with_non_finite_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = _toy_variant_dir(
+        tmp_path, "nan", lambda m: m.model.layers[1].mlp.down_proj.weight[0, 0].fill_(float("inf"))
+    )
+    out = tmp_path / "e"
+    code = main(["evaluate", "--model", broken, "--n-test", "2", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, f"evaluating a model with inf weights must fail (exit 2), got {code}"
+    assert "down_proj" in _one_error_line(err, "evaluate"), f"the error names the module: {err}"
+    assert not (out / "over_refusal.json").exists(), "no rate is reported for a broken model"
