@@ -355,6 +355,7 @@ VALIDATION_SCHEMA: JsonSchema = {
     "refusal_score_harmful": _finite_number,
     "refusal_score_harmless": _finite_number,
     "source": str,
+    "ce": _finite_number,
     "complied": list_of(_flag),
 }
 

@@ -125,18 +125,19 @@ def plot_pareto(
     points: Sequence[Mapping[str, Any]],
     chosen: Mapping[str, int],
 ) -> None:
-    """The AIRD sweep of one compressed model on validation prompts: compliance vs over-refusal and vs KL.
+    """The AIRD sweep of one compressed model on validation prompts: compliance vs over-refusal, KL and CE.
 
     ``points`` are sweep points (``label``, ``strength``, ``sparse``, ``scores`` with ``compliance``
     and ``over_refusal`` rate records and ``kl``); ``chosen`` maps an arm name to the index of its
     chosen point. The paper's α is drawn as a star, the unedited model as a square, chosen points
     are circled.
     """
-    fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(14.0, 4.2), sharey=True)
     groups = {False: ("dense", "tab:blue"), True: ("sparsity-preserving", "tab:orange")}
     for ax, xkey, xlabel in (
         (axes[0], "over_refusal", "over-refusal on harmless validation prompts (95 % CI)"),
         (axes[1], "kl", "KL(base ‖ variant), harmless validation prompts (nats)"),
+        (axes[2], "ce", "cross-entropy of the base's completions (nats/token)"),
     ):
         for sparse, (label, colour) in groups.items():
             idx = [
@@ -145,8 +146,8 @@ def plot_pareto(
             if not idx:
                 continue
             ys, yerr = _rate_err([points[i]["scores"]["compliance"] for i in idx])
-            if xkey == "kl":
-                xs = np.array([points[i]["scores"]["kl"] for i in idx], dtype=float)
+            if xkey in ("kl", "ce"):
+                xs = np.array([points[i]["scores"].get(xkey, np.nan) for i in idx], dtype=float)
                 xerr = None
             else:
                 xs, xerr = _rate_err([points[i]["scores"]["over_refusal"] for i in idx])
@@ -163,7 +164,7 @@ def plot_pareto(
                     ax.plot([xv], [yv], marker="*", ms=13, color=colour, mec="k", ls="none")
         for p in points:
             if p["strength"] == "identity":
-                xv = p["scores"]["kl"] if xkey == "kl" else p["scores"]["over_refusal"]["value"]
+                xv = p["scores"].get(xkey, np.nan) if xkey != "over_refusal" else p["scores"][xkey]["value"]
                 ax.plot(
                     [xv],
                     [p["scores"]["compliance"]["value"]],
@@ -175,7 +176,7 @@ def plot_pareto(
                 )
         for arm, i in chosen.items():
             p = points[i]
-            xv = p["scores"]["kl"] if xkey == "kl" else p["scores"]["over_refusal"]["value"]
+            xv = p["scores"].get(xkey, np.nan) if xkey != "over_refusal" else p["scores"][xkey]["value"]
             ax.plot(
                 [xv],
                 [p["scores"]["compliance"]["value"]],

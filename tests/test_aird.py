@@ -457,7 +457,7 @@ NON_FINITE = {
 def test_non_finite_edit_raises_before_any_write(case: str) -> None:
     model = tiny_model("llama")  # float32: α = 1e40 overflows when the edit is cast back
     before = snapshot(model)
-    with pytest.raises(NonFiniteError, match="non-finite"):
+    with pytest.raises(NonFiniteError, match=r"non-finite|not finite"):
         apply_aird_(model, direction(13).float(), 1, NON_FINITE[case])
     changed = [k for k, v in snapshot(model).items() if not torch.equal(before[k], v)]
     assert not changed, f"apply_aird_ with {case} raised but had already changed {changed}"
@@ -468,7 +468,7 @@ def test_non_finite_quantized_edit_restores_the_quantized_modules() -> None:
     compress_(model, Int8Config())
     layout = get_layout(model)
     before = snapshot(model)
-    with pytest.raises(NonFiniteError, match="non-finite"):
+    with pytest.raises(NonFiniteError, match=r"non-finite|not finite"):
         apply_aird_quantized_(model, direction(14).float(), 1, AirdConfig(alpha_mlp=1e40), requantize=True)
     kinds = (type(layout.attn_out(1)), type(layout.mlp_out(1)))
     assert kinds == (Int8LinearSim, Int8LinearSim), f"quantized modules not restored after the error: {kinds}"

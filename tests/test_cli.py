@@ -529,6 +529,7 @@ def test_aird_refuses_a_direction_from_an_unrelated_model(
     _run(["extract", "--model", "toy", "--n", "8", "--select", "--n-val", "4", "--out", d], capsys)
     other = _toy_variant_dir(tmp_path, "other", lambda m: m.model.layers[0].self_attn.o_proj.weight.mul_(1.5))
     out = tmp_path / "a"
+    capsys.readouterr()  # drop the bars of building the other model
     code = main(["aird", "--model", other, "--direction", d, "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2, f"a foreign direction must be refused (exit 2), got {code}: {err}"
@@ -545,6 +546,7 @@ def test_evaluate_refuses_a_model_with_non_finite_weights(
         tmp_path, "nan", lambda m: m.model.layers[1].mlp.down_proj.weight[0, 0].fill_(float("inf"))
     )
     out = tmp_path / "e"
+    capsys.readouterr()
     code = main(["evaluate", "--model", broken, "--n-test", "2", "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2, f"evaluating a model with inf weights must fail (exit 2), got {code}"

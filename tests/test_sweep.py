@@ -12,7 +12,7 @@ from refusal_core.study import RepairConfig, SweepPoint, ValidationScores, choos
 def scores(comply: int, refuse: int, kl: float, n: int = 20) -> ValidationScores:
     """Scores whose first ``comply`` prompts are answered (so flags nest: fewer answered = a subset)."""
     flags = tuple([True] * comply + [False] * (n - comply))
-    return ValidationScores(rate(comply, n), rate(refuse, n), kl, 0.0, 0.0, "generation", flags)
+    return ValidationScores(rate(comply, n), rate(refuse, n), kl, 0.0, 0.0, "generation", 0.1, flags)
 
 
 def point(strength: str, gain: float, s: ValidationScores, sparse: bool = False) -> SweepPoint:

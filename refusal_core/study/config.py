@@ -87,6 +87,7 @@ class RepairConfig:
     sparse: bool = True
     max_over_refusal_increase: float = 0.05
     max_kl_increase: float = 0.05
+    #: level of the exact McNemar test an edit must pass against the unedited model (None: rates alone)
     significance: float | None = 0.05
     generate: bool = True
 

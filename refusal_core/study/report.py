@@ -200,6 +200,7 @@ def write_study_report(
                 format_rate(p["scores"]["compliance"]),
                 format_rate(p["scores"]["over_refusal"]),
                 format_value(p["scores"]["kl"], 4),
+                format_value(p["scores"].get("ce"), 4),
             ]
             for p in sweep["points"]
         ]
@@ -219,6 +220,7 @@ def write_study_report(
                     "compliance (val)",
                     "over-refusal (val)",
                     "KL (val)",
+                    "CE (val)",
                 ],
                 srows,
             ),

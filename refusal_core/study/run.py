@@ -154,6 +154,7 @@ class _Run:
         self._pad = _pad_id(self.tokenizer)
         self._encoded: dict[str, list[list[int]]] = {}
         self._base_val_logits: torch.Tensor | None = None
+        self._base_val_completions: list[list[int]] | None = None
         # One memo of generations for the whole run: the same (model state, prompts, sampling,
         # seed, budget) is generated once, e.g. the greedy harmful completions the mechanism
         # stage and the vanilla attack both need. Keyed by a fingerprint of the weights and hooks.
@@ -439,6 +440,19 @@ class _Run:
             self._base_val_logits = last_token_logits(self.model, self.encoded("harmless_val"), self._pad)
         return self._base_val_logits
 
+    def base_val_completions(self) -> list[list[int]]:
+        """The base model's greedy completions (ids) of the harmless validation prompts."""
+        if self._base_val_completions is None:
+            self._base_val_completions = generate_ids(
+                self.model,
+                self.tokenizer,
+                self.encoded("harmless_val"),
+                max_new_tokens=self.config.max_new_tokens,
+                batch_size=self.config.batch_size,
+                progress=False,
+            )
+        return self._base_val_completions
+
     def validation_scores(self, model: nn.Module) -> ValidationScores:
         """Scores of ``model`` on the validation prompts (never the test prompts)."""
         harm_ids, safe_ids = self.encoded("harmful_val"), self.encoded("harmless_val")
@@ -447,6 +461,17 @@ class _Run:
         sh = refusal_score(lh, self.refusal_ids)
         ss = refusal_score(ls, self.refusal_ids)
         kl = float(_kl_rows(self.base_val_logits(), ls).mean())
+        from refusal_core.evaluation.damage import completion_cross_entropy
+
+        completions = self.base_val_completions()
+        keep = [i for i, ids in enumerate(completions) if ids]
+        ce = completion_cross_entropy(
+            model,
+            self.tokenizer,
+            [safe_ids[i] for i in keep],
+            [completions[i] for i in keep],
+            batch_size=self.config.batch_size,
+        )
         if self.config.repair.generate:
             harmful, harmless = self.prompts["harmful_val"], self.prompts["harmless_val"]
             complied = [bool(v) for v in self.judge.judge(list(harmful), self._generate(model, harmful))]
@@ -463,6 +488,7 @@ class _Run:
             refusal_score_harmful=float(sh.mean()),
             refusal_score_harmless=float(ss.mean()),
             source=source,
+            ce=float(ce.mean()) if keep else float("nan"),
             complied=tuple(complied),
         )
 

@@ -28,6 +28,8 @@ class ValidationScores:
     ``compliance``: harmful prompts answered; ``over_refusal``: harmless prompts refused (from
     generations, or from the refusal score's sign when ``source == "refusal_score"``);
     ``kl``: mean KL(base ‖ model) of the next-token distribution on the harmless prompts (nats);
+    ``ce``: mean cross-entropy (nats/token) of the base model's greedy completions of the harmless
+    prompts under the model;
     ``refusal_score_harmful`` / ``refusal_score_harmless``: mean refusal scores.
     """
 
@@ -37,6 +39,7 @@ class ValidationScores:
     refusal_score_harmful: float
     refusal_score_harmless: float
     source: str
+    ce: float = float("nan")
     #: per harmful validation prompt: answered? (what ``compliance`` counts; paired tests use it)
     complied: tuple[bool, ...] = ()
 
@@ -48,6 +51,7 @@ class ValidationScores:
             "refusal_score_harmful": self.refusal_score_harmful,
             "refusal_score_harmless": self.refusal_score_harmless,
             "source": self.source,
+            "ce": self.ce,
             "complied": list(self.complied),
         }
 
@@ -60,6 +64,7 @@ class ValidationScores:
             refusal_score_harmful=float(d["refusal_score_harmful"]),
             refusal_score_harmless=float(d["refusal_score_harmless"]),
             source=str(d["source"]),
+            ce=float(d["ce"]),
             complied=tuple(bool(x) for x in d.get("complied", ())),
         )
 
