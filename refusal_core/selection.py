@@ -710,13 +710,31 @@ def _validation_prompts(
     return harm, safe
 
 
-def _check_model_matches(model: nn.Module, candidates: DirectionCandidates) -> ModelLayout:
+def _check_model_matches(
+    model: nn.Module,
+    candidates: DirectionCandidates,
+    *,
+    model_record: dict[str, Any] | None = None,
+    allow_foreign: bool = False,
+) -> ModelLayout:
+    """The model's layout, after checking the candidates fit it and come from it.
+
+    Candidates that carry the identity of the model they were extracted from must come from
+    ``model`` itself, or from the base that ``model_record["base_identity"]`` names, unless
+    ``allow_foreign`` (:func:`~refusal_core.directions.check_direction_origin`).
+    """
+    from refusal_core.directions import check_direction_origin
+
     layout = get_layout(model)
     n_layers, n_pos, d = candidates.directions.shape
     if n_layers != layout.n_layers or d != layout.d_model:
         raise InvalidArgumentError(
             f"candidates have shape [L={n_layers}, P={n_pos}, d={d}] but the model has "
             f"L={layout.n_layers}, d={layout.d_model}"
+        )
+    if candidates.model:
+        check_direction_origin(
+            candidates.model, model, model_record=model_record, allow_foreign=allow_foreign
         )
     return layout
 
@@ -731,8 +749,14 @@ def select_direction(
     config: SelectionConfig | None = None,
     *,
     progress: bool = False,
+    model_record: dict[str, Any] | None = None,
+    allow_foreign: bool = False,
 ) -> SelectionResult:
     """Score every candidate of ``candidates`` and pick the refusal direction (batched).
+
+    Candidates extracted from another model are refused
+    (:class:`~refusal_core.errors.ForeignDirectionError`) unless ``model_record`` names their
+    model as ``model``'s base or ``allow_foreign`` is set.
 
     Candidates below the layer cut, inside ``config.layers`` / ``positions``
     and with a nonzero direction are scored on the validation prompts (after
@@ -751,7 +775,7 @@ def select_direction(
     """
     config = config or SelectionConfig()
     ref_ids = _validate(candidates, harmful_val, harmless_val, refusal_token_ids)
-    layout = _check_model_matches(model, candidates)
+    layout = _check_model_matches(model, candidates, model_record=model_record, allow_foreign=allow_foreign)
     head = layout.lm_head.weight
     if not isinstance(head, torch.Tensor):
         raise InvalidArgumentError("the model's lm_head has no weight tensor")
@@ -900,12 +924,15 @@ def select_direction_naive(
     harmless_val: Sequence[str],
     refusal_token_ids: Sequence[int],
     config: SelectionConfig | None = None,
+    *,
+    model_record: dict[str, Any] | None = None,
+    allow_foreign: bool = False,
 ) -> SelectionResult:
     """The same scores, one candidate at a time (three full forwards each): the benchmark's
     baseline and the test oracle for :func:`select_direction`."""
     config = config or SelectionConfig()
     ref_ids = _validate(candidates, harmful_val, harmless_val, refusal_token_ids)
-    _check_model_matches(model, candidates)
+    _check_model_matches(model, candidates, model_record=model_record, allow_foreign=allow_foreign)
     dirs = candidates.directions
     n_layers, n_pos, _ = dirs.shape
     scored = _scored_sites(candidates, config)

@@ -38,6 +38,7 @@ from refusal_core.directions import extract_candidates
 from refusal_core.errors import (
     ArtifactError,
     EmptyInputError,
+    ForeignDirectionError,
     InvalidArgumentError,
     NonFiniteError,
     RefusalCoreError,
@@ -47,7 +48,7 @@ from refusal_core.errors import (
 from refusal_core.evaluation.generation import generate
 from refusal_core.evaluation.judges import SubstringJudge, classify, is_degenerate
 from refusal_core.interventions import ablation_hooks, addition_hooks, orthogonalize_model_
-from refusal_core.models import get_layout
+from refusal_core.models import get_layout, model_identity
 from refusal_core.selection import select_direction
 from refusal_core.testing.tiny import tiny_model, tiny_prompts, tiny_tokenizer
 
@@ -59,6 +60,12 @@ from refusal_core.testing.tiny import tiny_model, tiny_prompts, tiny_tokenizer
 @functools.cache
 def _base_model() -> nn.Module:
     return tiny_model("llama", n_layers=2, d_model=32, n_heads=2)
+
+
+@functools.cache
+def _unrelated_model() -> nn.Module:
+    """The base model's architecture and width with other weights: a direction from it is foreign."""
+    return tiny_model("llama", n_layers=2, d_model=32, n_heads=2, seed=7)
 
 
 @functools.cache
@@ -350,6 +357,25 @@ CASES: tuple[Case, ...] = (
         "select/empty-harmful-val",
         lambda e: select_direction(e.model, e.tok, e.candidates, [], ["b"], [11]),
         EmptyInputError,
+    ),
+    # --- foreign directions (issue 10, item 5): same width, other weights ---
+    Case(
+        "select/candidates-from-another-model",
+        lambda e: select_direction(_unrelated_model(), e.tok, e.candidates, ["a"], ["b"], [11]),
+        ForeignDirectionError,
+        "5",
+    ),
+    Case(
+        "aird/direction-from-another-model",
+        lambda e: apply_aird_(
+            e.model,
+            e.candidates.directions[1, -1],
+            1,
+            AirdConfig(),
+            direction_identity=model_identity(_unrelated_model()),
+        ),
+        ForeignDirectionError,
+        "5",
     ),
     # --- generation ---
     Case(

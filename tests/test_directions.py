@@ -337,3 +337,30 @@ def test_apply_aird_refuses_a_foreign_direction_before_editing(
         pruned, r, 2, AirdConfig(), direction_identity=cand.model, model_record={"base_identity": cand.model}
     )
     assert rec.layer == 2, "AIRD with the base direction and a record naming the base runs"
+
+
+def test_select_direction_refuses_foreign_candidates_before_scoring(  # type: ignore[no-untyped-def]
+    model, cand: DirectionCandidates, unrelated
+) -> None:
+    from refusal_core.selection import select_direction, select_direction_naive
+
+    tok = tiny_tokenizer()
+    harm, safe = tiny_prompts(3, "harmful", seed=5), tiny_prompts(3, "harmless", seed=6)
+    calls = {"n": 0}
+
+    def count(*_args: object) -> None:
+        calls["n"] += 1
+
+    handle = unrelated.register_forward_pre_hook(count)
+    try:
+        for select in (select_direction, select_direction_naive):
+            with pytest.raises(ForeignDirectionError, match="another model"):
+                select(unrelated, tok, cand, harm, safe, [5, 6])
+        assert calls["n"] == 0, "a foreign direction must be refused before any forward pass"
+        res = select_direction(unrelated, tok, cand, harm, safe, [5, 6], allow_foreign=True)
+        assert calls["n"] > 0
+        assert res.bypass.shape == cand.directions.shape[:2], "with the override the scores are computed"
+    finally:
+        handle.remove()
+    pruned = _pruned_copy(model)
+    select_direction(pruned, tok, cand, harm, safe, [5, 6], model_record={"base_identity": cand.model})
