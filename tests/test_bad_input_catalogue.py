@@ -188,6 +188,26 @@ def _truncate_tensors(e: Env) -> None:
     path.write_bytes(path.read_bytes()[:20])
 
 
+def _flip_tensor_bit(e: Env) -> None:
+    """One bit of the tensor payload flipped: the file still parses, only its hash tells."""
+    _saved_artifact(e)
+    path = e.tmp / "art.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _edit_json_value(e: Env) -> None:
+    """A value of the metadata edited by hand: valid JSON, wrong content hash."""
+    import json
+
+    _saved_artifact(e)
+    path = e.tmp / "art.json"
+    doc = json.loads(path.read_text())
+    doc["meta"]["kind"] = "edited"
+    path.write_text(json.dumps(doc))
+
+
 def _compress(name: str, calib: bool = True) -> Callable[[Env], object]:
     return lambda e: compress_(e.model, METHODS[name], e.calib if calib else None)
 
@@ -408,6 +428,20 @@ CASES: tuple[Case, ...] = (
     # --- artifacts ---
     Case("artifacts/missing", lambda e: load_artifact(e.tmp / "nothing"), ArtifactError),
     Case("artifacts/corrupt-json", lambda e: load_artifact(e.tmp / "art"), ArtifactError, "", _corrupt_json),
+    Case(
+        "artifacts/flipped-tensor-bit",
+        lambda e: load_artifact(e.tmp / "art"),
+        ArtifactError,
+        "2",
+        _flip_tensor_bit,
+    ),
+    Case(
+        "artifacts/edited-json-value",
+        lambda e: load_artifact(e.tmp / "art"),
+        ArtifactError,
+        "2",
+        _edit_json_value,
+    ),
     Case(
         "artifacts/truncated-tensors",
         lambda e: load_artifact(e.tmp / "art"),
