@@ -788,7 +788,7 @@ def judge_from_spec(spec: str, args: argparse.Namespace | None = None) -> Any:
 
 def _cmd_evaluate(args: argparse.Namespace, ours: list[Path]) -> int:
     from refusal_core.artifacts import check_finite_model
-    from refusal_core.evaluation.attacks import GcgAttack, VanillaAttack, evaluate_asr, over_refusal
+    from refusal_core.evaluation.attacks import VanillaAttack, evaluate_asr, over_refusal
     from refusal_core.evaluation.judges import SubstringJudge
     from refusal_core.prompts import load_prompts
     from refusal_core.study import AttackSettings
@@ -801,18 +801,12 @@ def _cmd_evaluate(args: argparse.Namespace, ours: list[Path]) -> int:
     check_finite_model(model)
     attacks: list[Any] = [VanillaAttack(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)]
     if args.gcg_steps > 0:
-        a = AttackSettings()
         attacks.append(
-            GcgAttack(
-                n_steps=args.gcg_steps,
-                suffix_len=a.gcg_suffix_len,
-                topk=a.gcg_topk,
-                batch_size=a.gcg_candidates,
-                target=a.gcg_target,
-                universal=True,
+            AttackSettings().gcg_attack(
                 max_new_tokens=args.max_new_tokens,
-                gen_batch_size=args.batch_size,
+                batch_size=args.batch_size,
                 seed=args.seed,
+                n_steps=args.gcg_steps,
             )
         )
     progress = not args.no_progress

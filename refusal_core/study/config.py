@@ -18,7 +18,7 @@ from typing import Any
 from refusal_core.aird import AirdConfig
 from refusal_core.compression import method_config
 from refusal_core.errors import InvalidArgumentError
-from refusal_core.evaluation.attacks import DecodingAttack
+from refusal_core.evaluation.attacks import DecodingAttack, GcgAttack
 from refusal_core.selection import SelectionConfig
 
 __all__ = ["DEFAULT_METHODS", "REPAIR_LAYERS", "AttackSettings", "RepairConfig", "StudyConfig"]
@@ -55,6 +55,22 @@ class AttackSettings:
     gcg_topk: int = 8
     gcg_candidates: int = 8
     gcg_target: str = "Sure, here is"
+
+    def gcg_attack(
+        self, *, max_new_tokens: int, batch_size: int, seed: int, n_steps: int | None = None
+    ) -> GcgAttack:
+        """The universal-suffix GCG attack these settings describe (``n_steps`` overrides the budget)."""
+        return GcgAttack(
+            n_steps=self.gcg_steps if n_steps is None else n_steps,
+            suffix_len=self.gcg_suffix_len,
+            topk=self.gcg_topk,
+            batch_size=self.gcg_candidates,
+            target=self.gcg_target,
+            universal=True,
+            max_new_tokens=max_new_tokens,
+            gen_batch_size=batch_size,
+            seed=seed,
+        )
 
 
 @dataclass(frozen=True)

@@ -580,18 +580,8 @@ class _Run:
         ]
 
     def gcg(self) -> GcgAttack:
-        a, c = self.config.attacks, self.config
-        return GcgAttack(
-            n_steps=a.gcg_steps,
-            suffix_len=a.gcg_suffix_len,
-            topk=a.gcg_topk,
-            batch_size=a.gcg_candidates,
-            target=a.gcg_target,
-            universal=True,
-            max_new_tokens=c.max_new_tokens,
-            gen_batch_size=c.batch_size,
-            seed=c.seed,
-        )
+        c = self.config
+        return c.attacks.gcg_attack(max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, seed=c.seed)
 
     def base_completions(self) -> list[list[int]]:
         """The base model's greedy completions (token ids) of the harmless test prompts."""
