@@ -373,3 +373,33 @@ def test_filter_prompts_option_scores_only_the_kept_prompts(toy: tuple) -> None:
     assert (res.n_harmful_val, res.n_harmless_val) == (len(kept_h), len(kept_s)), "prompt counts recorded"
     _assert_same_scores(res, ref, "filter_prompts=True vs naive on the pre-filtered prompts")
     assert SelectionConfig().filter_prompts is False, "the option is off by default"
+
+
+def test_kl_score_is_kl_of_base_to_ablated_on_the_toy() -> None:
+    """The KL score, recomputed here one prompt at a time from unpadded forwards: KL(base ‖ ablated),
+    not the reverse (on the toy the two directions of the KL differ clearly)."""
+    model, tok = load_toy_model()
+    harm, safe = load_prompts("harmful_train")[:16], load_prompts("harmless_train")[:16]
+    cands = extract_candidates(model, tok, harm, safe)
+    hv, sv = load_prompts("harmful_val")[:4], load_prompts("harmless_val")[:4]
+    res = select_direction(model, tok, cands, hv, sv, toy_refusal_token_ids())
+    layer, i = 2, cands.positions.index(-1)
+    r = cands.directions[layer, i].float()
+    from refusal_core.activations import encode_prompts
+
+    forward, backward = [], []
+    for ids in encode_prompts(tok, sv):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            p = torch.log_softmax(model(x).logits[0, -1].double(), -1)
+            with ablation_hooks(model, r):
+                q = torch.log_softmax(model(x).logits[0, -1].double(), -1)
+        forward.append(float((p.exp() * (p - q)).sum()))
+        backward.append(float((q.exp() * (q - p)).sum()))
+    expected, reverse = sum(forward) / len(forward), sum(backward) / len(backward)
+    assert abs(expected - reverse) > 1e-3 * max(expected, reverse), "the test needs an asymmetric case"
+    got = float(res.kl[layer, i])
+    assert got == pytest.approx(expected, rel=1e-5), (
+        f"KL score at ({layer}, -1) is {got:.6f}; KL(base ‖ ablated) is {expected:.6f}, "
+        f"the reverse KL {reverse:.6f}"
+    )
