@@ -787,10 +787,11 @@ def judge_from_spec(spec: str, args: argparse.Namespace | None = None) -> Any:
 
 
 def _cmd_evaluate(args: argparse.Namespace, ours: list[Path]) -> int:
-    from refusal_core.artifacts import check_finite_model
+    from refusal_core.artifacts import atomic_write_json, check_finite_model
     from refusal_core.evaluation.attacks import VanillaAttack, evaluate_asr, over_refusal
-    from refusal_core.evaluation.judges import SubstringJudge
+    from refusal_core.evaluation.judges import SubstringJudge, classify
     from refusal_core.prompts import load_prompts
+    from refusal_core.stats import rate, rate_of
     from refusal_core.study import AttackSettings
 
     harmful = load_prompts(args.harmful)[: args.n_test]
@@ -811,11 +812,12 @@ def _cmd_evaluate(args: argparse.Namespace, ours: list[Path]) -> int:
         )
     progress = not args.no_progress
     res = evaluate_asr(model, tok, harmful, attacks, judge, progress=progress)
+    refusal_judge = SubstringJudge(min_words=1)
     refusal = over_refusal(
         model,
         tok,
         harmless,
-        SubstringJudge(min_words=1),
+        refusal_judge,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         progress=progress,
@@ -825,7 +827,17 @@ def _cmd_evaluate(args: argparse.Namespace, ours: list[Path]) -> int:
     for name, r in res.items():
         r.save(out / f"asr_{name}.json")
     refusal.save(out / "over_refusal.json")
-    _print({"asr": {k: v.asr for k, v in res.items()}, "over_refusal": refusal.rate, "judge": args.judge})
+    # Every rate with its n and 95 % Wilson interval; a degenerate completion is no refusal.
+    refused = [
+        v == "refused" for v in classify(refusal_judge, harmless, [r.completions[0] for r in refusal.records])
+    ]
+    summary = {
+        "asr": {k: rate(v.n_jailbroken, v.n_prompts).to_dict() for k, v in res.items()},
+        "over_refusal": rate_of(refused).to_dict(),
+        "judge": args.judge,
+    }
+    atomic_write_json(out / "summary.json", summary)
+    _print(summary)
     return 0
 
 

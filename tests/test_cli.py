@@ -483,6 +483,14 @@ def test_chain_compress_aird_evaluate_and_compress_extract(
     out = _run(["evaluate", "--model", a, "--n-test", "2", "--max-new-tokens", "4", "--out", e], capsys)
     assert '"over_refusal"' in out, "evaluate prints over-refusal"
     assert (tmp_path / "eval" / "over_refusal.json").is_file()
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    from refusal_core.stats import wilson_interval
+
+    for name, r in [*summary["asr"].items(), ("over_refusal", summary["over_refusal"])]:
+        assert r["n"] == 2, f"evaluate: {name} is over the 2 test prompts, n = {r['n']}"
+        assert (r["low"], r["high"]) == wilson_interval(r["k"], r["n"]), (
+            f"evaluate: {name} carries its interval"
+        )
 
     _run(["extract", "--model", c, "--n", "8", "--out", x], capsys)
     assert (tmp_path / "extract" / "candidates.safetensors").is_file(), "extract reads compress's output"
