@@ -194,6 +194,10 @@ def test_rerun_resumes_without_recomputing(first_run: tuple[Path, dict]) -> None
     after = {p: p.stat().st_mtime_ns for p in (out / "stages").rglob("stage.json")}
     assert before == after, "a rerun with the same settings must not redo any stage"
     assert again["variants"] == results["variants"], "a resumed run reports the same results"
+    assert again["timings"]["stage_seconds_all_runs"] == results["timings"]["stage_seconds_all_runs"], (
+        "a resumed run reports the compute time of the stages it reused, not only its own"
+    )
+    assert again["reproduce"]["packages"]["torch"], "the versions that computed the results are recorded"
 
 
 def test_changed_settings_invalidate_exactly_their_dependants(tmp_path: Path) -> None:

@@ -1061,7 +1061,13 @@ def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> d
         "saturated_attacks": _saturation(evals["base"]),
         "untested_attacks": NOT_PAIRED_TESTABLE,
         "significance_level": 0.05,
-        "timings": {"stages": run.timings, "total_seconds": round(time.perf_counter() - t_start, 3)},
+        "timings": {
+            "stages": run.timings,
+            # this invocation's wall time; on a resumed run the work of earlier runs is in the stages
+            "total_seconds": round(time.perf_counter() - t_start, 3),
+            "stage_seconds_all_runs": round(sum(run.timings.values()), 3),
+        },
+        "reproduce": _reproduce_info(),
     }
     write_study_report(
         out,
@@ -1072,6 +1078,25 @@ def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> d
         base_position_index=pos_i,
     )
     return results
+
+
+def _reproduce_info() -> dict[str, Any]:
+    """What it takes to rerun this: the command line and the versions of what computed it."""
+    import importlib.metadata as md
+    import platform
+
+    versions = {}
+    for pkg in ("refusal_core", "torch", "transformers", "tokenizers", "safetensors", "scipy", "lm_eval"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "command_line": list(sys.argv),
+        "python": platform.python_version(),
+        "packages": versions,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def _saturation(base_eval: dict[str, Any]) -> dict[str, str]:
