@@ -52,6 +52,7 @@ __all__ = [
     "check_direction_origin",
     "compare_candidates",
     "extract_candidates",
+    "extract_candidates_with_noise_floor",
     "same_model",
     "site_cosines",
     "split_half_noise_floor",
@@ -410,9 +411,24 @@ def extract_candidates(
         n_groups=2,
         progress=progress,
     )
+    return _candidates_from_means(
+        model, tokenizer, means[0], means[1], len(harmful), len(harmless), batch_size, system
+    )
+
+
+def _candidates_from_means(
+    model: nn.Module,
+    tokenizer: Any,
+    harmful_mean: torch.Tensor,
+    harmless_mean: torch.Tensor,
+    n_harmful: int,
+    n_harmless: int,
+    batch_size: int,
+    system: str | None,
+) -> DirectionCandidates:
     # difference_in_means over a one-element "batch" of means is exactly mean_h − mean_l.
-    directions = difference_in_means(means[0:1], means[1:2])
-    n_pos = means.shape[2]
+    directions = difference_in_means(harmful_mean.unsqueeze(0), harmless_mean.unsqueeze(0))
+    n_pos = harmful_mean.shape[1]
     settings = {
         "site": "resid_pre",
         "batch_size": batch_size,
@@ -422,10 +438,10 @@ def extract_candidates(
     }
     return DirectionCandidates(
         directions=directions,
-        harmful_mean=means[0].clone(),
-        harmless_mean=means[1].clone(),
-        n_harmful=len(harmful),
-        n_harmless=len(harmless),
+        harmful_mean=harmful_mean.clone(),
+        harmless_mean=harmless_mean.clone(),
+        n_harmful=n_harmful,
+        n_harmless=n_harmless,
         positions=list(range(-n_pos, 0)),
         model=model_identity(model),
         settings=settings,
@@ -590,6 +606,44 @@ def compare_candidates(
     )
 
 
+def _split_membership(n_h: int, n_l: int, n_splits: int, seed: int) -> torch.Tensor:
+    """``[n_h + n_l, 4·n_splits]`` bool: columns 4s+0/4s+1 are split s's harmful halves A/B,
+    4s+2/4s+3 its harmless halves (sizes ⌊n/2⌋ and ⌈n/2⌉, drawn with ``random.Random(seed)``)."""
+    member = torch.zeros((n_h + n_l, 4 * n_splits), dtype=torch.bool)
+    rng = random.Random(seed)
+    for s in range(n_splits):
+        for offset, n, group in ((0, n_h, 4 * s), (n_h, n_l, 4 * s + 2)):
+            perm = list(range(n))
+            rng.shuffle(perm)
+            half = n // 2
+            for k, i in enumerate(perm):
+                member[offset + i, group + (0 if k < half else 1)] = True
+    return member
+
+
+def _floor_from_means(means: torch.Tensor, n_splits: int) -> torch.Tensor:
+    """The mean over splits of the per-site cosine between half A's and half B's direction."""
+    cosines = []
+    for s in range(n_splits):
+        dir_a = means[4 * s] - means[4 * s + 2]
+        dir_b = means[4 * s + 1] - means[4 * s + 3]
+        cosines.append(site_cosines(dir_a, dir_b))
+    return torch.stack(cosines).mean(0)
+
+
+def _check_split_inputs(
+    harmful: Sequence[str], harmless: Sequence[str], n_splits: object
+) -> tuple[list[str], list[str]]:
+    harmful = check_instructions(harmful, "harmful")
+    harmless = check_instructions(harmless, "harmless")
+    if isinstance(n_splits, bool) or not isinstance(n_splits, int) or n_splits < 1:
+        raise InvalidArgumentError(f"n_splits must be a positive int, got {n_splits!r}")
+    for name, prompts in (("harmful", harmful), ("harmless", harmless)):
+        if len(prompts) < 2:
+            raise EmptyInputError(f"{name} needs at least 2 prompts to split in halves, got {len(prompts)}")
+    return harmful, harmless
+
+
 def split_half_noise_floor(
     model: nn.Module,
     tokenizer: Any,
@@ -610,26 +664,11 @@ def split_half_noise_floor(
     one forward pass (prompts belong to several groups). A cosine between two
     models' directions reads as meaningful only when well above this floor.
     Each class needs at least two prompts. Sites where a half-direction is zero
-    give NaN.
+    give NaN. :func:`extract_candidates_with_noise_floor` gives the same floor
+    from the extraction's own forward pass.
     """
-    harmful = check_instructions(harmful, "harmful")
-    harmless = check_instructions(harmless, "harmless")
-    if isinstance(n_splits, bool) or not isinstance(n_splits, int) or n_splits < 1:
-        raise InvalidArgumentError(f"n_splits must be a positive int, got {n_splits!r}")
-    for name, prompts in (("harmful", harmful), ("harmless", harmless)):
-        if len(prompts) < 2:
-            raise EmptyInputError(f"{name} needs at least 2 prompts to split in halves, got {len(prompts)}")
-    n_h, n_l = len(harmful), len(harmless)
-    # Group 4s+0/4s+1: harmful halves A/B of split s; 4s+2/4s+3: harmless halves A/B.
-    member = torch.zeros((n_h + n_l, 4 * n_splits), dtype=torch.bool)
-    rng = random.Random(seed)
-    for s in range(n_splits):
-        for offset, n, group in ((0, n_h, 4 * s), (n_h, n_l, 4 * s + 2)):
-            perm = list(range(n))
-            rng.shuffle(perm)
-            half = n // 2
-            for k, i in enumerate(perm):
-                member[offset + i, group + (0 if k < half else 1)] = True
+    harmful, harmless = _check_split_inputs(harmful, harmless, n_splits)
+    member = _split_membership(len(harmful), len(harmless), n_splits, seed)
     means = mean_activations(
         model,
         tokenizer,
@@ -640,9 +679,42 @@ def split_half_noise_floor(
         n_groups=4 * n_splits,
         progress=progress,
     )
-    cosines = []
-    for s in range(n_splits):
-        dir_a = means[4 * s] - means[4 * s + 2]
-        dir_b = means[4 * s + 1] - means[4 * s + 3]
-        cosines.append(site_cosines(dir_a, dir_b))
-    return torch.stack(cosines).mean(0)
+    return _floor_from_means(means, n_splits)
+
+
+def extract_candidates_with_noise_floor(
+    model: nn.Module,
+    tokenizer: Any,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    n_splits: int = 4,
+    seed: int = 0,
+    batch_size: int = 16,
+    system: str | None = None,
+    progress: bool = False,
+) -> tuple[DirectionCandidates, torch.Tensor]:
+    """:func:`extract_candidates` and :func:`split_half_noise_floor` from ONE forward pass.
+
+    The two whole classes and every split half are groups of the same streaming
+    pass, so the noise floor costs no second pass over the prompts. Equal to the
+    two functions called separately (to float64 rounding).
+    """
+    harmful, harmless = _check_split_inputs(harmful, harmless, n_splits)
+    n_h, n_l = len(harmful), len(harmless)
+    whole = torch.zeros((n_h + n_l, 2), dtype=torch.bool)
+    whole[:n_h, 0] = True
+    whole[n_h:, 1] = True
+    member = torch.cat([whole, _split_membership(n_h, n_l, n_splits, seed)], dim=1)
+    means = mean_activations(
+        model,
+        tokenizer,
+        harmful + harmless,
+        batch_size=batch_size,
+        system=system,
+        groups=member,
+        n_groups=member.shape[1],
+        progress=progress,
+    )
+    candidates = _candidates_from_means(model, tokenizer, means[0], means[1], n_h, n_l, batch_size, system)
+    return candidates, _floor_from_means(means[2:], n_splits)

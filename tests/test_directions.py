@@ -364,3 +364,35 @@ def test_select_direction_refuses_foreign_candidates_before_scoring(  # type: ig
         handle.remove()
     pruned = _pruned_copy(model)
     select_direction(pruned, tok, cand, harm, safe, [5, 6], model_record={"base_identity": cand.model})
+
+
+def test_noise_floor_from_the_extraction_pass_equals_the_separate_functions(model) -> None:  # type: ignore[no-untyped-def]
+    from refusal_core.directions import extract_candidates_with_noise_floor
+
+    tok = tiny_tokenizer()
+    harm, safe = tiny_prompts(7, "harmful", seed=3), tiny_prompts(6, "harmless", seed=4)
+    calls = {"n": 0}
+
+    def count(*_args: object) -> None:
+        calls["n"] += 1
+
+    handle = model.register_forward_pre_hook(count)
+    try:
+        cands, floor = extract_candidates_with_noise_floor(
+            model, tok, harm, safe, n_splits=3, seed=11, batch_size=4
+        )
+        shared = calls["n"]
+        calls["n"] = 0
+        alone = extract_candidates(model, tok, harm, safe, batch_size=4)
+        alone_floor = split_half_noise_floor(model, tok, harm, safe, n_splits=3, seed=11, batch_size=4)
+        separate = calls["n"]
+    finally:
+        handle.remove()
+    assert shared * 2 == separate, f"one pass ({shared} forwards) instead of two ({separate})"
+    err = float((cands.directions - alone.directions).abs().max() / alone.directions.abs().max())
+    assert err < 1e-12, f"directions from the shared pass differ from extract_candidates by {err:.1e}"
+    both = torch.isfinite(alone_floor)
+    assert torch.equal(torch.isfinite(floor), both), "the same sites are undefined (NaN)"
+    ferr = float((floor[both] - alone_floor[both]).abs().max())
+    assert ferr < 1e-12, f"noise floor from the shared pass differs from split_half_noise_floor by {ferr:.1e}"
+    assert (cands.n_harmful, cands.n_harmless) == (7, 6)

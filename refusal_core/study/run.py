@@ -5,7 +5,8 @@ Stages, each resumable (see :class:`~refusal_core.artifacts.StageStore`):
 1. ``base/extract`` — candidate directions of the base model (difference in
    means at every block input × post-instruction position);
    ``base/select`` — bypass / induce / KL of every candidate and the selected
-   source; ``base/noise`` — the split-half noise floor per site;
+   source; the split-half noise floor per site comes from the extraction's own
+   forward pass (saved beside the candidates);
    ``base/validation`` — the base model's validation scores (the reference of
    the repair rule).
 2. For each compression method ``m``: ``m/compress`` (weights saved),
@@ -66,7 +67,7 @@ from refusal_core.directions import (
     DirectionCandidates,
     compare_candidates,
     extract_candidates,
-    split_half_noise_floor,
+    extract_candidates_with_noise_floor,
 )
 from refusal_core.errors import ArtifactError, EmptyInputError, UnsupportedModuleError
 from refusal_core.evaluation.attacks import (
@@ -222,6 +223,34 @@ class _Run:
         return self._encoded[split]
 
     # -- directions ----------------------------------------------------------
+    def extract_base(self) -> tuple[DirectionCandidates, torch.Tensor, str]:
+        """The base model's candidates and split-half noise floor, from one forward pass."""
+        c = self.config
+
+        def compute(d: Path) -> tuple[DirectionCandidates, torch.Tensor]:
+            cands, floor = extract_candidates_with_noise_floor(
+                self.model,
+                self.tokenizer,
+                self.prompts["harmful_train"],
+                self.prompts["harmless_train"],
+                n_splits=c.noise_splits,
+                seed=c.seed,
+                batch_size=c.batch_size,
+                progress=self.progress,
+            )
+            save_file({"noise_floor": floor.contiguous()}, str(d / "noise.safetensors"))
+            cands.save(d / "candidates")
+            return cands, floor
+
+        def load(d: Path) -> tuple[DirectionCandidates, torch.Tensor]:
+            cands = DirectionCandidates.load(d / "candidates", expect_identity=self.identity)
+            return cands, _load_tensor(d / "noise.safetensors", "noise_floor")
+
+        (cands, floor), key = self.stage(
+            "base/extract", {"batch_size": c.batch_size, "noise_splits": c.noise_splits}, [], compute, load
+        )
+        return cands, floor, key
+
     def extract(
         self, name: str, model: nn.Module, upstream: Sequence[str]
     ) -> tuple[DirectionCandidates, str]:
@@ -860,34 +889,13 @@ def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> d
         bar.update(1)
 
     # 1. base direction --------------------------------------------------------
-    base_cands, k_ext = run.extract("base", run.model, [])
+    base_cands, noise, k_ext = run.extract_base()
     base_sel, k_sel = run.select("base", run.model, base_cands, [k_ext])
     layer, pos_i = base_sel.source
     position = base_sel.positions[pos_i]
     r_base = base_cands.directions[layer, pos_i]
     step(f"base source l={layer} pos={position}")
-
-    def noise_compute(d: Path) -> torch.Tensor:
-        floor = split_half_noise_floor(
-            run.model,
-            run.tokenizer,
-            run.prompts["harmful_train"],
-            run.prompts["harmless_train"],
-            n_splits=config.noise_splits,
-            seed=config.seed,
-            batch_size=config.batch_size,
-        )
-        save_file({"noise_floor": floor.contiguous()}, str(d / "noise.safetensors"))
-        return floor
-
-    noise, _ = run.stage(
-        "base/noise",
-        {"splits": config.noise_splits},
-        [],
-        noise_compute,
-        lambda d: _load_tensor(d / "noise.safetensors", "noise_floor"),
-    )
-    step("noise floor")
+    step("noise floor (from the extraction pass)")
     base_mech, _ = run.mechanism("base", run.model, r_base, layer, [k_sel])
     base_val = run.validation_stage("base", run.model, [])
     step("base mechanism")
@@ -1085,7 +1093,7 @@ def _reproduce_info() -> dict[str, Any]:
     import importlib.metadata as md
     import platform
 
-    versions = {}
+    versions: dict[str, str | None] = {}
     for pkg in ("refusal_core", "torch", "transformers", "tokenizers", "safetensors", "scipy", "lm_eval"):
         try:
             versions[pkg] = md.version(pkg)
