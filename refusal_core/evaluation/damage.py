@@ -83,6 +83,7 @@ __all__ = [
     "DamageResult",
     "capability_damage",
     "completion_cross_entropy",
+    "kl_divergence",
     "next_token_kl",
 ]
 
@@ -231,7 +232,7 @@ def _score(
     )
 
 
-def _kl(base_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+def kl_divergence(base_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     """``KL(p ‖ q) = Σ p (log p − log q)`` per row; entries with ``p = 0`` contribute 0 (also vs −inf)."""
     p = base_logp.exp()
     terms = torch.where(p > 0, p * (base_logp - logp), torch.zeros_like(p))
@@ -295,7 +296,7 @@ def next_token_kl(
         system=system,
         batch_size=batch_size,
     )
-    return _kl(base.last_logp, other.last_logp)
+    return kl_divergence(base.last_logp, other.last_logp)
 
 
 def completion_cross_entropy(
@@ -459,7 +460,7 @@ def capability_damage(
     )
     assert base.ce is not None
     assert other.ce is not None
-    kl = _kl(base.last_logp, other.last_logp)
+    kl = kl_divergence(base.last_logp, other.last_logp)
     return DamageResult(
         kl_mean=float(kl.mean()),
         kl_per_prompt=kl.tolist(),

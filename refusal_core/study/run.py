@@ -77,8 +77,9 @@ from refusal_core.evaluation.attacks import (
     over_refusal,
     prefill_shared_generations,
 )
-from refusal_core.evaluation.generation import GenerationCache, generate, generate_ids
-from refusal_core.evaluation.judges import SubstringJudge, is_degenerate
+from refusal_core.evaluation.damage import completion_cross_entropy, kl_divergence, next_token_kl
+from refusal_core.evaluation.generation import GenerationCache, generate, generate_ids, pad_token_id
+from refusal_core.evaluation.judges import SubstringJudge, classify, is_degenerate
 from refusal_core.functional import refusal_score
 from refusal_core.interventions import ablation_hooks, addition_hooks
 from refusal_core.models import load_model, model_identity
@@ -94,13 +95,6 @@ __all__ = ["default_refusal_token_ids", "load_variant_model", "run_study"]
 
 def _is_pruning(method: str) -> bool:
     return hasattr(method_config(method), "sparsity")
-
-
-def _kl_rows(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Per-row KL(base ‖ other) of next-token distributions, float64 (nats)."""
-    lp = torch.log_softmax(base_logits.to(torch.float64), -1)
-    lq = torch.log_softmax(logits.to(torch.float64), -1)
-    return (lp.exp() * (lp - lq)).sum(-1)
 
 
 # ----------------------------------------------------------------------------
@@ -152,7 +146,7 @@ class _Run:
                 "refusal_ids": self.refusal_ids,
             }
         )
-        self._pad = _pad_id(self.tokenizer)
+        self._pad = pad_token_id(self.tokenizer)
         self._encoded: dict[str, list[list[int]]] = {}
         self._base_val_logits: torch.Tensor | None = None
         self._base_val_completions: list[list[int]] | None = None
@@ -346,14 +340,8 @@ class _Run:
         )
 
     def _refused(self, prompts: Sequence[str], completions: Sequence[str]) -> list[bool]:
-        """Per prompt: did the model refuse? Degenerate output is not a refusal where the judge says so."""
-        classify = getattr(self.refusal_judge, "classify", None)
-        if callable(classify):
-            return [
-                str(getattr(v, "value", v)) == "refused" for v in classify(list(prompts), list(completions))
-            ]
-        complied = self.refusal_judge.judge(list(prompts), list(completions))
-        return [not bool(v) for v in complied]
+        """Per prompt: did the model refuse? A degenerate completion is no refusal."""
+        return [v == "refused" for v in classify(self.refusal_judge, list(prompts), list(completions))]
 
     # -- compression ---------------------------------------------------------
     def compress(self, method: str) -> tuple[nn.Module, CompressionRecord, str]:
@@ -489,9 +477,7 @@ class _Run:
         ls = last_token_logits(model, safe_ids, self._pad)
         sh = refusal_score(lh, self.refusal_ids)
         ss = refusal_score(ls, self.refusal_ids)
-        kl = float(_kl_rows(self.base_val_logits(), ls).mean())
-        from refusal_core.evaluation.damage import completion_cross_entropy
-
+        kl = float(kl_divergence(_logp(self.base_val_logits()), _logp(ls)).mean())
         completions = self.base_val_completions()
         keep = [i for i, ids in enumerate(completions) if ids]
         ce = completion_cross_entropy(
@@ -513,7 +499,7 @@ class _Run:
         return ValidationScores(
             compliance=rate_of(complied),
             over_refusal=over,
-            kl=max(0.0, kl),
+            kl=kl,
             refusal_score_harmful=float(sh.mean()),
             refusal_score_harmless=float(ss.mean()),
             source=source,
@@ -702,8 +688,6 @@ class _Run:
 
     def _damage(self, model: nn.Module, completions: list[list[int]]) -> dict[str, Any]:
         """KL(base ‖ model) of next-token distributions and cross-entropy of the base's completions."""
-        from refusal_core.evaluation.damage import completion_cross_entropy, next_token_kl
-
         harmless = list(self.prompts["harmless_test"])
         keep = [i for i, ids in enumerate(completions) if ids]
         kl = next_token_kl(self.model, model, self.tokenizer, harmless, batch_size=self.config.batch_size)
@@ -734,6 +718,10 @@ class _Run:
         }
 
 
+def _logp(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.to(torch.float64), -1)
+
+
 def _point_config(point: SweepPoint, paper: AirdConfig) -> AirdConfig:
     """The AIRD config of a sweep point, in the spelling the sweep used (so the gain is exact)."""
     if point.strength == "paper":
@@ -744,13 +732,6 @@ def _point_config(point: SweepPoint, paper: AirdConfig) -> AirdConfig:
         normalize=paper.normalize,
         preserve_sparsity=point.sparse,
     )
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id
-    return int(pad if pad is not None else 0)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -881,7 +862,8 @@ def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> d
     run = _Run(config, Path(out_dir), progress)
     out = run.out
     n_repaired = sum(3 if _is_pruning(m) and config.repair.sparse else 2 for m in config.methods)
-    steps = 4 + 4 * len(config.methods) + 2 * n_repaired
+    # base: 2 + its evaluation; a method: 3 + its evaluation; a repaired variant: analysis + evaluation
+    steps = 3 + 4 * len(config.methods) + 2 * n_repaired
     bar = tqdm(total=steps, desc="study", disable=not progress)
 
     def step(msg: str) -> None:
@@ -895,7 +877,6 @@ def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> d
     position = base_sel.positions[pos_i]
     r_base = base_cands.directions[layer, pos_i]
     step(f"base source l={layer} pos={position}")
-    step("noise floor (from the extraction pass)")
     base_mech, _ = run.mechanism("base", run.model, r_base, layer, [k_sel])
     base_val = run.validation_stage("base", run.model, [])
     step("base mechanism")
@@ -1001,8 +982,8 @@ def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> d
                         },
                     }
                 )
-                step(f"{name}: no edit chosen")
-                step("")
+                step(f"{name}: no edit chosen")  # nothing to analyse
+                step("")  # nor to evaluate
                 continue
             else:
                 cfg = _point_config(point, config.aird)
