@@ -30,7 +30,9 @@ from refusal_core.evaluation.damage import (
     DamageResult,
     capability_damage,
     completion_cross_entropy,
+    kl_divergence,
     next_token_kl,
+    next_token_logp,
 )
 from refusal_core.evaluation.generation import encode_prompts, generate_ids
 from refusal_core.models import get_layout
@@ -104,6 +106,22 @@ def test_kl_is_base_against_model_not_the_reverse() -> None:
             f"next_token_kl(base, sharp) on prompt {i} = {float(got[i])}: KL(base‖sharp) = {forward}, "
             f"KL(sharp‖base) = {reverse}"
         )
+
+
+def test_kl_from_separately_computed_log_probs_is_next_token_kl_bit_for_bit() -> None:
+    """What the study does to compute the base's distributions once: no number may change."""
+    base, model = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    ids = prompt_ids()
+    together = next_token_kl(base, model, TOK, ids, batch_size=2)
+    logp_base = next_token_logp(base, TOK, ids, batch_size=2)
+    apart = kl_divergence(logp_base, next_token_logp(model, TOK, ids, batch_size=2))
+    assert torch.equal(together, apart), (
+        f"next_token_kl {together.tolist()} vs next_token_logp's {apart.tolist()}"
+    )
+    for i, p in enumerate(ids):
+        ref = logp_alone(base, p)[-1].to(torch.float64)
+        gap = float((logp_base[i] - ref).abs().max())
+        assert gap < 1e-5, f"next_token_logp(prompt {i}) differs from the un-padded forward by {gap}"
 
 
 def test_cross_entropy_matches_a_per_token_loop_on_unpadded_sequences() -> None:

@@ -66,6 +66,7 @@ __all__ = [
     "Int8LinearSim",
     "apply_awq_scale_",
     "awq_scale_groups",
+    "cast_floating_",
     "quantize_awq_",
     "quantize_llm_int8_",
 ]
@@ -233,6 +234,27 @@ def quantize_llm_int8_(model: nn.Module, threshold: float = 6.0) -> dict[str, fl
             errors[bl.full_name] = relative_error(sim.dequantize(), bl.module.weight)
             setattr(_linear_parents(layout, bl.layer)[bl.name], bl.name, sim)
     return errors
+
+
+def cast_floating_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the floating parameters and buffers of ``model`` to ``dtype`` in place; returns ``model``.
+
+    Unlike ``model.to(dtype)``, the simulated LLM.int8 layers keep their own
+    tensors: the per-row ``scale`` stays in the precision it was computed in
+    (bitsandbytes also keeps its row statistics in float32), and their forward
+    computes in float32 and returns the dtype of its input, so a bfloat16
+    model around them sees bfloat16 activations.
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InvalidArgumentError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if t.is_floating_point() else t
+
+    for module in model.modules():
+        if not isinstance(module, Int8LinearSim):
+            module._apply(cast, recurse=False)
+    return model
 
 
 # ----------------------------------------------------------------------------

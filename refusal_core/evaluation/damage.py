@@ -85,6 +85,7 @@ __all__ = [
     "completion_cross_entropy",
     "kl_divergence",
     "next_token_kl",
+    "next_token_logp",
 ]
 
 #: A prompt given as text (chat-formatted here) or as token ids (already formatted).
@@ -297,6 +298,25 @@ def next_token_kl(
         batch_size=batch_size,
     )
     return kl_divergence(base.last_logp, other.last_logp)
+
+
+def next_token_logp(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Prompts,
+    *,
+    system: str | None = None,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Log-probabilities of the next token after each prompt: ``[n, V]`` float64.
+
+    The reading :func:`next_token_kl` takes from each of its two models, in the
+    same batches: ``kl_divergence(next_token_logp(base, ...), next_token_logp(model, ...))``
+    equals ``next_token_kl(base, model, ...)`` bit for bit, so a study comparing
+    many variants with one base computes the base's once.
+    """
+    (scored,) = _run([(model, "model")], tokenizer, prompts, None, system=system, batch_size=batch_size)
+    return scored.last_logp
 
 
 def completion_cross_entropy(

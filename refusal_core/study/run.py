@@ -63,13 +63,14 @@ from refusal_core.artifacts import (
 )
 from refusal_core.compression import CompressionRecord, compress_, method_config
 from refusal_core.compression.config import config_to_dict
+from refusal_core.compression.quantization import cast_floating_
 from refusal_core.directions import (
     DirectionCandidates,
     compare_candidates,
     extract_candidates,
     extract_candidates_with_noise_floor,
 )
-from refusal_core.errors import ArtifactError, EmptyInputError, UnsupportedModuleError
+from refusal_core.errors import ArtifactError, EmptyInputError, ShapeMismatchError, UnsupportedModuleError
 from refusal_core.evaluation.attacks import (
     DecodingAttack,
     GcgAttack,
@@ -77,7 +78,7 @@ from refusal_core.evaluation.attacks import (
     over_refusal,
     prefill_shared_generations,
 )
-from refusal_core.evaluation.damage import completion_cross_entropy, kl_divergence, next_token_kl
+from refusal_core.evaluation.damage import completion_cross_entropy, kl_divergence, next_token_logp
 from refusal_core.evaluation.generation import GenerationCache, generate, generate_ids, pad_token_id
 from refusal_core.evaluation.judges import SubstringJudge, classify, is_degenerate
 from refusal_core.functional import refusal_score
@@ -127,6 +128,8 @@ class _Run:
         torch.manual_seed(c.seed)
         self.model, self.tokenizer = load_model(c.model, device=c.device, dtype=c.dtype)
         self.identity = model_identity(self.model)
+        self.model_dtype = next(self.model.parameters()).dtype
+        self._compression_base: nn.Module | None = None
         self.refusal_ids = (
             list(c.refusal_token_ids)
             if c.refusal_token_ids
@@ -150,6 +153,7 @@ class _Run:
         self._encoded: dict[str, list[list[int]]] = {}
         self._base_val_logits: torch.Tensor | None = None
         self._base_val_completions: list[list[int]] | None = None
+        self._base_test_logp: torch.Tensor | None = None
         # One memo of generations for the whole run: the same (model state, prompts, sampling,
         # seed, budget) is generated once, e.g. the greedy harmful completions the mechanism
         # stage and the vanilla attack both need. Keyed by a fingerprint of the weights and hooks.
@@ -344,24 +348,47 @@ class _Run:
         return [v == "refused" for v in classify(self.refusal_judge, list(prompts), list(completions))]
 
     # -- compression ---------------------------------------------------------
+    def compression_base(self) -> nn.Module:
+        """The base model in the dtype compression runs in: the model itself unless it is low-precision.
+
+        Masks, scale searches and quantization grids are computed from float32 weights (float64
+        stays float64): in bfloat16, AWQ's search moved the quantized weights of the real model
+        by 5.7 %. A bfloat16 or float16 study therefore loads a float32 copy of the base once,
+        compresses that, saves the float32 result, and casts it to the study's dtype to evaluate.
+        """
+        if self.model_dtype in (torch.float32, torch.float64):
+            return self.model
+        if self._compression_base is None:
+            c = self.config
+            self._compression_base, _ = load_model(c.model, device=c.device, dtype="float32")
+        return self._compression_base
+
+    def _to_study_dtype(self, model: nn.Module) -> nn.Module:
+        """``model`` (compressed in float32) cast to the study's dtype; quantization buffers keep theirs."""
+        if self.model_dtype in (torch.float32, torch.float64):
+            return model
+        return cast_floating_(model, self.model_dtype)
+
     def compress(self, method: str) -> tuple[nn.Module, CompressionRecord, str]:
         cfg = method_config(method)
         calibration = encode_prompts(self.tokenizer, self.prompts["calibration"])
         made: list[nn.Module] = []
 
         def compute(d: Path) -> CompressionRecord:
-            model = copy.deepcopy(self.model)
+            model = copy.deepcopy(self.compression_base())
             record = compress_(
                 model, cfg, calibration, batch_size=self.config.batch_size, progress=self.progress
             )
             save_model_weights(model, d / "weights.safetensors")
             record.save(d / "record")
-            made.append(model)
+            made.append(self._to_study_dtype(model))
             return record
 
         def load(d: Path) -> CompressionRecord:
-            record = CompressionRecord.load(d / "record", expect_identity=self.identity)
-            made.append(self._restore(cfg, calibration, d / "weights.safetensors"))
+            record = CompressionRecord.load(
+                d / "record", expect_identity=model_identity(self.compression_base())
+            )
+            made.append(self._to_study_dtype(self._restore(cfg, calibration, d / "weights.safetensors")))
             return record
 
         record, key = self.stage(
@@ -379,7 +406,7 @@ class _Run:
             state = load_file(str(path))
         except Exception as exc:
             raise ArtifactError(f"compressed weights {path} are missing or corrupt: {exc}") from exc
-        model = copy.deepcopy(self.model)
+        model = copy.deepcopy(self.compression_base())
         if set(state) != set(model.state_dict()):
             # The method replaced modules (e.g. int8): rebuild the structure, then load the saved values.
             compress_(model, cfg, calibration, batch_size=self.config.batch_size)
@@ -686,11 +713,33 @@ class _Run:
             f"eval/{variant}", settings, upstream, compute, lambda d: _read_json(d / "evaluation.json")
         )
 
+    def base_test_logp(self) -> torch.Tensor:
+        """The base model's next-token log-probabilities after each harmless test prompt, computed once.
+
+        Every variant's KL(base ‖ variant) reads them; the base's own forward is not repeated
+        per variant (same batches, so bit-identical to :func:`next_token_kl`).
+        """
+        if self._base_test_logp is None:
+            self._base_test_logp = next_token_logp(
+                self.model,
+                self.tokenizer,
+                list(self.prompts["harmless_test"]),
+                batch_size=self.config.batch_size,
+            )
+        return self._base_test_logp
+
     def _damage(self, model: nn.Module, completions: list[list[int]]) -> dict[str, Any]:
         """KL(base ‖ model) of next-token distributions and cross-entropy of the base's completions."""
         harmless = list(self.prompts["harmless_test"])
         keep = [i for i, ids in enumerate(completions) if ids]
-        kl = next_token_kl(self.model, model, self.tokenizer, harmless, batch_size=self.config.batch_size)
+        logp = next_token_logp(model, self.tokenizer, harmless, batch_size=self.config.batch_size)
+        base_logp = self.base_test_logp()
+        if logp.shape != base_logp.shape:
+            raise ShapeMismatchError(
+                f"the variant's next-token distributions have shape {tuple(logp.shape)}, "
+                f"the base's {tuple(base_logp.shape)}: they do not share a vocabulary"
+            )
+        kl = kl_divergence(base_logp, logp)  # KL(base ‖ variant), as next_token_kl(base, variant)
         ce = completion_cross_entropy(
             model,
             self.tokenizer,
