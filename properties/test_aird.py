@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from properties._checks import ablate64, as64, assert_close, assert_layout, check, norm, unit64
+from ._checks import ablate64, as64, assert_close, assert_layout, check, norm, unit64
 from refusal_core.testing import strategies as rs
 
 

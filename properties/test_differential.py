@@ -20,7 +20,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from properties._checks import (
+from ._checks import (
     as64,
     assert_close,
     awq_loss64,

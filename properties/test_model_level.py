@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from properties._checks import check
+from ._checks import check
 from refusal_core.activations import batch_inputs, encode_prompts, mean_activations
 from refusal_core.aird import AirdConfig, apply_aird_
 from refusal_core.functional import add_direction, aird_update, magnitude_mask
