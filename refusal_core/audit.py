@@ -214,10 +214,15 @@ def check_compatible(base: tuple[nn.Module, Any], candidate: tuple[nn.Module, An
         "d_model": (bl.d_model, cl.d_model),
     }
     problems += [f"{k} {a!r} vs {b!r}" for k, (a, b) in arch.items() if a != b]
+    # Tokens the models can embed must agree; ids past an embedding (a GGUF converter's extra
+    # <|endoftext|>, say) can never reach either model and are only listed.
+    rows = min(int(bl.embedding.weight.shape[0]), int(cl.embedding.weight.shape[0]))
     bv, cv = btok.get_vocab(), ctok.get_vocab()
-    if bv != cv:
-        diff = sorted(set(bv.items()) ^ set(cv.items()), key=str)[:3]
-        problems.append(f"vocabularies differ ({len(bv)} vs {len(cv)} tokens; e.g. {diff})")
+    bin_, cin = {t: i for t, i in bv.items() if i < rows}, {t: i for t, i in cv.items() if i < rows}
+    if bin_ != cin:
+        diff = sorted(set(bin_.items()) ^ set(cin.items()), key=str)[:3]
+        problems.append(f"vocabularies differ ({len(bin_)} vs {len(cin)} embeddable tokens; e.g. {diff})")
+    extra = sorted({t for t, i in [*bv.items(), *cv.items()] if i >= rows})
     bp = list(btok(PROBE, add_special_tokens=False)["input_ids"])
     cp = list(ctok(PROBE, add_special_tokens=False)["input_ids"])
     if bp != cp:
@@ -233,7 +238,8 @@ def check_compatible(base: tuple[nn.Module, Any], candidate: tuple[nn.Module, An
         "layout": bl.spec.family,
         "n_layers": bl.n_layers,
         "d_model": bl.d_model,
-        "vocab_size": len(bv),
+        "vocab_size": len(bin_),
+        "tokens_past_the_embedding": extra,
         "probe_ids": bp,
         "chat_template_sha256": _sha(bt),
     }
@@ -281,6 +287,14 @@ def audit(config: AuditConfig, out_dir: str | Path, *, progress: bool = True) ->
     base = load_model(config.base, device=config.device, dtype=config.dtype)
     cand_model, cand_tok = load_model(config.compressed, device=config.device, dtype=config.dtype)
     compatibility = check_compatible(base, (cand_model, cand_tok))
+    if config.repair and getattr(cand_model, "hf_quantizer", None) is not None:
+        # transformers 5 cannot save a model it loaded through a quantizer again (save_pretrained
+        # raises NotImplementedError in the weight conversion), so the repair could not be written.
+        raise InvalidArgumentError(
+            f"repair: the candidate {config.compressed!r} was loaded through transformers' "
+            f"{type(cand_model.hf_quantizer).__name__}, and transformers cannot save such a model again; "
+            "audit it without repair, or repair the float model it was quantized from"
+        )
     t_load = time.perf_counter() - t0
 
     run = _Run(study_cfg, out, progress, loaded=base)
