@@ -20,6 +20,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from refusal_core.testing import strategies as rs
+from refusal_core.testing.oracle import reference_implementation, tolerance
+
 from ._checks import (
     as64,
     assert_close,
@@ -30,8 +33,6 @@ from ._checks import (
     norm,
     pseudo_quantize64,
 )
-from refusal_core.testing import strategies as rs
-from refusal_core.testing.oracle import reference_implementation, tolerance
 
 REF = reference_implementation()
 WITH_BF16 = (torch.float32, torch.float64, torch.bfloat16)

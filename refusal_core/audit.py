@@ -340,7 +340,9 @@ def audit(config: AuditConfig, out_dir: str | Path, *, progress: bool = True) ->
         "cosine_selected": finite_or_none(cmp.selected_cosine),
         "noise_floor_at_base_source": finite_or_none(floor),
         "above_noise_floor": None if cos is None or not math.isfinite(floor) else bool(cos > floor),
-        "per_layer_cosine_at_base_position": [finite_or_none(float(v)) for v in cmp.per_site_cosine[:, pos_i]],
+        "per_layer_cosine_at_base_position": [
+            finite_or_none(float(v)) for v in cmp.per_site_cosine[:, pos_i]
+        ],
     }
     mechanism = {
         "direction": "the base model's, at the base source",
@@ -353,7 +355,7 @@ def audit(config: AuditConfig, out_dir: str | Path, *, progress: bool = True) ->
 
     repair_info: dict[str, Any] | None = None
     if config.repair:
-        norm = base_info["direction_norm"]
+        norm = float(torch.linalg.vector_norm(r_base.to(torch.float64)))
         if config.repair_gain is not None:
             g = float(config.repair_gain)
             cfg = AirdConfig(gain_attn=g, gain_mlp=g, normalize=config.aird.normalize)
@@ -372,7 +374,10 @@ def audit(config: AuditConfig, out_dir: str | Path, *, progress: bool = True) ->
             if choice.point.strength == "identity":
                 cfg, how = config.aird, "the paper's α (no strength of the sweep qualified under the rule)"
             else:
-                cfg, how = _point_config(choice.point, config.aird), f"chosen on validation: {choice.point.label}"
+                cfg, how = (
+                    _point_config(choice.point, config.aird),
+                    f"chosen on validation: {choice.point.label}",
+                )
         repaired, aird_record = run.repaired(cand_model, r_base, (layer,), cfg)
         k_rep = settings_key({"aird": asdict(cfg), "layers": [layer]}, k_cand, k_sel)
         rep_mech, _ = run.mechanism("repaired", repaired, r_base, layer, [k_rep])
@@ -475,7 +480,12 @@ def audit_report(doc: Mapping[str, Any]) -> str:
         ]
         for name, m, ev in variants
     ]
-    header = ["model", "harmful refused", "… r ablated (necessity)", "harmless refused, r added (sufficiency)"]
+    header = [
+        "model",
+        "harmful refused",
+        "… r ablated (necessity)",
+        "harmless refused, r added (sufficiency)",
+    ]
     header += [f"ASR {a}" for a in attacks]
     header += ["over-refusal", "KL(base‖·)", "CE"]
     cmp = doc["comparisons"]["candidate_vs_base"]
@@ -491,12 +501,17 @@ def audit_report(doc: Mapping[str, Any]) -> str:
         "",
         "## Direction",
         "",
-        f"- base source {tuple(b['source'])}" + ("" if b["filters_passed"] else " † (fallback: no candidate"
-        " passed the filters)") + f", ‖r‖ = {num(b['direction_norm'])}",
+        f"- base source {tuple(b['source'])}"
+        + ("" if b["filters_passed"] else " † (fallback: no candidate passed the filters)")
+        + f", ‖r‖ = {num(b['direction_norm'])}",
         f"- candidate source {tuple(c['source'])}, shift {c['source_shift']}",
         f"- cosine at the base source {num(c['cosine_at_base_source'])} against a split-half noise floor of "
         f"{num(c['noise_floor_at_base_source'])} there"
-        + ("" if c["above_noise_floor"] is None else (" (above)" if c["above_noise_floor"] else " (NOT above)")),
+        + (
+            ""
+            if c["above_noise_floor"] is None
+            else (" (above)" if c["above_noise_floor"] else " (NOT above)")
+        ),
         f"- cosine of the selected directions {num(c['cosine_selected'])}",
         "",
         "## Rates (value [95 % Wilson interval]); the base direction is ablated / added on every model",
@@ -520,9 +535,9 @@ def audit_report(doc: Mapping[str, Any]) -> str:
             "",
             markdown_table(
                 ["repaired vs candidate", "p"],
-                [[f"ASR {a}", p(rc["asr"].get(a))] for a in attacks] + [["over-refusal", p(rc["over_refusal"])]],
+                [[f"ASR {a}", p(rc["asr"].get(a))] for a in attacks]
+                + [["over-refusal", p(rc["over_refusal"])]],
             ),
         ]
     lines.append("")
     return "\n".join(lines)
-

@@ -343,14 +343,18 @@ def _add_audit_parser(sub: Any, common: dict[str, Any]) -> None:
     )
     u.add_argument("--base", required=True, help="the base model: 'toy', HF directory, .gguf file or hub id")
     u.add_argument("--compressed", required=True, help="the compressed candidate (any spec --base takes)")
-    u.add_argument("--repair", action="store_true", help="AIRD the candidate with the base direction, save it")
+    u.add_argument(
+        "--repair", action="store_true", help="AIRD the candidate with the base direction, save it"
+    )
     u.add_argument(
         "--repair-gain", type=float, default=None, help="the repair's gain (default: chosen by the sweep)"
     )
     u.add_argument(
         "--device", type=_device, default=d.device, help="cpu, cuda, cuda:N, or auto (all visible GPUs)"
     )
-    u.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype of both models (auto: float32 on CPU)")
+    u.add_argument(
+        "--dtype", choices=DTYPES, default="auto", help="dtype of both models (auto: float32 on CPU)"
+    )
     u.add_argument("--n-train", type=_count, default=d.n_train, help="prompts per class for extraction")
     u.add_argument("--n-val", type=_count, default=d.n_val, help="prompts per class for selection and sweep")
     u.add_argument("--n-test", type=_count, default=d.n_test, help="held-out prompts per class")

@@ -61,8 +61,23 @@ def _base_direction(out: Path) -> tuple[torch.Tensor, int]:
 def wanda_audit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The toy against a Wanda checkpoint written by ``refusal-core compress``, audited with --repair."""
     d = tmp_path_factory.mktemp("wanda_audit")
-    assert main(["compress", "--model", "toy", "--method", "wanda", "--out", str(d / "wanda"), "--no-progress"]) == 0
-    rc = main(["audit", "--base", "toy", "--compressed", str(d / "wanda"), "--repair", "--out", str(d / "a"), *SMALL])
+    assert (
+        main(["compress", "--model", "toy", "--method", "wanda", "--out", str(d / "wanda"), "--no-progress"])
+        == 0
+    )
+    rc = main(
+        [
+            "audit",
+            "--base",
+            "toy",
+            "--compressed",
+            str(d / "wanda"),
+            "--repair",
+            "--out",
+            str(d / "a"),
+            *SMALL,
+        ]
+    )
     assert rc == 0, "audit of the toy against its Wanda checkpoint failed"
     return d / "a"
 
@@ -75,17 +90,22 @@ def test_audit_of_a_wanda_checkpoint_reports_rates_with_intervals_and_tests(wand
         for key in ("refusal_rate_harmful", "necessity", "sufficiency"):
             _check_rate(doc["mechanism"][model][key], 8, f"mechanism {model} {key}")
         ev = doc["evaluation"][model]
-        assert set(ev["asr"]) == {"vanilla", "vanilla_system", "decoding"}, f"attacks of {model}: {set(ev['asr'])}"
+        assert set(ev["asr"]) == {"vanilla", "vanilla_system", "decoding"}, (
+            f"attacks of {model}: {set(ev['asr'])}"
+        )
         for name, r in ev["asr"].items():
             _check_rate(r, 8, f"ASR {name} of {model}")
         _check_rate(ev["over_refusal"], 8, f"over-refusal of {model}")
     assert doc["evaluation"]["base"]["damage"]["kl_mean"] == pytest.approx(0.0, abs=1e-9)
-    assert doc["evaluation"]["candidate"]["damage"]["kl_mean"] > 1e-4, "Wanda 50 % left the toy's outputs unchanged?"
+    assert doc["evaluation"]["candidate"]["damage"]["kl_mean"] > 1e-4, (
+        "Wanda 50 % left the toy's outputs unchanged?"
+    )
     cmp = doc["comparisons"]["candidate_vs_base"]
     assert set(cmp["asr"]) == {"vanilla", "vanilla_system", "decoding"}
     assert all(0 <= t["p_value"] <= 1 for t in [*cmp["asr"].values(), cmp["over_refusal"]])
     c = doc["candidate"]
-    assert -1 <= c["cosine_at_base_source"] <= 1 and c["noise_floor_at_base_source"] is not None
+    assert -1 <= c["cosine_at_base_source"] <= 1, c
+    assert c["noise_floor_at_base_source"] is not None, c
     assert c["above_noise_floor"] == (c["cosine_at_base_source"] > c["noise_floor_at_base_source"])
 
 
@@ -101,14 +121,16 @@ def test_repair_is_aird_with_the_base_direction_saved_as_a_loadable_checkpoint(w
     lr, lc = get_layout(repaired), get_layout(candidate)
     u = (r / r.norm()).to(torch.float64)
     for name, get in (("o_proj", lr.attn_out), ("down_proj", lr.mlp_out)):
-        delta = get(layer).weight.detach().double() - (lc.attn_out if name == "o_proj" else lc.mlp_out)(
-            layer
-        ).weight.detach().double()
+        delta = (
+            get(layer).weight.detach().double()
+            - (lc.attn_out if name == "o_proj" else lc.mlp_out)(layer).weight.detach().double()
+        )
         assert delta.norm() > 0, f"the repair left {name} of layer {layer} unchanged"
         off = delta - torch.outer(u, u @ delta)
         # float32 storage rounds W' at ~1e-7 of ||W||; another direction (cosine 0.93) leaves ~0.4
         assert off.norm() <= 1e-3 * delta.norm(), (
-            f"{name} update has a component outside span(r_base): {float(off.norm()):.3g} of {float(delta.norm()):.3g}"
+            f"{name} update has a component outside span(r_base): "
+            f"{float(off.norm()):.3g} of {float(delta.norm()):.3g}"
         )
     for other in range(lr.n_layers):
         if other != layer:
@@ -129,10 +151,14 @@ def test_audit_measures_the_base_direction_on_the_candidate(wanda_audit: Path, t
     base_identity = model_identity(model)
     for below in range(layer):
         apply_aird_(model, r, below, AirdConfig(gain_attn=0.0, gain_mlp=0.0))
-    cand_dir = save_checkpoint(model, tok, tmp_path / "ortho", record={"method": "ortho-early"}, base_identity=base_identity)
+    cand_dir = save_checkpoint(
+        model, tok, tmp_path / "ortho", record={"method": "ortho-early"}, base_identity=base_identity
+    )
     cfg = AuditConfig(base="toy", compressed=str(cand_dir), n_train=32, n_val=8, n_test=8, max_new_tokens=12)
     res = audit(cfg, tmp_path / "a", progress=False)
-    assert res.candidate["cosine_at_base_source"] < 0.9, "the test's candidate should have moved its direction"
+    assert res.candidate["cosine_at_base_source"] < 0.9, (
+        "the test's candidate should have moved its direction"
+    )
     harmful, harmless = load_prompts("harmful_test")[:8], load_prompts("harmless_test")[:8]
     judge = SubstringJudge(min_words=1)
 
@@ -141,9 +167,13 @@ def test_audit_measures_the_base_direction_on_the_candidate(wanda_audit: Path, t
 
     rm = r.to(torch.float32)
     with ablation_hooks(model, rm):
-        k_abl = refused(harmful, generate(model, tok, harmful, max_new_tokens=12, batch_size=32, progress=False))
+        k_abl = refused(
+            harmful, generate(model, tok, harmful, max_new_tokens=12, batch_size=32, progress=False)
+        )
     with addition_hooks(model, rm, 1.0, layer):
-        k_add = refused(harmless, generate(model, tok, harmless, max_new_tokens=12, batch_size=32, progress=False))
+        k_add = refused(
+            harmless, generate(model, tok, harmless, max_new_tokens=12, batch_size=32, progress=False)
+        )
     mech = res.mechanism["candidate"]
     assert (mech["necessity"]["k"], mech["sufficiency"]["k"]) == (k_abl, k_add), (
         f"audit's necessity/sufficiency counts {mech['necessity']['k']}/{mech['sufficiency']['k']} are not "
@@ -217,7 +247,8 @@ def test_a_different_architecture_is_refused_before_the_out_dir_exists(tmp_path:
     rc = main(["audit", "--base", "toy", "--compressed", str(tmp_path / "tiny"), "--out", str(out), *SMALL])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "share a tokenizer and an architecture" in err and "d_model" in err, err
+    assert "share a tokenizer and an architecture" in err, err
+    assert "d_model" in err, err
     assert not (tmp_path / "out").exists(), "a refused audit left its output directory behind"
 
 
@@ -229,3 +260,16 @@ def test_a_different_chat_template_is_refused_before_the_out_dir_exists(tmp_path
     with pytest.raises(IncompatibleModelsError, match="chat templates differ"):
         audit(AuditConfig(base="toy", compressed=str(tmp_path / "other")), tmp_path / "a", progress=False)
     assert not (tmp_path / "a").exists()
+
+
+def test_study_takes_a_judge_and_refuses_a_bad_one(tmp_path: Path, capsys: Any) -> None:
+    from refusal_core.study import StudyConfig
+
+    assert StudyConfig().judge == "substring"
+    with pytest.raises(InvalidArgumentError, match="judge must be"):
+        StudyConfig(judge="llamaguard")
+    out = tmp_path / "run"
+    rc = main(["study", "--judge", f"classifier:{tmp_path / 'missing'}", "--out", str(out), "--no-progress"])
+    assert rc == 2
+    assert "is not a model directory" in capsys.readouterr().err
+    assert not out.exists(), "a refused study left its run directory behind"

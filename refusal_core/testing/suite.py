@@ -50,7 +50,8 @@ def suite_directory() -> Path:
 def run_oracle(module: str, pytest_args: Sequence[str] = (), *, cwd: str | Path | None = None) -> int:
     """Run the property suite against ``module`` (comma-separated for several); pytest's exit code.
 
-    ``pytest_args`` follow the suite's path (``-k``, ``-x``, ``-m bad_input``, ...). The module's import is checked first, in the caller's
+    ``pytest_args`` follow the suite's path (``-k``, ``-x``, ``-m bad_input``, ...). The module's
+    import is checked first, in the caller's
     working directory, so a typo fails with one line instead of a collection error.
     """
     if not isinstance(module, str) or not module.strip():
