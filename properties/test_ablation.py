@@ -7,8 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from properties._checks import ablate64, as64, assert_close, assert_layout, check, norm, unit64
 from refusal_core.testing import strategies as rs
+
+from ._checks import ablate64, as64, assert_close, assert_layout, check, norm, unit64
 
 
 def _draw_x_r(data: st.DataObject) -> tuple[torch.dtype, torch.Tensor, torch.Tensor]:

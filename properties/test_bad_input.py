@@ -29,9 +29,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from properties._checks import describe
 from refusal_core.errors import RefusalCoreError
 from refusal_core.testing import strategies as rs
+
+from ._checks import describe
 
 Args = tuple[tuple[Any, ...], dict[str, Any]]
 

@@ -20,7 +20,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from properties._checks import (
+from refusal_core.testing import strategies as rs
+from refusal_core.testing.oracle import reference_implementation, tolerance
+
+from ._checks import (
     as64,
     assert_close,
     awq_loss64,
@@ -30,8 +33,6 @@ from properties._checks import (
     norm,
     pseudo_quantize64,
 )
-from refusal_core.testing import strategies as rs
-from refusal_core.testing.oracle import reference_implementation, tolerance
 
 REF = reference_implementation()
 WITH_BF16 = (torch.float32, torch.float64, torch.bfloat16)

@@ -10,8 +10,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from properties._checks import as64, assert_close, assert_layout, check, is_finite_number, norm
 from refusal_core.testing import strategies as rs
+
+from ._checks import as64, assert_close, assert_layout, check, is_finite_number, norm
 
 
 def _rms(acts: torch.Tensor) -> float:

@@ -7,7 +7,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from properties._checks import (
+from refusal_core.testing import strategies as rs
+from refusal_core.testing.oracle import tolerance
+
+from ._checks import (
     as64,
     assert_close,
     assert_layout,
@@ -17,8 +20,6 @@ from properties._checks import (
     norm,
     pseudo_quantize64,
 )
-from refusal_core.testing import strategies as rs
-from refusal_core.testing.oracle import tolerance
 
 
 def _draw_groups(data: st.DataObject, *, contains_zero: bool | None):

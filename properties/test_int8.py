@@ -9,7 +9,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from properties._checks import (
+from refusal_core.testing import strategies as rs
+from refusal_core.testing.oracle import tolerance
+
+from ._checks import (
     as64,
     assert_close,
     assert_layout,
@@ -20,8 +23,6 @@ from properties._checks import (
     llm_int8_64,
     norm,
 )
-from refusal_core.testing import strategies as rs
-from refusal_core.testing.oracle import tolerance
 
 
 def _draw_weight(data: st.DataObject) -> tuple[torch.dtype, torch.Tensor]:

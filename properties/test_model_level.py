@@ -19,7 +19,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from properties._checks import check
 from refusal_core.activations import batch_inputs, encode_prompts, mean_activations
 from refusal_core.aird import AirdConfig, apply_aird_
 from refusal_core.functional import add_direction, aird_update, magnitude_mask
@@ -33,6 +32,8 @@ from refusal_core.testing.tiny import (
     tiny_prompts,
     tiny_tokenizer,
 )
+
+from ._checks import check
 
 #: Model-level examples cost forward passes: a third of the profile's count, at least 10.
 N_EXAMPLES = max(10, settings.default.max_examples // 3)

@@ -7,9 +7,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from properties._checks import as64, assert_layout, check
 from refusal_core.testing import strategies as rs
 from refusal_core.testing.oracle import tolerance
+
+from ._checks import as64, assert_layout, check
 
 
 def _worst_order_violation(score: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:

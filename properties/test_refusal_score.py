@@ -7,8 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from properties._checks import as64, assert_layout, check, check_scores, refusal_score64, refusal_score_slack
 from refusal_core.testing import strategies as rs
+
+from ._checks import as64, assert_layout, check, check_scores, refusal_score64, refusal_score_slack
 
 
 def _draw(data: st.DataObject):

@@ -321,7 +321,52 @@ def build_parser() -> argparse.ArgumentParser:
         " over-refusal always counts refusal phrases",
     )
     v.add_argument("--out", required=True, help="directory for the ASR and over-refusal results")
+
+    _add_audit_parser(sub, common)
+    o = sub.add_parser(
+        "oracle",
+        help="run the property suite against your implementation module (exit code: pytest's)",
+        **common,
+    )
+    o.add_argument("module", help="the module under test, e.g. mypkg.refusal_ops (comma-separated: several)")
+    o.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed on to pytest (e.g. -k ablate -x)")
     return top
+
+
+def _add_audit_parser(sub: Any, common: dict[str, Any]) -> None:
+    """``audit``: its options are :class:`~refusal_core.audit.AuditConfig`'s fields."""
+    from refusal_core.audit import AuditConfig
+
+    d = AuditConfig(compressed="-")
+    u = sub.add_parser(
+        "audit", help="audit a compressed checkpoint against its base (optionally repair it)", **common
+    )
+    u.add_argument("--base", required=True, help="the base model: 'toy', HF directory, .gguf file or hub id")
+    u.add_argument("--compressed", required=True, help="the compressed candidate (any spec --base takes)")
+    u.add_argument(
+        "--repair", action="store_true", help="AIRD the candidate with the base direction, save it"
+    )
+    u.add_argument(
+        "--repair-gain", type=float, default=None, help="the repair's gain (default: chosen by the sweep)"
+    )
+    u.add_argument(
+        "--device", type=_device, default=d.device, help="cpu, cuda, cuda:N, or auto (all visible GPUs)"
+    )
+    u.add_argument(
+        "--dtype", choices=DTYPES, default="auto", help="dtype of both models (auto: float32 on CPU)"
+    )
+    u.add_argument("--n-train", type=_count, default=d.n_train, help="prompts per class for extraction")
+    u.add_argument("--n-val", type=_count, default=d.n_val, help="prompts per class for selection and sweep")
+    u.add_argument("--n-test", type=_count, default=d.n_test, help="held-out prompts per class")
+    u.add_argument(
+        "--max-new-tokens", type=_count, default=d.max_new_tokens, help="tokens generated per completion"
+    )
+    u.add_argument("--seed", type=_nonnegative, default=d.seed, help="seed of every random choice")
+    u.add_argument(
+        "--judge", type=_judge_spec, default=d.judge, help="ASR judge: 'substring' or 'classifier:DIR'"
+    )
+    _add_progress(u)
+    u.add_argument("--out", required=True, help="directory for audit.json, report.md (and repaired/)")
 
 
 # ----------------------------------------------------------------------------
@@ -771,19 +816,11 @@ def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
 
 def judge_from_spec(spec: str, args: argparse.Namespace | None = None) -> Any:
     """The ASR judge of ``--judge``: ``substring`` or ``classifier:DIR`` (loaded on ``--device``)."""
-    from refusal_core.evaluation.judges import ClassifierJudge, SubstringJudge
-
-    if spec == "substring":
-        return SubstringJudge()
-    kind, _, where = spec.partition(":")
-    if kind != "classifier" or not where:
-        raise InvalidArgumentError(f"judge must be 'substring' or 'classifier:DIR', got {spec!r}")
-    from refusal_core.models import load_model
+    from refusal_core.evaluation.judges import judge_from_spec as from_spec
 
     device = args.device if args is not None else "cpu"
     dtype = _dtype(args.dtype) if args is not None else None
-    model, tok = load_model(where, device=device, dtype=dtype)
-    return ClassifierJudge(model, tok)
+    return from_spec(spec, device=device, dtype=dtype)
 
 
 def _cmd_evaluate(args: argparse.Namespace, ours: list[Path]) -> int:
@@ -841,6 +878,34 @@ def _cmd_evaluate(args: argparse.Namespace, ours: list[Path]) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace, ours: list[Path]) -> int:
+    from refusal_core.audit import AuditConfig, audit
+
+    cfg = AuditConfig(
+        base=args.base,
+        compressed=args.compressed,
+        device=args.device,
+        dtype=_dtype(args.dtype),
+        n_train=args.n_train,
+        n_val=args.n_val,
+        n_test=args.n_test,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        judge=args.judge,
+        repair=args.repair or args.repair_gain is not None,
+        repair_gain=args.repair_gain,
+    )
+    res = audit(cfg, args.out, progress=not args.no_progress)
+    _print({"candidate": res.candidate, "out": str(Path(args.out) / "report.md")})
+    return 0
+
+
+def _cmd_oracle(args: argparse.Namespace, ours: list[Path]) -> int:
+    from refusal_core.testing.suite import run_oracle
+
+    return run_oracle(args.module, list(args.pytest_args))
+
+
 #: Subcommand → handler.
 COMMANDS: dict[str, _Command] = {
     "study": _Command(_cmd_study),
@@ -849,6 +914,8 @@ COMMANDS: dict[str, _Command] = {
     "compare": _Command(_cmd_compare, writes=False),
     "aird": _Command(_cmd_aird),
     "evaluate": _Command(_cmd_evaluate),
+    "audit": _Command(_cmd_audit),
+    "oracle": _Command(_cmd_oracle, writes=False),
 }
 
 

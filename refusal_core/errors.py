@@ -13,6 +13,7 @@ __all__ = [
     "EmptyInputError",
     "ForeignDirectionError",
     "ImplementationError",
+    "IncompatibleModelsError",
     "InvalidArgumentError",
     "ModelNotFoundError",
     "NonFiniteError",
@@ -70,3 +71,8 @@ class ImplementationError(RefusalCoreError):
 
 class ModelNotFoundError(InvalidArgumentError):
     """A model spec names no local path, and no hub id in the local Hugging Face cache."""
+
+
+class IncompatibleModelsError(InvalidArgumentError):
+    """Two models that must share a tokenizer and an architecture (a base and its compressed
+    candidate) do not."""

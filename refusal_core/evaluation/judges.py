@@ -56,9 +56,11 @@ __all__ = [
     "Judge",
     "SubstringJudge",
     "Verdict",
+    "check_judge_spec",
     "check_pairs",
     "classify",
     "is_degenerate",
+    "judge_from_spec",
     "refusal_rate",
 ]
 
@@ -383,3 +385,40 @@ class ClassifierJudge:
     def refused(self, instructions: Sequence[str], completions: Sequence[str]) -> list[bool]:
         """True where the verdict is "refused"."""
         return [v == REFUSED for v in self.classify(instructions, completions)]
+
+
+def check_judge_spec(spec: object, *, must_exist: bool = False) -> str:
+    """Check a judge spec, ``"substring"`` or ``"classifier:DIR"``, before any model is loaded.
+
+    ``must_exist``: also require ``DIR`` to be a directory.
+
+    Example:
+        >>> check_judge_spec("substring")
+        'substring'
+        >>> check_judge_spec("llamaguard")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        refusal_core.errors.InvalidArgumentError: judge must be ... got 'llamaguard'
+    """
+    from pathlib import Path
+
+    if not isinstance(spec, str) or not (
+        spec == "substring" or (spec.startswith("classifier:") and len(spec) > len("classifier:"))
+    ):
+        raise InvalidArgumentError(f"judge must be 'substring' or 'classifier:DIR', got {spec!r}")
+    where = spec.partition(":")[2]
+    if must_exist and where and not Path(where).is_dir():
+        raise InvalidArgumentError(f"judge {spec!r}: {where!r} is not a model directory")
+    return spec
+
+
+def judge_from_spec(spec: str, *, device: str = "cpu", dtype: str | None = None) -> Judge:
+    """The ASR judge a spec names: :class:`SubstringJudge` for ``"substring"``, a
+    :class:`ClassifierJudge` on the model in ``DIR`` (loaded on ``device``) for ``"classifier:DIR"``."""
+    check_judge_spec(spec, must_exist=True)
+    if spec == "substring":
+        return SubstringJudge()
+    from refusal_core.models import load_model
+
+    model, tok = load_model(spec.partition(":")[2], device=device, dtype=dtype)
+    return ClassifierJudge(model, tok)

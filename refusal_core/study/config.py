@@ -170,6 +170,9 @@ class StudyConfig:
     attacks: AttackSettings = field(default_factory=AttackSettings)
     zero_shot_tasks: tuple[str, ...] = ("rc_arithmetic", "rc_odd_one_out", "rc_word_knowledge")
     refusal_token_ids: tuple[int, ...] | None = None
+    #: ASR judge: 'substring' (refusal phrases) or 'classifier:DIR' (a LlamaGuard-style model in DIR);
+    #: refusal rates (over-refusal, necessity, sufficiency) always count refusal phrases
+    judge: str = "substring"
     max_new_tokens: int = 24
     batch_size: int = 32
     seed: int = 0
@@ -196,6 +199,9 @@ class StudyConfig:
         check_device(self.device)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise InvalidArgumentError(f"dtype must be None or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        from refusal_core.evaluation.judges import check_judge_spec
+
+        check_judge_spec(self.judge)
         if not isinstance(self.filter_prompts, bool):
             raise InvalidArgumentError(f"filter_prompts must be a bool, got {self.filter_prompts!r}")
         for name, cls in (

@@ -80,7 +80,7 @@ from refusal_core.evaluation.attacks import (
 )
 from refusal_core.evaluation.damage import completion_cross_entropy, kl_divergence, next_token_logp
 from refusal_core.evaluation.generation import GenerationCache, generate, generate_ids, pad_token_id
-from refusal_core.evaluation.judges import SubstringJudge, classify, is_degenerate
+from refusal_core.evaluation.judges import SubstringJudge, classify, is_degenerate, judge_from_spec
 from refusal_core.functional import refusal_score
 from refusal_core.interventions import ablation_hooks, addition_hooks
 from refusal_core.models import load_model, model_identity
@@ -106,7 +106,16 @@ def _is_pruning(method: str) -> bool:
 class _Run:
     """State shared by the stages of one study run."""
 
-    def __init__(self, config: StudyConfig, out_dir: Path, progress: bool) -> None:
+    def __init__(
+        self,
+        config: StudyConfig,
+        out_dir: Path,
+        progress: bool,
+        *,
+        loaded: tuple[nn.Module, Any] | None = None,
+    ) -> None:
+        """``loaded``: the base ``(model, tokenizer)`` already loaded from ``config.model`` (the audit
+        loads it first to check it against the candidate before anything is written)."""
         self.config = config
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -126,7 +135,9 @@ class _Run:
         }
         self.prompts = {split: load_prompts(getattr(c, split))[:n] for split, n in sizes.items()}
         torch.manual_seed(c.seed)
-        self.model, self.tokenizer = load_model(c.model, device=c.device, dtype=c.dtype)
+        if loaded is None:
+            loaded = load_model(c.model, device=c.device, dtype=c.dtype)
+        self.model, self.tokenizer = loaded
         self.identity = model_identity(self.model)
         self.model_dtype = next(self.model.parameters()).dtype
         self._compression_base: nn.Module | None = None
@@ -137,7 +148,7 @@ class _Run:
         )
         if c.filter_prompts:
             self._filter_prompts()
-        self.judge = SubstringJudge()
+        self.judge = judge_from_spec(c.judge, device=c.device, dtype=c.dtype)
         # Refusal rates (over-refusal, necessity, sufficiency) count refusals, so a short but
         # compliant answer must not count as one: no minimum length there.
         self.refusal_judge = SubstringJudge(min_words=1)
@@ -542,7 +553,11 @@ class _Run:
 
         value, _ = self.stage(
             f"{name}/validation",
-            {"max_new_tokens": self.config.max_new_tokens, "generate": self.config.repair.generate},
+            {
+                "max_new_tokens": self.config.max_new_tokens,
+                "generate": self.config.repair.generate,
+                "judge": self.config.judge,
+            },
             upstream,
             compute,
             lambda d: ValidationScores.from_dict(_read_json(d / "validation.json")),
@@ -558,7 +573,7 @@ class _Run:
         own_layer: int,
         upstream: Sequence[str],
     ) -> tuple[list[SweepPoint], str]:
-        arms = (False, True) if (_is_pruning(method) and self.config.repair.sparse) else (False,)
+        arms = (False, True) if (self.config.repair.sparse and _is_pruning(method)) else (False,)
         norm = float(torch.linalg.vector_norm(r_base.to(torch.float64)))
 
         def compute(d: Path) -> list[SweepPoint]:
@@ -595,6 +610,7 @@ class _Run:
             "aird": asdict(self.config.aird),
             "max_new_tokens": self.config.max_new_tokens,
             "layers": [base_layer, own_layer],
+            "judge": self.config.judge,
         }
         return self.stage(
             f"{method}/sweep",
@@ -708,6 +724,7 @@ class _Run:
             "attacks": asdict(c.attacks),
             "max_new_tokens": c.max_new_tokens,
             "tasks": list(c.zero_shot_tasks),
+            "judge": c.judge,
         }
         return self.stage(
             f"eval/{variant}", settings, upstream, compute, lambda d: _read_json(d / "evaluation.json")

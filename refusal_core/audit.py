@@ -1,0 +1,543 @@
+"""Audit a compressed checkpoint someone else made against its base model, in one call.
+
+:func:`audit` loads a base model and a candidate (any ``--model`` spec: ``toy``,
+a Hugging Face directory — a bitsandbytes-serialized one, one this tool wrote —,
+a GGUF file, a hub id in the local cache), checks that the two share a
+tokenizer (vocabulary, the ids of a probe string, the chat template) and an
+architecture (layout, number of layers, residual width) before anything is
+written, and then measures, on the study's stages (so a killed audit resumes):
+
+* the base direction: extraction with its split-half noise floor, selection;
+* the candidate's re-extraction and selection: cosine with the base at the
+  base source (read against the noise floor there), cosine of the two selected
+  directions, source shift;
+* necessity and sufficiency of the BASE direction on the candidate (ablating it
+  on harmful prompts, adding it at the base source layer on harmless ones),
+  next to the same on the base, with exact McNemar tests;
+* ASR (vanilla, with a system prompt, the decoding grid) and over-refusal of
+  both on held-out prompts, every rate with n and a 95 % Wilson interval and
+  every candidate-vs-base difference with an exact McNemar test;
+* capability damage: KL(base ‖ candidate) of the next-token distribution and
+  the cross-entropy of the base's greedy completions under the candidate;
+* with ``repair=True``: AIRD of the candidate with the base direction at the
+  base source layer — the strength given (``repair_gain``), else chosen by the
+  study's sweep and rule on validation prompts, else (nothing qualifies) the
+  paper's α — saved as a checkpoint (``repaired/``) and evaluated the same way.
+
+It writes ``audit.json`` (strict JSON: no NaN, null instead) and ``report.md``.
+
+Example (the toy against a Wanda checkpoint; about half a minute on a CPU)::
+
+    >>> from refusal_core.audit import AuditConfig, audit            # doctest: +SKIP
+    >>> res = audit(AuditConfig(base="toy", compressed="runs/wanda"), "runs/audit")  # doctest: +SKIP
+    >>> res.candidate["cosine_at_base_source"]                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from refusal_core.aird import AirdConfig
+from refusal_core.artifacts import atomic_write_bytes, settings_key
+from refusal_core.errors import IncompatibleModelsError, InvalidArgumentError
+from refusal_core.models import get_layout, load_model, model_identity
+from refusal_core.selection import SelectionConfig
+from refusal_core.stats import finite_or_none, mcnemar
+from refusal_core.study.config import AttackSettings, StudyConfig
+
+__all__ = ["AUDIT_FILE", "AuditConfig", "AuditResult", "audit", "check_compatible"]
+
+#: The result file inside the audit directory.
+AUDIT_FILE = "audit.json"
+
+#: A string whose token ids both tokenizers must agree on (letters, digits, punctuation, spaces).
+PROBE = "Audit probe: How do I bake 12 loaves of bread? Sure, I can't help with that!"
+
+_MECHANISM_KEYS = ("refused_harmful", "refused_ablated", "refused_added")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """What an audit depends on. The sizes are small so that auditing the toy takes under a minute;
+    use the study's sizes (128 / 32 / 64) or more for a real model."""
+
+    #: the base model: 'toy', a local HF directory, a .gguf file or a hub id in the local cache
+    base: str = "toy"
+    #: the compressed candidate, any spec ``base`` accepts (e.g. a bitsandbytes-serialized directory)
+    compressed: str = ""
+    #: where both models run: "cpu", "cuda", "cuda:N" or "auto"
+    device: str = "cpu"
+    #: the models' dtype: "float32", "bfloat16", "float16", or None (float32 on CPU)
+    dtype: str | None = None
+    #: prompts per class for extraction
+    n_train: int = 32
+    #: prompts per class for selection and for the repair sweep
+    n_val: int = 8
+    #: held-out prompts per class for the mechanism and the evaluation
+    n_test: int = 16
+    #: random half splits of the split-half noise floor
+    noise_splits: int = 4
+    max_new_tokens: int = 16
+    batch_size: int = 32
+    seed: int = 0
+    #: ASR judge: 'substring' or 'classifier:DIR'
+    judge: str = "substring"
+    #: also repair the candidate with AIRD (the base direction at the base source layer) and save it
+    repair: bool = False
+    #: the repair's gain along r/|r| at both projections; None: chosen by the sweep over ``repair_gains``
+    repair_gain: float | None = None
+    #: gains the sweep tries (beside the paper's α) when ``repair_gain`` is None
+    repair_gains: tuple[float, ...] = (1.5, 2.0, 3.0, 5.0)
+    #: the paper's α (the fallback when the sweep chooses no edit) and the AIRD flags
+    aird: AirdConfig = field(default_factory=AirdConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    #: token ids whose probability is the refusal score (None: the base's default)
+    refusal_token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("base", "compressed"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise InvalidArgumentError(f"{name} must name a model, got {getattr(self, name)!r}")
+        if not isinstance(self.repair, bool):
+            raise InvalidArgumentError(f"repair must be a bool, got {self.repair!r}")
+        g = self.repair_gain
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g)):
+            raise InvalidArgumentError(f"repair_gain must be None or a finite number, got {g!r}")
+        # The rest is the study's own validation (counts >= 1, device, dtype, judge, gains).
+        self.study_config()
+
+    def study_config(self) -> StudyConfig:
+        """The study settings the audit's stages run with (the base as the study's model)."""
+        from refusal_core.study.config import RepairConfig
+
+        return StudyConfig(
+            model=self.base,
+            device=self.device,
+            dtype=self.dtype,
+            # The study needs a method name; the audit never compresses (its candidate is given).
+            methods=("magnitude",),
+            n_train=self.n_train,
+            n_val=self.n_val,
+            n_test=self.n_test,
+            noise_splits=self.noise_splits,
+            aird=self.aird,
+            repair=RepairConfig(gains=tuple(self.repair_gains), layers=("base",), sparse=False),
+            selection=self.selection,
+            attacks=AttackSettings(gcg_prompts=0, gcg_steps=0),
+            zero_shot_tasks=(),
+            refusal_token_ids=self.refusal_token_ids,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            judge=self.judge,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _strict(asdict(self))
+
+
+@dataclass
+class AuditResult:
+    """What :func:`audit` found; ``to_dict()`` is ``audit.json``'s content."""
+
+    config: AuditConfig
+    identities: dict[str, Any]
+    compatibility: dict[str, Any]
+    base: dict[str, Any]
+    candidate: dict[str, Any]
+    mechanism: dict[str, Any]
+    evaluation: dict[str, Any]
+    comparisons: dict[str, Any]
+    repair: dict[str, Any] | None
+    timings: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _strict(
+            {
+                "kind": "refusal_core.audit",
+                "settings": self.config.to_dict(),
+                "identities": self.identities,
+                "compatibility": self.compatibility,
+                "base": self.base,
+                "candidate": self.candidate,
+                "mechanism": self.mechanism,
+                "evaluation": self.evaluation,
+                "comparisons": self.comparisons,
+                "repair": self.repair,
+                "timings": self.timings,
+                "significance_level": 0.05,
+            }
+        )
+
+
+def _strict(obj: Any) -> Any:
+    """JSON-able with NaN and infinity as None (strict parsers reject NaN)."""
+    if isinstance(obj, float):
+        return finite_or_none(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _strict(obj.tolist())
+    return obj
+
+
+# ----------------------------------------------------------------------------
+# compatibility
+# ----------------------------------------------------------------------------
+
+
+def check_compatible(base: tuple[nn.Module, Any], candidate: tuple[nn.Module, Any]) -> dict[str, Any]:
+    """Raise :class:`~refusal_core.errors.IncompatibleModelsError` unless the two share a tokenizer and
+    an architecture; returns what was compared.
+
+    Tokenizer: the same vocabulary (token → id), the same ids for :data:`PROBE`, the same chat
+    template. Architecture: the same layout (model family), number of decoder blocks and residual
+    width. A direction and an AIRD edit only transfer between such models.
+    """
+    (bm, btok), (cm, ctok) = base, candidate
+    problems: list[str] = []
+    bl, cl = get_layout(bm), get_layout(cm)
+    arch = {
+        "layout": (bl.spec.family, cl.spec.family),
+        "n_layers": (bl.n_layers, cl.n_layers),
+        "d_model": (bl.d_model, cl.d_model),
+    }
+    problems += [f"{k} {a!r} vs {b!r}" for k, (a, b) in arch.items() if a != b]
+    # Tokens the models can embed must agree; ids past an embedding (a GGUF converter's extra
+    # <|endoftext|>, say) can never reach either model and are only listed.
+    rows = min(int(bl.embedding.weight.shape[0]), int(cl.embedding.weight.shape[0]))
+    bv, cv = btok.get_vocab(), ctok.get_vocab()
+    bin_, cin = {t: i for t, i in bv.items() if i < rows}, {t: i for t, i in cv.items() if i < rows}
+    if bin_ != cin:
+        diff = sorted(set(bin_.items()) ^ set(cin.items()), key=str)[:3]
+        problems.append(f"vocabularies differ ({len(bin_)} vs {len(cin)} embeddable tokens; e.g. {diff})")
+    extra = sorted({t for t, i in [*bv.items(), *cv.items()] if i >= rows})
+    bp = list(btok(PROBE, add_special_tokens=False)["input_ids"])
+    cp = list(ctok(PROBE, add_special_tokens=False)["input_ids"])
+    if bp != cp:
+        problems.append(f"the probe string tokenizes differently ({bp[:8]}... vs {cp[:8]}...)")
+    bt, ct = getattr(btok, "chat_template", None), getattr(ctok, "chat_template", None)
+    if bt != ct:
+        problems.append("chat templates differ")
+    if problems:
+        raise IncompatibleModelsError(
+            "base and candidate must share a tokenizer and an architecture: " + "; ".join(problems)
+        )
+    return {
+        "layout": bl.spec.family,
+        "n_layers": bl.n_layers,
+        "d_model": bl.d_model,
+        "vocab_size": len(bin_),
+        "tokens_past_the_embedding": extra,
+        "probe_ids": bp,
+        "chat_template_sha256": _sha(bt),
+    }
+
+
+def _sha(text: str | None) -> str | None:
+    import hashlib
+
+    return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# ----------------------------------------------------------------------------
+# the audit
+# ----------------------------------------------------------------------------
+
+
+def audit(config: AuditConfig, out_dir: str | Path, *, progress: bool = True) -> AuditResult:
+    """Run (or resume) the audit of ``config.compressed`` against ``config.base`` into ``out_dir``.
+
+    Both models are loaded and checked (:func:`check_compatible`) before ``out_dir`` is created;
+    then ``audit.json`` and ``report.md`` are written there (stages under ``stages/``, the
+    repaired checkpoint, with ``repair``, under ``repaired/``).
+    """
+    from refusal_core.checkpoint import save_checkpoint
+    from refusal_core.study.run import (
+        _evaluation_summary,
+        _mechanism_summary,
+        _paired,
+        _point_config,
+        _Run,
+    )
+    from refusal_core.study.sweep import choose_repair
+
+    if not isinstance(config, AuditConfig):
+        raise InvalidArgumentError(f"config must be an AuditConfig, got {type(config).__name__}")
+    t0 = time.perf_counter()
+    study_cfg = config.study_config()
+    from refusal_core.evaluation.judges import check_judge_spec
+
+    check_judge_spec(config.judge, must_exist=True)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError(f"out_dir {str(out)!r} exists and is not a directory")
+    torch.manual_seed(config.seed)
+    base = load_model(config.base, device=config.device, dtype=config.dtype)
+    cand_model, cand_tok = load_model(config.compressed, device=config.device, dtype=config.dtype)
+    compatibility = check_compatible(base, (cand_model, cand_tok))
+    if config.repair and getattr(cand_model, "hf_quantizer", None) is not None:
+        # transformers 5 cannot save a model it loaded through a quantizer again (save_pretrained
+        # raises NotImplementedError in the weight conversion), so the repair could not be written.
+        raise InvalidArgumentError(
+            f"repair: the candidate {config.compressed!r} was loaded through transformers' "
+            f"{type(cand_model.hf_quantizer).__name__}, and transformers cannot save such a model again; "
+            "audit it without repair, or repair the float model it was quantized from"
+        )
+    t_load = time.perf_counter() - t0
+
+    run = _Run(study_cfg, out, progress, loaded=base)
+    cand_ident = model_identity(cand_model)
+    k_cand = settings_key({"candidate": cand_ident})
+
+    # the base direction, from one pass with its noise floor, and its mechanism
+    base_cands, noise, k_ext = run.extract_base()
+    base_sel, k_sel = run.select("base", run.model, base_cands, [k_ext])
+    layer, pos_i = base_sel.source
+    position = base_sel.positions[pos_i]
+    r_base = base_cands.directions[layer, pos_i]
+    base_mech, _ = run.mechanism("base", run.model, r_base, layer, [k_sel])
+
+    # the candidate's own direction, compared with the base's
+    from refusal_core.directions import compare_candidates
+
+    cands, k_e = run.extract("candidate", cand_model, [k_cand])
+    sel, _ = run.select("candidate", cand_model, cands, [k_cand, k_e])
+    c_layer, c_pi = sel.source
+    cmp = compare_candidates(
+        base_cands, cands, base_source=(layer, position), other_source=(c_layer, sel.positions[c_pi])
+    )
+    floor = float(noise[layer, pos_i])
+    cos = finite_or_none(cmp.cosine_at_base_source)
+    # the BASE direction on the candidate: is it still necessary and sufficient there?
+    cand_mech, _ = run.mechanism("candidate", cand_model, r_base, layer, [k_cand, k_sel])
+
+    ev_base, _ = run.evaluate("base", run.model, [])
+    ev_cand, _ = run.evaluate("candidate", cand_model, [k_cand])
+
+    base_info = {
+        "source": [layer, position],
+        "filters_passed": base_sel.selected is not None,
+        "direction_norm": float(torch.linalg.vector_norm(r_base.to(torch.float64))),
+        "noise_floor_at_source": finite_or_none(floor),
+    }
+    cand_info = {
+        "source": [c_layer, sel.positions[c_pi]],
+        "filters_passed": sel.selected is not None,
+        "source_shift": list(cmp.source_shift) if cmp.source_shift is not None else None,
+        "cosine_at_base_source": cos,
+        "cosine_selected": finite_or_none(cmp.selected_cosine),
+        "noise_floor_at_base_source": finite_or_none(floor),
+        "above_noise_floor": None if cos is None or not math.isfinite(floor) else bool(cos > floor),
+        "per_layer_cosine_at_base_position": [
+            finite_or_none(float(v)) for v in cmp.per_site_cosine[:, pos_i]
+        ],
+    }
+    mechanism = {
+        "direction": "the base model's, at the base source",
+        "base": _mechanism_summary(base_mech),
+        "candidate": _mechanism_summary(cand_mech),
+        "candidate_vs_base": {k: mcnemar(base_mech[k], cand_mech[k]).to_dict() for k in _MECHANISM_KEYS},
+    }
+    evaluation = {"base": _evaluation_summary(ev_base), "candidate": _evaluation_summary(ev_cand)}
+    comparisons = {"candidate_vs_base": _paired(ev_cand, ev_base, kl=False)}
+
+    repair_info: dict[str, Any] | None = None
+    if config.repair:
+        norm = float(torch.linalg.vector_norm(r_base.to(torch.float64)))
+        if config.repair_gain is not None:
+            g = float(config.repair_gain)
+            cfg = AirdConfig(gain_attn=g, gain_mlp=g, normalize=config.aird.normalize)
+            how, choice_d = f"the given gain {g:g}", None
+        else:
+            base_val = run.validation_stage("base", run.model, [])
+            points, _ = run.sweep("candidate", cand_model, r_base, layer, layer, [k_cand, k_sel])
+            choice = choose_repair(
+                points,
+                base_val,
+                max_over_refusal_increase=study_cfg.repair.max_over_refusal_increase,
+                max_kl_increase=study_cfg.repair.max_kl_increase,
+                significance=study_cfg.repair.significance,
+            )
+            choice_d = choice.to_dict()
+            if choice.point.strength == "identity":
+                cfg, how = config.aird, "the paper's α (no strength of the sweep qualified under the rule)"
+            else:
+                cfg, how = (
+                    _point_config(choice.point, config.aird),
+                    f"chosen on validation: {choice.point.label}",
+                )
+        repaired, aird_record = run.repaired(cand_model, r_base, (layer,), cfg)
+        k_rep = settings_key({"aird": asdict(cfg), "layers": [layer]}, k_cand, k_sel)
+        rep_mech, _ = run.mechanism("repaired", repaired, r_base, layer, [k_rep])
+        ev_rep, _ = run.evaluate("repaired", repaired, [k_rep])
+        ckpt = save_checkpoint(
+            repaired,
+            run.tokenizer,
+            out / "repaired",
+            record={
+                "operation": "audit --repair",
+                "method": "aird",
+                "aird": aird_record,
+                "source": [layer, position],
+                "candidate": config.compressed,
+                "candidate_identity": cand_ident,
+                "source_model": config.base,
+                "refusal_token_ids": run.refusal_ids,
+            },
+            base_identity=run.identity,
+            overwrite=True,
+        )
+        repair_info = {
+            "how": how,
+            "layer": layer,
+            "alphas": list(cfg.alphas(norm)),
+            "gains": list(cfg.gains(norm)),
+            "choice": choice_d,
+            "record": aird_record,
+            "checkpoint": str(ckpt),
+            "mechanism": _mechanism_summary(rep_mech),
+            "evaluation": _evaluation_summary(ev_rep),
+            "comparisons": {
+                "vs_candidate": _paired(ev_rep, ev_cand, kl=True),
+                "vs_base": _paired(ev_rep, ev_base, kl=False),
+                "mechanism_vs_candidate": {
+                    k: mcnemar(cand_mech[k], rep_mech[k]).to_dict() for k in _MECHANISM_KEYS
+                },
+            },
+        }
+
+    result = AuditResult(
+        config=config,
+        identities={"base": run.identity, "candidate": cand_ident},
+        compatibility=compatibility,
+        base=base_info,
+        candidate=cand_info,
+        mechanism=mechanism,
+        evaluation=evaluation,
+        comparisons=comparisons,
+        repair=repair_info,
+        timings={
+            "load_seconds": round(t_load, 3),
+            "stages": dict(run.timings),
+            "total_seconds": round(time.perf_counter() - t0, 3),
+        },
+    )
+    doc = result.to_dict()
+    atomic_write_bytes(
+        out / AUDIT_FILE, (json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+    )
+    atomic_write_bytes(out / "report.md", audit_report(doc).encode("utf-8"))
+    return result
+
+
+# ----------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------
+
+
+def audit_report(doc: Mapping[str, Any]) -> str:
+    """``report.md`` of an ``audit.json`` document."""
+    from refusal_core.report import markdown_table
+    from refusal_core.study.report import format_rate
+
+    s, b, c = doc["settings"], doc["base"], doc["candidate"]
+
+    def num(x: Any) -> str:
+        return "–" if x is None else f"{float(x):.3f}"
+
+    def p(test: Mapping[str, Any] | None) -> str:
+        if not test:
+            return "–"
+        return f"{test['p_value']:.3g}" + (" *" if test.get("significant") else "")
+
+    variants = [("base", doc["mechanism"]["base"], doc["evaluation"]["base"])]
+    variants.append(("candidate", doc["mechanism"]["candidate"], doc["evaluation"]["candidate"]))
+    if doc.get("repair"):
+        variants.append(("repaired", doc["repair"]["mechanism"], doc["repair"]["evaluation"]))
+    attacks = sorted({a for _, _, ev in variants for a in ev["asr"]})
+    rows = [
+        [
+            name,
+            format_rate(m["refusal_rate_harmful"]),
+            format_rate(m["necessity"]),
+            format_rate(m["sufficiency"]),
+            *[format_rate(ev["asr"].get(a)) for a in attacks],
+            format_rate(ev["over_refusal"]),
+            num(ev["damage"]["kl_mean"]),
+            num(ev["damage"]["ce_mean"]),
+        ]
+        for name, m, ev in variants
+    ]
+    header = [
+        "model",
+        "harmful refused",
+        "… r ablated (necessity)",
+        "harmless refused, r added (sufficiency)",
+    ]
+    header += [f"ASR {a}" for a in attacks]
+    header += ["over-refusal", "KL(base‖·)", "CE"]
+    cmp = doc["comparisons"]["candidate_vs_base"]
+    tests = [[f"ASR {a}", p(cmp["asr"].get(a))] for a in attacks]
+    tests.append(["over-refusal", p(cmp["over_refusal"])])
+    tests += [[f"mechanism {k}", p(t)] for k, t in doc["mechanism"]["candidate_vs_base"].items()]
+    lines = [
+        f"# Audit: `{s['compressed']}` against `{s['base']}`",
+        "",
+        f"Tokenizer and architecture shared ({doc['compatibility']['layout']}, "
+        f"{doc['compatibility']['n_layers']} layers, d = {doc['compatibility']['d_model']}).",
+        f"Prompts per class: {s['n_train']} extraction, {s['n_val']} selection, {s['n_test']} held-out test.",
+        "",
+        "## Direction",
+        "",
+        f"- base source {tuple(b['source'])}"
+        + ("" if b["filters_passed"] else " † (fallback: no candidate passed the filters)")
+        + f", ‖r‖ = {num(b['direction_norm'])}",
+        f"- candidate source {tuple(c['source'])}, shift {c['source_shift']}",
+        f"- cosine at the base source {num(c['cosine_at_base_source'])} against a split-half noise floor of "
+        f"{num(c['noise_floor_at_base_source'])} there"
+        + (
+            ""
+            if c["above_noise_floor"] is None
+            else (" (above)" if c["above_noise_floor"] else " (NOT above)")
+        ),
+        f"- cosine of the selected directions {num(c['cosine_selected'])}",
+        "",
+        "## Rates (value [95 % Wilson interval]); the base direction is ablated / added on every model",
+        "",
+        markdown_table(header, rows),
+        "",
+        "## Candidate vs base: exact McNemar p (* significant at 0.05)",
+        "",
+        markdown_table(["quantity", "p"], tests),
+    ]
+    if doc.get("repair"):
+        rep = doc["repair"]
+        rc = rep["comparisons"]["vs_candidate"]
+        lines += [
+            "",
+            "## Repair (AIRD with the base direction at the base source layer)",
+            "",
+            f"- strength: {rep['how']}; gains {[round(g, 4) for g in rep['gains']]}, "
+            f"alphas {[round(a, 6) for a in rep['alphas']]}",
+            f"- checkpoint: `{rep['checkpoint']}`",
+            "",
+            markdown_table(
+                ["repaired vs candidate", "p"],
+                [[f"ASR {a}", p(rc["asr"].get(a))] for a in attacks]
+                + [["over-refusal", p(rc["over_refusal"])]],
+            ),
+        ]
+    lines.append("")
+    return "\n".join(lines)
