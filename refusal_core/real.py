@@ -30,11 +30,13 @@ __all__ = [
     "REAL_METHODS",
     "REAL_SELECTION_LAYERS",
     "REAL_SELECTION_POSITIONS",
+    "cpu_has_fast_bfloat16",
     "default_cache_dir",
     "default_gguf_path",
     "file_sha256",
     "real_results_table",
     "real_study_config",
+    "real_study_dtype",
     "verify_gguf",
 ]
 
@@ -111,7 +113,31 @@ REAL_SELECTION_LAYERS = (10, 12, 14, 16)
 REAL_SELECTION_POSITIONS = (-1,)
 
 
-def real_study_config(model_path: Path | str, methods: tuple[str, ...] = REAL_METHODS) -> Any:
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), as torch reports it.
+
+    Without those instructions torch emulates bfloat16 matmuls through float32
+    conversions, which is slower than float32 itself (measured on an AVX2-only
+    EPYC: the toy study took 4.5x longer in bfloat16).
+    """
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    for name in probes:
+        probe = getattr(torch.cpu, name, None)
+        if callable(probe) and bool(probe()):
+            return True
+    return False
+
+
+def real_study_dtype() -> str:
+    """The real tier's default model dtype: bfloat16 where the CPU has it natively, else float32."""
+    return "bfloat16" if cpu_has_fast_bfloat16() else "float32"
+
+
+def real_study_config(
+    model_path: Path | str, methods: tuple[str, ...] = REAL_METHODS, *, dtype: str | None = None
+) -> Any:
     """The :class:`~refusal_core.study.StudyConfig` of the real-model tier, sized for a 2-core CPU.
 
     128 + 128 extraction prompts (so the split-half noise floor is readable), 16 + 16 selection
@@ -119,13 +145,16 @@ def real_study_config(model_path: Path | str, methods: tuple[str, ...] = REAL_ME
     "I'm sorry, but I can't"), one sampling configuration beside greedy, no GCG (one step costs
     ~64 candidate forwards per prompt here), no zero-shot tasks (capability damage is read from KL
     and cross-entropy). The AIRD sweep scores strengths on validation with the refusal score
-    (``RepairConfig(generate=False)``) instead of generating.
+    (``RepairConfig(generate=False)``) instead of generating. ``dtype`` None is
+    :func:`real_study_dtype`: bfloat16 on a CPU with native bfloat16 (2.4-2.8x faster there,
+    measured), float32 elsewhere; compression itself always runs on float32 weights.
     """
     from refusal_core.selection import SelectionConfig
     from refusal_core.study import AttackSettings, RepairConfig, StudyConfig
 
     return StudyConfig(
         model=str(model_path),
+        dtype=dtype if dtype is not None else real_study_dtype(),
         methods=tuple(methods),
         n_train=128,
         n_val=16,

@@ -101,3 +101,17 @@ def test_results_table_has_one_row_per_variant() -> None:
     assert "| wanda+aird | (12, -1) | (-2, 0) | 0.712 | – | – | – | 0.25 [0.16, 0.37] * |" in lines[3], lines[
         3
     ]
+
+
+def test_real_tier_uses_bfloat16_exactly_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from refusal_core import real
+
+    for amx, avx in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx: v, raising=False)
+        want = "bfloat16" if (amx or avx) else "float32"
+        got = real.real_study_config("/nonexistent/model.gguf").dtype
+        assert got == want, f"AMX {amx}, AVX-512 BF16 {avx}: real tier dtype {got}, expected {want}"
+    assert real.real_study_config("/nonexistent/model.gguf", dtype="float16").dtype == "float16"
