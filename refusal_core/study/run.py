@@ -72,11 +72,11 @@ from refusal_core.directions import (
 from refusal_core.errors import ArtifactError, EmptyInputError, UnsupportedModuleError
 from refusal_core.evaluation.attacks import (
     DecodingAttack,
-    GcgAttack,
     VanillaAttack,
     over_refusal,
     prefill_shared_generations,
 )
+from refusal_core.evaluation.gcg import GcgAttack
 from refusal_core.evaluation.damage import completion_cross_entropy, kl_divergence, next_token_kl
 from refusal_core.evaluation.generation import GenerationCache, generate, generate_ids, pad_token_id
 from refusal_core.evaluation.judges import SubstringJudge, classify, is_degenerate
@@ -579,20 +579,8 @@ class _Run:
 
     # -- evaluation ----------------------------------------------------------
     def attacks(self) -> list[VanillaAttack | DecodingAttack]:
-        a, c = self.config.attacks, self.config
-        return [
-            VanillaAttack(max_new_tokens=c.max_new_tokens, batch_size=c.batch_size),
-            VanillaAttack(system=a.system_prompt, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size),
-            DecodingAttack(
-                temperatures=a.decoding_temperatures,
-                top_ps=a.decoding_top_ps,
-                top_ks=a.decoding_top_ks,
-                n_samples=a.decoding_samples,
-                max_new_tokens=c.max_new_tokens,
-                batch_size=c.batch_size,
-                seed=c.seed,
-            ),
-        ]
+        c = self.config
+        return c.attacks.attacks(max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, seed=c.seed)
 
     def gcg(self) -> GcgAttack:
         c = self.config
@@ -638,7 +626,7 @@ class _Run:
                 a.name: a.run(model, self.tokenizer, harmful, self.judge, progress=False, cache=self.memo)
                 for a in attacks
             }
-            if c.attacks.gcg_prompts > 0 and c.attacks.gcg_steps > 0:
+            if c.attacks.runs_gcg:
                 gcg = self.gcg()
                 results[gcg.name] = gcg.run(
                     model, self.tokenizer, harmful[: c.attacks.gcg_prompts], self.judge, progress=False
