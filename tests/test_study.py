@@ -57,7 +57,7 @@ def _stage_keys(out: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("study")
-    results = run_study(_config(zero_shot_tasks=("rc_arithmetic",)), out, progress=False)
+    results = run_study(_config(zero_shot_tasks=("rc_arithmetic",)), out, progress=False).to_dict()
     return out, results
 
 
@@ -150,7 +150,7 @@ def test_study_applies_the_base_direction_at_the_base_source(
 
     monkeypatch.setattr(run_mod, "apply_aird_", spy)
     out = tmp_path / "run"
-    results = run_study(_config(methods=("wanda",)), out, progress=False)
+    results = run_study(_config(methods=("wanda",)), out, progress=False).to_dict()
     base = DirectionCandidates.load(out / "stages" / "base" / "extract" / "candidates")
     layer, pos = results["base"]["source"]
     r_base = base.directions[layer, base.positions.index(pos)]
@@ -190,7 +190,7 @@ def test_test_prompts_never_reach_the_strength_choice(tmp_path: Path) -> None:
 def test_rerun_resumes_without_recomputing(first_run: tuple[Path, dict]) -> None:
     out, results = first_run
     before = {p: p.stat().st_mtime_ns for p in (out / "stages").rglob("stage.json")}
-    again = run_study(_config(zero_shot_tasks=("rc_arithmetic",)), out, progress=False)
+    again = run_study(_config(zero_shot_tasks=("rc_arithmetic",)), out, progress=False).to_dict()
     after = {p: p.stat().st_mtime_ns for p in (out / "stages").rglob("stage.json")}
     assert before == after, "a rerun with the same settings must not redo any stage"
     assert again["variants"] == results["variants"], "a resumed run reports the same results"
@@ -254,7 +254,7 @@ def test_interrupted_study_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert "eval/magnitude" not in done, f"stages done at the kill: {sorted(done)}"
     monkeypatch.setattr(run_mod, "over_refusal", real)
     stamp = (out / "stages" / "eval" / "base" / "stage.json").stat().st_mtime_ns
-    results = run_study(cfg, out, progress=False)
+    results = run_study(cfg, out, progress=False).to_dict()
     assert (out / "stages" / "eval" / "base" / "stage.json").stat().st_mtime_ns == stamp, (
         "the stage finished before the kill is not redone"
     )
@@ -267,7 +267,7 @@ def test_damaged_artifact_is_recomputed(first_run: tuple[Path, dict]) -> None:
     out, results = first_run
     cands = out / "stages" / "base" / "extract" / "candidates.safetensors"
     cands.write_bytes(b"not a safetensors file")
-    again = run_study(_config(zero_shot_tasks=("rc_arithmetic",)), out, progress=False)
+    again = run_study(_config(zero_shot_tasks=("rc_arithmetic",)), out, progress=False).to_dict()
     assert again["variants"][0]["source"] == results["variants"][0]["source"], "recomputed base source"
     assert cands.read_bytes()[:8] != b"not a sa", "the damaged artifact was rewritten"
 

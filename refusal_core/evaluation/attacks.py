@@ -55,8 +55,8 @@ from refusal_core.evaluation.generation import (
 from refusal_core.evaluation.judges import Judge
 from refusal_core.evaluation.results import (
     AsrResult,
-    Attempt,
     AttackResult,
+    Attempt,
     OverRefusalResult,
     result_model_identity,
 )

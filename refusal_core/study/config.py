@@ -67,8 +67,10 @@ class AttackSettings:
     gcg_candidates: int = 8
     gcg_target: str = _default(GcgAttack, "target")
 
-    def attacks(self, *, max_new_tokens: int, batch_size: int, seed: int) -> list[VanillaAttack | DecodingAttack]:
-        """The attacks that share a prefill: vanilla, vanilla under :attr:`system_prompt`, the decoding grid."""
+    def attacks(
+        self, *, max_new_tokens: int, batch_size: int, seed: int
+    ) -> list[VanillaAttack | DecodingAttack]:
+        """The attacks that share one prefill: vanilla, vanilla under :attr:`system_prompt`, decoding."""
         return [
             VanillaAttack(max_new_tokens=max_new_tokens, batch_size=batch_size),
             VanillaAttack(system=self.system_prompt, max_new_tokens=max_new_tokens, batch_size=batch_size),
