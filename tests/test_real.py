@@ -83,14 +83,22 @@ def test_results_table_has_one_row_per_variant() -> None:
                     "necessity": _rate(0, 64),
                     "sufficiency": _rate(51, 64),
                 },
-                "evaluation": {"asr": {"vanilla": _rate(32, 64)}, "over_refusal": _rate(0, 64), "damage": NO_DAMAGE},
+                "evaluation": {
+                    "asr": {"vanilla": _rate(32, 64)},
+                    "over_refusal": _rate(0, 64),
+                    "damage": NO_DAMAGE,
+                },
             },
             {
                 "name": "wanda+aird",
                 "source": [12, -1],
                 "source_shift": [-2, 0],
                 "cosine_at_base_source": 0.71234,
-                "evaluation": {"asr": {"vanilla": _rate(16, 64)}, "over_refusal": _rate(6, 64), "damage": NO_DAMAGE},
+                "evaluation": {
+                    "asr": {"vanilla": _rate(16, 64)},
+                    "over_refusal": _rate(6, 64),
+                    "damage": NO_DAMAGE,
+                },
                 "comparisons": {
                     "vs_compressed": {"asr": {"vanilla": mcnemar([True] * 20, [False] * 20).to_dict()}}
                 },

@@ -323,3 +323,44 @@ def test_filter_prompts_keeps_what_the_base_refuses_and_leaves_the_test_split(tm
         assert kept == expected, (
             f"{split}: kept prompts are those with refusal score sign {sign:+d}, in order"
         )
+
+
+def test_validation_kl_is_base_against_the_variant(tmp_path: Path) -> None:
+    """The repair rule's damage score is mean KL(base ‖ variant) of the last-token distribution on the
+    harmless validation prompts: recomputed here from one unpadded forward pass per prompt."""
+    import refusal_core.study.run as run_mod
+
+    run = run_mod._Run(_config(methods=("magnitude",)), tmp_path / "run", progress=False)
+    compressed, _, _ = run.compress("magnitude")
+    forward, reverse = [], []
+    with torch.no_grad():
+        for ids in run.encoded("harmless_val"):
+            x = torch.tensor([ids])
+            p = torch.log_softmax(run.model(input_ids=x).logits[0, -1].double(), -1)
+            q = torch.log_softmax(compressed(input_ids=x).logits[0, -1].double(), -1)
+            forward.append(float((p.exp() * (p - q)).sum()))
+            reverse.append(float((q.exp() * (q - p)).sum()))
+    want, other = sum(forward) / len(forward), sum(reverse) / len(reverse)
+    assert abs(want - other) > 0.05 * want, f"fixture: KL nearly symmetric here ({want}, {other})"
+    got = run.validation_scores(compressed).kl
+    assert got == pytest.approx(want, rel=1e-6), (
+        f"validation KL {got}: KL(base‖variant) is {want}, KL(variant‖base) is {other}"
+    )
+
+
+def test_results_json_reads_back_as_typed_results(first_run: tuple[Path, dict]) -> None:
+    """results.json → StudyResults → dict is the same JSON, and the typed fields carry its values."""
+    from refusal_core.study import StudyResults
+
+    out, _ = first_run
+    on_disk = json.loads((out / "results.json").read_text())
+    typed = StudyResults.from_dict(on_disk)
+    assert json.loads(json.dumps(typed.to_dict())) == on_disk, "from_dict/to_dict lose or add something"
+    rep = typed.variant("magnitude+aird")
+    raw = _variant(on_disk, "magnitude+aird")
+    assert rep.evaluation is not None and rep.comparisons is not None and rep.comparisons.vs_compressed
+    assert rep.evaluation.asr["vanilla"].k == raw["evaluation"]["asr"]["vanilla"]["k"]
+    assert (
+        rep.comparisons.vs_compressed.asr["vanilla"].p_value
+        == raw["comparisons"]["vs_compressed"]["asr"]["vanilla"]["p_value"]
+    )
