@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 
 from refusal_core.errors import ArtifactError
-from refusal_core.stats import mcnemar
-from refusal_core.study.results import VariantResult
 from refusal_core.real import (
     GGUF_ENV_VAR,
     REAL_GGUF_NAME,
@@ -20,6 +18,8 @@ from refusal_core.real import (
     real_study_config,
     verify_gguf,
 )
+from refusal_core.stats import mcnemar
+from refusal_core.study.results import VariantResult
 
 
 def test_default_path_and_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

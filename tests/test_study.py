@@ -358,7 +358,11 @@ def test_results_json_reads_back_as_typed_results(first_run: tuple[Path, dict]) 
     assert json.loads(json.dumps(typed.to_dict())) == on_disk, "from_dict/to_dict lose or add something"
     rep = typed.variant("magnitude+aird")
     raw = _variant(on_disk, "magnitude+aird")
-    assert rep.evaluation is not None and rep.comparisons is not None and rep.comparisons.vs_compressed
+    assert rep.evaluation is not None, "a repaired variant is evaluated"
+    assert rep.comparisons is not None, "a repaired variant has comparisons"
+    assert rep.comparisons.vs_compressed is not None, (
+        "a repaired variant is compared with its compressed model"
+    )
     assert rep.evaluation.asr["vanilla"].k == raw["evaluation"]["asr"]["vanilla"]["k"]
     assert (
         rep.comparisons.vs_compressed.asr["vanilla"].p_value
