@@ -264,13 +264,8 @@ def audit(config: AuditConfig, out_dir: str | Path, *, progress: bool = True) ->
     repaired checkpoint, with ``repair``, under ``repaired/``).
     """
     from refusal_core.checkpoint import save_checkpoint
-    from refusal_core.study.run import (
-        _evaluation_summary,
-        _mechanism_summary,
-        _paired,
-        _point_config,
-        _Run,
-    )
+    from refusal_core.study.results import Comparison, EvaluationSummary, MechanismSummary
+    from refusal_core.study.run import _point_config, _Run
     from refusal_core.study.sweep import choose_repair
 
     if not isinstance(config, AuditConfig):
@@ -346,12 +341,15 @@ def audit(config: AuditConfig, out_dir: str | Path, *, progress: bool = True) ->
     }
     mechanism = {
         "direction": "the base model's, at the base source",
-        "base": _mechanism_summary(base_mech),
-        "candidate": _mechanism_summary(cand_mech),
+        "base": MechanismSummary.from_flags(base_mech).to_dict(),
+        "candidate": MechanismSummary.from_flags(cand_mech).to_dict(),
         "candidate_vs_base": {k: mcnemar(base_mech[k], cand_mech[k]).to_dict() for k in _MECHANISM_KEYS},
     }
-    evaluation = {"base": _evaluation_summary(ev_base), "candidate": _evaluation_summary(ev_cand)}
-    comparisons = {"candidate_vs_base": _paired(ev_cand, ev_base, kl=False)}
+    evaluation = {
+        "base": EvaluationSummary.from_evaluation(ev_base).to_dict(),
+        "candidate": EvaluationSummary.from_evaluation(ev_cand).to_dict(),
+    }
+    comparisons = {"candidate_vs_base": Comparison.between(ev_cand, ev_base, kl=False).to_dict()}
 
     repair_info: dict[str, Any] | None = None
     if config.repair:
@@ -407,11 +405,11 @@ def audit(config: AuditConfig, out_dir: str | Path, *, progress: bool = True) ->
             "choice": choice_d,
             "record": aird_record,
             "checkpoint": str(ckpt),
-            "mechanism": _mechanism_summary(rep_mech),
-            "evaluation": _evaluation_summary(ev_rep),
+            "mechanism": MechanismSummary.from_flags(rep_mech).to_dict(),
+            "evaluation": EvaluationSummary.from_evaluation(ev_rep).to_dict(),
             "comparisons": {
-                "vs_candidate": _paired(ev_rep, ev_cand, kl=True),
-                "vs_base": _paired(ev_rep, ev_base, kl=False),
+                "vs_candidate": Comparison.between(ev_rep, ev_cand, kl=True).to_dict(),
+                "vs_base": Comparison.between(ev_rep, ev_base, kl=False).to_dict(),
                 "mechanism_vs_candidate": {
                     k: mcnemar(cand_mech[k], rep_mech[k]).to_dict() for k in _MECHANISM_KEYS
                 },

@@ -36,10 +36,13 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from refusal_core import _cli_config as cc
 from refusal_core.errors import InvalidArgumentError, RefusalCoreError
+
+if TYPE_CHECKING:
+    from refusal_core.study import StudyResults
 
 __all__ = ["COMMANDS", "build_parser", "check_output_location", "judge_from_spec", "main"]
 
@@ -538,31 +541,27 @@ def _cmd_study(args: argparse.Namespace, ours: list[Path]) -> int:
     return 0
 
 
-def _print_summary(results: dict[str, Any]) -> None:
+def _print_summary(results: StudyResults) -> None:
     """One row per variant: source, cosine at the base source, ASR per attack and over-refusal
-    (rates as ``value [low, high]``, from each variant's ``evaluation``)."""
+    (rates as ``value [low, high]``, from each variant's evaluation)."""
     from refusal_core.report import markdown_table
     from refusal_core.study.report import format_rate
 
-    def rate(r: Any) -> str:
-        return format_rate(r) if isinstance(r, Mapping) else ("–" if r is None else f"{float(r):.3f}")
-
-    variants = results["variants"]
-    evals = [v.get("evaluation") or {} for v in variants]
-    attacks = sorted({a for ev in evals for a in ev.get("asr", {})})
+    variants = results.variants
+    attacks = sorted({a for v in variants if v.evaluation is not None for a in v.evaluation.asr})
     rows = [
         [
-            v["name"],
-            v.get("source"),
-            v.get("cosine_at_base_source"),
-            *[rate(ev.get("asr", {}).get(a)) for a in attacks],
-            rate(ev.get("over_refusal")),
+            v.name,
+            v.source,
+            v.cosine_at_base_source,
+            *[format_rate(v.evaluation.asr.get(a) if v.evaluation else None) for a in attacks],
+            format_rate(v.evaluation.over_refusal if v.evaluation else None),
         ]
-        for v, ev in zip(variants, evals)
+        for v in variants
     ]
     header = ["variant", "source", "cos@base", *[f"ASR {a}" for a in attacks], "over-refusal"]
     print(markdown_table(header, rows))
-    print(f"total: {results['timings']['total_seconds']:.1f} s")
+    print(f"total: {results.timings['total_seconds']:.1f} s")
 
 
 # ----------------------------------------------------------------------------

@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from refusal_core.errors import ArtifactError
+
+if TYPE_CHECKING:
+    from refusal_core.stats import PairedTest
+    from refusal_core.study.results import StudyResults, VariantResult
 
 __all__ = [
     "GGUF_ENV_VAR",
@@ -176,8 +181,8 @@ def real_study_config(
     )
 
 
-def real_results_table(results: dict[str, Any]) -> str:
-    """A markdown table of a study's ``results.json`` content: one row per variant.
+def real_results_table(results: StudyResults | Sequence[VariantResult]) -> str:
+    """A markdown table of a study's results (or of its variants): one row per variant.
 
     Columns: source (layer, position), source shift, cosine at the base source, refusal rate on
     harmful test prompts, necessity (refusal rate with the variant's own direction ablated),
@@ -188,10 +193,10 @@ def real_results_table(results: dict[str, Any]) -> str:
     from refusal_core.report import format_value
     from refusal_core.study.report import format_rate
 
-    variants = results.get("variants", [])
+    variants = list(results) if isinstance(results, Sequence) else results.variants
     attacks: list[str] = []
     for v in variants:
-        for name in v.get("evaluation", {}).get("asr", {}):
+        for name in v.evaluation.asr if v.evaluation is not None else {}:
             if name not in attacks:
                 attacks.append(name)
     head = [
@@ -207,24 +212,25 @@ def real_results_table(results: dict[str, Any]) -> str:
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in variants:
-        ev = v.get("evaluation", {})
-        mech = v.get("mechanism") or {}
-        comps = v.get("comparisons", {})
-        ref = comps.get("vs_compressed") or comps.get("vs_base") or {}
+        ev, mech = v.evaluation, v.mechanism
+        ref = v.comparisons.reference if v.comparisons is not None else None
 
-        def star(test: Any) -> str:
-            return " *" if test and test.get("significant") else ""
+        def star(test: PairedTest | None) -> str:
+            return " *" if test is not None and test.significant else ""
 
         row = [
-            str(v.get("name")),
-            format_value(v.get("source")),
-            format_value(v.get("source_shift")),
-            format_value(v.get("cosine_at_base_source"), 3),
-            format_rate(mech.get("refusal_rate_harmful"), 2),
-            format_rate(mech.get("necessity"), 2),
-            format_rate(mech.get("sufficiency"), 2),
-            *[format_rate(ev.get("asr", {}).get(a), 2) + star(ref.get("asr", {}).get(a)) for a in attacks],
-            format_rate(ev.get("over_refusal"), 2) + star(ref.get("over_refusal")),
+            v.name,
+            format_value(v.source),
+            format_value(v.source_shift),
+            format_value(v.cosine_at_base_source, 3),
+            format_rate(mech.refusal_rate_harmful if mech else None, 2),
+            format_rate(mech.necessity if mech else None, 2),
+            format_rate(mech.sufficiency if mech else None, 2),
+            *[
+                format_rate(ev.asr.get(a) if ev else None, 2) + star(ref.asr.get(a) if ref else None)
+                for a in attacks
+            ],
+            format_rate(ev.over_refusal if ev else None, 2) + star(ref.over_refusal if ref else None),
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

@@ -147,6 +147,21 @@ class PairedTest:
         d["before"], d["after"] = self.before.to_dict(), self.after.to_dict()
         return d
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PairedTest:
+        return cls(
+            n=int(data["n"]),
+            b=int(data["b"]),
+            c=int(data["c"]),
+            before=Rate.from_dict(data["before"]),
+            after=Rate.from_dict(data["after"]),
+            difference=float(data["difference"]),
+            p_value=float(data["p_value"]),
+            significant=bool(data["significant"]),
+            level=float(data.get("level", SIGNIFICANCE)),
+            test=str(data.get("test", cls.test)),
+        )
+
 
 def mcnemar(before: Sequence[bool], after: Sequence[bool], level: float = SIGNIFICANCE) -> PairedTest:
     """Exact McNemar test of ``before[i]`` vs ``after[i]`` (the same prompt ``i`` under two models)."""
@@ -189,6 +204,20 @@ class MeanDifference:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MeanDifference:
+        return cls(
+            n=int(data["n"]),
+            before_mean=float(data["before_mean"]),
+            after_mean=float(data["after_mean"]),
+            difference=float(data["difference"]),
+            low=float(data["low"]),
+            high=float(data["high"]),
+            significant=bool(data["significant"]),
+            confidence=float(data.get("confidence", CONFIDENCE)),
+            test=str(data.get("test", cls.test)),
+        )
 
 
 def paired_mean_difference(

@@ -9,20 +9,11 @@ import pytest
 import torch
 
 from refusal_core.errors import ArtifactError, EmptyInputError, InvalidArgumentError
-from refusal_core.evaluation.attacks import (
-    AsrResult,
-    DecodingAttack,
-    GcgAttack,
-    OverRefusalResult,
-    VanillaAttack,
-    allowed_suffix_tokens,
-    evaluate_asr,
-    over_refusal,
-    suffix_token_gradients,
-    target_loss,
-)
+from refusal_core.evaluation.attacks import DecodingAttack, VanillaAttack, evaluate_asr, over_refusal
+from refusal_core.evaluation.gcg import GcgAttack, allowed_suffix_tokens, suffix_token_gradients, target_loss
 from refusal_core.evaluation.generation import SamplingConfig, generate
 from refusal_core.evaluation.judges import FunctionJudge, SubstringJudge
+from refusal_core.evaluation.results import AsrResult, OverRefusalResult
 from refusal_core.testing.tiny import tiny_model, tiny_prompts, tiny_tokenizer
 
 TOK = tiny_tokenizer()

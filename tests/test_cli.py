@@ -241,11 +241,25 @@ def fake_study(monkeypatch: pytest.MonkeyPatch) -> list[tuple[StudyConfig, bool,
 
     seen: list[tuple[StudyConfig, bool, set[str]]] = []
 
-    def run(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+    def run(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> Any:
+        from types import SimpleNamespace
+
+        from refusal_core.stats import Rate
+        from refusal_core.study import DamageSummary, EvaluationSummary, VariantResult
+
         seen.append((config, progress, {p.name for p in Path(out_dir).iterdir()}))
-        rate = {"value": 0.25, "low": 0.05, "high": 0.7, "k": 1, "n": 4, "confidence": 0.95}
-        variant = {"name": "base", "source": [1, -1], "evaluation": {"asr": {"vanilla": rate}}}
-        return {"variants": [variant], "timings": {"total_seconds": 0.0}}
+        rate = Rate(k=1, n=4, value=0.25, low=0.05, high=0.7)
+        evaluation = EvaluationSummary(
+            asr={"vanilla": rate},
+            asr_per_config={},
+            over_refusal=rate,
+            degenerate={},
+            damage=DamageSummary(None, None, 0),
+            accuracy={},
+        )
+        variant = VariantResult("base", "base", None, source=[1, -1], evaluation=evaluation)
+        # only what the command's summary reads of a StudyResults
+        return SimpleNamespace(variants=[variant], timings={"total_seconds": 0.0})
 
     monkeypatch.setattr(refusal_core.study, "run_study", run)
     return seen

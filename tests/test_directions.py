@@ -396,3 +396,37 @@ def test_noise_floor_from_the_extraction_pass_equals_the_separate_functions(mode
     ferr = float((floor[both] - alone_floor[both]).abs().max())
     assert ferr < 1e-12, f"noise floor from the shared pass differs from split_half_noise_floor by {ferr:.1e}"
     assert (cands.n_harmful, cands.n_harmless) == (7, 6)
+
+
+def test_noise_floor_halves_are_disjoint(model) -> None:  # type: ignore[no-untyped-def]
+    """With two prompts per class every half is one prompt, so a split's cosine must be that of two
+    DISJOINT single-prompt directions: cos(h_i − s_j, h_(1−i) − s_(1−j)). Halves drawn with overlap
+    (the same prompt in both) give a cosine outside that set. Checked for the standalone floor and
+    for the one the study uses (from the extraction pass), over several seeds."""
+    from refusal_core.directions import extract_candidates_with_noise_floor
+
+    harm, safe = tiny_prompts(2, "harmful", seed=5), tiny_prompts(2, "harmless", seed=5)
+    # Per-prompt class means: each prompt's own activations, read directly with a one-prompt group.
+    acts = {}
+    for name, prompt in [("h0", harm[0]), ("h1", harm[1]), ("s0", safe[0]), ("s1", safe[1])]:
+        acts[name] = mean_activations(model, TOK, [prompt], batch_size=1).to(torch.float64)
+
+    def site_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+    # The two disjoint pairings, up to swapping halves A and B (the cosine is symmetric).
+    allowed = [
+        site_cos(acts["h0"] - acts["s0"], acts["h1"] - acts["s1"]),
+        site_cos(acts["h0"] - acts["s1"], acts["h1"] - acts["s0"]),
+    ]
+    for seed in range(8):
+        alone = split_half_noise_floor(model, TOK, harm, safe, n_splits=1, seed=seed, batch_size=4)
+        _, shared = extract_candidates_with_noise_floor(
+            model, TOK, harm, safe, n_splits=1, seed=seed, batch_size=4
+        )
+        for label, floor in (("split_half_noise_floor", alone), ("extraction pass", shared)):
+            got = floor[1:].to(torch.float64)
+            assert any(torch.allclose(got, a[1:], atol=1e-9) for a in allowed), (
+                f"{label}, seed {seed}: floor {got.flatten()[:4].tolist()} is no cosine of two disjoint "
+                f"halves {[a.flatten()[2:6].tolist() for a in allowed]}: the halves overlap"
+            )

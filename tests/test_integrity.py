@@ -41,7 +41,7 @@ UNPROBED = "model.layers.0.mlp.up_proj.weight"
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("clean_study")
-    return out, run_study(CONFIG, out, progress=False)
+    return out, run_study(CONFIG, out, progress=False).to_dict()
 
 
 def _copy(clean_dir: Path, tmp_path: Path) -> Path:
@@ -92,7 +92,7 @@ def test_flipped_exponent_bit_in_compressed_weights_recomputes_that_stage_only(
     _flip_exponent_bit(weights, UNPROBED)
     before = _markers(out)
     capsys.readouterr()
-    results = run_study(CONFIG, out, progress=False)
+    results = run_study(CONFIG, out, progress=False).to_dict()
     err = capsys.readouterr().err
     assert "stage magnitude/compress is damaged" in err, f"stderr names the damaged stage: {err!r}"
     assert "weights.safetensors" in err, f"stderr names the damaged file: {err!r}"
@@ -161,7 +161,7 @@ def test_emptied_evaluation_json_is_recomputed(
     path.write_text("{}")
     before = _markers(out)
     capsys.readouterr()
-    results = run_study(CONFIG, out, progress=False)
+    results = run_study(CONFIG, out, progress=False).to_dict()
     assert "stage eval/magnitude is damaged" in capsys.readouterr().err, "stderr names the damaged stage"
     assert _redone(before, out) == {"eval/magnitude"}, f"redone: {sorted(_redone(before, out))}"
     assert _variants(results) == _variants(clean_results), "evaluation recomputed to the clean values"
@@ -175,7 +175,7 @@ def test_edited_evaluation_value_is_not_used(clean: tuple[Path, dict], tmp_path:
     true_value = sum(doc["refused_harmless"])
     doc["refused_harmless"] = [not v for v in doc["refused_harmless"]]
     path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    results = run_study(CONFIG, out, progress=False)
+    results = run_study(CONFIG, out, progress=False).to_dict()
     got = next(v for v in results["variants"] if v["name"] == "magnitude")["evaluation"]["over_refusal"]["k"]
     assert got == true_value, (
         f"over-refusal count of magnitude after editing evaluation.json: {got}, clean value {true_value}"
@@ -195,7 +195,7 @@ def test_evaluation_json_failing_its_schema_is_recomputed_even_when_its_hash_was
     (stage / "evaluation.json").write_text(json.dumps(doc))
     StageStore(out / "stages").mark_done("eval/base", json.loads((stage / "stage.json").read_text())["key"])
     capsys.readouterr()
-    results = run_study(CONFIG, out, progress=False)
+    results = run_study(CONFIG, out, progress=False).to_dict()
     err = capsys.readouterr().err
     assert "stage eval/base is damaged" in err, f"stderr names the damaged stage: {err!r}"
     assert "'jailbroken'" in err, f"stderr names the key that fails the schema: {err!r}"
@@ -216,7 +216,7 @@ def test_edited_prompt_count_in_candidates_json(
     with pytest.raises(ArtifactError, match=r"candidates\.json was modified"):
         DirectionCandidates.load(path.with_suffix(""))
     capsys.readouterr()
-    results = run_study(CONFIG, out, progress=False)
+    results = run_study(CONFIG, out, progress=False).to_dict()
     assert "stage base/extract is damaged" in capsys.readouterr().err, "stderr names the damaged stage"
     assert json.loads(path.read_text())["meta"]["n_harmful"] == CONFIG.n_train, "candidates rewritten"
     assert _variants(results) == _variants(clean_results), "results equal the clean run"

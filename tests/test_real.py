@@ -18,6 +18,8 @@ from refusal_core.real import (
     real_study_config,
     verify_gguf,
 )
+from refusal_core.stats import mcnemar
+from refusal_core.study.results import VariantResult
 
 
 def test_default_path_and_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -65,6 +67,9 @@ def _rate(k: int, n: int) -> dict:
     return rate(k, n).to_dict()
 
 
+NO_DAMAGE = {"kl_mean": None, "ce_mean": None, "n": 0}
+
+
 def test_results_table_has_one_row_per_variant() -> None:
     results = {
         "variants": [
@@ -78,21 +83,30 @@ def test_results_table_has_one_row_per_variant() -> None:
                     "necessity": _rate(0, 64),
                     "sufficiency": _rate(51, 64),
                 },
-                "evaluation": {"asr": {"vanilla": _rate(32, 64)}, "over_refusal": _rate(0, 64)},
+                "evaluation": {
+                    "asr": {"vanilla": _rate(32, 64)},
+                    "over_refusal": _rate(0, 64),
+                    "damage": NO_DAMAGE,
+                },
             },
             {
                 "name": "wanda+aird",
                 "source": [12, -1],
                 "source_shift": [-2, 0],
                 "cosine_at_base_source": 0.71234,
-                "evaluation": {"asr": {"vanilla": _rate(16, 64)}, "over_refusal": _rate(6, 64)},
+                "evaluation": {
+                    "asr": {"vanilla": _rate(16, 64)},
+                    "over_refusal": _rate(6, 64),
+                    "damage": NO_DAMAGE,
+                },
                 "comparisons": {
-                    "vs_compressed": {"asr": {"vanilla": {"significant": True, "difference": -0.2}}}
+                    "vs_compressed": {"asr": {"vanilla": mcnemar([True] * 20, [False] * 20).to_dict()}}
                 },
             },
         ]
     }
-    lines = real_results_table(results).strip().splitlines()
+    variants = [VariantResult.from_dict({"kind": "base", "method": None, **v}) for v in results["variants"]]
+    lines = real_results_table(variants).strip().splitlines()
     assert len(lines) == 4, f"header, rule and two rows: {lines}"
     assert "ASR vanilla" in lines[0], f"one ASR column per attack: {lines[0]}"
     assert lines[2].startswith(

@@ -10,6 +10,8 @@ import torch
 from refusal_core.report import plot_asr, plot_candidate_heatmap, plot_cosine_by_layer, plot_pareto
 from refusal_core.stats import mcnemar, rate
 from refusal_core.study.report import format_rate, write_study_report
+from refusal_core.study.results import StudyResults
+from refusal_core.study.sweep import ValidationScores
 
 
 def test_plots_are_pngs(tmp_path: Path) -> None:
@@ -86,11 +88,15 @@ def test_report_marks_only_significant_differences(tmp_path: Path) -> None:
     small = mcnemar(before, [True] * 2 + [False] * 18)  # 2 discordant, p = 0.5
     results = {
         "model": {"name_or_path": "toy"},
+        "refusal_token_ids": [1],
+        "noise_floor": [[0.97], [0.97]],
         "base": {
             "source": [0, -1],
             "source_position": -1,
+            "filters_passed": True,
             "noise_floor_at_source": 0.97,
             "direction_norm": 2.0,
+            "validation": ValidationScores(rate(1, 2), rate(0, 2), 0.0, 1.0, -1.0, "generation").to_dict(),
         },
         "variants": [
             _variant("base", "base", 0),
@@ -104,7 +110,7 @@ def test_report_marks_only_significant_differences(tmp_path: Path) -> None:
     }
     path = write_study_report(
         tmp_path,
-        results,
+        StudyResults.from_dict(results),
         selections={"base": _Sel()},
         cosine_by_layer={},
         noise=torch.ones(2, 1),

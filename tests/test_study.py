@@ -57,7 +57,7 @@ def _stage_keys(out: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("study")
-    results = run_study(_config(zero_shot_tasks=("rc_arithmetic",)), out, progress=False)
+    results = run_study(_config(zero_shot_tasks=("rc_arithmetic",)), out, progress=False).to_dict()
     return out, results
 
 
@@ -150,7 +150,7 @@ def test_study_applies_the_base_direction_at_the_base_source(
 
     monkeypatch.setattr(run_mod, "apply_aird_", spy)
     out = tmp_path / "run"
-    results = run_study(_config(methods=("wanda",)), out, progress=False)
+    results = run_study(_config(methods=("wanda",)), out, progress=False).to_dict()
     base = DirectionCandidates.load(out / "stages" / "base" / "extract" / "candidates")
     layer, pos = results["base"]["source"]
     r_base = base.directions[layer, base.positions.index(pos)]
@@ -190,7 +190,7 @@ def test_test_prompts_never_reach_the_strength_choice(tmp_path: Path) -> None:
 def test_rerun_resumes_without_recomputing(first_run: tuple[Path, dict]) -> None:
     out, results = first_run
     before = {p: p.stat().st_mtime_ns for p in (out / "stages").rglob("stage.json")}
-    again = run_study(_config(zero_shot_tasks=("rc_arithmetic",)), out, progress=False)
+    again = run_study(_config(zero_shot_tasks=("rc_arithmetic",)), out, progress=False).to_dict()
     after = {p: p.stat().st_mtime_ns for p in (out / "stages").rglob("stage.json")}
     assert before == after, "a rerun with the same settings must not redo any stage"
     assert again["variants"] == results["variants"], "a resumed run reports the same results"
@@ -254,7 +254,7 @@ def test_interrupted_study_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert "eval/magnitude" not in done, f"stages done at the kill: {sorted(done)}"
     monkeypatch.setattr(run_mod, "over_refusal", real)
     stamp = (out / "stages" / "eval" / "base" / "stage.json").stat().st_mtime_ns
-    results = run_study(cfg, out, progress=False)
+    results = run_study(cfg, out, progress=False).to_dict()
     assert (out / "stages" / "eval" / "base" / "stage.json").stat().st_mtime_ns == stamp, (
         "the stage finished before the kill is not redone"
     )
@@ -267,7 +267,7 @@ def test_damaged_artifact_is_recomputed(first_run: tuple[Path, dict]) -> None:
     out, results = first_run
     cands = out / "stages" / "base" / "extract" / "candidates.safetensors"
     cands.write_bytes(b"not a safetensors file")
-    again = run_study(_config(zero_shot_tasks=("rc_arithmetic",)), out, progress=False)
+    again = run_study(_config(zero_shot_tasks=("rc_arithmetic",)), out, progress=False).to_dict()
     assert again["variants"][0]["source"] == results["variants"][0]["source"], "recomputed base source"
     assert cands.read_bytes()[:8] != b"not a sa", "the damaged artifact was rewritten"
 
@@ -323,3 +323,48 @@ def test_filter_prompts_keeps_what_the_base_refuses_and_leaves_the_test_split(tm
         assert kept == expected, (
             f"{split}: kept prompts are those with refusal score sign {sign:+d}, in order"
         )
+
+
+def test_validation_kl_is_base_against_the_variant(tmp_path: Path) -> None:
+    """The repair rule's damage score is mean KL(base ‖ variant) of the last-token distribution on the
+    harmless validation prompts: recomputed here from one unpadded forward pass per prompt."""
+    import refusal_core.study.run as run_mod
+
+    run = run_mod._Run(_config(methods=("magnitude",)), tmp_path / "run", progress=False)
+    compressed, _, _ = run.compress("magnitude")
+    forward, reverse = [], []
+    with torch.no_grad():
+        for ids in run.encoded("harmless_val"):
+            x = torch.tensor([ids])
+            p = torch.log_softmax(run.model(input_ids=x).logits[0, -1].double(), -1)
+            q = torch.log_softmax(compressed(input_ids=x).logits[0, -1].double(), -1)
+            forward.append(float((p.exp() * (p - q)).sum()))
+            reverse.append(float((q.exp() * (q - p)).sum()))
+    want, other = sum(forward) / len(forward), sum(reverse) / len(reverse)
+    assert abs(want - other) > 0.05 * want, f"fixture: KL nearly symmetric here ({want}, {other})"
+    got = run.validation_scores(compressed).kl
+    assert got == pytest.approx(want, rel=1e-6), (
+        f"validation KL {got}: KL(base‖variant) is {want}, KL(variant‖base) is {other}"
+    )
+
+
+def test_results_json_reads_back_as_typed_results(first_run: tuple[Path, dict]) -> None:
+    """results.json → StudyResults → dict is the same JSON, and the typed fields carry its values."""
+    from refusal_core.study import StudyResults
+
+    out, _ = first_run
+    on_disk = json.loads((out / "results.json").read_text())
+    typed = StudyResults.from_dict(on_disk)
+    assert json.loads(json.dumps(typed.to_dict())) == on_disk, "from_dict/to_dict lose or add something"
+    rep = typed.variant("magnitude+aird")
+    raw = _variant(on_disk, "magnitude+aird")
+    assert rep.evaluation is not None, "a repaired variant is evaluated"
+    assert rep.comparisons is not None, "a repaired variant has comparisons"
+    assert rep.comparisons.vs_compressed is not None, (
+        "a repaired variant is compared with its compressed model"
+    )
+    assert rep.evaluation.asr["vanilla"].k == raw["evaluation"]["asr"]["vanilla"]["k"]
+    assert (
+        rep.comparisons.vs_compressed.asr["vanilla"].p_value
+        == raw["comparisons"]["vs_compressed"]["asr"]["vanilla"]["p_value"]
+    )

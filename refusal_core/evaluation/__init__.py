@@ -1,5 +1,9 @@
 """Evaluation: generation, refusal scores, judges, attacks (ASR), over-refusal and zero-shot accuracy.
 
+Modules: ``generation``, ``scores``, ``judges``, ``results`` (ASR and over-refusal records and
+their files), ``attacks`` (the attack template, vanilla, decoding grid, over-refusal), ``gcg``,
+``damage`` and ``zero_shot``.
+
 Example:
     >>> from refusal_core.testing.tiny import tiny_model, tiny_tokenizer
     >>> from refusal_core.evaluation import SubstringJudge, VanillaAttack, evaluate_asr
@@ -11,18 +15,18 @@ Example:
 """
 
 from refusal_core.evaluation.attacks import (
-    AsrResult,
     Attack,
-    AttackResult,
-    Attempt,
     DecodingAttack,
-    GcgAttack,
-    GcgRun,
-    OverRefusalResult,
     VanillaAttack,
     evaluate_asr,
-    gcg_optimize,
     over_refusal,
+    prefill_shared_generations,
+)
+from refusal_core.evaluation.gcg import (
+    GcgAttack,
+    GcgRun,
+    allowed_suffix_tokens,
+    gcg_optimize,
     suffix_token_gradients,
     target_loss,
 )
@@ -34,6 +38,7 @@ from refusal_core.evaluation.judges import (
     Judge,
     SubstringJudge,
 )
+from refusal_core.evaluation.results import AsrResult, AttackResult, Attempt, OverRefusalResult
 from refusal_core.evaluation.scores import REFUSAL_OPENINGS, refusal_scores, refusal_token_ids_for
 from refusal_core.evaluation.zero_shot import (
     LOCAL_TASKS,
@@ -63,12 +68,14 @@ __all__ = [
     "SubstringJudge",
     "TaskResult",
     "VanillaAttack",
+    "allowed_suffix_tokens",
     "encode_prompts",
     "evaluate_asr",
     "gcg_optimize",
     "generate",
     "generate_ids",
     "over_refusal",
+    "prefill_shared_generations",
     "refusal_scores",
     "refusal_token_ids_for",
     "suffix_token_gradients",

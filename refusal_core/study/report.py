@@ -24,37 +24,40 @@ from refusal_core.report import (
     plot_cosine_by_layer,
     plot_pareto,
 )
+from refusal_core.stats import MeanDifference, PairedTest, Rate
+from refusal_core.study.results import Comparison, StudyResults, VariantResult
 
 __all__ = ["format_rate", "write_study_report"]
 
 
-def format_rate(r: Mapping[str, Any] | None, digits: int = 3) -> str:
-    """``value [low, high]`` of a rate record, or ``–``."""
+def format_rate(r: Rate | Mapping[str, Any] | None, digits: int = 3) -> str:
+    """``value [low, high]`` of a rate (or its dict), or ``–``."""
     if not r:
         return "–"
-    return f"{r['value']:.{digits}f} [{r['low']:.{digits}f}, {r['high']:.{digits}f}]"
+    if isinstance(r, Mapping):
+        r = Rate.from_dict(dict(r))
+    return f"{r.value:.{digits}f} [{r.low:.{digits}f}, {r.high:.{digits}f}]"
 
 
-def _mark(test: Mapping[str, Any] | None) -> str:
+def _mark(test: PairedTest | MeanDifference | None) -> str:
     """`` ↑*``/`` ↓*`` for a significant paired change, else empty."""
-    if not test or not test.get("significant"):
+    if test is None or not test.significant:
         return ""
-    return " ↑*" if test["difference"] > 0 else " ↓*"
+    return " ↑*" if test.difference > 0 else " ↓*"
 
 
 def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name)
 
 
-def _reference_test(v: Mapping[str, Any]) -> Mapping[str, Any]:
+def _reference(v: VariantResult) -> Comparison:
     """The comparison a variant's table cells are marked against: repaired vs compressed, else vs base."""
-    comps = v.get("comparisons", {})
-    return comps.get("vs_compressed") or comps.get("vs_base") or {}
+    return (v.comparisons.reference if v.comparisons is not None else None) or Comparison()
 
 
 def write_study_report(
     out_dir: Path,
-    results: Mapping[str, Any],
+    results: StudyResults,
     *,
     selections: Mapping[str, Any],
     cosine_by_layer: Mapping[str, Sequence[float]],
@@ -65,9 +68,9 @@ def write_study_report(
     out_dir = Path(out_dir)
     plots_dir = out_dir / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "results.json", results)
-    variants = list(results["variants"])
-    base = results["base"]
+    atomic_write_json(out_dir / "results.json", results.to_dict())
+    variants = results.variants
+    base = results.base
     plots: list[str] = []
 
     for name, sel in selections.items():
@@ -82,32 +85,35 @@ def write_study_report(
         plots.append(f"plots/{path.name}")
     plot_cosine_by_layer(
         plots_dir / "cosine_by_layer.png",
-        base["source_position"],
+        base.source_position,
         cosine_by_layer,
         [float(x) for x in noise[:, base_position_index]],
     )
     plots.append("plots/cosine_by_layer.png")
-    asr_table = {v["name"]: v["evaluation"]["asr"] for v in variants if "evaluation" in v}
+    asr_table = {
+        v.name: {a: r.to_dict() for a, r in v.evaluation.asr.items()}
+        for v in variants
+        if v.evaluation is not None
+    }
     plot_asr(plots_dir / "asr.png", asr_table)
     plots.append("plots/asr.png")
-    for method, sweep in results.get("sweeps", {}).items():
+    for method, sweep in results.sweeps.items():
         path = plots_dir / f"pareto_{_slug(method)}.png"
-        points = sweep["points"]
         chosen: dict[str, int] = {}
-        for arm, ch in sweep["choices"].items():
+        for arm, ch in sweep.choices.items():
             # indices in a choice refer to that arm's points (identity first); map back to the full list
             arm_idx = [
                 i
-                for i, p in enumerate(points)
-                if p["strength"] == "identity" or p["sparse"] == (arm == "sparse")
+                for i, p in enumerate(sweep.points)
+                if p.strength == "identity" or p.sparse == (arm == "sparse")
             ]
-            chosen[arm] = arm_idx[ch["index"]]
-        plot_pareto(path, method, points, chosen)
+            chosen[arm] = arm_idx[ch.index]
+        plot_pareto(path, method, [p.to_dict() for p in sweep.points], chosen)
         plots.append(f"plots/{path.name}")
 
-    level = results.get("significance_level", 0.05)
-    attacks = sorted({a for v in variants for a in v.get("evaluation", {}).get("asr", {})})
-    saturated = results.get("saturated_attacks", {})
+    level = results.significance_level
+    attacks = sorted({a for v in variants if v.evaluation is not None for a in v.evaluation.asr})
+    saturated = results.saturated_attacks
     head = [
         "variant",
         "source (l, pos)",
@@ -123,92 +129,89 @@ def write_study_report(
     ]
     rows = []
     for v in variants:
-        ev = v.get("evaluation", {})
-        ref = _reference_test(v)
-        same = v.get("repair", {}).get("same_as")
+        ev = v.evaluation
+        ref = _reference(v)
+        same = v.same_as
         cells = [
-            v["name"] + (f" (= {same}: no edit chosen)" if same else ""),
-            format_value(v.get("source")) + ("" if v.get("filters_passed", True) else " †"),
-            format_value(v.get("source_shift")),
-            format_value(v.get("cosine_at_base_source")),
-            format_value(v.get("cosine_selected")),
-            format_value(v.get("sparsity")),
+            v.name + (f" (= {same}: no edit chosen)" if same else ""),
+            format_value(v.source) + ("" if v.filters_passed in (True, None) else " †"),
+            format_value(v.source_shift),
+            format_value(v.cosine_at_base_source),
+            format_value(v.cosine_selected),
+            format_value(v.sparsity),
         ]
         for a in attacks:
-            cells.append(format_rate(ev.get("asr", {}).get(a)) + _mark(ref.get("asr", {}).get(a)))
-        cells.append(format_rate(ev.get("over_refusal")) + _mark(ref.get("over_refusal")))
-        deg = ev.get("degenerate", {})
+            cells.append(format_rate(ev.asr.get(a) if ev else None) + _mark(ref.asr.get(a)))
+        cells.append(format_rate(ev.over_refusal if ev else None) + _mark(ref.over_refusal))
+        deg = ev.degenerate if ev else {}
         cells.append(f"{deg.get('harmless', '–')} / {deg.get('vanilla', '–')}")
-        dmg = ev.get("damage", {})
-        cells.append(format_value(dmg.get("kl_mean"), 4) + _mark(ref.get("kl")))
-        cells.append(format_value(dmg.get("ce_mean"), 3) + _mark(ref.get("ce")))
+        cells.append(format_value(ev.damage.kl_mean if ev else None, 4) + _mark(ref.kl))
+        cells.append(format_value(ev.damage.ce_mean if ev else None, 3) + _mark(ref.ce))
         rows.append(cells)
 
     mech_rows = []
     for v in variants:
-        m = v.get("mechanism")
-        if not m:
+        m = v.mechanism
+        if m is None:
             continue
-        ref = v.get("comparisons", {}).get("mechanism_vs_compressed") or v.get("comparisons", {}).get(
-            "mechanism_vs_base", {}
-        )
+        mref = v.comparisons.mechanism_reference if v.comparisons is not None else {}
         mech_rows.append(
             [
-                v["name"],
-                format_rate(m["refusal_rate_harmful"]) + _mark(ref.get("refused_harmful")),
-                format_rate(m["necessity"]) + _mark(ref.get("refused_ablated")),
-                format_rate(m["sufficiency"]) + _mark(ref.get("refused_added")),
-                format_value(v.get("cosine_at_base_source")),
-                format_value(v.get("source_shift")),
+                v.name,
+                format_rate(m.refusal_rate_harmful) + _mark(mref.get("refused_harmful")),
+                format_rate(m.necessity) + _mark(mref.get("refused_ablated")),
+                format_rate(m.sufficiency) + _mark(mref.get("refused_added")),
+                format_value(v.cosine_at_base_source),
+                format_value(v.source_shift),
             ]
         )
 
     repair_rows = []
     for v in variants:
-        rep = v.get("repair")
-        if not rep:
+        rep = v.repair
+        if rep is None:
             continue
-        head_line = v.get("headline", {})
-        vs_c = v.get("comparisons", {}).get("vs_compressed", {})
+        head_line = v.headline or {}
+        vs_c = v.comparisons.vs_compressed if v.comparisons is not None else None
         for a in attacks:
             h = head_line.get(a)
-            t = vs_c.get("asr", {}).get(a)
+            t = vs_c.asr.get(a) if vs_c is not None else None
             if h is None or t is None:
                 continue
             repair_rows.append(
                 [
-                    v["name"],
-                    rep.get("how", ""),
-                    format_value(rep.get("gains")),
-                    format_value(rep.get("alphas"), 5),
+                    v.name,
+                    rep.how,
+                    format_value(rep.gains),
+                    format_value(rep.alphas, 5),
                     a,
-                    f"{h['asr_compressed']:.3f} → {h['asr_repaired']:.3f}",
-                    format_value(h["absolute_reduction"]),
-                    format_value(h["relative_reduction"]),
-                    format_value(h["share_of_rise_recovered"]),
-                    f"{t['p_value']:.3g}" + (" *" if t["significant"] else ""),
+                    f"{h.asr_compressed:.3f} → {h.asr_repaired:.3f}",
+                    format_value(h.absolute_reduction),
+                    format_value(h.relative_reduction),
+                    format_value(h.share_of_rise_recovered),
+                    f"{t.p_value:.3g}" + (" *" if t.significant else ""),
                 ]
             )
 
     sweep_parts: list[str] = []
-    for method, sweep in results.get("sweeps", {}).items():
+    for method, sweep in results.sweeps.items():
         srows = [
             [
-                p["label"],
-                format_value(p["gains"]),
-                format_value(p["alphas"], 5),
-                format_rate(p["scores"]["compliance"]),
-                format_rate(p["scores"]["over_refusal"]),
-                format_value(p["scores"]["kl"], 4),
-                format_value(p["scores"].get("ce"), 4),
+                p.label,
+                format_value(list(p.gains)),
+                format_value(list(p.alphas), 5),
+                format_rate(p.scores.compliance),
+                format_rate(p.scores.over_refusal),
+                format_value(p.scores.kl, 4),
+                format_value(p.scores.to_dict().get("ce"), 4),
             ]
-            for p in sweep["points"]
+            for p in sweep.points
         ]
         choice_lines = [
-            f"- {arm}: **{ch['chosen']['label']}** (criterion met: {ch['criterion_met']})"
-            for arm, ch in sweep["choices"].items()
+            f"- {arm}: **{ch.point.label}** (criterion met: {ch.criterion_met})"
+            for arm, ch in sweep.choices.items()
         ]
-        rule = next(iter(sweep["choices"].values()))["rule"] if sweep["choices"] else ""
+        rule = next(iter(sweep.choices.values())).rule if sweep.choices else ""
         sweep_parts += [
             f"### {method}",
             "",
@@ -232,12 +235,12 @@ def write_study_report(
         ]
 
     acc_rows = []
-    tasks = sorted({t for v in variants for t in v.get("evaluation", {}).get("accuracy", {})})
+    tasks = sorted({t for v in variants if v.evaluation is not None for t in v.evaluation.accuracy})
     for v in variants:
-        acc = v.get("evaluation", {}).get("accuracy", {})
+        acc = v.evaluation.accuracy if v.evaluation is not None else {}
         if acc:
             acc_rows.append(
-                [v["name"]]
+                [v.name]
                 + [
                     f"{acc[t]['accuracy']:.3f} ± {acc[t]['stderr']:.3f} (n={acc[t]['n']})"
                     if t in acc and acc[t].get("stderr") is not None
@@ -249,17 +252,17 @@ def write_study_report(
     sat_lines = [f"- **{a}** is saturated on the base model: {why}." for a, why in saturated.items()]
     sat_lines += [
         f"- **{a}** carries no paired test: {why}; its rates are shown without marks."
-        for a, why in results.get("untested_attacks", {}).items()
+        for a, why in results.untested_attacks.items()
         if a in attacks
     ]
-    model_name = results.get("model", {}).get("name_or_path", "model")
+    model_name = results.model.get("name_or_path", "model")
     parts = [
         f"# refusal_core study: {model_name}",
         "",
-        f"Base source: layer {base['source'][0]}, position {base['source_position']}"
-        + ("" if base.get("filters_passed", True) else " (no candidate passed the filters: fallback †)")
-        + f"; ‖r‖ = {base['direction_norm']:.3f}; split-half noise floor at that site: "
-        f"{format_value(base.get('noise_floor_at_source'))} (a cosine is only meaningful well above it).",
+        f"Base source: layer {base.source[0]}, position {base.source_position}"
+        + ("" if base.filters_passed else " (no candidate passed the filters: fallback †)")
+        + f"; ‖r‖ = {base.direction_norm:.3f}; split-half noise floor at that site: "
+        f"{format_value(base.noise_floor_at_source)} (a cosine is only meaningful well above it).",
         "",
         f"Rates: value [95 % Wilson interval], n per rate in results.json. `*` marks a paired difference "
         f"significant at p < {level} (exact McNemar on the same prompts; paired bootstrap for KL and CE): "
@@ -326,7 +329,7 @@ def write_study_report(
         "## Settings",
         "",
         "```json",
-        json.dumps(results.get("settings", {}), indent=2, sort_keys=True),
+        json.dumps(results.settings, indent=2, sort_keys=True),
         "```",
         "",
     ]

@@ -73,12 +73,12 @@ from refusal_core.directions import (
 from refusal_core.errors import ArtifactError, EmptyInputError, ShapeMismatchError, UnsupportedModuleError
 from refusal_core.evaluation.attacks import (
     DecodingAttack,
-    GcgAttack,
     VanillaAttack,
     over_refusal,
     prefill_shared_generations,
 )
 from refusal_core.evaluation.damage import completion_cross_entropy, kl_divergence, next_token_logp
+from refusal_core.evaluation.gcg import GcgAttack
 from refusal_core.evaluation.generation import GenerationCache, generate, generate_ids, pad_token_id
 from refusal_core.evaluation.judges import SubstringJudge, classify, is_degenerate, judge_from_spec
 from refusal_core.functional import refusal_score
@@ -86,9 +86,23 @@ from refusal_core.interventions import ablation_hooks, addition_hooks
 from refusal_core.models import load_model, model_identity
 from refusal_core.prompts import load_prompts
 from refusal_core.selection import SelectionResult, last_token_logits, select_direction
-from refusal_core.stats import finite_or_none, mcnemar, paired_mean_difference, rate_of
+from refusal_core.stats import finite_or_none, mcnemar, rate_of
 from refusal_core.study.config import StudyConfig
 from refusal_core.study.report import write_study_report
+from refusal_core.study.results import (
+    MECHANISM_FLAGS,
+    NOT_PAIRED_TESTABLE,
+    AsrChange,
+    BaseSummary,
+    Comparison,
+    Comparisons,
+    EvaluationSummary,
+    MechanismSummary,
+    RepairSummary,
+    StudyResults,
+    SweepSummary,
+    VariantResult,
+)
 from refusal_core.study.sweep import RepairChoice, SweepPoint, ValidationScores, choose_repair
 
 __all__ = ["default_refusal_token_ids", "load_variant_model", "run_study"]
@@ -383,33 +397,30 @@ class _Run:
     def compress(self, method: str) -> tuple[nn.Module, CompressionRecord, str]:
         cfg = method_config(method)
         calibration = encode_prompts(self.tokenizer, self.prompts["calibration"])
-        made: list[nn.Module] = []
 
-        def compute(d: Path) -> CompressionRecord:
+        def compute(d: Path) -> tuple[nn.Module, CompressionRecord]:
             model = copy.deepcopy(self.compression_base())
             record = compress_(
                 model, cfg, calibration, batch_size=self.config.batch_size, progress=self.progress
             )
             save_model_weights(model, d / "weights.safetensors")
             record.save(d / "record")
-            made.append(self._to_study_dtype(model))
-            return record
+            return self._to_study_dtype(model), record
 
-        def load(d: Path) -> CompressionRecord:
+        def load(d: Path) -> tuple[nn.Module, CompressionRecord]:
             record = CompressionRecord.load(
                 d / "record", expect_identity=model_identity(self.compression_base())
             )
-            made.append(self._to_study_dtype(self._restore(cfg, calibration, d / "weights.safetensors")))
-            return record
+            return self._to_study_dtype(self._restore(cfg, calibration, d / "weights.safetensors")), record
 
-        record, key = self.stage(
+        (model, record), key = self.stage(
             f"{method}/compress",
             {"config": config_to_dict(cfg), "calibration": self.config.calibration},
             [],
             compute,
             load,
         )
-        return made[-1], record, key
+        return model, record, key
 
     def _restore(self, cfg: Any, calibration: list[list[int]], path: Path) -> nn.Module:
         """Rebuild a compressed model from saved weights (re-creating quantized modules if any)."""
@@ -622,20 +633,8 @@ class _Run:
 
     # -- evaluation ----------------------------------------------------------
     def attacks(self) -> list[VanillaAttack | DecodingAttack]:
-        a, c = self.config.attacks, self.config
-        return [
-            VanillaAttack(max_new_tokens=c.max_new_tokens, batch_size=c.batch_size),
-            VanillaAttack(system=a.system_prompt, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size),
-            DecodingAttack(
-                temperatures=a.decoding_temperatures,
-                top_ps=a.decoding_top_ps,
-                top_ks=a.decoding_top_ks,
-                n_samples=a.decoding_samples,
-                max_new_tokens=c.max_new_tokens,
-                batch_size=c.batch_size,
-                seed=c.seed,
-            ),
-        ]
+        c = self.config
+        return c.attacks.attacks(max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, seed=c.seed)
 
     def gcg(self) -> GcgAttack:
         c = self.config
@@ -681,7 +680,7 @@ class _Run:
                 a.name: a.run(model, self.tokenizer, harmful, self.judge, progress=False, cache=self.memo)
                 for a in attacks
             }
-            if c.attacks.gcg_prompts > 0 and c.attacks.gcg_steps > 0:
+            if c.attacks.runs_gcg:
                 gcg = self.gcg()
                 results[gcg.name] = gcg.run(
                     model, self.tokenizer, harmful[: c.attacks.gcg_prompts], self.judge, progress=False
@@ -838,91 +837,11 @@ def load_variant_model(
 
 
 # ----------------------------------------------------------------------------
-# per-variant results
-# ----------------------------------------------------------------------------
-
-
-def _mechanism_summary(mech: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "refusal_rate_harmful": rate_of(mech["refused_harmful"]).to_dict(),
-        "necessity": rate_of(mech["refused_ablated"]).to_dict(),
-        "sufficiency": rate_of(mech["refused_added"]).to_dict(),
-    }
-
-
-def _evaluation_summary(ev: dict[str, Any]) -> dict[str, Any]:
-    dmg = ev["damage"]
-    kl = [float(v) for v in dmg["kl_per_prompt"]]
-    ce = [float(v) for v in dmg["ce_per_prompt"]]
-    return {
-        "asr": {name: rate_of(flags).to_dict() for name, flags in ev["jailbroken"].items()},
-        "asr_per_config": ev["asr_per_config"],
-        "over_refusal": rate_of(ev["refused_harmless"]).to_dict(),
-        "degenerate": dict(ev["degenerate"]),
-        "damage": {
-            "kl_mean": sum(kl) / len(kl) if kl else None,
-            "ce_mean": sum(ce) / len(ce) if ce else None,
-            "n": len(kl),
-        },
-        "accuracy": ev["accuracy"],
-    }
-
-
-#: Attacks whose per-prompt outcomes are not independent given the model: the study's GCG optimizes
-#: ONE universal suffix per model, so every prompt's outcome moves with that one suffix and a paired
-#: per-prompt test (McNemar) would overstate the evidence. Their rates are reported without a test.
-NOT_PAIRED_TESTABLE = {"gcg": "one universal suffix per model: per-prompt outcomes are not independent"}
-
-
-def _paired(ev: dict[str, Any], ref: dict[str, Any], *, kl: bool) -> dict[str, Any]:
-    """Exact McNemar per attack and for over-refusal, paired bootstrap for damage: ``ev`` vs ``ref``.
-
-    ``kl=False`` skips the KL test: against the base, whose KL with itself is 0 on every prompt,
-    any nonzero KL is "significant" and the test says nothing.
-    """
-    out: dict[str, Any] = {"asr": {}, "over_refusal": None, "kl": None, "ce": None}
-    for name, flags in ev["jailbroken"].items():
-        if name in NOT_PAIRED_TESTABLE:
-            continue
-        if name in ref["jailbroken"] and len(ref["jailbroken"][name]) == len(flags):
-            out["asr"][name] = mcnemar(ref["jailbroken"][name], flags).to_dict()
-    out["over_refusal"] = mcnemar(ref["refused_harmless"], ev["refused_harmless"]).to_dict()
-    for key, field_name in (("kl", "kl_per_prompt"), ("ce", "ce_per_prompt")):
-        if key == "kl" and not kl:
-            continue
-        a, b = ref["damage"][field_name], ev["damage"][field_name]
-        if a and len(a) == len(b) and ref["damage"].get("ce_prompts") == ev["damage"].get("ce_prompts"):
-            out[key] = paired_mean_difference(a, b).to_dict()
-    return out
-
-
-def _headline(base: dict[str, Any], comp: dict[str, Any], rep: dict[str, Any]) -> dict[str, Any]:
-    """The paper's quantities per attack: absolute and relative ASR reduction, share of the rise recovered."""
-    out: dict[str, Any] = {}
-    for name, flags in rep["jailbroken"].items():
-        if name not in comp["jailbroken"] or name not in base["jailbroken"]:
-            continue
-        a_b = sum(base["jailbroken"][name]) / len(base["jailbroken"][name])
-        a_c = sum(comp["jailbroken"][name]) / len(comp["jailbroken"][name])
-        a_r = sum(flags) / len(flags)
-        rise = a_c - a_b
-        out[name] = {
-            "asr_base": a_b,
-            "asr_compressed": a_c,
-            "asr_repaired": a_r,
-            "absolute_reduction": a_c - a_r,
-            "relative_reduction": (a_c - a_r) / a_c if a_c > 0 else None,
-            "share_of_rise_recovered": (a_c - a_r) / rise if rise > 0 else None,
-        }
-    return out
-
-
-# ----------------------------------------------------------------------------
 # the pipeline
 # ----------------------------------------------------------------------------
 
 
-def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> StudyResults:
     """Run (or resume) the study and write the report into ``out_dir``; returns results.json's content."""
     t_start = time.perf_counter()
     run = _Run(config, Path(out_dir), progress)
@@ -947,28 +866,33 @@ def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> d
     base_val = run.validation_stage("base", run.model, [])
     step("base mechanism")
 
-    # Each entry: name -> (model, upstream keys, record)
+    # What each variant was measured with: its model and upstream keys (for its evaluation), the
+    # per-prompt mechanism flags (for the paired tests) and its selection (for the plots).
     models: dict[str, tuple[nn.Module, list[str]]] = {"base": (run.model, [k_sel])}
-    records: list[dict[str, Any]] = [
-        {
-            "name": "base",
-            "kind": "base",
-            "method": None,
-            "source": [layer, position],
-            "source_shift": [0, 0],
-            "cosine_at_base_source": 1.0,
-            "cosine_selected": 1.0,
-            "filters_passed": base_sel.selected is not None,
-            "sparsity": _sparsity(run.model),
-            "mechanism": base_mech,
-            "selection": base_sel,
-        }
+    flags: dict[str, dict[str, Any]] = {"base": base_mech}
+    selections: dict[str, SelectionResult] = {"base": base_sel}
+    variants: list[VariantResult] = [
+        VariantResult(
+            name="base",
+            kind="base",
+            method=None,
+            source=[layer, position],
+            source_shift=[0, 0],
+            cosine_at_base_source=1.0,
+            cosine_selected=1.0,
+            filters_passed=base_sel.selected is not None,
+            sparsity=_sparsity(run.model),
+            mechanism=MechanismSummary.from_flags(base_mech),
+        )
     ]
     cosine_by_layer: dict[str, list[float]] = {}
-    sweeps: dict[str, dict[str, Any]] = {}
+    sweeps: dict[str, SweepSummary] = {}
 
-    def analyse(name: str, model: nn.Module, upstream: list[str]) -> dict[str, Any]:
-        """Extract, select, compare with the base and measure the mechanism of one model."""
+    def analyse(name: str, model: nn.Module, upstream: list[str]) -> tuple[dict[str, Any], int]:
+        """Extract, select, compare with the base and measure the mechanism of one model.
+
+        Returns the analysis fields of its :class:`VariantResult` and its own source layer.
+        """
         cands, k_e = run.extract(name, model, upstream)
         sel, k_s = run.select(name, model, cands, [*upstream, k_e])
         m_layer, m_pi = sel.source
@@ -981,37 +905,39 @@ def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> d
         cmp.save(run.store.stage_dir(f"{name}/extract") / "comparison")
         cosine_by_layer[name] = [float(v) for v in cmp.per_site_cosine[:, pos_i]]
         mech, _ = run.mechanism(name, model, cands.directions[m_layer, m_pi], m_layer, [*upstream, k_s])
-        return {
+        flags[name] = mech
+        selections[name] = sel
+        fields = {
             "source": [m_layer, sel.positions[m_pi]],
             "source_shift": list(cmp.source_shift) if cmp.source_shift is not None else None,
             "cosine_at_base_source": finite_or_none(cmp.cosine_at_base_source),
             "cosine_selected": finite_or_none(cmp.selected_cosine),
             "filters_passed": sel.selected is not None,
-            "mechanism": mech,
-            "selection": sel,
-            "own_layer": m_layer,
+            "mechanism": MechanismSummary.from_flags(mech),
         }
+        return fields, m_layer
 
     # 2. compressed models and 3. their repair ----------------------------------
     for method in config.methods:
         compressed, record, k_c = run.compress(method)
         step(f"{method} compressed")
-        info = analyse(method, compressed, [k_c])
+        info, own_layer = analyse(method, compressed, [k_c])
         step(f"{method} analysed")
-        records.append(
-            {
-                "name": method,
-                "kind": "compressed",
-                "method": method,
-                "compression_config": record.to_dict().get("config"),
-                "quantization_error": record.to_dict().get("quantization_error") or None,
-                "sparsity": record.sparsity,
+        record_dict = record.to_dict()
+        variants.append(
+            VariantResult(
+                name=method,
+                kind="compressed",
+                method=method,
+                compression_config=record_dict.get("config"),
+                quantization_error=record_dict.get("quantization_error") or None,
+                sparsity=record.sparsity,
                 **info,
-            }
+            )
         )
         models[method] = (compressed, [k_c])
 
-        points, _ = run.sweep(method, compressed, r_base, layer, info["own_layer"], [k_c, k_sel])
+        points, _ = run.sweep(method, compressed, r_base, layer, own_layer, [k_c, k_sel])
         step(f"{method} swept")
         arms = sorted({p.sparse for p in points if p.strength != "identity"})
         choices: dict[str, RepairChoice] = {}
@@ -1024,7 +950,7 @@ def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> d
                 max_kl_increase=config.repair.max_kl_increase,
                 significance=config.repair.significance,
             )
-        sweeps[method] = {"points": points, "choices": choices}
+        sweeps[method] = SweepSummary(points=points, choices=choices)
 
         plan: list[tuple[str, str, SweepPoint | None]] = [(f"{method}+aird", "paper", None)]
         for arm, choice in choices.items():
@@ -1034,19 +960,19 @@ def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> d
             if point is None:
                 cfg, layers, how = config.aird, (layer,), "paper's α at the base source layer"
             elif point.strength == "identity":
-                records.append(
-                    {
-                        "name": name,
-                        "kind": "repaired",
-                        "method": method,
-                        "repair": {
-                            "arm": arm,
-                            "how": "no strength improved on the unedited model under the rule",
-                            "point": point.to_dict(),
-                            "criterion_met": choices[arm].criterion_met,
-                            "same_as": method,
-                        },
-                    }
+                variants.append(
+                    VariantResult(
+                        name=name,
+                        kind="repaired",
+                        method=method,
+                        repair=RepairSummary(
+                            arm=arm,
+                            how="no strength improved on the unedited model under the rule",
+                            point=point.to_dict(),
+                            criterion_met=choices[arm].criterion_met,
+                            same_as=method,
+                        ),
+                    )
                 )
                 step(f"{name}: no edit chosen")  # nothing to analyse
                 step("")  # nor to evaluate
@@ -1056,78 +982,71 @@ def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> d
                 layers, how = point.layers, f"chosen on validation: {point.label}"
             repaired, aird_record = run.repaired(compressed, r_base, layers, cfg)
             k_a = settings_key({"aird": asdict(cfg), "layers": list(layers)}, k_c, k_sel)
-            info_r = analyse(name, repaired, [k_a])
+            info_r, _ = analyse(name, repaired, [k_a])
             step(f"{name} analysed")
             norm = float(torch.linalg.vector_norm(r_base.to(torch.float64)))
-            records.append(
-                {
-                    "name": name,
-                    "kind": "repaired",
-                    "method": method,
-                    "sparsity": _sparsity(repaired),
-                    "repair": {
-                        "arm": arm,
-                        "how": how,
-                        "layers": list(layers),
-                        "alphas": list(cfg.alphas(norm)),
-                        "gains": list(cfg.gains(norm)),
-                        "point": point.to_dict() if point is not None else None,
-                        "criterion_met": choices[arm].criterion_met if arm in choices else None,
-                        "record": aird_record,
-                    },
+            variants.append(
+                VariantResult(
+                    name=name,
+                    kind="repaired",
+                    method=method,
+                    sparsity=_sparsity(repaired),
+                    repair=RepairSummary(
+                        arm=arm,
+                        how=how,
+                        layers=list(layers),
+                        alphas=list(cfg.alphas(norm)),
+                        gains=list(cfg.gains(norm)),
+                        point=point.to_dict() if point is not None else None,
+                        criterion_met=choices[arm].criterion_met if arm in choices else None,
+                        record=aird_record,
+                    ),
                     **info_r,
-                }
+                )
             )
             models[name] = (repaired, [k_a])
 
     # 4. evaluation -------------------------------------------------------------
     evals: dict[str, dict[str, Any]] = {}
-    for rec in records:
-        if rec.get("repair", {}).get("same_as"):
+    for v in variants:
+        if v.same_as:
             continue
-        model, upstream = models[rec["name"]]
-        evals[rec["name"]], _ = run.evaluate(rec["name"], model, upstream)
-        step(f"evaluated {rec['name']}")
+        model, upstream = models[v.name]
+        evals[v.name], _ = run.evaluate(v.name, model, upstream)
+        step(f"evaluated {v.name}")
     bar.close()
 
     # 5. results and report -----------------------------------------------------
-    variants = [_variant_result(rec, evals, records) for rec in records]
-    results = {
-        "model": run.identity,
-        "settings": config.to_dict(),
-        "refusal_token_ids": run.refusal_ids,
-        "base": {
-            "source": [layer, position],
-            "source_position": position,
-            "filters_passed": base_sel.selected is not None,
-            "noise_floor_at_source": finite_or_none(float(noise[layer, pos_i])),
-            "direction_norm": float(r_base.norm()),
-            "validation": base_val.to_dict(),
-        },
-        "noise_floor": [[finite_or_none(float(x)) for x in row] for row in noise],
-        "variants": variants,
-        "sweeps": {
-            m: {
-                "points": [p.to_dict() for p in s["points"]],
-                "choices": {arm: ch.to_dict() for arm, ch in s["choices"].items()},
-            }
-            for m, s in sweeps.items()
-        },
-        "saturated_attacks": _saturation(evals["base"]),
-        "untested_attacks": NOT_PAIRED_TESTABLE,
-        "significance_level": 0.05,
-        "timings": {
+    results = StudyResults(
+        model=run.identity,
+        settings=config.to_dict(),
+        refusal_token_ids=run.refusal_ids,
+        base=BaseSummary(
+            source=[layer, position],
+            source_position=position,
+            filters_passed=base_sel.selected is not None,
+            noise_floor_at_source=finite_or_none(float(noise[layer, pos_i])),
+            direction_norm=float(r_base.norm()),
+            validation=base_val,
+        ),
+        noise_floor=[[finite_or_none(float(x)) for x in row] for row in noise],
+        variants=[_evaluated(v, evals, flags) for v in variants],
+        sweeps=sweeps,
+        saturated_attacks=_saturation(evals["base"]),
+        untested_attacks=NOT_PAIRED_TESTABLE,
+        significance_level=0.05,
+        timings={
             "stages": run.timings,
             # this invocation's wall time; on a resumed run the work of earlier runs is in the stages
             "total_seconds": round(time.perf_counter() - t_start, 3),
             "stage_seconds_all_runs": round(sum(run.timings.values()), 3),
         },
-        "reproduce": _reproduce_info(),
-    }
+        reproduce=_reproduce_info(),
+    )
     write_study_report(
         out,
         results,
-        selections={r["name"]: r["selection"] for r in records if "selection" in r},
+        selections=selections,
         cosine_by_layer=cosine_by_layer,
         noise=noise,
         base_position_index=pos_i,
@@ -1166,37 +1085,43 @@ def _saturation(base_eval: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def _variant_result(
-    rec: dict[str, Any], evals: dict[str, dict[str, Any]], records: list[dict[str, Any]]
-) -> dict[str, Any]:
-    """The JSON record of one variant: its findings, rates with intervals, and paired comparisons."""
-    out = {k: v for k, v in rec.items() if k not in ("mechanism", "selection", "own_layer")}
-    if "mechanism" in rec:
-        out["mechanism"] = _mechanism_summary(rec["mechanism"])
-    same = rec.get("repair", {}).get("same_as")
-    ev = evals.get(same or rec["name"])
+def _evaluated(
+    v: VariantResult, evals: dict[str, dict[str, Any]], flags: dict[str, dict[str, Any]]
+) -> VariantResult:
+    """``v`` with its test-prompt evaluation and its paired comparisons (a variant that is its
+    compressed model reads that model's evaluation)."""
+    ev = evals.get(v.same_as or v.name)
     if ev is None:
-        return out
-    out["evaluation"] = _evaluation_summary(ev)
-    comparisons: dict[str, Any] = {}
-    if rec["kind"] != "base":
-        comparisons["vs_base"] = _paired(ev, evals["base"], kl=False)
-    if rec["kind"] == "repaired" and not same:
-        comp_ev = evals[rec["method"]]
-        comparisons["vs_compressed"] = _paired(ev, comp_ev, kl=True)
-        out["headline"] = _headline(evals["base"], comp_ev, ev)
-        comp_rec = next(r for r in records if r["name"] == rec["method"])
-        comparisons["mechanism_vs_compressed"] = {
-            key: mcnemar(comp_rec["mechanism"][key], rec["mechanism"][key]).to_dict()
-            for key in ("refused_harmful", "refused_ablated", "refused_added")
+        return v
+    vs_base = vs_compressed = mech_vs_base = mech_vs_compressed = None
+    headline = None
+    if v.kind != "base":
+        vs_base = Comparison.between(ev, evals["base"], kl=False)
+    if v.kind == "repaired" and not v.same_as:
+        assert v.method is not None
+        comp_ev = evals[v.method]
+        vs_compressed = Comparison.between(ev, comp_ev, kl=True)
+        headline = {
+            name: AsrChange.of(evals["base"]["jailbroken"][name], comp_ev["jailbroken"][name], jb)
+            for name, jb in ev["jailbroken"].items()
+            if name in comp_ev["jailbroken"] and name in evals["base"]["jailbroken"]
         }
-    if rec["kind"] == "compressed":
-        comparisons["mechanism_vs_base"] = {
-            key: mcnemar(records[0]["mechanism"][key], rec["mechanism"][key]).to_dict()
-            for key in ("refused_harmful", "refused_ablated", "refused_added")
+        mech_vs_compressed = {
+            key: mcnemar(flags[v.method][key], flags[v.name][key]) for key in MECHANISM_FLAGS
         }
-    out["comparisons"] = comparisons
-    return out
+    if v.kind == "compressed":
+        mech_vs_base = {key: mcnemar(flags["base"][key], flags[v.name][key]) for key in MECHANISM_FLAGS}
+    return replace(
+        v,
+        evaluation=EvaluationSummary.from_evaluation(ev),
+        comparisons=Comparisons(
+            vs_base=vs_base,
+            vs_compressed=vs_compressed,
+            mechanism_vs_base=mech_vs_base,
+            mechanism_vs_compressed=mech_vs_compressed,
+        ),
+        headline=headline,
+    )
 
 
 def _sparsity(model: nn.Module) -> float:

@@ -141,6 +141,17 @@ class RepairChoice:
             "rule": self.rule,
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RepairChoice:
+        return cls(
+            point=SweepPoint.from_dict(d["chosen"]),
+            index=int(d["index"]),
+            admissible=tuple(bool(a) for a in d["admissible"]),
+            criterion_met=bool(d["criterion_met"]),
+            rule=str(d["rule"]),
+            p_values=tuple(None if p is None else float(p) for p in d["p_values"]),
+        )
+
 
 def choose_repair(
     points: Sequence[SweepPoint],

@@ -174,9 +174,10 @@ def test_full_study(gguf: Path, out_dir: Path) -> None:
 
     config = real_study_config(gguf, methods=_methods())
     t0 = time.perf_counter()
-    results = run_study(config, out_dir / "study", progress=True)
+    typed = run_study(config, out_dir / "study", progress=True)
+    results = typed.to_dict()
     wall = time.perf_counter() - t0
-    table = real_results_table(results)
+    table = real_results_table(typed)
     (out_dir / "real_table.md").write_text(table)
     variants = {v["name"]: v for v in results["variants"]}
     summary = {
