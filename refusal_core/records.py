@@ -11,7 +11,7 @@ object: the five common keys next to the kind's fields.
 kind                            version  written by
 ==============================  =======  ==============================================
 ``refusal_core.artifact``       3        :func:`~refusal_core.artifacts.save_artifact`
-``refusal_core.checkpoint``     1        :func:`~refusal_core.checkpoint.save_checkpoint`
+``refusal_core.checkpoint``     2        :func:`~refusal_core.checkpoint.save_checkpoint`
 ``AirdRecord``                  2        :meth:`~refusal_core.aird.AirdRecord.save`
 ``QuantizedEditRecord``         1        :meth:`~refusal_core.quantized_edit.QuantizedEditRecord.save`
 ``DamageResult``                1        :meth:`~refusal_core.evaluation.damage.DamageResult.save`
@@ -172,7 +172,7 @@ class RecordKind:
 #: Every kind of record refusal_core writes (see the module docstring).
 RECORD_KINDS: dict[str, RecordKind] = {
     "refusal_core.artifact": RecordKind(3, (2, 3)),
-    "refusal_core.checkpoint": RecordKind(1, (1,)),
+    "refusal_core.checkpoint": RecordKind(2, (1, 2)),
     "AirdRecord": RecordKind(2, (1, 2)),
     "QuantizedEditRecord": RecordKind(1, (1,)),
     "DamageResult": RecordKind(1, (1,)),
