@@ -42,7 +42,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -53,7 +52,7 @@ import torch
 from torch import nn
 
 from refusal_core.aird import AirdConfig, AirdRecord, apply_aird_
-from refusal_core.artifacts import atomic_write_json
+from refusal_core.records import RECORD_KINDS, Record, read_json, write_record
 from refusal_core.compression.bnb import dequantize_bnb, is_bnb_4bit, is_bnb_int8, replace_module_
 from refusal_core.compression.quantization import Int8LinearSim
 from refusal_core.errors import (
@@ -162,9 +161,10 @@ class QuantizedEditRecord:
     model: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The saved JSON object (see :mod:`refusal_core.records`; the model identity is ``model``)."""
         return {
-            "kind": "QuantizedEditRecord",
-            "version": 1,
+            "kind": _RECORD_KIND,
+            "version": RECORD_KINDS[_RECORD_KIND].version,
             "operation": self.operation,
             "requantize": self.requantize,
             "modules": {k: asdict(v) for k, v in self.modules.items()},
@@ -174,18 +174,15 @@ class QuantizedEditRecord:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the record as JSON to ``path`` (a file)."""
-        out = Path(path)
-        atomic_write_json(out, self.to_dict())
-        return out
+        """Write the record as JSON to ``path`` (a file), atomically."""
+        return write_record(path, Record.from_dict(self.to_dict(), _RECORD_KIND), strict=False)
 
     @classmethod
-    def load(cls, path: str | Path) -> QuantizedEditRecord:
-        """Read a record written by :meth:`save`; :class:`ArtifactError` if it is not one."""
+    def from_dict(cls, doc: object) -> QuantizedEditRecord:
+        """The record :meth:`to_dict` wrote; :class:`ArtifactError` for anything else."""
+        Record.from_dict(doc, _RECORD_KIND)  # kind and a readable version, else ArtifactError
+        assert isinstance(doc, dict)  # checked by Record.from_dict
         try:
-            doc = json.loads(Path(path).read_text())
-            if doc.get("kind") != "QuantizedEditRecord" or doc.get("version") != 1:
-                raise ArtifactError(f"{path} is not a QuantizedEditRecord (version 1)")
             aird = None if doc["aird"] is None else AirdRecord.from_dict(doc["aird"])
             return cls(
                 operation=str(doc["operation"]),
@@ -197,8 +194,20 @@ class QuantizedEditRecord:
             )
         except ArtifactError:
             raise
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ArtifactError(f"cannot read QuantizedEditRecord from {path}: {exc}") from exc
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ArtifactError(f"malformed QuantizedEditRecord: {exc}") from exc
+
+    @classmethod
+    def load(cls, path: str | Path) -> QuantizedEditRecord:
+        """Read a record written by :meth:`save`; :class:`ArtifactError` naming the file if it is not one."""
+        doc = read_json(path, _RECORD_KIND)
+        try:
+            return cls.from_dict(doc)
+        except ArtifactError as exc:
+            raise ArtifactError(f"{path}: {exc}") from exc
+
+
+_RECORD_KIND = "QuantizedEditRecord"
 
 
 # ----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ kind                            version  written by
 ``refusal_core.checkpoint``     2        :func:`~refusal_core.checkpoint.save_checkpoint`
 ``AirdRecord``                  2        :meth:`~refusal_core.aird.AirdRecord.save`
 ``QuantizedEditRecord``         1        :meth:`~refusal_core.quantized_edit.QuantizedEditRecord.save`
-``DamageResult``                1        :meth:`~refusal_core.evaluation.damage.DamageResult.save`
+``DamageResult``                2        :meth:`~refusal_core.evaluation.damage.DamageResult.save`
 ==============================  =======  ==============================================
 
 (:data:`RECORD_KINDS` is that table; :func:`register_kind` adds a kind.)
@@ -31,7 +31,7 @@ Example:
     >>> import tempfile
     >>> from pathlib import Path
     >>> path = Path(tempfile.mkdtemp()) / "r.json"
-    >>> rec = Record("DamageResult", 1, identity={"class": "Toy"}, data={"n": 3})
+    >>> rec = Record("DamageResult", 2, identity={"class": "Toy"}, data={"n": 3})
     >>> _ = write_record(path, rec)
     >>> read_record(path, "DamageResult") == rec
     True
@@ -175,7 +175,7 @@ RECORD_KINDS: dict[str, RecordKind] = {
     "refusal_core.checkpoint": RecordKind(2, (1, 2)),
     "AirdRecord": RecordKind(2, (1, 2)),
     "QuantizedEditRecord": RecordKind(1, (1,)),
-    "DamageResult": RecordKind(1, (1,)),
+    "DamageResult": RecordKind(2, (1, 2)),
 }
 
 
