@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from refusal_core.artifacts import save_artifact
-from refusal_core.compression import _REGISTRY as REGISTRY
+from refusal_core.compression._registry import REGISTRY
 from refusal_core.compression import (
     METHODS,
     AwqConfig,
@@ -174,7 +174,9 @@ def test_register_method_dispatches_on_config_type() -> None:
     calls: list[str] = []
 
     @register_method(ZeroFirstRowConfig, "zero-first-row", needs_calibration=False)
-    def _apply(model: nn.Module, config: ZeroFirstRowConfig, calibration: object, bs: int, pr: bool) -> dict:
+    def _apply(
+        model: nn.Module, config: ZeroFirstRowConfig, calibration: object, *, batch_size: int, progress: bool
+    ) -> dict:
         calls.append("called")
         with torch.no_grad():
             get_layout(model).linears(0)["q_proj"].weight[0] = 0.0

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from refusal_core.aird import apply_aird_
-from refusal_core.compression import _REGISTRY as REGISTRY
+from refusal_core.compression._registry import REGISTRY
 from refusal_core.compression import (
     METHODS,
     CompressionConfig,
