@@ -45,12 +45,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from refusal_core.records import RECORD_KINDS, Record, read_json, write_record
 from refusal_core.compression._transaction import check_model_finite
 from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError, ZeroDirectionError
 from refusal_core.functional import aird_update, check_tensor, unit_direction
 from refusal_core.interventions import check_directions, check_editable_linear
 from refusal_core.models import get_layout, model_identity
+from refusal_core.records import RECORD_KINDS, Record, read_json, write_record
 
 __all__ = [
     "AirdConfig",

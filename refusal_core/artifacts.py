@@ -128,7 +128,9 @@ def save_artifact(
     """
     base = Path(base)
     data: dict[str, Any] = {"meta": dict(meta), "tensors": {}}
-    record = Record(ARTIFACT_KIND, FORMAT_VERSION, identity=identity or {}, settings=settings or {}, data=data)
+    record = Record(
+        ARTIFACT_KIND, FORMAT_VERSION, identity=identity or {}, settings=settings or {}, data=data
+    )
     files: dict[str, str] = {}
     if tensors:
         contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -398,7 +400,9 @@ def load_artifact(
     else:
         legacy_body = None
     readable = RECORD_KINDS[ARTIFACT_KIND].readable
-    if isinstance(header, dict) and (header.get("kind") != ARTIFACT_KIND or header.get("version") not in readable):
+    if isinstance(header, dict) and (
+        header.get("kind") != ARTIFACT_KIND or header.get("version") not in readable
+    ):
         raise ArtifactError(
             f"artifact {jpath} is a {header.get('kind')!r} record of version {header.get('version')!r}; this "
             f"version reads {ARTIFACT_KIND} versions {readable} only (older artifacts carry no file hashes; "

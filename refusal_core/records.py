@@ -205,7 +205,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _json_copy(value: Any, where: str) -> Any:
-    """A plain-JSON deep copy of ``value`` (tuples become lists, ...); :class:`ArtifactError` if it has none."""
+    """A plain-JSON deep copy of ``value`` (tuples become lists, ...); :class:`ArtifactError` if none."""
     try:
         return json.loads(json.dumps(value, default=json_default))
     except (TypeError, ValueError) as exc:
@@ -246,14 +246,20 @@ class Record:
         for name in ("identity", "settings", "files", "data"):
             value = getattr(self, name)
             if not isinstance(value, Mapping):
-                raise ArtifactError(f"{self.kind} record: {name} must be a JSON object, got {type(value).__name__}")
+                raise ArtifactError(
+                    f"{self.kind} record: {name} must be a JSON object, got {type(value).__name__}"
+                )
             object.__setattr__(self, name, _json_copy(dict(value), f"{self.kind} record: {name}"))
         for name, digest in self.files.items():
             if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
-                raise ArtifactError(f"{self.kind} record: files[{name!r}] is not a hex SHA-256, got {digest!r}")
+                raise ArtifactError(
+                    f"{self.kind} record: files[{name!r}] is not a hex SHA-256, got {digest!r}"
+                )
         clash = sorted(set(self.data) & set(COMMON_KEYS))
         if clash:
-            raise ArtifactError(f"{self.kind} record: fields {clash} clash with the common keys {COMMON_KEYS}")
+            raise ArtifactError(
+                f"{self.kind} record: fields {clash} clash with the common keys {COMMON_KEYS}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The flat JSON object: the common keys and the kind's fields (a fresh copy)."""
@@ -285,7 +291,9 @@ class Record:
         allowed = tuple(versions) if versions is not None else (spec.readable if spec else ())
         version = doc.get("version")
         if not _is_count(version) or version not in allowed:
-            raise ArtifactError(f"{where}: {kind} record version {version!r} is not readable (readable: {allowed})")
+            raise ArtifactError(
+                f"{where}: {kind} record version {version!r} is not readable (readable: {allowed})"
+            )
         try:
             return cls(
                 kind=kind,
@@ -315,9 +323,7 @@ def write_record(path: str | os.PathLike[str], record: Record, *, strict: bool =
     return atomic_write_bytes(path, text.encode())
 
 
-def read_record(
-    path: str | os.PathLike[str], kind: str, *, versions: Sequence[int] | None = None
-) -> Record:
+def read_record(path: str | os.PathLike[str], kind: str, *, versions: Sequence[int] | None = None) -> Record:
     """Read a ``kind`` record written by :func:`write_record`; :class:`ArtifactError` naming the file
     if it is missing, not JSON, of another kind or an unreadable version, or malformed."""
     return Record.from_dict(read_json(path, f"{kind} file"), kind, versions=versions, where=str(path))

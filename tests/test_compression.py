@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from refusal_core.artifacts import save_artifact
-from refusal_core.compression._registry import REGISTRY
 from refusal_core.compression import (
     METHODS,
     AwqConfig,
@@ -26,6 +25,7 @@ from refusal_core.compression import (
     method_config,
     register_method,
 )
+from refusal_core.compression._registry import REGISTRY
 from refusal_core.errors import ArtifactError, EmptyInputError, InvalidArgumentError
 from refusal_core.models import get_layout, model_identity
 from refusal_core.testing.tiny import tiny_model

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from refusal_core.artifacts import load_artifact, save_artifact
+
 # bnb and llmc register their methods on import (their libraries are imported only when one runs);
 # like every handler they register through _registry, so importing them needs nothing from here.
 from refusal_core.compression import bnb, llmc
@@ -69,6 +70,7 @@ from refusal_core.models import get_layout, model_identity
 
 __all__ = [
     "METHODS",
+    "REGISTRY",
     "AwqConfig",
     "Calibration",
     "CalibrationBatch",
@@ -141,7 +143,12 @@ def method_config(name: str) -> CompressionConfig:
 
 @register_method(MagnitudeConfig, "magnitude", needs_calibration=False)
 def _magnitude(
-    model: nn.Module, config: MagnitudeConfig, calibration: Calibration | None, *, batch_size: int, progress: bool
+    model: nn.Module,
+    config: MagnitudeConfig,
+    calibration: Calibration | None,
+    *,
+    batch_size: int,
+    progress: bool,
 ) -> dict[str, float]:
     prune_magnitude_(model, config.sparsity)
     return {}
@@ -320,6 +327,7 @@ def _check_result_finite(model: nn.Module, operation: str) -> None:
             raise NonFiniteError(
                 f"{operation}: the compressed weight of {bl.full_name} contains NaN or infinity"
             )
+
 
 _METHOD_NAMES["bnb-int8"] = bnb.BnbInt8Config()
 _METHOD_NAMES["bnb-nf4"] = bnb.BnbNf4Config()

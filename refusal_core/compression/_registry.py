@@ -33,7 +33,13 @@ class Handler(Protocol[_C]):
     """What a registered method is: it applies ``config`` to ``model`` in place."""
 
     def __call__(
-        self, model: nn.Module, config: _C, calibration: Calibration | None, *, batch_size: int, progress: bool
+        self,
+        model: nn.Module,
+        config: _C,
+        calibration: Calibration | None,
+        *,
+        batch_size: int,
+        progress: bool,
     ) -> dict[str, float]: ...
 
 
@@ -55,10 +61,7 @@ class Method:
         progress: bool,
     ) -> dict[str, float]:
         """Call the handler; a method needing calibration gets it or raises, one that does not gets None."""
-        if self.needs_calibration:
-            calibration = required_calibration(calibration, self.label)
-        else:
-            calibration = None
+        calibration = required_calibration(calibration, self.label) if self.needs_calibration else None
         return self.handler(model, config, calibration, batch_size=batch_size, progress=progress)
 
 

@@ -51,10 +51,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from refusal_core.compression._registry import register_method
-from refusal_core.compression.calibration import Calibration
 from refusal_core.compression._common import BlockLinear, relative_error, require_float_linears
+from refusal_core.compression._registry import register_method
 from refusal_core.compression._transaction import transactional
+from refusal_core.compression.calibration import Calibration
 from refusal_core.compression.config import (
     CONFIG_TYPES,
     CompressionConfig,
@@ -346,13 +346,23 @@ def apply_bnb_nf4_(model: nn.Module, config: BnbNf4Config) -> dict[str, float]:
 
 @register_method(BnbInt8Config, "bnb-int8", needs_calibration=False)
 def _bnb_int8(
-    model: nn.Module, config: BnbInt8Config, calibration: Calibration | None, *, batch_size: int, progress: bool
+    model: nn.Module,
+    config: BnbInt8Config,
+    calibration: Calibration | None,
+    *,
+    batch_size: int,
+    progress: bool,
 ) -> dict[str, float]:
     return quantize_bnb_int8_(model, config.threshold)
 
 
 @register_method(BnbNf4Config, "bnb-nf4", needs_calibration=False)
 def _bnb_nf4(
-    model: nn.Module, config: BnbNf4Config, calibration: Calibration | None, *, batch_size: int, progress: bool
+    model: nn.Module,
+    config: BnbNf4Config,
+    calibration: Calibration | None,
+    *,
+    batch_size: int,
+    progress: bool,
 ) -> dict[str, float]:
     return apply_bnb_nf4_(model, config)

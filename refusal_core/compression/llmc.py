@@ -565,10 +565,14 @@ def quantize_awq_llmc_(
     reference). Raises before changing anything for bad arguments (a group size
     that does not divide an input width) or a missing llmcompressor.
     """
-    return _awq_llmc_(model, calibration, LlmcAwqConfig(w_bit, group_size, zero_point, n_grid, duo_scaling), progress)
+    return _awq_llmc_(
+        model, calibration, LlmcAwqConfig(w_bit, group_size, zero_point, n_grid, duo_scaling), progress
+    )
 
 
-def _awq_llmc_(model: nn.Module, calibration: Calibration, cfg: LlmcAwqConfig, progress: bool) -> dict[str, float]:
+def _awq_llmc_(
+    model: nn.Module, calibration: Calibration, cfg: LlmcAwqConfig, progress: bool
+) -> dict[str, float]:
     layout = get_layout(model)
     linears = require_float_linears(layout, "llmcompressor AWQ")
     groups: dict[int, list[str]] = {}
@@ -617,7 +621,12 @@ def _awq_llmc_(model: nn.Module, calibration: Calibration, cfg: LlmcAwqConfig, p
 
 @register_method(LlmcWandaConfig, "llmc-wanda", needs_calibration=True)
 def _llmc_wanda(
-    model: nn.Module, config: LlmcWandaConfig, calibration: Calibration | None, *, batch_size: int, progress: bool
+    model: nn.Module,
+    config: LlmcWandaConfig,
+    calibration: Calibration | None,
+    *,
+    batch_size: int,
+    progress: bool,
 ) -> dict[str, float]:
     calibration = required_calibration(calibration, "llmc-wanda")
     prune_wanda_llmc_(model, calibration, config.sparsity, config.n_m, progress=progress)
@@ -639,6 +648,11 @@ def _llmc_sparsegpt(
 
 @register_method(LlmcAwqConfig, "llmc-awq", needs_calibration=True)
 def _llmc_awq(
-    model: nn.Module, config: LlmcAwqConfig, calibration: Calibration | None, *, batch_size: int, progress: bool
+    model: nn.Module,
+    config: LlmcAwqConfig,
+    calibration: Calibration | None,
+    *,
+    batch_size: int,
+    progress: bool,
 ) -> dict[str, float]:
     return _awq_llmc_(model, required_calibration(calibration, "llmc-awq"), config, progress)
