@@ -297,7 +297,7 @@ class Record:
         try:
             return cls(
                 kind=kind,
-                version=int(version),  # type: ignore[arg-type]
+                version=int(version),
                 identity=doc.get("identity", {}),
                 settings=doc.get("settings", {}),
                 files=doc.get("files", {}),
