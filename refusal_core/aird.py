@@ -50,7 +50,7 @@ from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteEr
 from refusal_core.functional import aird_update, check_tensor, unit_direction
 from refusal_core.interventions import check_directions, check_editable_linear
 from refusal_core.models import get_layout, model_identity
-from refusal_core.records import RECORD_KINDS, Record, read_json, write_record
+from refusal_core.records import RECORD_KINDS, Record, load_record_as, write_record
 
 __all__ = [
     "AirdConfig",
@@ -320,11 +320,7 @@ class AirdRecord:
     @classmethod
     def load(cls, path: str | Path) -> AirdRecord:
         """Read a record written by :meth:`save`; :class:`ArtifactError` if it is not one."""
-        doc = read_json(path, _RECORD_KIND)
-        try:
-            return cls.from_dict(doc)
-        except ArtifactError as exc:
-            raise ArtifactError(f"{path}: {exc}") from exc
+        return load_record_as(path, _RECORD_KIND, cls.from_dict)
 
 
 #: Version 2 added ``gain_attn`` / ``gain_mlp`` to the config; version 1 records load as α-spelled.

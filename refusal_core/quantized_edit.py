@@ -62,7 +62,7 @@ from refusal_core.errors import (
 )
 from refusal_core.interventions import check_directions, check_editable_linear, orthogonalize_model_
 from refusal_core.models import ModelLayout, get_layout, model_identity
-from refusal_core.records import RECORD_KINDS, Record, read_json, write_record
+from refusal_core.records import RECORD_KINDS, Record, load_record_as, write_record
 
 __all__ = [
     "QUANTIZED_SCHEMES",
@@ -177,11 +177,7 @@ class QuantizedEditRecord:
     @classmethod
     def load(cls, path: str | Path) -> QuantizedEditRecord:
         """Read a record written by :meth:`save`; :class:`ArtifactError` naming the file if it is not one."""
-        doc = read_json(path, _RECORD_KIND)
-        try:
-            return cls.from_dict(doc)
-        except ArtifactError as exc:
-            raise ArtifactError(f"{path}: {exc}") from exc
+        return load_record_as(path, _RECORD_KIND, cls.from_dict)
 
 
 _RECORD_KIND = "QuantizedEditRecord"

@@ -51,7 +51,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -67,12 +67,15 @@ __all__ = [
     "atomic_write_with",
     "file_sha256",
     "json_default",
+    "load_record_as",
     "read_json",
     "read_record",
     "register_kind",
     "write_record",
 ]
 
+
+_T = TypeVar("_T")
 
 # ----------------------------------------------------------------------------
 # the writer and the reader
@@ -321,6 +324,16 @@ def write_record(path: str | os.PathLike[str], record: Record, *, strict: bool =
     except ValueError as exc:
         raise ArtifactError(f"{record.kind} record for {str(path)!r} is not strict JSON: {exc}") from None
     return atomic_write_bytes(path, text.encode())
+
+
+def load_record_as(path: str | os.PathLike[str], kind: str, parse: Callable[[Any], _T]) -> _T:
+    """``parse`` of the JSON in ``path`` (e.g. a class's ``from_dict``); any :class:`ArtifactError`
+    of reading or parsing names the file."""
+    doc = read_json(path, f"{kind} file")
+    try:
+        return parse(doc)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{path}: {exc}") from exc
 
 
 def read_record(path: str | os.PathLike[str], kind: str, *, versions: Sequence[int] | None = None) -> Record:

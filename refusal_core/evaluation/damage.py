@@ -76,7 +76,7 @@ from refusal_core.evaluation.generation import (
     pad_token_id,
 )
 from refusal_core.models import model_identity
-from refusal_core.records import RECORD_KINDS, Record, read_json, write_record
+from refusal_core.records import RECORD_KINDS, Record, load_record_as, write_record
 
 __all__ = [
     "DamageResult",
@@ -398,11 +398,7 @@ class DamageResult:
     @classmethod
     def load(cls, path: str | Path) -> DamageResult:
         """Read a result written by :meth:`save`; :class:`ArtifactError` if it is not one."""
-        doc = read_json(path, _RECORD_KIND)
-        try:
-            return cls.from_dict(doc)
-        except ArtifactError as exc:
-            raise ArtifactError(f"{path}: {exc}") from exc
+        return load_record_as(path, _RECORD_KIND, cls.from_dict)
 
     @classmethod
     def from_dict(cls, doc: object) -> DamageResult:
