@@ -36,7 +36,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from dataclasses import asdict, dataclass, field
@@ -46,12 +45,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from refusal_core.artifacts import atomic_write_json
 from refusal_core.compression._transaction import check_model_finite
 from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError, ZeroDirectionError
 from refusal_core.functional import aird_update, check_tensor, unit_direction
 from refusal_core.interventions import check_directions, check_editable_linear
 from refusal_core.models import get_layout, model_identity
+from refusal_core.records import RECORD_KINDS, Record, load_record_as, write_record
 
 __all__ = [
     "AirdConfig",
@@ -286,13 +285,12 @@ class AirdRecord:
     model: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "AirdRecord", "version": _RECORD_VERSION, **asdict(self)}
+        """The saved JSON object (see :mod:`refusal_core.records`; the model identity is ``model``)."""
+        return {"kind": _RECORD_KIND, "version": _RECORD_VERSION, **asdict(self)}
 
     def save(self, path: str | Path) -> Path:
-        """Write the record as JSON to ``path`` (a file)."""
-        out = Path(path)
-        atomic_write_json(out, self.to_dict())
-        return out
+        """Write the record as JSON to ``path`` (a file), atomically."""
+        return write_record(path, Record.from_dict(self.to_dict(), _RECORD_KIND), strict=False)
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> AirdRecord:
@@ -300,14 +298,8 @@ class AirdRecord:
 
         Raises :class:`ArtifactError` for anything else, naming what is wrong.
         """
+        Record.from_dict(doc, _RECORD_KIND)  # kind and a readable version, else ArtifactError
         try:
-            if not isinstance(doc, dict):
-                raise ArtifactError(f"an AirdRecord is a JSON object, got {type(doc).__name__}")
-            if doc.get("kind") != "AirdRecord" or doc.get("version") not in _READABLE_VERSIONS:
-                raise ArtifactError(
-                    f"not an AirdRecord (kind {doc.get('kind')!r}, version {doc.get('version')!r}; "
-                    f"readable versions {_READABLE_VERSIONS})"
-                )
             modules = {}
             for name, m in doc["modules"].items():
                 m = dict(m)
@@ -328,19 +320,12 @@ class AirdRecord:
     @classmethod
     def load(cls, path: str | Path) -> AirdRecord:
         """Read a record written by :meth:`save`; :class:`ArtifactError` if it is not one."""
-        try:
-            doc = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise ArtifactError(f"cannot read AirdRecord from {path}: {exc}") from exc
-        try:
-            return cls.from_dict(doc)
-        except ArtifactError as exc:
-            raise ArtifactError(f"{path}: {exc}") from exc
+        return load_record_as(path, _RECORD_KIND, cls.from_dict)
 
 
 #: Version 2 added ``gain_attn`` / ``gain_mlp`` to the config; version 1 records load as α-spelled.
-_RECORD_VERSION = 2
-_READABLE_VERSIONS = (1, 2)
+_RECORD_KIND = "AirdRecord"
+_RECORD_VERSION = RECORD_KINDS[_RECORD_KIND].version
 
 
 def _zero_fraction(w: torch.Tensor) -> float:

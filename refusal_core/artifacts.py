@@ -28,10 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +39,19 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 from refusal_core.errors import ArtifactError, NonFiniteError
+from refusal_core.records import (
+    RECORD_KINDS,
+    Record,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_with,
+    file_sha256,
+    json_default,
+    read_json,
+)
 
 __all__ = [
+    "ARTIFACT_KIND",
     "EVALUATION_SCHEMA",
     "FORMAT_VERSION",
     "MECHANISM_SCHEMA",
@@ -67,8 +76,11 @@ __all__ = [
     "validate_json",
 ]
 
-#: Version 2 added the file hashes and the JSON's own hash; version 1 artifacts are refused.
-FORMAT_VERSION = 2
+#: ``kind`` of an artifact's JSON (a :class:`~refusal_core.records.Record`).
+ARTIFACT_KIND = "refusal_core.artifact"
+#: Version 2 added the file hashes and the JSON's own hash (version 1 artifacts are refused);
+#: version 3 is the common record layout (``kind``/``version`` instead of ``format_version``).
+FORMAT_VERSION = RECORD_KINDS[ARTIFACT_KIND].version
 
 
 # ----------------------------------------------------------------------------
@@ -76,72 +88,24 @@ FORMAT_VERSION = 2
 # ----------------------------------------------------------------------------
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same directory + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented, key-sorted JSON, atomically."""
-    atomic_write_bytes(
-        path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode()
-    )
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
-
-
 def settings_key(settings: Mapping[str, Any], *upstream: str) -> str:
     """A short stable hash of ``settings`` (JSON-canonical) chained with upstream keys."""
-    blob = json.dumps(settings, sort_keys=True, default=_json_default) + "|" + "|".join(upstream)
+    blob = json.dumps(settings, sort_keys=True, default=json_default) + "|" + "|".join(upstream)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _body_sha256(header: Mapping[str, Any]) -> str:
     """SHA-256 of an artifact header's canonical JSON, without its own ``sha256`` field."""
     body = {k: v for k, v in header.items() if k != "sha256"}
-    blob = json.dumps(body, sort_keys=True, separators=(",", ":"), default=_json_default)
+    blob = json.dumps(body, sort_keys=True, separators=(",", ":"), default=json_default)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _write_tensors_atomically(tensors: Mapping[str, torch.Tensor], path: Path) -> str:
-    """Save ``tensors`` to ``path`` via a temp file + rename; returns the file's SHA-256."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(dict(tensors), tmp)
-        digest = file_sha256(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return digest
+    """Save ``tensors`` to ``path`` atomically (:func:`~refusal_core.records.atomic_write_with`);
+    returns the file's SHA-256."""
+    atomic_write_with(path, lambda tmp: save_file(dict(tensors), str(tmp)))
+    return file_sha256(path)
 
 
 def save_artifact(
@@ -154,27 +118,27 @@ def save_artifact(
 ) -> None:
     """Save ``base.safetensors`` (if tensors) then ``base.json`` (always), each atomically.
 
-    The JSON is written last and records the tensors' names and shapes, the
-    SHA-256 of the tensor file and its own SHA-256, so a JSON that verifies
-    vouches for exactly one tensor file and for its own values.
+    The JSON is a :class:`~refusal_core.records.Record` of kind
+    :data:`ARTIFACT_KIND` (fields ``meta`` and ``tensors``) plus its own
+    ``sha256``. It is written last and records the tensors' names and shapes,
+    the SHA-256 of the tensor file and its own SHA-256, so a JSON that verifies
+    vouches for exactly one tensor file and for its own values. A record that
+    cannot be built (e.g. ``meta`` not JSON-serializable) raises
+    :class:`ArtifactError` before any file is written.
     """
     base = Path(base)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    header: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "identity": dict(identity or {}),
-        "settings": dict(settings or {}),
-        "meta": dict(meta),
-        "tensors": {},
-        "files": {},
-    }
+    data: dict[str, Any] = {"meta": dict(meta), "tensors": {}}
+    record = Record(
+        ARTIFACT_KIND, FORMAT_VERSION, identity=identity or {}, settings=settings or {}, data=data
+    )
+    files: dict[str, str] = {}
     if tensors:
         contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        header["tensors"] = {k: list(v.shape) for k, v in contiguous.items()}
+        data["tensors"] = {k: list(v.shape) for k, v in contiguous.items()}
         tpath = base.with_suffix(".safetensors")
-        header["files"] = {tpath.name: _write_tensors_atomically(contiguous, tpath)}
-    # Hash what a reader will see: the JSON-normalized header (tuples become lists, ...).
-    header = json.loads(json.dumps(header, default=_json_default))
+        files = {tpath.name: _write_tensors_atomically(contiguous, tpath)}
+        record = replace(record, files=files, data=data)
+    header = record.to_dict()
     header["sha256"] = _body_sha256(header)
     atomic_write_json(base.with_suffix(".json"), header)
 
@@ -384,7 +348,8 @@ STAGE_JSON_SCHEMAS: dict[str, JsonSchema] = {
 }
 
 _HEADER_SCHEMA: JsonSchema = {
-    "format_version": int,
+    "kind": str,
+    "version": int,
     "identity": dict,
     "settings": dict,
     "meta": dict,
@@ -427,20 +392,30 @@ def load_artifact(
     """
     base = Path(base)
     jpath = base.with_suffix(".json")
-    if not jpath.is_file():
-        raise ArtifactError(f"artifact {jpath} does not exist")
-    try:
-        header = json.loads(jpath.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"artifact {jpath} is not valid JSON: {exc}") from exc
-    if isinstance(header, dict) and header.get("format_version") != FORMAT_VERSION:
+    header = read_json(jpath, "artifact")
+    if isinstance(header, dict) and "kind" not in header and "format_version" in header:
+        # Version 2 wrote ``format_version`` where records now have ``kind`` and ``version``.
+        header = {"kind": ARTIFACT_KIND, "version": header["format_version"], **header}
+        legacy_body = {k: v for k, v in header.items() if k not in ("kind", "version")}
+    else:
+        legacy_body = None
+    readable = RECORD_KINDS[ARTIFACT_KIND].readable
+    if isinstance(header, dict) and (
+        header.get("kind") != ARTIFACT_KIND or header.get("version") not in readable
+    ):
         raise ArtifactError(
-            f"artifact {jpath} has format_version {header.get('format_version')!r}, this version reads "
-            f"{FORMAT_VERSION} only (older artifacts carry no file hashes; re-create it)"
+            f"artifact {jpath} is a {header.get('kind')!r} record of version {header.get('version')!r}; this "
+            f"version reads {ARTIFACT_KIND} versions {readable} only (older artifacts carry no file hashes; "
+            "re-create it)"
         )
     validate_json(header, _HEADER_SCHEMA, f"artifact {jpath}")
-    if header["sha256"] != _body_sha256(header):
+    if header["sha256"] != _body_sha256(legacy_body if legacy_body is not None else header):
         raise ArtifactError(f"artifact {jpath} was modified after it was written (its content hash differs)")
+    Record.from_dict(
+        {k: v for k, v in header.items() if k not in ("sha256", "format_version")},
+        ARTIFACT_KIND,
+        where=f"artifact {jpath}",
+    )
     for what, expected in (("identity", expect_identity), ("settings", expect_settings)):
         if expected is not None:
             recorded = header[what]
@@ -489,7 +464,7 @@ def load_artifact(
 
 
 def _canon(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=_json_default)
+    return json.dumps(value, sort_keys=True, default=json_default)
 
 
 # ----------------------------------------------------------------------------
@@ -529,9 +504,9 @@ class StageStore:
     def _marker(self, stage: str) -> dict[str, Any] | None:
         path = Path(self.root) / stage / _MARKER
         try:
-            doc = json.loads(path.read_text())
+            doc = read_json(path, "stage marker")
             validate_json(doc, _MARKER_SCHEMA, path)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, ArtifactError):
+        except ArtifactError:
             return None
         return dict(doc)
 

@@ -38,7 +38,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -55,6 +54,7 @@ from torch import nn
 
 from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError
 from refusal_core.models import get_layout, model_identity
+from refusal_core.records import RECORD_KINDS, Record, file_sha256, json_default, read_json, write_record
 
 __all__ = [
     "CHECKPOINT_FORMATS",
@@ -70,22 +70,16 @@ __all__ = [
 CHECKPOINT_RECORD = "refusal_core.json"
 #: ``kind`` of every record.
 CHECKPOINT_KIND = "refusal_core.checkpoint"
-#: Version of the record layout.
-CHECKPOINT_VERSION = 1
+#: Version of the record layout. Version 2 is the common :class:`~refusal_core.records.Record`
+#: layout: the method's record moved from ``record`` to ``settings`` and the file hashes from
+#: ``sha256`` to ``files``; version 1 records are read as version 2.
+CHECKPOINT_VERSION = RECORD_KINDS[CHECKPOINT_KIND].version
 #: The storage formats (see the module docstring).
 CHECKPOINT_FORMATS = ("dense", "bitsandbytes-int8", "bitsandbytes-nf4", "dequantized-simulation")
 
 # Methods whose result is a simulation stored as dequantized floats although its modules are plain
 # nn.Linear (AWQ's fake quantization leaves float weights on the quantization grid).
 _SIMULATION_PREFIXES = ("awq",)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _package_versions(fmt: str) -> dict[str, str]:
@@ -106,7 +100,7 @@ def _json_record(record: object) -> dict[str, Any]:
     if not isinstance(record, Mapping):
         raise InvalidArgumentError(f"record must be a mapping, got {type(record).__name__}")
     try:
-        data = json.loads(json.dumps(_finite_or_null(dict(record)), allow_nan=False, default=_json_default))
+        data = json.loads(json.dumps(_finite_or_null(dict(record)), allow_nan=False, default=json_default))
     except (TypeError, ValueError) as exc:
         raise InvalidArgumentError(f"record is not JSON-serializable: {exc}") from None
     assert isinstance(data, dict)
@@ -121,16 +115,6 @@ def _finite_or_null(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_finite_or_null(v) for v in obj]
     return obj
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, torch.dtype):
-        return str(obj).removeprefix("torch.")
-    if isinstance(obj, (set, frozenset, tuple)):
-        return list(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
 # ----------------------------------------------------------------------------
@@ -300,8 +284,9 @@ def _check_target(out: Path, overwrite: bool) -> None:
         is_previous = False
         if record.is_file():
             try:
-                is_previous = json.loads(record.read_text(encoding="utf-8")).get("kind") == CHECKPOINT_KIND
-            except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+                doc = read_json(record, "checkpoint record")
+                is_previous = isinstance(doc, dict) and doc.get("kind") == CHECKPOINT_KIND
+            except ArtifactError:
                 is_previous = False
         if not is_previous:
             raise InvalidArgumentError(
@@ -416,28 +401,31 @@ def save_checkpoint(
 
             GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        doc: dict[str, Any] = {
-            "kind": CHECKPOINT_KIND,
-            "version": CHECKPOINT_VERSION,
+        data: dict[str, Any] = {
             "format": fmt,
             "method": method,
-            "record": rec,
             "base_identity": base,
-            "identity": identity,
             "packages": _package_versions(fmt),
-            "sha256": {p.relative_to(tmp).as_posix(): _sha256(p) for p in files},
         }
         if fmt == "bitsandbytes-nf4":
-            doc["bitsandbytes_cpu_packing"] = cpu_packing
+            data["bitsandbytes_cpu_packing"] = cpu_packing
         if fmt == "dequantized-simulation":
-            doc["simulated_method"] = method
+            data["simulated_method"] = method
             if thresholds:
-                doc["int8_simulation"] = {
+                data["int8_simulation"] = {
                     "modules": sorted(thresholds),
                     "threshold": _one_threshold(thresholds),
                 }
-        (tmp / CHECKPOINT_RECORD).write_text(
-            json.dumps(doc, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8"
+        write_record(
+            tmp / CHECKPOINT_RECORD,
+            Record(
+                CHECKPOINT_KIND,
+                CHECKPOINT_VERSION,
+                identity=identity,
+                settings=rec,
+                files={p.relative_to(tmp).as_posix(): file_sha256(p) for p in files},
+                data=data,
+            ),
         )
         _replace_dir(tmp, out)
     except BaseException:
@@ -469,30 +457,33 @@ def read_checkpoint_record(path: str | Path) -> dict[str, Any] | None:
     record_path = root / CHECKPOINT_RECORD
     if not record_path.is_file():
         return None
-    try:
-        doc = json.loads(record_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{str(record_path)!r} is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("kind") != CHECKPOINT_KIND:
-        raise ArtifactError(f"{str(record_path)!r} is not a {CHECKPOINT_KIND} record")
-    if doc.get("version") != CHECKPOINT_VERSION:
-        raise ArtifactError(f"{str(record_path)!r}: record version {doc.get('version')!r} is not supported")
+    raw = read_json(record_path, "checkpoint record")
+    if isinstance(raw, dict) and raw.get("kind") == CHECKPOINT_KIND and raw.get("version") == 1:
+        raw = _upgrade_v1(raw)
+    rec = Record.from_dict(raw, CHECKPOINT_KIND, versions=(CHECKPOINT_VERSION,), where=repr(str(record_path)))
+    doc = rec.to_dict()
     if doc.get("format") not in CHECKPOINT_FORMATS:
         raise ArtifactError(f"{str(record_path)!r}: unknown format {doc.get('format')!r}")
-    hashes = doc.get("sha256")
-    if not isinstance(hashes, dict) or not hashes:
+    if not rec.files:
         raise ArtifactError(f"{str(record_path)!r} records no file hashes")
-    for rel, expected in sorted(hashes.items()):
+    for rel, expected in sorted(rec.files.items()):
         file = root / rel
         if not file.is_file():
             raise ArtifactError(f"checkpoint {str(root)!r}: recorded file {rel!r} is missing")
-        actual = _sha256(file)
+        actual = file_sha256(file)
         if actual != expected:
             raise ArtifactError(
                 f"checkpoint {str(root)!r}: {rel!r} has sha256 {actual}, the record says {expected} "
                 "(the file was changed or corrupted after saving)"
             )
     return doc
+
+
+def _upgrade_v1(doc: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 record in the version-2 layout (``record`` → ``settings``, ``sha256`` → ``files``)."""
+    out = {k: v for k, v in doc.items() if k not in ("record", "sha256")}
+    out.update(version=CHECKPOINT_VERSION, settings=doc.get("record", {}), files=doc.get("sha256", {}))
+    return out
 
 
 def restore_checkpoint_modules_(model: nn.Module, doc: Mapping[str, Any]) -> None:

@@ -620,7 +620,7 @@ def _refusal_ids(spec: str, tok: Any) -> list[int]:
     from refusal_core.study import default_refusal_token_ids
 
     record = _checkpoint_record(spec)
-    ids = (record.get("record") or {}).get("refusal_token_ids") if record else None
+    ids = (record.get("settings") or {}).get("refusal_token_ids") if record else None
     if isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids):
         return list(ids)
     return default_refusal_token_ids(spec, tok)

@@ -42,7 +42,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -53,18 +52,17 @@ import torch
 from torch import nn
 
 from refusal_core.aird import AirdConfig, AirdRecord, apply_aird_
-from refusal_core.artifacts import atomic_write_json
-from refusal_core.compression.bnb import dequantize_bnb, is_bnb_4bit, is_bnb_int8, replace_module_
-from refusal_core.compression.quantization import Int8LinearSim
+from refusal_core.compression.bnb import replace_module_
+from refusal_core.compression.schemes import QUANTIZED_SCHEMES, scheme_named, scheme_of
 from refusal_core.errors import (
     ArtifactError,
     InvalidArgumentError,
     NonFiniteError,
     UnsupportedModuleError,
 )
-from refusal_core.functional import int8_quantize
 from refusal_core.interventions import check_directions, check_editable_linear, orthogonalize_model_
 from refusal_core.models import ModelLayout, get_layout, model_identity
+from refusal_core.records import RECORD_KINDS, Record, load_record_as, write_record
 
 __all__ = [
     "QUANTIZED_SCHEMES",
@@ -76,28 +74,14 @@ __all__ = [
     "quantization_scheme",
 ]
 
-#: Schemes :func:`quantization_scheme` recognizes (``"float"`` = a plain floating ``nn.Linear``).
-QUANTIZED_SCHEMES = ("int8-sim", "bnb-int8", "bnb-4bit")
-
 
 def quantization_scheme(module: nn.Module) -> str:
-    """``"float"``, ``"int8-sim"``, ``"bnb-int8"`` or ``"bnb-4bit"``; anything else raises.
+    """``"float"``, ``"int8-sim"``, ``"bnb-int8"`` or ``"bnb-4bit"``: the name of ``module``'s
+    :func:`~refusal_core.compression.schemes.scheme_of`; anything else raises.
 
     Raises :class:`~refusal_core.errors.UnsupportedModuleError` naming the type.
     """
-    if isinstance(module, Int8LinearSim):
-        return "int8-sim"
-    if is_bnb_int8(module):
-        return "bnb-int8"
-    if is_bnb_4bit(module):
-        return "bnb-4bit"
-    weight = getattr(module, "weight", None)
-    if isinstance(module, nn.Linear) and isinstance(weight, torch.Tensor) and weight.is_floating_point():
-        return "float"
-    raise UnsupportedModuleError(
-        f"{type(module).__name__} is neither a float nn.Linear nor a supported quantized linear "
-        f"({', '.join(QUANTIZED_SCHEMES)})"
-    )
+    return scheme_of(module).name
 
 
 def dequantize_module(module: nn.Module) -> torch.Tensor:
@@ -105,17 +89,9 @@ def dequantize_module(module: nn.Module) -> torch.Tensor:
 
     ``Int8LinearSim``: ``q · scale`` (dtype of ``scale``); bitsandbytes: see
     :func:`~refusal_core.compression.bnb.dequantize_bnb`; float ``nn.Linear``:
-    a copy of its weight.
+    a copy of its weight (:meth:`~refusal_core.compression.schemes.Scheme.dequantize`).
     """
-    scheme = quantization_scheme(module)
-    if scheme == "int8-sim":
-        assert isinstance(module, Int8LinearSim)
-        return module.dequantize()
-    if scheme in ("bnb-int8", "bnb-4bit"):
-        return dequantize_bnb(module)
-    weight = module.weight
-    assert isinstance(weight, torch.Tensor)
-    return weight.detach().clone()
+    return scheme_of(module).dequantize(module)
 
 
 # ----------------------------------------------------------------------------
@@ -162,9 +138,10 @@ class QuantizedEditRecord:
     model: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The saved JSON object (see :mod:`refusal_core.records`; the model identity is ``model``)."""
         return {
-            "kind": "QuantizedEditRecord",
-            "version": 1,
+            "kind": _RECORD_KIND,
+            "version": RECORD_KINDS[_RECORD_KIND].version,
             "operation": self.operation,
             "requantize": self.requantize,
             "modules": {k: asdict(v) for k, v in self.modules.items()},
@@ -174,18 +151,15 @@ class QuantizedEditRecord:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the record as JSON to ``path`` (a file)."""
-        out = Path(path)
-        atomic_write_json(out, self.to_dict())
-        return out
+        """Write the record as JSON to ``path`` (a file), atomically."""
+        return write_record(path, Record.from_dict(self.to_dict(), _RECORD_KIND), strict=False)
 
     @classmethod
-    def load(cls, path: str | Path) -> QuantizedEditRecord:
-        """Read a record written by :meth:`save`; :class:`ArtifactError` if it is not one."""
+    def from_dict(cls, doc: object) -> QuantizedEditRecord:
+        """The record :meth:`to_dict` wrote; :class:`ArtifactError` for anything else."""
+        Record.from_dict(doc, _RECORD_KIND)  # kind and a readable version, else ArtifactError
+        assert isinstance(doc, dict)  # checked by Record.from_dict
         try:
-            doc = json.loads(Path(path).read_text())
-            if doc.get("kind") != "QuantizedEditRecord" or doc.get("version") != 1:
-                raise ArtifactError(f"{path} is not a QuantizedEditRecord (version 1)")
             aird = None if doc["aird"] is None else AirdRecord.from_dict(doc["aird"])
             return cls(
                 operation=str(doc["operation"]),
@@ -197,8 +171,16 @@ class QuantizedEditRecord:
             )
         except ArtifactError:
             raise
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ArtifactError(f"cannot read QuantizedEditRecord from {path}: {exc}") from exc
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ArtifactError(f"malformed QuantizedEditRecord: {exc}") from exc
+
+    @classmethod
+    def load(cls, path: str | Path) -> QuantizedEditRecord:
+        """Read a record written by :meth:`save`; :class:`ArtifactError` naming the file if it is not one."""
+        return load_record_as(path, _RECORD_KIND, cls.from_dict)
+
+
+_RECORD_KIND = "QuantizedEditRecord"
 
 
 # ----------------------------------------------------------------------------
@@ -298,32 +280,7 @@ def _stand_in(target: _Target, requires_grad: bool) -> nn.Linear:
 
 def _requantized(target: _Target, edited: nn.Linear) -> nn.Module:
     """The edited weight quantized again exactly as ``target.module`` was."""
-    old: Any = target.module
-    w, bias = edited.weight.detach(), _bias_of(edited)
-    if target.scheme == "int8-sim":
-        assert isinstance(old, Int8LinearSim)
-        q, scale = int8_quantize(w)
-        old_bias = old.bias
-        if bias is not None and old_bias is not None:
-            bias = bias.to(old_bias.dtype)
-        return Int8LinearSim(q, scale, bias, old.threshold).to(w.device)
-    from refusal_core.compression import _bnb_modules as bm  # present: the module is a bnb one
-
-    if target.scheme == "bnb-int8":
-        return bm.int8_from_weight(w, bias, float(old.state.threshold), w.device)
-    settings = bm.four_bit_settings(old)
-    return bm.nf4_from_weight(
-        w,
-        bias,
-        w.device,
-        quant_type=settings["quant_type"],
-        blocksize=settings["blocksize"],
-        compress_statistics=settings["compress_statistics"],
-        dtype=settings["dtype"],
-        compute_dtype=settings["compute_dtype"],
-        quant_storage=settings["quant_storage"],
-        cpu_packing=settings["cpu_packing"],
-    )
+    return scheme_named(target.scheme).requantize(target.module, edited.weight.detach(), _bias_of(edited))
 
 
 def _outcome(

@@ -199,7 +199,7 @@ def test_load_rejects_other_files(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="AirdRecord"):
         AirdRecord.load(tmp_path / "x.json")
     (tmp_path / "y.json").write_text("not json")
-    with pytest.raises(ArtifactError, match="cannot read"):
+    with pytest.raises(ArtifactError, match="not valid JSON"):
         AirdRecord.load(tmp_path / "y.json")
 
 

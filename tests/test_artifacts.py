@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import refusal_core.artifacts as artifacts
+import refusal_core.records as records
 from refusal_core.artifacts import (
     NUMBER,
     StageStore,
@@ -134,7 +135,7 @@ def test_tensors_are_moved_into_place_before_their_json(
         order.append(Path(dst).name)
         real(src, dst)
 
-    monkeypatch.setattr(artifacts.os, "replace", recording)
+    monkeypatch.setattr(records.os, "replace", recording)
     save_artifact(tmp_path / "x", tensors={"a": torch.ones(3)}, meta={})
     assert order == ["x.safetensors", "x.json"], f"files moved into place in this order: {order}"
 
@@ -153,9 +154,13 @@ def test_meta_schema_and_header_schema(tmp_path: Path) -> None:
     (tmp_path / "x.json").write_text(json.dumps(header))
     with pytest.raises(ArtifactError, match="required key 'files' is missing"):
         load_artifact(tmp_path / "x")
-    header["format_version"] = 1
+    header["version"] = 1
     (tmp_path / "x.json").write_text(json.dumps(header))
-    with pytest.raises(ArtifactError, match="format_version 1"):
+    with pytest.raises(ArtifactError, match="version 1; this version reads"):
+        load_artifact(tmp_path / "x")
+    legacy = {k: v for k, v in header.items() if k not in ("kind", "version")}
+    (tmp_path / "x.json").write_text(json.dumps({**legacy, "format_version": 1}))
+    with pytest.raises(ArtifactError, match="version 1; this version reads"):
         load_artifact(tmp_path / "x")
 
 

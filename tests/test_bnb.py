@@ -160,7 +160,7 @@ def test_package_imports_without_bitsandbytes() -> None:
         "from refusal_core.compression.bnb import bnb_available\n"
         "from refusal_core import quantized_edit\n"
         "assert not bnb_available(), 'bnb_available() is True with bitsandbytes blocked'\n"
-        "assert {m.label for m in c._REGISTRY.values()} >= {'bnb-int8', 'bnb-nf4'}\n"
+        "assert {m.label for m in c.REGISTRY.values()} >= {'bnb-int8', 'bnb-nf4'}\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -274,18 +274,19 @@ def test_record_describes_the_checkpoint(name: str, saved: dict[str, dict[str, A
     path: Path = case["path"]
     doc = read_checkpoint_record(path)
     assert doc is not None, f"{name}: no record"
-    assert (doc["kind"], doc["version"], doc["format"]) == ("refusal_core.checkpoint", 1, case["format"]), (
+    assert (doc["kind"], doc["version"], doc["format"]) == ("refusal_core.checkpoint", 2, case["format"]), (
         f"{name}: kind/version/format {doc['kind']!r}/{doc['version']!r}/{doc['format']!r}"
     )
     assert doc["method"] == case["record"]["method"], f"{name}: method {doc['method']!r}"
-    assert doc["record"] == json.loads(json.dumps(case["record"])), f"{name}: record not stored as given"
+    assert doc["settings"] == json.loads(json.dumps(case["record"])), f"{name}: record not stored as given"
+    assert doc["identity"] == model_identity(case["model"]), f"{name}: identity is not the saved model's"
     assert doc["base_identity"] == case["base"], f"{name}: base_identity is not the uncompressed model's"
     packages = set(doc["packages"])
     assert {"torch", "transformers", "refusal_core"} <= packages, f"{name}: packages {packages}"
     assert ("bitsandbytes" in packages) == case["format"].startswith("bitsandbytes"), f"{name}: {packages}"
     files = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {CHECKPOINT_RECORD}
-    assert set(doc["sha256"]) == files, f"{name}: hashed {sorted(doc['sha256'])} but wrote {sorted(files)}"
-    assert all(doc["sha256"][f] == sha256(path / f) for f in files), f"{name}: a recorded hash is wrong"
+    assert set(doc["files"]) == files, f"{name}: hashed {sorted(doc['files'])} but wrote {sorted(files)}"
+    assert all(doc["files"][f] == sha256(path / f) for f in files), f"{name}: a recorded hash is wrong"
     for needed in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
         assert needed in files, f"{name}: {needed} missing from {sorted(files)}"
     if case["format"] == "dequantized-simulation":
@@ -409,7 +410,7 @@ def test_non_finite_record_values_are_stored_as_null(tmp_path: Path) -> None:
     assert "NaN" not in text, "the record is not strict JSON (NaN)"
     assert "Infinity" not in text, "the record is not strict JSON (Infinity)"
     doc = json.loads(text)
-    assert doc["record"] == {"method": None, "score": None, "nested": {"thr": None, "xs": [1.0, None]}}, doc
+    assert doc["settings"] == {"method": None, "score": None, "nested": {"thr": None, "xs": [1.0, None]}}, doc
 
 
 def test_record_may_declare_float_weights_a_simulation(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from refusal_core.artifacts import save_artifact
-from refusal_core.compression import _REGISTRY as REGISTRY
 from refusal_core.compression import (
     METHODS,
     AwqConfig,
@@ -26,6 +25,7 @@ from refusal_core.compression import (
     method_config,
     register_method,
 )
+from refusal_core.compression._registry import REGISTRY
 from refusal_core.errors import ArtifactError, EmptyInputError, InvalidArgumentError
 from refusal_core.models import get_layout, model_identity
 from refusal_core.testing.tiny import tiny_model
@@ -174,7 +174,9 @@ def test_register_method_dispatches_on_config_type() -> None:
     calls: list[str] = []
 
     @register_method(ZeroFirstRowConfig, "zero-first-row", needs_calibration=False)
-    def _apply(model: nn.Module, config: ZeroFirstRowConfig, calibration: object, bs: int, pr: bool) -> dict:
+    def _apply(
+        model: nn.Module, config: ZeroFirstRowConfig, calibration: object, *, batch_size: int, progress: bool
+    ) -> dict:
         calls.append("called")
         with torch.no_grad():
             get_layout(model).linears(0)["q_proj"].weight[0] = 0.0
@@ -200,3 +202,118 @@ def test_compress_passes_the_awq_objective_through(objective: str) -> None:
         assert torch.equal(a, b), (
             f"compress_ with objective={objective!r} differs from quantize_awq_ at {name}"
         )
+
+
+# ----------------------------------------------------------------------------
+# dispatch: each config type reaches its own handler
+# ----------------------------------------------------------------------------
+
+
+def _equal_length_calibration(n: int = 6, length: int = 9, seed: int = 3) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 200, (n, length), generator=g).tolist()
+
+
+def _expected_magnitude_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask of magnitude pruning, by hand: the ⌊s·numel⌋ smallest |w| of the matrix go."""
+    k = int(sparsity * w.numel())
+    order = w.abs().flatten().argsort()
+    keep = torch.ones(w.numel(), dtype=torch.bool)
+    keep[order[:k]] = False
+    return keep.view_as(w)
+
+
+def _expected_wanda_mask_q0(model: nn.Module, calibration: list[list[int]], sparsity: float) -> torch.Tensor:
+    """Keep-mask of Wanda on layer 0's q_proj, by hand: inputs captured by a plain forward hook,
+    score |W|·‖X_j‖₂, per row the ⌊s·d_in⌋ lowest scores go."""
+    q = get_layout(model).linears(0)["q_proj"]
+    xs: list[torch.Tensor] = []
+    handle = q.register_forward_hook(lambda m, args, out: xs.append(args[0].detach().double()))
+    try:
+        with torch.no_grad():
+            model(torch.tensor(calibration))
+    finally:
+        handle.remove()
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs])
+    score = q.weight.detach().double().abs() * x.pow(2).sum(0).sqrt()
+    k = int(sparsity * q.weight.shape[1])
+    keep = torch.ones_like(score, dtype=torch.bool)
+    keep.scatter_(1, score.argsort(dim=1)[:, :k], False)
+    return keep
+
+
+@pytest.mark.parametrize("config_type", [MagnitudeConfig, WandaConfig])
+def test_pruning_configs_reach_their_own_handler(config_type: type) -> None:
+    """Magnitude and Wanda zero different entries; each config's result is its own method's mask."""
+    model = tiny_model("llama", seed=4)
+    calibration = _equal_length_calibration()
+    w0 = get_layout(model).linears(0)["q_proj"].weight.detach().clone()
+    expected = (
+        _expected_magnitude_mask(w0, 0.5)
+        if config_type is MagnitudeConfig
+        else _expected_wanda_mask_q0(model, calibration, 0.5)
+    )
+    other = (
+        _expected_wanda_mask_q0(model, calibration, 0.5)
+        if config_type is MagnitudeConfig
+        else _expected_magnitude_mask(w0, 0.5)
+    )
+    assert not torch.equal(expected, other), "fixture: the two methods must disagree on this matrix"
+    record = compress_(model, config_type(sparsity=0.5), calibration)
+    got = get_layout(model).linears(0)["q_proj"].weight != 0
+    assert torch.equal(got, expected), (
+        f"{config_type.__name__} (record.method {record.method!r}) zeroed {int((got != expected).sum())} "
+        f"entries of layer 0 q_proj other than its own method would"
+    )
+
+
+def test_quantization_configs_reach_their_own_handler() -> None:
+    """Int8Config gives Int8LinearSim modules; AwqConfig keeps nn.Linear weights on a 2^w_bit grid."""
+
+    model = tiny_model("llama")
+    assert compress_(model, Int8Config()).method == "llm-int8", "Int8Config's record names another method"
+    assert all(isinstance(m, Int8LinearSim) for m in get_layout(model).linears(0).values()), (
+        "Int8Config did not produce Int8LinearSim modules"
+    )
+    model = tiny_model("llama")
+    compress_(model, AwqConfig(w_bit=2, group_size=32, grid=2), _equal_length_calibration())
+    lin = get_layout(model).linears(0)["q_proj"]
+    assert type(lin) is nn.Linear, f"AwqConfig replaced the linear by {type(lin).__name__}"
+    levels = max(len(torch.unique(row)) for row in lin.weight.detach())  # group 32 = a whole row here
+    assert levels <= 4, f"AwqConfig(w_bit=2) left a row with {levels} distinct values (> 2^2)"
+
+
+def test_missing_calibration_is_refused_by_the_registry_before_the_handler() -> None:
+    from refusal_core.compression._registry import Method
+
+    calls: list[object] = []
+
+    def handler(model, config, calibration, *, batch_size, progress):  # type: ignore[no-untyped-def]
+        calls.append(calibration)
+        return {}
+
+    with pytest.raises(EmptyInputError, match="needs calibration data"):
+        Method("needs-it", handler, needs_calibration=True).run(
+            tiny_model("llama"), MagnitudeConfig(), None, batch_size=1, progress=False
+        )
+    assert calls == [], "the handler ran without its calibration data"
+    Method("no-need", handler, needs_calibration=False).run(
+        tiny_model("llama"), MagnitudeConfig(), [[1, 2]], batch_size=1, progress=False
+    )
+    assert calls == [None], f"a method without calibration was handed {calls}"
+
+
+def test_backends_do_not_import_the_package_they_register_in() -> None:
+    """bnb and llmc register through compression._registry: no import cycle with the package."""
+    import ast
+
+    import refusal_core.compression as package
+
+    root = Path(package.__file__).parent
+    for name in ("bnb.py", "llmc.py", "schemes.py"):
+        tree = ast.parse((root / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "refusal_core.compression":
+                names = {a.name for a in node.names}
+                submodules = {p.stem for p in root.glob("*.py")}
+                assert names <= submodules, f"{name} imports {sorted(names - submodules)} from the package"

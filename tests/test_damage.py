@@ -192,10 +192,10 @@ def test_capability_damage_agrees_with_the_two_measures_and_serializes(tmp_path:
             f"{name} {mean} != mean of prompts"
         )
     assert math.isclose(res.ce_increase, res.ce_mean - res.ce_base_mean), f"ce_increase {res.ce_increase}"
-    assert res.base_model["name_or_path"] == "refusal_core/tiny-llama-seed0", (
-        f"base identity {res.base_model}"
+    assert res.base_identity["name_or_path"] == "refusal_core/tiny-llama-seed0", (
+        f"base identity {res.base_identity}"
     )
-    assert res.model["name_or_path"] == "refusal_core/tiny-llama-seed1", f"model identity {res.model}"
+    assert res.identity["name_or_path"] == "refusal_core/tiny-llama-seed1", f"model identity {res.identity}"
     doc = res.to_dict()
     text = json.dumps(doc, allow_nan=False)
     assert DamageResult.from_dict(json.loads(text)) == res, "DamageResult changed in the JSON round trip"

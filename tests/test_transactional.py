@@ -26,7 +26,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 from refusal_core.aird import apply_aird_
-from refusal_core.compression import _REGISTRY as REGISTRY
 from refusal_core.compression import (
     METHODS,
     CompressionConfig,
@@ -36,6 +35,7 @@ from refusal_core.compression import (
     quantization,
     register_method,
 )
+from refusal_core.compression._registry import REGISTRY
 from refusal_core.compression.bnb import quantize_bnb_int8_, quantize_bnb_nf4_
 from refusal_core.compression.pruning import prune_magnitude_, prune_wanda_
 from refusal_core.compression.quantization import quantize_awq_, quantize_llm_int8_

@@ -29,17 +29,22 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
 
 from refusal_core.artifacts import load_artifact, save_artifact
+
+# bnb and llmc register their methods on import (their libraries are imported only when one runs);
+# like every handler they register through _registry, so importing them needs nothing from here.
+from refusal_core.compression import bnb, llmc
 from refusal_core.compression._common import block_linears, effective_weight, model_sparsity
+from refusal_core.compression._registry import REGISTRY, method_for, register_method, required_calibration
 from refusal_core.compression._transaction import check_model_finite, check_tensors_finite, model_transaction
 from refusal_core.compression.calibration import Calibration, CalibrationBatch, prepare_calibration
 from refusal_core.compression.config import (
@@ -54,6 +59,7 @@ from refusal_core.compression.config import (
 from refusal_core.compression.pruning import prune_magnitude_, prune_wanda_
 from refusal_core.compression.quantization import (
     Int8LinearSim,
+    apply_awq_,
     apply_awq_scale_,
     awq_scale_groups,
     quantize_awq_,
@@ -64,6 +70,7 @@ from refusal_core.models import get_layout, model_identity
 
 __all__ = [
     "METHODS",
+    "REGISTRY",
     "AwqConfig",
     "Calibration",
     "CalibrationBatch",
@@ -130,35 +137,8 @@ def method_config(name: str) -> CompressionConfig:
 
 
 # ----------------------------------------------------------------------------
-# registry
+# handlers: one per config type, each taking the config whole
 # ----------------------------------------------------------------------------
-
-#: What a registered method returns: per-module rounding error (empty for pruning).
-_Apply = Callable[[nn.Module, Any, "Calibration | None", int, bool], dict[str, float]]
-
-
-@dataclass(frozen=True)
-class _Method:
-    label: str
-    apply: _Apply
-    needs_calibration: bool
-
-
-_REGISTRY: dict[type[CompressionConfig], _Method] = {}
-
-_C = TypeVar("_C", bound=CompressionConfig)
-
-
-def register_method(
-    config_type: type[_C], label: str, *, needs_calibration: bool
-) -> Callable[[Callable[[nn.Module, _C, Calibration | None, int, bool], dict[str, float]]], Any]:
-    """Register ``fn(model, config, calibration, batch_size, progress) -> errors`` for ``config_type``."""
-
-    def deco(fn: Callable[[nn.Module, _C, Calibration | None, int, bool], dict[str, float]]) -> Any:
-        _REGISTRY[config_type] = _Method(label, fn, needs_calibration)
-        return fn
-
-    return deco
 
 
 @register_method(MagnitudeConfig, "magnitude", needs_calibration=False)
@@ -166,6 +146,7 @@ def _magnitude(
     model: nn.Module,
     config: MagnitudeConfig,
     calibration: Calibration | None,
+    *,
     batch_size: int,
     progress: bool,
 ) -> dict[str, float]:
@@ -175,37 +156,26 @@ def _magnitude(
 
 @register_method(WandaConfig, "wanda", needs_calibration=True)
 def _wanda(
-    model: nn.Module, config: WandaConfig, calibration: Calibration | None, batch_size: int, progress: bool
+    model: nn.Module, config: WandaConfig, calibration: Calibration | None, *, batch_size: int, progress: bool
 ) -> dict[str, float]:
-    assert calibration is not None
+    calibration = required_calibration(calibration, "wanda")
     prune_wanda_(model, calibration, config.sparsity, config.n_m, batch_size=batch_size, progress=progress)
     return {}
 
 
 @register_method(Int8Config, "llm-int8", needs_calibration=False)
 def _int8(
-    model: nn.Module, config: Int8Config, calibration: Calibration | None, batch_size: int, progress: bool
+    model: nn.Module, config: Int8Config, calibration: Calibration | None, *, batch_size: int, progress: bool
 ) -> dict[str, float]:
     return quantize_llm_int8_(model, config.threshold)
 
 
 @register_method(AwqConfig, "awq", needs_calibration=True)
 def _awq(
-    model: nn.Module, config: AwqConfig, calibration: Calibration | None, batch_size: int, progress: bool
+    model: nn.Module, config: AwqConfig, calibration: Calibration | None, *, batch_size: int, progress: bool
 ) -> dict[str, float]:
-    assert calibration is not None
-    return quantize_awq_(
-        model,
-        calibration,
-        config.w_bit,
-        config.group_size,
-        config.grid,
-        clip=config.clip,
-        zero_point=config.zero_point,
-        objective=config.objective,
-        batch_size=batch_size,
-        progress=progress,
-    )
+    calibration = required_calibration(calibration, "awq")
+    return apply_awq_(model, config, calibration, batch_size=batch_size, progress=progress)
 
 
 # ----------------------------------------------------------------------------
@@ -317,11 +287,7 @@ def compress_(
     train/eval flags) before the error propagates. The snapshot costs one copy
     of the model's tensors while the method runs.
     """
-    method = _REGISTRY.get(type(config))
-    if method is None:
-        raise InvalidArgumentError(
-            f"config must be one of {sorted(t.__name__ for t in _REGISTRY)}, got {type(config).__name__}"
-        )
+    method = method_for(config)
     layout = get_layout(model)
     operation = f"compress_ ({method.label})"
     check_model_finite(model, operation)
@@ -329,14 +295,14 @@ def compress_(
     if method.needs_calibration:
         # Validate (and count) here too so a bad set fails before identity/sparsity work.
         batches = prepare_calibration(
-            calibration, vocab_size=int(layout.embedding.weight.shape[0]), batch_size=batch_size
+            required_calibration(calibration, method.label),
+            vocab_size=int(layout.embedding.weight.shape[0]),
+            batch_size=batch_size,
         )
         n_tokens = sum(b.n_tokens for b in batches)
     before = model_identity(model)
     with model_transaction(model):
-        errors = method.apply(
-            model, config, calibration if method.needs_calibration else None, batch_size, progress
-        )
+        errors = method.run(model, config, calibration, batch_size=batch_size, progress=progress)
         _check_result_finite(model, operation)
         overall, per_module = model_sparsity(get_layout(model))
         record = CompressionRecord(
@@ -363,14 +329,6 @@ def _check_result_finite(model: nn.Module, operation: str) -> None:
             )
 
 
-# Registers the bitsandbytes methods (bnb-int8, bnb-nf4); bitsandbytes itself is imported only when one runs.
-from refusal_core.compression import bnb  # noqa: E402
-
 _METHOD_NAMES["bnb-int8"] = bnb.BnbInt8Config()
 _METHOD_NAMES["bnb-nf4"] = bnb.BnbNf4Config()
-
-# Registers the llmcompressor methods (llmc-wanda, llmc-sparsegpt, llmc-awq, sparsegpt-50, ...);
-# llmcompressor itself is imported only when one runs.
-from refusal_core.compression import llmc  # noqa: E402
-
 _METHOD_NAMES.update(llmc.LLMC_METHODS)

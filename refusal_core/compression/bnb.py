@@ -51,9 +51,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from refusal_core.compression import Calibration, register_method
 from refusal_core.compression._common import BlockLinear, relative_error, require_float_linears
+from refusal_core.compression._registry import register_method
 from refusal_core.compression._transaction import transactional
+from refusal_core.compression.calibration import Calibration
 from refusal_core.compression.config import (
     CONFIG_TYPES,
     CompressionConfig,
@@ -68,6 +69,7 @@ __all__ = [
     "NF4_BLOCKSIZES",
     "BnbInt8Config",
     "BnbNf4Config",
+    "apply_bnb_nf4_",
     "bnb_available",
     "dequantize_bnb",
     "is_bnb_4bit",
@@ -283,7 +285,6 @@ def quantize_bnb_int8_(model: nn.Module, threshold: float = 6.0) -> dict[str, fl
     return errors
 
 
-@transactional  # all or nothing: restored exactly if anything raises after a write
 def quantize_bnb_nf4_(
     model: nn.Module,
     *,
@@ -300,10 +301,15 @@ def quantize_bnb_nf4_(
     divide every input width (bitsandbytes 0.50's CPU kernel dequantizes
     blocks that span two rows with the wrong scales).
     """
-    config = BnbNf4Config(compute_dtype, blocksize, double_quant, cpu_packing)
+    return apply_bnb_nf4_(model, BnbNf4Config(compute_dtype, blocksize, double_quant, cpu_packing))
+
+
+@transactional  # all or nothing: restored exactly if anything raises after a write
+def apply_bnb_nf4_(model: nn.Module, config: BnbNf4Config) -> dict[str, float]:
+    """:func:`quantize_bnb_nf4_` with its settings as one (already validated) config."""
     mods = _modules()
     layout, linears = _checked_linears(model, "bitsandbytes nf4 quantization")
-    if cpu_packing:
+    if config.cpu_packing:
         for bl in linears:
             # bitsandbytes' CPU repacking works on 32-row tiles of whole byte pairs.
             if bl.linear.out_features % 32 or bl.linear.in_features % 2:
@@ -340,19 +346,23 @@ def quantize_bnb_nf4_(
 
 @register_method(BnbInt8Config, "bnb-int8", needs_calibration=False)
 def _bnb_int8(
-    model: nn.Module, config: BnbInt8Config, calibration: Calibration | None, batch_size: int, progress: bool
+    model: nn.Module,
+    config: BnbInt8Config,
+    calibration: Calibration | None,
+    *,
+    batch_size: int,
+    progress: bool,
 ) -> dict[str, float]:
     return quantize_bnb_int8_(model, config.threshold)
 
 
 @register_method(BnbNf4Config, "bnb-nf4", needs_calibration=False)
 def _bnb_nf4(
-    model: nn.Module, config: BnbNf4Config, calibration: Calibration | None, batch_size: int, progress: bool
+    model: nn.Module,
+    config: BnbNf4Config,
+    calibration: Calibration | None,
+    *,
+    batch_size: int,
+    progress: bool,
 ) -> dict[str, float]:
-    return quantize_bnb_nf4_(
-        model,
-        compute_dtype=config.compute_dtype,
-        blocksize=config.blocksize,
-        double_quant=config.double_quant,
-        cpu_packing=config.cpu_packing,
-    )
+    return apply_bnb_nf4_(model, config)

@@ -81,9 +81,9 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from refusal_core.compression import Calibration, register_method
 from refusal_core.compression._common import BlockLinear, relative_error, require_float_linears
-from refusal_core.compression.calibration import prepare_calibration
+from refusal_core.compression._registry import register_method, required_calibration
+from refusal_core.compression.calibration import Calibration, prepare_calibration
 from refusal_core.compression.config import (
     CONFIG_TYPES,
     CompressionConfig,
@@ -506,7 +506,14 @@ def prune_sparsegpt_llmc_(
     achieved sparsity per module. Raises before changing anything for bad
     arguments or a missing llmcompressor.
     """
-    cfg = LlmcSparseGptConfig(sparsity, n_m, block_size, dampening_frac, exact)  # validates
+    return _sparsegpt_llmc_(
+        model, calibration, LlmcSparseGptConfig(sparsity, n_m, block_size, dampening_frac, exact), progress
+    )
+
+
+def _sparsegpt_llmc_(
+    model: nn.Module, calibration: Calibration, cfg: LlmcSparseGptConfig, progress: bool
+) -> dict[str, float]:
     layout = get_layout(model)
     linears = require_float_linears(layout, "llmcompressor SparseGPT")
     _check_n_m_widths(linears, cfg.n_m)
@@ -558,7 +565,14 @@ def quantize_awq_llmc_(
     reference). Raises before changing anything for bad arguments (a group size
     that does not divide an input width) or a missing llmcompressor.
     """
-    cfg = LlmcAwqConfig(w_bit, group_size, zero_point, n_grid, duo_scaling)  # validates
+    return _awq_llmc_(
+        model, calibration, LlmcAwqConfig(w_bit, group_size, zero_point, n_grid, duo_scaling), progress
+    )
+
+
+def _awq_llmc_(
+    model: nn.Module, calibration: Calibration, cfg: LlmcAwqConfig, progress: bool
+) -> dict[str, float]:
     layout = get_layout(model)
     linears = require_float_linears(layout, "llmcompressor AWQ")
     groups: dict[int, list[str]] = {}
@@ -610,10 +624,11 @@ def _llmc_wanda(
     model: nn.Module,
     config: LlmcWandaConfig,
     calibration: Calibration | None,
+    *,
     batch_size: int,
     progress: bool,
 ) -> dict[str, float]:
-    assert calibration is not None
+    calibration = required_calibration(calibration, "llmc-wanda")
     prune_wanda_llmc_(model, calibration, config.sparsity, config.n_m, progress=progress)
     return {}
 
@@ -623,35 +638,21 @@ def _llmc_sparsegpt(
     model: nn.Module,
     config: LlmcSparseGptConfig,
     calibration: Calibration | None,
+    *,
     batch_size: int,
     progress: bool,
 ) -> dict[str, float]:
-    assert calibration is not None
-    prune_sparsegpt_llmc_(
-        model,
-        calibration,
-        config.sparsity,
-        config.n_m,
-        block_size=config.block_size,
-        dampening_frac=config.dampening_frac,
-        exact=config.exact,
-        progress=progress,
-    )
+    _sparsegpt_llmc_(model, required_calibration(calibration, "llmc-sparsegpt"), config, progress)
     return {}
 
 
 @register_method(LlmcAwqConfig, "llmc-awq", needs_calibration=True)
 def _llmc_awq(
-    model: nn.Module, config: LlmcAwqConfig, calibration: Calibration | None, batch_size: int, progress: bool
+    model: nn.Module,
+    config: LlmcAwqConfig,
+    calibration: Calibration | None,
+    *,
+    batch_size: int,
+    progress: bool,
 ) -> dict[str, float]:
-    assert calibration is not None
-    return quantize_awq_llmc_(
-        model,
-        calibration,
-        config.w_bit,
-        config.group_size,
-        zero_point=config.zero_point,
-        n_grid=config.n_grid,
-        duo_scaling=config.duo_scaling,
-        progress=progress,
-    )
+    return _awq_llmc_(model, required_calibration(calibration, "llmc-awq"), config, progress)

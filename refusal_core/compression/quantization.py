@@ -50,7 +50,7 @@ from refusal_core.compression.calibration import (
     SequentialBlocks,
     prepare_calibration,
 )
-from refusal_core.compression.config import AWQ_OBJECTIVES, check_positive_int, check_threshold
+from refusal_core.compression.config import AwqConfig, check_threshold
 from refusal_core.errors import InvalidArgumentError, ShapeMismatchError, UnsupportedArchitectureError
 from refusal_core.functional import (
     _awq_candidate_scales,
@@ -64,6 +64,7 @@ from refusal_core.models import ModelLayout, get_layout
 __all__ = [
     "AwqScaleGroup",
     "Int8LinearSim",
+    "apply_awq_",
     "apply_awq_scale_",
     "awq_scale_groups",
     "cast_floating_",
@@ -406,10 +407,7 @@ def _apply_clip_(linear: nn.Linear, max_val: torch.Tensor, group_size: int) -> N
         w.copy_(torch.clamp(g, -m, m).reshape(w.shape))
 
 
-def _check_awq_args(layout: ModelLayout, w_bit: int, group_size: int, grid: int) -> None:
-    check_positive_int(w_bit, "w_bit", low=2, high=8)
-    check_positive_int(group_size, "group_size")
-    check_positive_int(grid, "grid")
+def _check_group_widths(layout: ModelLayout, group_size: int) -> None:
     for layer in range(layout.n_layers):
         for name, m in layout.linears(layer).items():
             lin = _as_linear(m, name)
@@ -642,13 +640,6 @@ def _tokenwise_error(module: nn.Module, x: torch.Tensor) -> Callable[[], float]:
     return error
 
 
-def _check_objective(objective: object) -> str:
-    if objective not in AWQ_OBJECTIVES:
-        raise InvalidArgumentError(f"objective must be one of {AWQ_OBJECTIVES}, got {objective!r}")
-    return str(objective)
-
-
-@transactional  # all or nothing: restored exactly if anything raises after a write
 def quantize_awq_(
     model: nn.Module,
     calibration: Calibration,
@@ -700,14 +691,39 @@ def quantize_awq_(
     module, ``W'`` the weight after scaling (0 for ``scale_only``). Everything
     is validated before the first weight changes.
     """
+    if not isinstance(scale_only, bool):
+        raise InvalidArgumentError(f"scale_only must be a bool, got {scale_only!r}")
+    config = AwqConfig(
+        w_bit=w_bit, group_size=group_size, grid=grid, clip=clip, zero_point=zero_point, objective=objective
+    )
+    return apply_awq_(
+        model, config, calibration, scale_only=scale_only, batch_size=batch_size, progress=progress
+    )
+
+
+@transactional  # all or nothing: restored exactly if anything raises after a write
+def apply_awq_(
+    model: nn.Module,
+    config: AwqConfig,
+    calibration: Calibration,
+    *,
+    scale_only: bool = False,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[str, float]:
+    """:func:`quantize_awq_` with its settings as one config (validated when it was built).
+
+    What is checked here depends on the model: unfused linears that are plain
+    floats, a group size dividing every input width, the calibration tokens.
+    """
+    if not isinstance(config, AwqConfig):
+        raise InvalidArgumentError(f"config must be an AwqConfig, got {type(config).__name__}")
+    w_bit, group_size, grid = config.w_bit, config.group_size, config.grid
+    clip, zero_point, objective = config.clip, config.zero_point, config.objective
     layout = get_layout(model)
     _require_unfused(layout)
     linears = require_float_linears(layout, "AWQ quantization")
-    _check_awq_args(layout, w_bit, group_size, grid)
-    objective = _check_objective(objective)
-    for name, value in (("clip", clip), ("zero_point", zero_point), ("scale_only", scale_only)):
-        if not isinstance(value, bool):
-            raise InvalidArgumentError(f"{name} must be a bool, got {value!r}")
+    _check_group_widths(layout, group_size)
     batches = prepare_calibration(
         calibration,
         vocab_size=int(layout.embedding.weight.shape[0]),

@@ -47,7 +47,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from collections.abc import Sequence
@@ -60,7 +59,6 @@ import torch
 from torch import nn
 
 from refusal_core.activations import batch_inputs
-from refusal_core.artifacts import atomic_write_json
 from refusal_core.errors import (
     ArtifactError,
     EmptyInputError,
@@ -78,6 +76,7 @@ from refusal_core.evaluation.generation import (
     pad_token_id,
 )
 from refusal_core.models import model_identity
+from refusal_core.records import RECORD_KINDS, Record, load_record_as, write_record
 
 __all__ = [
     "DamageResult",
@@ -369,9 +368,9 @@ class DamageResult:
     - ``ce_base_mean`` / ``ce_base_per_prompt``: the same under the base model,
       so :attr:`ce_increase` reads as the damage.
     - ``n``: the number of prompts.
-    - ``base_model`` / ``model``: the two models' identities
-      (:func:`~refusal_core.models.model_identity`; only the class name for an
-      architecture without a layout).
+    - ``identity`` / ``base_identity``: the identities of the model and of its
+      base (:func:`~refusal_core.models.model_identity`; only the class name
+      for an architecture without a layout).
     """
 
     kl_mean: float
@@ -381,72 +380,77 @@ class DamageResult:
     ce_base_mean: float
     n: int
     ce_base_per_prompt: list[float] = field(default_factory=list)
-    base_model: dict[str, Any] = field(default_factory=dict)
-    model: dict[str, Any] = field(default_factory=dict)
+    base_identity: dict[str, Any] = field(default_factory=dict)
+    identity: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ce_increase(self) -> float:
         """``ce_mean − ce_base_mean`` (nats/token): how much less likely the model finds the base's text."""
         return self.ce_mean - self.ce_base_mean
 
+    def record(self) -> Record:
+        """This result as a :class:`~refusal_core.records.Record` (non-finite values as ``None``)."""
+        return Record(
+            _RECORD_KIND,
+            RECORD_KINDS[_RECORD_KIND].version,
+            identity=self.identity,
+            data={
+                "n": int(self.n),
+                "kl_mean": _json_float(self.kl_mean),
+                "ce_mean": _json_float(self.ce_mean),
+                "ce_base_mean": _json_float(self.ce_base_mean),
+                "ce_increase": _json_float(self.ce_increase),
+                "kl_per_prompt": [_json_float(x) for x in self.kl_per_prompt],
+                "ce_per_prompt": [_json_float(x) for x in self.ce_per_prompt],
+                "ce_base_per_prompt": [_json_float(x) for x in self.ce_base_per_prompt],
+                "base_identity": dict(self.base_identity),
+            },
+        )
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe dict: floats as floats, a non-finite value (NaN, inf) as ``None``."""
-        return {
-            "kind": "DamageResult",
-            "version": 1,
-            "n": int(self.n),
-            "kl_mean": _json_float(self.kl_mean),
-            "ce_mean": _json_float(self.ce_mean),
-            "ce_base_mean": _json_float(self.ce_base_mean),
-            "ce_increase": _json_float(self.ce_increase),
-            "kl_per_prompt": [_json_float(x) for x in self.kl_per_prompt],
-            "ce_per_prompt": [_json_float(x) for x in self.ce_per_prompt],
-            "ce_base_per_prompt": [_json_float(x) for x in self.ce_base_per_prompt],
-            "base_model": dict(self.base_model),
-            "model": dict(self.model),
-        }
+        """A strict-JSON dict: floats as floats, a non-finite value (NaN, inf) as ``None``."""
+        return self.record().to_dict()
 
     def save(self, path: str | Path) -> Path:
         """Write :meth:`to_dict` as JSON to ``path`` (a file), atomically."""
-        out = Path(path)
-        atomic_write_json(out, self.to_dict())
-        return out
+        return write_record(path, self.record())
 
     @classmethod
     def load(cls, path: str | Path) -> DamageResult:
         """Read a result written by :meth:`save`; :class:`ArtifactError` if it is not one."""
-        try:
-            doc = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise ArtifactError(f"cannot read DamageResult from {path}: {exc}") from exc
-        try:
-            return cls.from_dict(doc)
-        except ArtifactError as exc:
-            raise ArtifactError(f"{path}: {exc}") from exc
+        return load_record_as(path, _RECORD_KIND, cls.from_dict)
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> DamageResult:
-        """The result :meth:`to_dict` wrote (``None`` back to NaN); :class:`ArtifactError` otherwise."""
+    def from_dict(cls, doc: object) -> DamageResult:
+        """The result :meth:`to_dict` wrote (``None`` back to NaN); :class:`ArtifactError` otherwise.
+
+        Version 1 named the identities ``model`` and ``base_model``; it is read too.
+        """
+        if isinstance(doc, dict) and doc.get("kind") == _RECORD_KIND and doc.get("version") == 1:
+            doc = {k: v for k, v in doc.items() if k not in ("model", "base_model")} | {
+                "version": 2,
+                "identity": doc.get("model", {}),
+                "base_identity": doc.get("base_model", {}),
+            }
+        rec = Record.from_dict(doc, _RECORD_KIND, versions=(2,))
+        d = rec.data
         try:
-            if not isinstance(doc, dict):
-                raise ArtifactError(f"a DamageResult is a JSON object, got {type(doc).__name__}")
-            if doc.get("kind") != "DamageResult" or doc.get("version") != 1:
-                raise ArtifactError(f"not a DamageResult (version 1): kind {doc.get('kind')!r}")
             return cls(
-                kl_mean=_from_json(doc["kl_mean"]),
-                kl_per_prompt=[_from_json(x) for x in doc["kl_per_prompt"]],
-                ce_mean=_from_json(doc["ce_mean"]),
-                ce_per_prompt=[_from_json(x) for x in doc["ce_per_prompt"]],
-                ce_base_mean=_from_json(doc["ce_base_mean"]),
-                n=int(doc["n"]),
-                ce_base_per_prompt=[_from_json(x) for x in doc.get("ce_base_per_prompt", [])],
-                base_model=dict(doc.get("base_model", {})),
-                model=dict(doc.get("model", {})),
+                kl_mean=_from_json(d["kl_mean"]),
+                kl_per_prompt=[_from_json(x) for x in d["kl_per_prompt"]],
+                ce_mean=_from_json(d["ce_mean"]),
+                ce_per_prompt=[_from_json(x) for x in d["ce_per_prompt"]],
+                ce_base_mean=_from_json(d["ce_base_mean"]),
+                n=int(d["n"]),
+                ce_base_per_prompt=[_from_json(x) for x in d.get("ce_base_per_prompt", [])],
+                base_identity=dict(d.get("base_identity", {})),
+                identity=dict(rec.identity),
             )
-        except ArtifactError:
-            raise
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"malformed DamageResult: {exc}") from exc
+
+
+_RECORD_KIND = "DamageResult"
 
 
 def capability_damage(
@@ -489,6 +493,6 @@ def capability_damage(
         ce_base_mean=float(base.ce.mean()),
         n=int(kl.numel()),
         ce_base_per_prompt=base.ce.tolist(),
-        base_model=_identity(base_model),
-        model=_identity(model),
+        base_identity=_identity(base_model),
+        identity=_identity(model),
     )

@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,9 +23,9 @@ from typing import Any
 
 from torch import nn
 
-from refusal_core.artifacts import atomic_write_json
 from refusal_core.errors import ArtifactError, RefusalCoreError
 from refusal_core.models import model_identity
+from refusal_core.records import atomic_write_json, read_json
 
 __all__ = ["AsrResult", "AttackResult", "Attempt", "OverRefusalResult", "result_model_identity"]
 
@@ -97,12 +96,7 @@ def _write_json_atomic(path: str | os.PathLike[str], payload: dict[str, Any]) ->
 
 def _read_json(path: str | os.PathLike[str], kind: str) -> dict[str, Any]:
     p = Path(path)
-    if not p.is_file():
-        raise ArtifactError(f"{kind} file {str(p)!r} does not exist")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{kind} file {str(p)!r} is not valid JSON: {exc}") from exc
+    data = read_json(p, f"{kind} file")
     if not isinstance(data, dict) or data.get("format") != _FORMAT or data.get("kind") != kind:
         raise ArtifactError(f"{str(p)!r} is not a refusal_core {kind} file (format {_FORMAT})")
     return data

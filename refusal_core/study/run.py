@@ -36,7 +36,6 @@ redoes at most the stage it was in.
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -85,6 +84,7 @@ from refusal_core.functional import refusal_score
 from refusal_core.interventions import ablation_hooks, addition_hooks
 from refusal_core.models import load_model, model_identity
 from refusal_core.prompts import load_prompts
+from refusal_core.records import read_json
 from refusal_core.selection import SelectionResult, last_token_logits, select_direction
 from refusal_core.stats import finite_or_none, mcnemar, rate_of
 from refusal_core.study.config import StudyConfig
@@ -800,10 +800,7 @@ def _point_config(point: SweepPoint, paper: AirdConfig) -> AirdConfig:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path} is missing or corrupt: {exc}") from exc
+    data = read_json(path, "stage file")
     validate_json(data, STAGE_JSON_SCHEMAS.get(Path(path).name, {}), path)
     return dict(data)
 
