@@ -73,14 +73,17 @@ def _setting(settings: dict[str, Any], key: str) -> Any:
 
 
 @pytest.mark.parametrize("name", list(gpu_tier.TIERS))
-def test_tier_config_runs_the_study_on_cpu_with_its_settings(name: str, tiny_dir: Path, tmp_path: Path) -> None:
+def test_tier_config_runs_the_study_on_cpu_with_its_settings(
+    name: str, tiny_dir: Path, tmp_path: Path
+) -> None:
     tier = gpu_tier.tier(name)
     assert gpu_tier.placeholders(tier.toml) == {
         "model": tier.env,
         "harmful_test": gpu_tier.ADVBENCH_ENV,
     }, f"{tier.toml}: the model and AdvBench paths are placeholders for {tier.env} / {gpu_tier.ADVBENCH_ENV}"
     written = _file_values(tier.toml)
-    assert written["device"] == "cuda" and written["dtype"] in ("float16", "bfloat16"), written
+    assert written["device"] == "cuda", written
+    assert written["dtype"] in ("float16", "bfloat16"), written
     overrides = {**CPU_OVERRIDES, "model": str(tiny_dir)}
     run = gpu_tier.run_tier(tier.toml, tmp_path / "run", values={}, overrides=overrides)
     settings = run.results["settings"]
@@ -89,7 +92,9 @@ def test_tier_config_runs_the_study_on_cpu_with_its_settings(name: str, tiny_dir
     kept = {k: v for k, v in written.items() if k not in overrides}
     assert {"methods", "dtype", "aird.alpha_attn", "aird.alpha_mlp", "attacks.gcg_steps"} <= set(kept)
     for key, value in kept.items():
-        assert _setting(settings, key) == value, f"{tier.toml}: {key} = {value!r}, the study ran with {_setting(settings, key)!r}"
+        assert _setting(settings, key) == value, (
+            f"{tier.toml}: {key} = {value!r}, the study ran with {_setting(settings, key)!r}"
+        )
     for key, value in overrides.items():
         want = list(value) if isinstance(value, tuple) else value
         assert _setting(settings, key) == want, f"override {key}"
@@ -100,7 +105,8 @@ def test_tier_config_runs_the_study_on_cpu_with_its_settings(name: str, tiny_dir
     layer = run.results["base"]["source"][0]
     names = [v["name"] for v in run.results["variants"]]
     for method in written["methods"]:
-        assert method in names and f"{method}+aird" in names, f"{method} and its repair ran: {names}"
+        assert method in names, f"{method} ran: {names}"
+        assert f"{method}+aird" in names, f"{method}+aird ran: {names}"
         rep = next(v for v in run.results["variants"] if v["name"] == f"{method}+aird")
         assert rep["repair"]["alphas"] == [written["aird.alpha_attn"], written["aird.alpha_mlp"]]
         assert rep["repair"]["layers"] == [layer], rep["repair"]
@@ -117,7 +123,8 @@ def test_tier_config_runs_the_study_on_cpu_with_its_settings(name: str, tiny_dir
     for method, bands in spec["methods"].items():
         for key in bands:
             v = values["methods"][method][key]
-            assert isinstance(v, float) and (math.isfinite(v) or key == "cosine_at_base_source"), f"{method} {key}: {v}"
+            assert isinstance(v, float), f"{method} {key}: {v!r}"
+            assert math.isfinite(v), f"{method} {key}: {v}"
     assert all(isinstance(m, str) for m in gpu_tier.check_bands(values, tier.band_key))
 
 
@@ -126,7 +133,8 @@ def _values(base_asr: float, method_asr: float, aird_asr: float, cosine: float) 
     return {
         "base": {"asr": base_asr, "source_layer": 12},
         "methods": {
-            m: {"cosine_at_base_source": cosine, "asr": method_asr, "asr_aird": aird_asr} for m in spec["methods"]
+            m: {"cosine_at_base_source": cosine, "asr": method_asr, "asr_aird": aird_asr}
+            for m in spec["methods"]
         },
     }
 
@@ -134,7 +142,8 @@ def _values(base_asr: float, method_asr: float, aird_asr: float, cosine: float) 
 def test_check_bands_passes_inside_and_names_each_value_outside() -> None:
     assert gpu_tier.check_bands(_values(0.02, 0.05, 0.04, 0.995), "llama2-7b-chat") == []
     low_cos = gpu_tier.check_bands(_values(0.02, 0.05, 0.04, 0.5), "llama2-7b-chat")
-    assert len(low_cos) == 2 and all("cosine_at_base_source" in m for m in low_cos), low_cos  # the 8-bit methods
+    assert len(low_cos) == 2, low_cos  # the two 8-bit methods' bands start at 0.99
+    assert all("cosine_at_base_source" in m for m in low_cos), low_cos
     raised = gpu_tier.check_bands(_values(0.02, 0.05, 0.15, 0.995), "llama2-7b-chat")
     assert sum("AIRD raised ASR" in m for m in raised) == 4, raised
     nan = gpu_tier.check_bands(_values(math.nan, 0.05, 0.04, 0.995), "llama2-7b-chat")

@@ -158,7 +158,9 @@ def _variant(results: Mapping[str, Any], name: str) -> dict[str, Any]:
         if v["name"] == name:
             found: dict[str, Any] = v
             return found
-    raise InvalidArgumentError(f"results have no variant {name!r}: {[v['name'] for v in results['variants']]}")
+    raise InvalidArgumentError(
+        f"results have no variant {name!r}: {[v['name'] for v in results['variants']]}"
+    )
 
 
 def _vanilla_asr(variant: Mapping[str, Any]) -> float:
@@ -195,7 +197,9 @@ def _outside(value: float, entry: Mapping[str, Any], what: str) -> list[str]:
     return [f"{what} = {value:.4g} outside the expected band [{lo}, {hi}] ({entry['source']})"]
 
 
-def check_bands(values: Mapping[str, Any], band_key: str, expected: Mapping[str, Any] | None = None) -> list[str]:
+def check_bands(
+    values: Mapping[str, Any], band_key: str, expected: Mapping[str, Any] | None = None
+) -> list[str]:
     """Every band of model ``band_key`` in the bands file that ``values`` (from :func:`band_values`)
     misses, and every relation it breaks, as one message each; empty when all hold. A band with no
     measured value is a failure too."""
@@ -222,7 +226,9 @@ def check_bands(values: Mapping[str, Any], band_key: str, expected: Mapping[str,
         if method in QUANTIZED:
             q = rel["quantized_max_asr_increase_over_base"]
             if not got["asr"] <= base_asr + q["value"]:
-                failures.append(f"{band_key} {method}: ASR {got['asr']:.3f} vs base {base_asr:.3f} ({q['source']})")
+                failures.append(
+                    f"{band_key} {method}: ASR {got['asr']:.3f} vs base {base_asr:.3f} ({q['source']})"
+                )
     return failures
 
 
