@@ -22,9 +22,10 @@ anything else             settable only in the config file (listed in ``--help``
 ========================  ===========================================================
 
 The help text of a field is, in this order: ``metadata["help"]``; the comment
-on the field's line; the comment block above it (``#`` or ``#:``; a block
-covers the run of fields that follow it without a blank line); a string
-literal right after it (an attribute docstring); the help table of the caller.
+on the field's line; the block of full-line comments directly above it (``#``
+or ``#:``; a block documents the one field below it, never the fields after
+that one); a string literal right after it (an attribute docstring); the help
+table of the caller; else the field's name in words (``help_source`` "none").
 
 Example:
     >>> from dataclasses import dataclass
@@ -135,32 +136,27 @@ def _source_help(cls: type) -> dict[str, tuple[str, str]]:
 
     out: dict[str, tuple[str, str]] = {}
     body = tree.body[0].body
-    inherited: str | None = None  # a comment block above the current run of fields
     prev_end = 0
     for i, node in enumerate(body):
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
-            inherited = None
             prev_end = node.end_lineno or node.lineno
             continue
         name = node.target.id
         end = node.end_lineno or node.lineno
-        # a block of full-line comments directly above this field
+        # The block of full-line comments directly above this field documents this field only: a
+        # field right below it without a comment of its own gets no help from it (it used to
+        # inherit the block, so `study --help` showed dtype's comment for --methods and onwards).
         block: list[str] = []
         row = node.lineno - 1
         while row > prev_end and row in full_line:
             block.insert(0, comments[row])
             row -= 1
-        gap = any(not lines[r - 1].strip() for r in range(prev_end + 1, node.lineno))
-        if block:
-            inherited = " ".join(block)
-        elif gap:
-            inherited = None
         inline = [comments[r] for r in range(node.lineno, end + 1) if r in comments and r not in full_line]
         nxt = body[i + 1] if i + 1 < len(body) else None
         if inline:
             out[name] = (" ".join(inline), "comment")
-        elif block or inherited:
-            out[name] = (" ".join(block) if block else str(inherited), "comment")
+        elif block:
+            out[name] = (" ".join(block), "comment")
         elif (
             isinstance(nxt, ast.Expr)
             and isinstance(nxt.value, ast.Constant)

@@ -114,7 +114,7 @@ class SelectionConfig:
     # positions (negative token offsets, -P..-1) are scored; the others get NaN scores and never pass.
     # None scores all of them (below the layer cut).
     layers: tuple[int, ...] | None = None
-    positions: tuple[int, ...] | None = None
+    positions: tuple[int, ...] | None = None  # only these positions (-P..-1) are scored; None: all
     filter_prompts: bool = False  # keep only refused harmful / not refused harmless validation prompts
 
     def __post_init__(self) -> None:

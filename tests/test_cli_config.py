@@ -53,7 +53,8 @@ def test_help_comes_from_metadata_comments_docstrings_and_the_table() -> None:
         "steps": ("optimisation steps", "comment"),
         "flag": ("Sphinx-style comment of the flag.", "comment"),
         "layers": ("One block comment above a run of two fields that applies to both of them.", "comment"),
-        "positions": ("One block comment above a run of two fields that applies to both of them.", "comment"),
+        # the block above 'layers' is not carried to the next field: the field's name in words
+        "positions": ("positions", "none"),
         "label": ("help from the table", "table"),
         "rate": ("help from metadata", "metadata"),
         "inner.depth": ("how deep", "comment"),
@@ -67,6 +68,60 @@ def test_help_comes_from_metadata_comments_docstrings_and_the_table() -> None:
 def test_a_blank_line_ends_a_comment_block() -> None:
     # 'label' follows a blank line after the block's run, so without the table it has no help.
     assert cc.field_help(Knobs, "label") == ("label", "none"), "blank line ends the block of Knobs.layers"
+
+
+@dataclass(frozen=True)
+class Carried:
+    first: int = 1
+    #: the comment of second only
+    second: str | None = None
+    third: tuple[str, ...] = ("a",)
+    fourth: int = 4  # fourth's own comment
+    fifth: bool = False
+
+
+def test_a_comment_block_documents_only_the_field_below_it() -> None:
+    opts = _by_key(cc.config_options(Carried, table={("Carried", "fifth"): "fifth from the table"}))
+    got = {k: (o.help, o.help_source) for k, o in opts.items()}
+    assert got == {
+        "first": ("first", "none"),
+        "second": ("the comment of second only", "comment"),
+        "third": ("third", "none"),
+        "fourth": ("fourth's own comment", "comment"),
+        "fifth": ("fifth from the table", "table"),
+    }, f"help per field: {got}"
+
+
+def _study_help() -> dict[str, str]:
+    """``{flag: help}`` of the config options of ``refusal-core study``, as argparse shows them."""
+    from refusal_core.cli import build_parser
+
+    top = build_parser()
+    sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    study = sub.choices["study"]
+    return {
+        act.option_strings[0]: study._get_formatter()._expand_help(act)
+        for act in study._actions
+        if act.dest.startswith("cfg:")
+    }
+
+
+def test_study_help_shows_each_options_own_text_and_its_default() -> None:
+    # The old extraction carried dtype's comment block to every uncommented field after it.
+    shown = _study_help()
+    for flag in ("--methods", "--harmful-train", "--n-train", "--noise-splits"):
+        assert "dtype" not in shown[flag], f"{flag} shows another field's help: {shown[flag]!r}"
+    assert "compression methods" in shown["--methods"], shown["--methods"]
+    assert "dtype" in shown["--dtype"], shown["--dtype"]
+    texts: dict[str, str] = {}
+    for o in cc.config_options(StudyConfig):
+        if o.kind == "other":
+            continue
+        text = shown[o.flag]
+        assert text.endswith(f"(default: {cc._show(o.default)})"), f"{o.flag} shows its default: {text!r}"
+        own = text.rsplit(" (default:", 1)[0]
+        assert own not in texts, f"{o.flag} shows the same help as {texts.get(own)}: {own!r}"
+        texts[own] = o.flag
 
 
 def test_nested_fields_are_flattened_with_defaults_of_the_default_instance() -> None:
