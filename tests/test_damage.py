@@ -32,8 +32,8 @@ from refusal_core.evaluation.damage import (
     completion_cross_entropy,
     next_token_kl,
 )
-from refusal_core.evaluation.generation import encode_prompts, generate_ids
-from refusal_core.models import get_layout
+from refusal_core.evaluation.generation import generate_ids
+from refusal_core.model import encode_prompts, get_layout
 from refusal_core.testing.tiny import tiny_model, tiny_prompts, tiny_tokenizer
 
 TOK = tiny_tokenizer()

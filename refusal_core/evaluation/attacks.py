@@ -52,17 +52,21 @@ from refusal_core.evaluation.generation import (
     GenerationCache,
     SamplingConfig,
     _accepts,
-    _check_instructions,
     _check_positive_int,
-    encode_prompts,
     eval_mode,
     generate,
     generate_ids_multi,
-    model_device,
 )
 from refusal_core.evaluation.judges import Judge
 from refusal_core.evaluation.scores import continuation_token_ids
-from refusal_core.models import format_prompt, model_identity, post_instruction_tokens
+from refusal_core.model import (
+    check_instructions,
+    encode_prompts,
+    format_prompt,
+    model_device,
+    model_identity,
+    post_instruction_tokens,
+)
 
 __all__ = [
     "AsrResult",
@@ -368,7 +372,7 @@ class VanillaAttack:
         cache: GenerationCache | None = None,
     ) -> AsrResult:
         """Greedy completions judged; with ``cache`` a generation already memoised is reused."""
-        items = _check_instructions(instructions)
+        items = check_instructions(instructions)
         judge = _check_judge(judge)
         completions = generate(
             model,
@@ -464,7 +468,7 @@ class DecodingAttack:
         The draws are token for token those of one :func:`generate` call per
         configuration with its :func:`_config_seed`; ``cache`` memoises them.
         """
-        items = _check_instructions(instructions)
+        items = check_instructions(instructions)
         judge = _check_judge(judge)
         n, s = len(items), self.n_samples
         # Sample j of prompt i sits at j * n + i.
@@ -536,7 +540,7 @@ def prefill_shared_generations(
         >>> memo.hits, memo.misses
         (13, 13)
     """
-    items = _check_instructions(instructions)
+    items = check_instructions(instructions)
     if not isinstance(cache, GenerationCache):
         raise InvalidArgumentError(f"cache must be a GenerationCache, got {type(cache).__name__}")
     groups: dict[tuple[Any, ...], list[tuple[SamplingConfig | None, int]]] = {}
@@ -864,7 +868,7 @@ class GcgAttack:
         ``allowed`` (``[vocab]`` bool, from :func:`allowed_suffix_tokens`) saves
         recomputing the token filter when optimising many prompts.
         """
-        items = _check_instructions(instructions)
+        items = check_instructions(instructions)
         device = model_device(model)
         vocab = int(model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
         if allowed is None:
@@ -914,7 +918,7 @@ class GcgAttack:
         *,
         progress: bool = True,
     ) -> AsrResult:
-        items = _check_instructions(instructions)
+        items = check_instructions(instructions)
         judge = _check_judge(judge)
         allowed = self._allowed(model, tokenizer)
         if self.universal:
@@ -981,7 +985,7 @@ def evaluate_asr(
     progress: bool = True,
 ) -> dict[str, AsrResult]:
     """Run every attack on the harmful instructions; results keyed by attack name (names must be unique)."""
-    items = _check_instructions(harmful_instructions, "harmful_instructions")
+    items = check_instructions(harmful_instructions, "harmful_instructions")
     judge = _check_judge(judge)
     if isinstance(attacks, Attack) or not isinstance(attacks, Sequence) or not attacks:
         raise EmptyInputError("attacks must be a non-empty sequence of attacks")
@@ -1011,7 +1015,7 @@ def over_refusal(
     ``min_words`` rule also counts very short answers as refused: use a small
     value (e.g. 1) when harmless answers can legitimately be short.
     """
-    items = _check_instructions(harmless_instructions, "harmless_instructions")
+    items = check_instructions(harmless_instructions, "harmless_instructions")
     judge = _check_judge(judge)
     _check_system(system)
     completions = generate(

@@ -32,7 +32,8 @@ score the decision to stop (and to never pass an empty completion).
 
 Example:
     >>> from refusal_core.testing.tiny import tiny_model, tiny_tokenizer
-    >>> from refusal_core.evaluation.generation import encode_prompts, generate_ids
+    >>> from refusal_core.evaluation.generation import generate_ids
+    >>> from refusal_core.model import encode_prompts
     >>> base, tok = tiny_model(seed=0), tiny_tokenizer()
     >>> variant = tiny_model(seed=1)
     >>> ids = encode_prompts(tok, ["Tell me a story.", "Name a colour."])
@@ -59,7 +60,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from refusal_core.activations import batch_inputs
 from refusal_core.artifacts import atomic_write_json
 from refusal_core.errors import (
     ArtifactError,
@@ -72,12 +72,9 @@ from refusal_core.errors import (
 from refusal_core.evaluation.generation import (
     _accepts,
     _check_positive_int,
-    encode_prompts,
     eval_mode,
-    model_device,
-    pad_token_id,
 )
-from refusal_core.models import model_identity
+from refusal_core.model import batch_inputs, encode_prompts, model_device, model_identity, pad_token_id
 
 __all__ = [
     "DamageResult",
@@ -350,7 +347,7 @@ class DamageResult:
       so :attr:`ce_increase` reads as the damage.
     - ``n``: the number of prompts.
     - ``base_model`` / ``model``: the two models' identities
-      (:func:`~refusal_core.models.model_identity`; only the class name for an
+      (:func:`~refusal_core.model.model_identity`; only the class name for an
       architecture without a layout).
     """
 
