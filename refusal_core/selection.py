@@ -61,15 +61,14 @@ from refusal_core.activations import block_input
 from refusal_core.artifacts import load_artifact, save_artifact
 from refusal_core.directions import DirectionCandidates
 from refusal_core.errors import EmptyInputError, InvalidArgumentError, RefusalCoreError
+from refusal_core.evaluation.generation import forward_last_logits
 from refusal_core.functional import MIN_DIRECTION_NORM, check_refusal_ids, check_tensor, refusal_score
 from refusal_core.interventions import ablation_hooks, addition_hooks
 from refusal_core.model import (
     ModelLayout,
-    batch_inputs,
     check_instructions,
     encode_prompts,
     get_layout,
-    model_device,
     model_identity,
     pad_token_id,
 )
@@ -424,9 +423,7 @@ def last_token_logits(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id
     Position ids count real tokens only, so a prompt's logits do not depend on
     how much padding its batch needs.
     """
-    inputs = batch_inputs(prompts, pad_id, model_device(model))
-    out = model(**inputs, logits_to_keep=1, use_cache=False)
-    return out.logits[:, -1, :].to(torch.float64).cpu()
+    return forward_last_logits(model, prompts, pad_id).to(torch.float64).cpu()
 
 
 def _kl(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

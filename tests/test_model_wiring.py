@@ -34,7 +34,12 @@ from refusal_core.testing.tiny import TINY_FAMILIES, tiny_model, tiny_prompts, t
 from refusal_core.toy import load_toy_model
 
 TOK = tiny_tokenizer()
-PROMPTS = [*tiny_prompts(3, "harmful", seed=7), *tiny_prompts(3, "harmless", seed=7), "Hi", "A much longer one."]
+PROMPTS = [
+    *tiny_prompts(3, "harmful", seed=7),
+    *tiny_prompts(3, "harmless", seed=7),
+    "Hi",
+    "A much longer one.",
+]
 NO_STOP = [-1]
 
 
@@ -75,9 +80,9 @@ def test_token_suffix_goes_right_before_the_generation_prompt() -> None:
     ref0 = _reference_ids(TOK, PROMPTS[0], None)
     cut = len(ref0) - 2
     assert ref0[cut:] == [end, assistant], f"unexpected template tail {ref0[-2:]}"
-    assert ours[0] == ref0[:cut] + suffix + ref0[cut:], "a token suffix must sit between instruction and <|end|>"
+    assert ours[0] == ref0[:cut] + suffix + ref0[cut:], "a token suffix goes between instruction and <|end|>"
     assert ours[1] == _reference_ids(TOK, PROMPTS[1], None), "no suffix must leave the prompt as it is"
-    assert ours[2] == _reference_ids(TOK, f"{PROMPTS[2]} and more", None), "a text suffix joins with one space"
+    assert ours[2] == _reference_ids(TOK, f"{PROMPTS[2]} and more", None), "a text suffix joins after a space"
 
 
 def test_the_merge_check_fires_exactly_on_prompts_that_merge_with_the_template() -> None:
@@ -248,7 +253,8 @@ def test_replace_module_moves_the_accelerate_hook_to_the_new_module() -> None:
     holder = nn.Module()
     holder.lin = nn.Linear(2, 2)
     replace_module_(holder, "lin", plain)
-    assert holder.lin is plain and not hasattr(plain, "_hf_hook"), "no hook must appear from nowhere"
+    assert holder.lin is plain
+    assert not hasattr(plain, "_hf_hook"), "no hook must appear from nowhere"
 
 
 def test_llm_int8_simulation_keeps_accelerate_hooks() -> None:
@@ -267,3 +273,17 @@ def test_llm_int8_simulation_keeps_accelerate_hooks() -> None:
         assert isinstance(module, Int8LinearSim), f"{name}[{layer}] was not quantized"
         assert getattr(module, "_hf_hook", None) is hook, f"{name}[{layer}] lost its accelerate hook"
         assert hook.calls == 1, f"{name}[{layer}]: the hook ran {hook.calls} times in one forward"
+
+
+def test_bad_arguments_raise_before_anything_changes() -> None:
+    layout = get_layout(tiny_model("llama", seed=6))
+    before = layout.linear(0, "o_proj")
+    with pytest.raises(InvalidArgumentError, match="no linear"):
+        layout.set_linear_(0, "out_proj", nn.Linear(2, 2))
+    with pytest.raises(InvalidArgumentError, match="layer must be"):
+        layout.set_linear_(7, "o_proj", nn.Linear(2, 2))
+    assert layout.linear(0, "o_proj") is before, "a refused swap changed the model"
+    with pytest.raises(InvalidArgumentError, match="not a block linear"):
+        input_taps(["q_proj", "lm_head"])
+    with pytest.raises(InvalidArgumentError, match="require_post_instruction must be a bool"):
+        encode_prompts(TOK, ["Hi"], require_post_instruction=1)  # type: ignore[arg-type]

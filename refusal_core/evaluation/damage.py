@@ -17,7 +17,7 @@ move continuously:
   the variant finds what the base would have said.
 
 Prompts are strings (chat-formatted with
-:func:`~refusal_core.evaluation.generation.encode_prompts`, the same ids
+:func:`~refusal_core.model.inputs.encode_prompts`, the same ids
 :func:`~refusal_core.evaluation.generation.generate_ids` completes) or token
 id lists already formatted. Batches are left-padded with position ids that
 count real tokens only, so results do not depend on the batch size (to float
