@@ -24,7 +24,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch
 
-from refusal_core.evaluation.generation import encode_prompts, generate_ids, left_pad
+from refusal_core.evaluation.generation import generate_ids
+from refusal_core.model import encode_prompts, left_pad
 from refusal_core.testing.tiny import tiny_model, tiny_prompts, tiny_tokenizer
 
 NO_STOP = [-1]  # no model emits id -1: every prompt decodes the full budget

@@ -25,9 +25,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from refusal_core.activations import batch_inputs, encode_prompts, mean_activations
+from refusal_core.activations import mean_activations
 from refusal_core.directions import extract_candidates
-from refusal_core.models import load_model
+from refusal_core.model import batch_inputs, encode_prompts, load_model
 from refusal_core.prompts import load_prompts
 from refusal_core.selection import SelectionConfig, select_direction, select_direction_naive
 from refusal_core.testing.tiny import tiny_model, tiny_prompts, tiny_tokenizer

@@ -218,8 +218,9 @@ def bench_generation_batched(quick: bool, repeats: int) -> dict[str, Any]:
 
 
 def bench_capture(quick: bool, repeats: int) -> dict[str, Any]:
-    from refusal_core.activations import batch_inputs, mean_activations
-    from refusal_core.activations import encode_prompts as encode_for_capture
+    from refusal_core.activations import mean_activations
+    from refusal_core.model import batch_inputs
+    from refusal_core.model import encode_prompts as encode_for_capture
 
     model, tok = _toy()
     n, bs = (64, 32) if quick else (256, 32)

@@ -19,11 +19,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from refusal_core.activations import batch_inputs, encode_prompts, mean_activations
+from refusal_core.activations import mean_activations
 from refusal_core.aird import AirdConfig, apply_aird_
 from refusal_core.functional import add_direction, aird_update, magnitude_mask
 from refusal_core.interventions import ablation_hooks, addition_hooks, orthogonalize_model_
-from refusal_core.models import get_layout
+from refusal_core.model import batch_inputs, encode_prompts, get_layout
 from refusal_core.testing import strategies as rs
 from refusal_core.testing.tiny import (
     ORTHOGONALIZABLE_FAMILIES,

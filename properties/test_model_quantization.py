@@ -29,10 +29,10 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from refusal_core.activations import encode_prompts, mean_activations
+from refusal_core.activations import mean_activations
 from refusal_core.compression import METHODS, compress_
 from refusal_core.directions import site_cosines
-from refusal_core.models import get_layout
+from refusal_core.model import encode_prompts, get_layout
 from refusal_core.testing.tiny import AWQ_FAMILIES, TINY_FAMILIES, tiny_model, tiny_tokenizer
 
 #: Required agreement between the original and the quantized model's direction at each site.

@@ -3,10 +3,10 @@
 The site is ``resid_pre`` of block ``l`` (the hidden states the decoder block
 receives, ``l = 0..L-1``) at the last ``P`` tokens of each formatted prompt,
 the chat template's post-instruction tokens (positions ``-P..-1``). Prompts are
-formatted with :func:`~refusal_core.models.format_prompt`, tokenized without
-extra special tokens (the template carries BOS), batched with LEFT padding so
-the last ``P`` columns of every row are real tokens, and run through the base
-model (no ``lm_head``) with an attention mask and mask-derived position ids.
+encoded and batched by :mod:`refusal_core.model.inputs` (the chat template,
+LEFT padding so the last ``P`` columns of every row are real tokens, an
+attention mask and mask-derived position ids) and run through the base model
+(no ``lm_head``).
 
 Means are accumulated in float64 while streaming: memory is
 ``O(n_groups·L·P·d)`` whatever the number of prompts.
@@ -33,80 +33,20 @@ from refusal_core.errors import (
     NonFiniteError,
     ShapeMismatchError,
 )
-from refusal_core.models import format_prompt, get_layout, post_instruction_tokens
+from refusal_core.model import (
+    batch_inputs,
+    check_instructions,
+    encode_prompts,
+    get_layout,
+    model_device,
+    pad_token_id,
+    post_instruction_tokens,
+)
 
 __all__ = [
-    "batch_inputs",
     "block_input",
-    "encode_prompts",
     "mean_activations",
-    "model_device",
 ]
-
-
-def check_instructions(instructions: object, name: str = "instructions") -> list[str]:
-    """``instructions`` as a list of str; a bare str or an empty collection is rejected."""
-    if isinstance(instructions, str) or not isinstance(instructions, Sequence):
-        raise InvalidArgumentError(f"{name} must be a sequence of str (not a single str)")
-    out = list(instructions)
-    if not out:
-        raise EmptyInputError(f"{name} is empty; at least one prompt is needed")
-    for i, s in enumerate(out):
-        if not isinstance(s, str):
-            raise InvalidArgumentError(f"{name}[{i}] must be a str, got {type(s).__name__}")
-    return out
-
-
-def encode_prompts(tokenizer: Any, instructions: Sequence[str], system: str | None = None) -> list[list[int]]:
-    """Token ids of each instruction in the chat template (no extra special tokens added).
-
-    Every returned list ends with :func:`~refusal_core.models.post_instruction_tokens`;
-    a prompt that does not raises :class:`InvalidArgumentError`.
-    """
-    texts = check_instructions(instructions)
-    suffix = post_instruction_tokens(tokenizer, system)
-    out: list[list[int]] = []
-    for i, text in enumerate(texts):
-        ids = list(tokenizer(format_prompt(tokenizer, text, system), add_special_tokens=False)["input_ids"])
-        if ids[-len(suffix) :] != suffix:
-            raise InvalidArgumentError(
-                f"instructions[{i}] does not end in the post-instruction tokens after formatting "
-                f"(its last characters merge with the template); got tail {ids[-len(suffix) :]}, "
-                f"expected {suffix}"
-            )
-        out.append(ids)
-    return out
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def batch_inputs(
-    token_ids: Sequence[Sequence[int]], pad_id: int, device: torch.device | None = None
-) -> dict[str, torch.Tensor]:
-    """Left-padded ``input_ids``, ``attention_mask`` and ``position_ids``, each ``[B, T]``.
-
-    Position ids count real tokens only (pads get 0), as generation does, so a
-    prompt's positions do not depend on how much padding its batch needs.
-    """
-    if not token_ids:
-        raise EmptyInputError("token_ids is empty")
-    width = max(len(ids) for ids in token_ids)
-    if width == 0:
-        raise EmptyInputError("every prompt in the batch has zero tokens")
-    input_ids = torch.full((len(token_ids), width), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(token_ids), width), dtype=torch.long)
-    for row, ids in enumerate(token_ids):
-        if len(ids):
-            input_ids[row, width - len(ids) :] = torch.as_tensor(list(ids), dtype=torch.long)
-            mask[row, width - len(ids) :] = 1
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}
-    return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
 def block_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
@@ -184,10 +124,8 @@ def mean_activations(
         raise InvalidArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
     member = _membership(groups, n_groups, len(texts))
     layout = get_layout(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise InvalidArgumentError("tokenizer has neither a pad_token_id nor an eos_token_id to pad with")
-    encoded = encode_prompts(tokenizer, texts, system)
+    pad_id = pad_token_id(tokenizer)
+    encoded = encode_prompts(tokenizer, texts, system=system, require_post_instruction=True)
     n_pos = len(post_instruction_tokens(tokenizer, system))
     n_layers, d = layout.n_layers, layout.d_model
     sums = torch.zeros((member.shape[1], n_layers, n_pos, d), dtype=torch.float64)

@@ -49,7 +49,7 @@ from refusal_core.compression._transaction import check_model_finite
 from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError, ZeroDirectionError
 from refusal_core.functional import aird_update, check_tensor, unit_direction
 from refusal_core.interventions import check_directions, check_editable_linear
-from refusal_core.models import get_layout, model_identity
+from refusal_core.model import get_layout, model_identity
 from refusal_core.records import RECORD_KINDS, Record, load_record_as, write_record
 
 __all__ = [

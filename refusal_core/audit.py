@@ -49,7 +49,7 @@ from torch import nn
 from refusal_core.aird import AirdConfig
 from refusal_core.artifacts import atomic_write_bytes, settings_key
 from refusal_core.errors import IncompatibleModelsError, InvalidArgumentError
-from refusal_core.models import get_layout, load_model, model_identity
+from refusal_core.model import get_layout, load_model, model_identity
 from refusal_core.selection import SelectionConfig
 from refusal_core.stats import finite_or_none, mcnemar
 from refusal_core.study.config import AttackSettings, StudyConfig

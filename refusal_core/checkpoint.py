@@ -17,7 +17,7 @@ format                      written as
                             their exact dequantized float weights in plain ``nn.Linear`` weights;
                             ``simulated_method`` names the scheme. Plain transformers computes
                             with those weights only: LLM.int8's activation quantization is not
-                            in the file, :func:`~refusal_core.models.load_model` re-applies it
+                            in the file, :func:`~refusal_core.model.load_model` re-applies it
 ``bitsandbytes-int8``,      transformers' own bitsandbytes serialization (int8 weights + scales,
 ``bitsandbytes-nf4``        packed 4-bit + quant state; ``quantization_config`` in config.json);
                             transformers reloads it on CPU and CUDA
@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError
-from refusal_core.models import get_layout, model_identity
+from refusal_core.model import get_layout, model_identity
 from refusal_core.records import RECORD_KINDS, Record, file_sha256, json_default, read_json, write_record
 
 __all__ = [
@@ -325,7 +325,7 @@ def save_checkpoint(
     ``record`` holds the method and its settings (JSON-able, e.g.
     ``CompressionRecord.to_dict()`` or an AIRD record; ``record["method"]`` is
     the method's name, None for an unmodified model). ``base_identity`` is
-    :func:`~refusal_core.models.model_identity` of the model the compression
+    :func:`~refusal_core.model.model_identity` of the model the compression
     started from; without it, ``record["base_identity"]`` or
     ``record["identity_before"]`` is used, and a record with neither and no
     method means the model is its own base. ``format`` is inferred from the

@@ -578,7 +578,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of ``--model`` on ``--device`` in ``--dtype`` with ``--chat-template``."""
     import torch
 
-    from refusal_core.models import load_model
+    from refusal_core.model import load_model
 
     torch.manual_seed(args.seed)
     return load_model(
@@ -588,12 +588,14 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _compress_in_memory_(model: Any, tok: Any, args: argparse.Namespace) -> Any:
     """Apply ``--method`` to ``model`` in place; returns the CompressionRecord."""
-    from refusal_core.activations import encode_prompts
     from refusal_core.compression import compress_, method_config
+    from refusal_core.model import encode_prompts
     from refusal_core.prompts import load_prompts
 
     cfg = method_config(args.method)
-    calib = encode_prompts(tok, load_prompts(args.calibration)[: args.n_calibration])
+    calib = encode_prompts(
+        tok, load_prompts(args.calibration)[: args.n_calibration], require_post_instruction=True
+    )
     return compress_(model, cfg, calib, batch_size=args.batch_size, progress=not args.no_progress)
 
 
@@ -708,7 +710,7 @@ def _base_identity(spec: str, loaded_identity: Mapping[str, Any]) -> dict[str, A
 
 
 def _cmd_compress(args: argparse.Namespace, ours: list[Path]) -> int:
-    from refusal_core.models import model_identity
+    from refusal_core.model import model_identity
 
     _check_checkpoint_target(args.out)
     model, tok = _load(args)
@@ -768,7 +770,7 @@ def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
     layer, pi = sel.source
     r = cands.directions[layer, pi]
     _check_checkpoint_target(args.out)
-    from refusal_core.models import model_identity
+    from refusal_core.model import model_identity
 
     model, tok = _load(args)
     refusal_ids = _refusal_ids(args.model, tok)

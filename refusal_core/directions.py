@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from refusal_core.activations import check_instructions, mean_activations
+from refusal_core.activations import mean_activations
 from refusal_core.artifacts import Artifact, load_artifact, save_artifact
 from refusal_core.errors import (
     ArtifactError,
@@ -43,7 +43,7 @@ from refusal_core.errors import (
     ShapeMismatchError,
 )
 from refusal_core.functional import MIN_DIRECTION_NORM, check_tensor, difference_in_means
-from refusal_core.models import model_identity, post_instruction_tokens
+from refusal_core.model import check_instructions, model_identity, post_instruction_tokens
 
 __all__ = [
     "Direction",
@@ -172,7 +172,7 @@ def _same_weights(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 def same_model(a: Mapping[str, Any] | nn.Module, b: Mapping[str, Any] | nn.Module) -> bool:
-    """Whether two :func:`~refusal_core.models.model_identity` records (or models) name the same model.
+    """Whether two :func:`~refusal_core.model.model_identity` records (or models) name the same model.
 
     Same model means the same architecture (type, layers, width, vocabulary)
     and the same weight fingerprint; the path it was loaded from does not
@@ -199,7 +199,7 @@ def check_direction_origin(
 ) -> None:
     """Refuse to use a direction on a model it does not belong to.
 
-    ``direction_identity`` is the :func:`~refusal_core.models.model_identity`
+    ``direction_identity`` is the :func:`~refusal_core.model.model_identity`
     recorded with the direction (``DirectionCandidates.model``,
     ``Direction.model``, ``SelectionResult.identity``); ``model`` is the model
     (or its identity) it is about to be used on. Passes when both name the
@@ -306,7 +306,7 @@ class DirectionCandidates:
     ``directions``, ``harmful_mean`` and ``harmless_mean`` are ``[L, P, d]``
     float64 with ``directions = harmful_mean − harmless_mean``; ``positions[i]``
     is the (negative) token position of column ``i``; ``model`` is
-    :func:`~refusal_core.models.model_identity` of the source model.
+    :func:`~refusal_core.model.model_identity` of the source model.
     """
 
     directions: torch.Tensor

@@ -183,8 +183,13 @@ def unit_direction(r: object, width: int | None = None, name: str = "r") -> torc
     return r64 / _direction_norm(r64, name)
 
 
-def _float_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype the integer/rounding arithmetic runs in: float64 stays, the rest is float32."""
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype rounding arithmetic and weight edits run in: float64 stays, the rest is float32.
+
+    The one place of this rule: quantizers, the AWQ search and the edits of
+    quantized weights all use it, so a float16/bfloat16 weight is never
+    rounded twice.
+    """
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -430,7 +435,7 @@ def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     float32 otherwise.
     """
     w = check_float_tensor(w, "w", ndim=2)
-    wf = w.detach().to(_float_dtype(w))
+    wf = w.detach().to(compute_dtype(w))
     scale = wf.abs().amax(dim=1) / 127.0
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(wf / safe.unsqueeze(1)).clamp(-127, 127)
@@ -468,7 +473,7 @@ def llm_int8_linear(x: torch.Tensor, w: torch.Tensor, threshold: float = 6.0) ->
     if thr < 0:
         raise InvalidArgumentError(f"threshold must be >= 0 (inf disables outliers), got {threshold!r}")
     lead = x.shape[:-1]
-    x2 = x.detach().reshape(-1, x.shape[-1]).to(_float_dtype(x))
+    x2 = x.detach().reshape(-1, x.shape[-1]).to(compute_dtype(x))
     qw, sw = int8_quantize(w)
     outlier = (x2.abs() >= thr).any(dim=0) if x2.shape[0] else torch.zeros(x.shape[-1], dtype=torch.bool)
     xr = torch.where(outlier, torch.zeros_like(x2), x2)
@@ -506,7 +511,7 @@ def pseudo_quantize(w: torch.Tensor, w_bit: int, group_size: int, zero_point: bo
     """
     w = check_float_tensor(w, "w", ndim=2)
     w_bit, group_size = _check_group(w, w_bit, group_size)
-    g = w.detach().to(_float_dtype(w)).reshape(-1, group_size)
+    g = w.detach().to(compute_dtype(w)).reshape(-1, group_size)
     if zero_point:
         max_int = 2**w_bit - 1
         hi, lo = g.amax(dim=1, keepdim=True), g.amin(dim=1, keepdim=True)
@@ -569,7 +574,7 @@ def awq_scales(w: torch.Tensor, x: torch.Tensor, w_bit: int, group_size: int, gr
         loss = float(((ref - x64 @ awq_apply_scales(w64, s, w_bit, group_size).T) ** 2).sum())
         if loss < best_loss:
             best_loss, best = loss, s
-    return best.to(_float_dtype(w))
+    return best.to(compute_dtype(w))
 
 
 # ----------------------------------------------------------------------------

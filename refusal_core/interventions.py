@@ -51,7 +51,7 @@ from refusal_core.functional import (
     orthogonalize_weight,
     unit_direction,
 )
-from refusal_core.models import ModelLayout, get_layout
+from refusal_core.model import ModelLayout, get_layout
 
 __all__ = [
     "HookHandle",

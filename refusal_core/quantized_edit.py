@@ -52,7 +52,6 @@ import torch
 from torch import nn
 
 from refusal_core.aird import AirdConfig, AirdRecord, apply_aird_
-from refusal_core.compression.bnb import replace_module_
 from refusal_core.compression.schemes import QUANTIZED_SCHEMES, scheme_named, scheme_of
 from refusal_core.errors import (
     ArtifactError,
@@ -60,8 +59,9 @@ from refusal_core.errors import (
     NonFiniteError,
     UnsupportedModuleError,
 )
+from refusal_core.functional import compute_dtype
 from refusal_core.interventions import check_directions, check_editable_linear, orthogonalize_model_
-from refusal_core.models import ModelLayout, get_layout, model_identity
+from refusal_core.model import ModelLayout, get_layout, model_identity, replace_module_
 from refusal_core.records import RECORD_KINDS, Record, load_record_as, write_record
 
 __all__ = [
@@ -201,11 +201,6 @@ class _Target:
     stand_in: nn.Linear | None = None
 
 
-def _edit_dtype(w: torch.Tensor) -> torch.dtype:
-    # Edits run in float32 (float64 stays): a float16/bfloat16 dequantization would round the edit.
-    return torch.float64 if w.dtype == torch.float64 else torch.float32
-
-
 def _bias_of(module: nn.Module) -> torch.Tensor | None:
     bias = getattr(module, "bias", None)
     return bias.detach() if isinstance(bias, torch.Tensor) else None
@@ -251,7 +246,7 @@ def _dequantize_target(target: _Target, label: str) -> None:
     if _module_device(target.module).type == "meta":
         raise UnsupportedModuleError(f"{label} is offloaded (meta device); load it on a device to edit it")
     dq = dequantize_module(target.module)
-    dq = dq.to(_edit_dtype(dq))
+    dq = dq.to(compute_dtype(dq))  # a float16/bfloat16 dequantization would round the edit
     if not bool(torch.isfinite(dq).all()):
         raise NonFiniteError(f"{label}: dequantized weight contains NaN or infinity")
     bias = _bias_of(target.module)

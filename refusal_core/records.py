@@ -2,7 +2,7 @@
 
 A :class:`Record` is what a saved result says about itself: its ``kind`` and
 layout ``version``, the ``identity`` of the model it describes
-(:func:`~refusal_core.models.model_identity`; the one name for it in every
+(:func:`~refusal_core.model.model_identity`; the one name for it in every
 file), the ``settings`` that produced it, the SHA-256 of the ``files`` it
 vouches for, and the kind's own fields (``data``). On disk it is one flat JSON
 object: the five common keys next to the kind's fields.

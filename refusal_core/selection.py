@@ -57,13 +57,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from refusal_core.activations import batch_inputs, block_input, encode_prompts, model_device
+from refusal_core.activations import block_input
 from refusal_core.artifacts import load_artifact, save_artifact
 from refusal_core.directions import DirectionCandidates
 from refusal_core.errors import EmptyInputError, InvalidArgumentError, RefusalCoreError
-from refusal_core.functional import MIN_DIRECTION_NORM, REFUSAL_SCORE_EPS, check_refusal_ids, check_tensor
+from refusal_core.evaluation.generation import forward_last_logits
+from refusal_core.functional import MIN_DIRECTION_NORM, check_refusal_ids, check_tensor, refusal_score
 from refusal_core.interventions import ablation_hooks, addition_hooks
-from refusal_core.models import ModelLayout, get_layout, model_identity
+from refusal_core.model import (
+    ModelLayout,
+    check_instructions,
+    encode_prompts,
+    get_layout,
+    model_identity,
+    pad_token_id,
+)
 
 __all__ = [
     "SCORE_KEYS",
@@ -408,13 +416,6 @@ def _filters(
 _PAD_SLACK = 0.1
 
 
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id
-    return int(pad if pad is not None else 0)
-
-
 @torch.inference_mode()
 def last_token_logits(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
     """Next-token logits after each token-id prompt (left-padded batch): ``[B, vocab]`` float64.
@@ -422,15 +423,7 @@ def last_token_logits(model: nn.Module, prompts: Sequence[Sequence[int]], pad_id
     Position ids count real tokens only, so a prompt's logits do not depend on
     how much padding its batch needs.
     """
-    inputs = batch_inputs(prompts, pad_id, model_device(model))
-    out = model(**inputs, logits_to_keep=1, use_cache=False)
-    return out.logits[:, -1, :].to(torch.float64).cpu()
-
-
-def _scores_from_logits(logits: torch.Tensor, refusal_ids: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits, dim=-1)
-    p = logp[..., refusal_ids].exp().sum(-1)
-    return torch.log(p + REFUSAL_SCORE_EPS) - torch.log(1 - p + REFUSAL_SCORE_EPS)
+    return forward_last_logits(model, prompts, pad_id).to(torch.float64).cpu()
 
 
 def _kl(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -672,7 +665,6 @@ def filter_prompts_by_refusal(
     error. Raises before any forward pass for empty or non-str prompt lists,
     empty refusal ids or a bad ``batch_size``.
     """
-    from refusal_core.activations import check_instructions
     from refusal_core.evaluation.scores import refusal_scores
 
     harm = check_instructions(harmful, "harmful")
@@ -783,7 +775,7 @@ def select_direction(
     dirs = candidates.directions
     n_layers, n_pos, d = dirs.shape
     scored = _scored_sites(candidates, config)
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     harmful_val, harmless_val = _validation_prompts(
         model, tokenizer, harmful_val, harmless_val, refusal_token_ids, config
     )
@@ -841,7 +833,7 @@ def select_direction(
                     out = _run_rows(
                         model, rows, rdirs, pad_id=pad, mode="add", layer=layer, coeff=config.addition_coeff
                     )
-                scores = _scores_from_logits(out, ref_ids).reshape(len(chunk), len(group))
+                scores = refusal_score(out, ref_ids).reshape(len(chunk), len(group))
                 induce_tab[torch.as_tensor(list(chunk)).unsqueeze(1), cols.unsqueeze(0)] = scores
                 bar.update(len(chunk) * len(group))
         del calls, memo
@@ -859,7 +851,7 @@ def select_direction(
             out = _run_rows(model, rows, rdirs, pad_id=pad, mode="ablate", layer=None, coeff=0.0)
             out = out.reshape(len(chunk), len(group), -1)
             vals = torch.empty((len(chunk), len(group)), dtype=torch.float64)
-            vals[:, is_harm] = _scores_from_logits(out[:, is_harm], ref_ids)
+            vals[:, is_harm] = refusal_score(out[:, is_harm], ref_ids)
             vals[:, ~is_harm] = _kl(base_s[cols[~is_harm] - n_harm], out[:, ~is_harm])
             ablate_tab[torch.as_tensor(list(chunk)).unsqueeze(1), cols.unsqueeze(0)] = vals
             bar.update(len(chunk) * len(group))
@@ -880,8 +872,8 @@ def select_direction(
         kl.reshape(n_layers, n_pos),
         candidates,
         config,
-        float(_scores_from_logits(base_h, ref_ids).mean()),
-        float(_scores_from_logits(base_s, ref_ids).mean()),
+        float(refusal_score(base_h, ref_ids).mean()),
+        float(refusal_score(base_s, ref_ids).mean()),
         model,
         (len(harm), len(safe)),
     )
@@ -936,7 +928,7 @@ def select_direction_naive(
     dirs = candidates.directions
     n_layers, n_pos, _ = dirs.shape
     scored = _scored_sites(candidates, config)
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     harmful_val, harmless_val = _validation_prompts(
         model, tokenizer, harmful_val, harmless_val, refusal_token_ids, config
     )
@@ -956,17 +948,17 @@ def select_direction_naive(
                 ls = last_token_logits(model, safe, pad)
             with addition_hooks(model, r, config.addition_coeff, layer):
                 la = last_token_logits(model, safe, pad)
-            bypass[layer, i] = _scores_from_logits(lh, ref_ids).mean()
+            bypass[layer, i] = refusal_score(lh, ref_ids).mean()
             kl[layer, i] = _kl(base_s, ls).mean()
-            induce[layer, i] = _scores_from_logits(la, ref_ids).mean()
+            induce[layer, i] = refusal_score(la, ref_ids).mean()
     return _result(
         bypass,
         induce,
         kl,
         candidates,
         config,
-        float(_scores_from_logits(base_h, ref_ids).mean()),
-        float(_scores_from_logits(base_s, ref_ids).mean()),
+        float(refusal_score(base_h, ref_ids).mean()),
+        float(refusal_score(base_s, ref_ids).mean()),
         model,
         (len(harm), len(safe)),
     )

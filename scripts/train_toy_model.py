@@ -75,7 +75,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from refusal_core.functional import ablate, add_direction, difference_in_means, refusal_score
-from refusal_core.models import post_instruction_tokens
+from refusal_core.model import post_instruction_tokens
 from refusal_core.prompts import load_prompt_records, load_prompts
 from refusal_core.toy import TOY_REFUSAL_PHRASES, is_toy_refusal
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refusal_core.activations import batch_inputs, encode_prompts, mean_activations
+from refusal_core.activations import mean_activations
 from refusal_core.errors import EmptyInputError, InvalidArgumentError, NonFiniteError, ShapeMismatchError
-from refusal_core.models import get_layout, post_instruction_tokens
+from refusal_core.model import batch_inputs, encode_prompts, get_layout, post_instruction_tokens
 from refusal_core.testing.tiny import TINY_FAMILIES, tiny_model, tiny_prompts, tiny_tokenizer
 
 TOK = tiny_tokenizer()

@@ -31,7 +31,7 @@ from refusal_core.errors import (
     ZeroDirectionError,
 )
 from refusal_core.functional import aird_update, magnitude_mask, orthogonalize_weight
-from refusal_core.models import get_layout
+from refusal_core.model import get_layout
 from refusal_core.quantized_edit import QuantizedEditRecord, apply_aird_quantized_, dequantize_module
 from refusal_core.testing.tiny import tiny_model
 

@@ -28,7 +28,7 @@ from refusal_core.errors import IncompatibleModelsError, InvalidArgumentError
 from refusal_core.evaluation.generation import generate
 from refusal_core.evaluation.judges import SubstringJudge, classify
 from refusal_core.interventions import ablation_hooks, addition_hooks
-from refusal_core.models import get_layout, load_model, model_identity
+from refusal_core.model import get_layout, load_model, model_identity
 from refusal_core.prompts import load_prompts
 from refusal_core.selection import SelectionConfig, SelectionResult
 from refusal_core.toy import toy_refusal_token_ids

@@ -48,7 +48,7 @@ from refusal_core.errors import (
 from refusal_core.evaluation.generation import generate
 from refusal_core.evaluation.judges import SubstringJudge, classify, is_degenerate
 from refusal_core.interventions import ablation_hooks, addition_hooks, orthogonalize_model_
-from refusal_core.models import get_layout, model_identity
+from refusal_core.model import get_layout, model_identity
 from refusal_core.selection import select_direction
 from refusal_core.testing.tiny import tiny_model, tiny_prompts, tiny_tokenizer
 

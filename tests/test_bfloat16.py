@@ -19,7 +19,7 @@ import torch
 from refusal_core.activations import mean_activations
 from refusal_core.directions import extract_candidates
 from refusal_core.evaluation.generation import generate
-from refusal_core.models import format_prompt, get_layout, post_instruction_tokens
+from refusal_core.model import format_prompt, get_layout, post_instruction_tokens
 from refusal_core.prompts import load_prompts
 from refusal_core.toy import is_toy_refusal, load_toy_model
 

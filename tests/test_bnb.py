@@ -55,7 +55,7 @@ from refusal_core.compression.bnb import BnbInt8Config, BnbNf4Config, bnb_availa
 from refusal_core.directions import extract_candidates, site_cosines, split_half_noise_floor
 from refusal_core.errors import ArtifactError, InvalidArgumentError, UnsupportedModuleError
 from refusal_core.functional import int8_quantize, llm_int8_linear
-from refusal_core.models import get_layout
+from refusal_core.model import get_layout
 from refusal_core.testing.tiny import (
     POST_NORM_FAMILIES,
     TINY_FAMILIES,
@@ -390,7 +390,7 @@ def _toy() -> tuple[nn.Module, object]:
 
 @needs_bnb
 def test_toy_model_int8_agrees_with_reference() -> None:
-    from refusal_core.activations import encode_prompts
+    from refusal_core.model import encode_prompts
     from refusal_core.prompts import load_prompts
 
     base, tok = _toy()

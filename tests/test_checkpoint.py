@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from refusal_core.activations import encode_prompts
 from refusal_core.checkpoint import (
     CHECKPOINT_RECORD,
     read_checkpoint_record,
@@ -29,7 +28,7 @@ from refusal_core.compression.bnb import bnb_available
 from refusal_core.compression.quantization import Int8LinearSim
 from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError
 from refusal_core.interventions import orthogonalize_model_
-from refusal_core.models import format_prompt, load_model, model_identity
+from refusal_core.model import encode_prompts, format_prompt, load_model, model_identity
 from refusal_core.testing.tiny import TINY_FAMILIES, tiny_model, tiny_prompts, tiny_tokenizer
 from refusal_core.toy import load_toy_model
 

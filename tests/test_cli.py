@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-import refusal_core.models
+import refusal_core.model
 from refusal_core import _cli_config as cc
 from refusal_core import cli
 from refusal_core.cli import build_parser, main
@@ -36,7 +36,7 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         calls.append(spec)
         raise AssertionError(f"load_model({spec!r}) was called; the command should have failed before")
 
-    monkeypatch.setattr(refusal_core.models, "load_model", forbidden)
+    monkeypatch.setattr(refusal_core.model, "load_model", forbidden)
     return calls
 
 
@@ -314,13 +314,13 @@ def test_existing_output_directory_is_kept_on_failure(
 
 def _spy_load(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
     calls: list[tuple[str, dict[str, Any]]] = []
-    real: Callable[..., Any] = refusal_core.models.load_model
+    real: Callable[..., Any] = refusal_core.model.load_model
 
     def spy(spec: str, **kwargs: Any) -> Any:
         calls.append((spec, kwargs))
         return real(spec, **kwargs)
 
-    monkeypatch.setattr(refusal_core.models, "load_model", spy)
+    monkeypatch.setattr(refusal_core.model, "load_model", spy)
     return calls
 
 
@@ -341,7 +341,7 @@ def test_device_and_dtype_reach_load_model(
 def test_chat_template_reaches_load_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from refusal_core.models import load_model
+    from refusal_core.model import load_model
 
     template = tmp_path / "chat.jinja"
     template.write_text(load_model("toy")[1].chat_template)  # the toy's own, so the model still works

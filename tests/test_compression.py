@@ -27,7 +27,7 @@ from refusal_core.compression import (
 )
 from refusal_core.compression._registry import REGISTRY
 from refusal_core.errors import ArtifactError, EmptyInputError, InvalidArgumentError
-from refusal_core.models import get_layout, model_identity
+from refusal_core.model import get_layout, model_identity
 from refusal_core.testing.tiny import tiny_model
 
 

@@ -34,8 +34,8 @@ from refusal_core.evaluation.damage import (
     next_token_kl,
     next_token_logp,
 )
-from refusal_core.evaluation.generation import encode_prompts, generate_ids
-from refusal_core.models import get_layout
+from refusal_core.evaluation.generation import generate_ids
+from refusal_core.model import encode_prompts, get_layout
 from refusal_core.testing.tiny import tiny_model, tiny_prompts, tiny_tokenizer
 
 TOK = tiny_tokenizer()

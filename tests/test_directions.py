@@ -31,7 +31,7 @@ from refusal_core.errors import (
     ShapeMismatchError,
 )
 from refusal_core.functional import cosine_similarity
-from refusal_core.models import model_identity
+from refusal_core.model import model_identity
 from refusal_core.testing.tiny import tiny_model, tiny_prompts, tiny_tokenizer
 
 TOK = tiny_tokenizer()

@@ -9,15 +9,13 @@ from refusal_core.errors import EmptyInputError, InvalidArgumentError
 from refusal_core.evaluation.generation import (
     GenerationCache,
     SamplingConfig,
-    encode_prompts,
     eval_mode,
     filter_logits,
     generate,
     generate_ids,
     generate_ids_multi,
-    left_pad,
 )
-from refusal_core.models import format_prompt, post_instruction_tokens
+from refusal_core.model import encode_prompts, format_prompt, left_pad, post_instruction_tokens
 from refusal_core.testing.tiny import TINY_FAMILIES, tiny_model, tiny_prompts, tiny_tokenizer
 
 TOK = tiny_tokenizer()

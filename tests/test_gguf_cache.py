@@ -4,7 +4,7 @@ Two levels: a real GGUF, written in the test from a tiny Qwen2 model and its
 byte-level BPE tokenizer with the ``gguf`` package and read by transformers'
 ``gguf_file=`` loader (the very path the real tier takes); and, for the cache
 mechanics (atomic write, keys, failures), a stand-in for the one step that reads
-the GGUF (``models._read_gguf``), which returns a tiny model chosen by the file's
+the GGUF (``refusal_core.model.loading._read_gguf``), which returns a tiny model chosen by the file's
 bytes.
 """
 
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from refusal_core import models
 from refusal_core.errors import InvalidArgumentError
-from refusal_core.models import gguf_cache_root, gguf_cached_dir, load_model
+from refusal_core.model import gguf_cache_root, gguf_cached_dir, load_model
+from refusal_core.model import loading as models
 from refusal_core.testing.tiny import tiny_model, tiny_tokenizer
 
 

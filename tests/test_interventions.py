@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from refusal_core.activations import batch_inputs, encode_prompts
 from refusal_core.errors import (
     InvalidArgumentError,
     NonFiniteError,
@@ -18,7 +17,7 @@ from refusal_core.errors import (
 )
 from refusal_core.functional import ablate, add_direction
 from refusal_core.interventions import ablation_hooks, addition_hooks, orthogonalize_model_
-from refusal_core.models import get_layout
+from refusal_core.model import batch_inputs, encode_prompts, get_layout
 from refusal_core.testing.tiny import ORTHOGONALIZABLE_FAMILIES, tiny_model, tiny_prompts, tiny_tokenizer
 
 TOK = tiny_tokenizer()

@@ -18,7 +18,6 @@ import pytest
 import torch
 from torch import nn
 
-from refusal_core.activations import batch_inputs, encode_prompts
 from refusal_core.aird import AirdConfig, apply_aird_
 from refusal_core.compression import (
     Int8LinearSim,
@@ -32,7 +31,7 @@ from refusal_core.compression import (
 from refusal_core.errors import UnsupportedArchitectureError
 from refusal_core.functional import magnitude_mask, orthogonalize_embedding, orthogonalize_weight, wanda_mask
 from refusal_core.interventions import ablation_hooks, orthogonalize_model_
-from refusal_core.models import get_layout
+from refusal_core.model import batch_inputs, encode_prompts, get_layout
 from refusal_core.testing.tiny import tiny_model, tiny_prompts, tiny_tokenizer
 
 NEW_FAMILIES = ("qwen3", "gemma2", "gemma3_text", "phi3")

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from refusal_core.errors import InvalidArgumentError, UnsupportedArchitectureError
-from refusal_core.models import (
+from refusal_core.model import (
     format_prompt,
     get_layout,
     load_model,

@@ -10,7 +10,7 @@ from refusal_core.compression import Int8LinearSim, prune_magnitude_, prune_wand
 from refusal_core.compression.pruning import _wanda_keep_mask
 from refusal_core.errors import EmptyInputError, InvalidArgumentError, NonFiniteError, UnsupportedModuleError
 from refusal_core.functional import wanda_mask
-from refusal_core.models import get_layout
+from refusal_core.model import get_layout
 from refusal_core.testing.tiny import tiny_model
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -35,7 +35,7 @@ from refusal_core.functional import (
     llm_int8_linear,
     pseudo_quantize,
 )
-from refusal_core.models import get_layout
+from refusal_core.model import get_layout
 from refusal_core.testing.tiny import tiny_model
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

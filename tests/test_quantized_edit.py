@@ -29,7 +29,7 @@ from refusal_core.errors import (
 )
 from refusal_core.functional import aird_update, int8_quantize, orthogonalize_embedding, orthogonalize_weight
 from refusal_core.interventions import orthogonalize_model_
-from refusal_core.models import get_layout
+from refusal_core.model import get_layout
 from refusal_core.quantized_edit import (
     QuantizedEditRecord,
     apply_aird_quantized_,

@@ -165,7 +165,7 @@ def test_every_migrated_writer_writes_a_readable_record(tmp_path: Path) -> None:
     from refusal_core.artifacts import save_artifact
     from refusal_core.checkpoint import CHECKPOINT_RECORD, save_checkpoint
     from refusal_core.evaluation.damage import DamageResult
-    from refusal_core.models import model_identity
+    from refusal_core.model import model_identity
     from refusal_core.quantized_edit import apply_aird_quantized_
     from refusal_core.testing.tiny import tiny_model, tiny_tokenizer
 

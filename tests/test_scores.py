@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from refusal_core.errors import EmptyInputError, InvalidArgumentError
-from refusal_core.evaluation.generation import encode_prompts
 from refusal_core.evaluation.scores import continuation_token_ids, refusal_scores, refusal_token_ids_for
-from refusal_core.models import format_prompt
+from refusal_core.model import encode_prompts, format_prompt
 from refusal_core.testing.tiny import TINY_FAMILIES, tiny_model, tiny_prompts, tiny_tokenizer
 
 TOK = tiny_tokenizer()

@@ -14,7 +14,7 @@ from refusal_core.directions import DirectionCandidates, extract_candidates
 from refusal_core.errors import ArtifactError, EmptyInputError, InvalidArgumentError
 from refusal_core.evaluation.scores import refusal_scores
 from refusal_core.interventions import ablation_hooks, addition_hooks
-from refusal_core.models import get_layout
+from refusal_core.model import get_layout
 from refusal_core.prompts import load_prompts
 from refusal_core.selection import (
     SelectionConfig,
@@ -223,7 +223,7 @@ def test_result_roundtrip_and_identity_check(setup: tuple, tmp_path: Path) -> No
     assert (back.n_harmful_val, back.n_harmless_val) == (len(hv), len(sv)), "prompt counts survive"
     assert torch.equal(back.bypass.nan_to_num(), res.bypass.nan_to_num()), "scores survive a round trip"
     other = tiny_model("llama", n_layers=3, d_model=32, seed=9)
-    from refusal_core.models import model_identity
+    from refusal_core.model import model_identity
 
     with pytest.raises(ArtifactError, match="identity"):
         SelectionResult.load(tmp_path / "sel", expect_identity=model_identity(other))
@@ -385,7 +385,7 @@ def test_kl_score_is_kl_of_base_to_ablated_on_the_toy() -> None:
     res = select_direction(model, tok, cands, hv, sv, toy_refusal_token_ids())
     layer, i = 2, cands.positions.index(-1)
     r = cands.directions[layer, i].float()
-    from refusal_core.activations import encode_prompts
+    from refusal_core.model import encode_prompts
 
     forward, backward = [], []
     for ids in encode_prompts(tok, sv):

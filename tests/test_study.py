@@ -303,8 +303,8 @@ def test_bad_input_keeps_existing_results(first_run: tuple[Path, dict]) -> None:
 
 def test_filter_prompts_keeps_what_the_base_refuses_and_leaves_the_test_split(tmp_path: Path) -> None:
     import refusal_core.study.run as run_mod
-    from refusal_core.activations import encode_prompts
     from refusal_core.functional import refusal_score
+    from refusal_core.model import encode_prompts
     from refusal_core.selection import last_token_logits
 
     plain = run_mod._Run(_config(), tmp_path / "a", progress=False)

@@ -16,7 +16,7 @@ from refusal_core.activations import encode_prompts
 from refusal_core.compression import compress_, method_config
 from refusal_core.compression.quantization import Int8LinearSim, cast_floating_
 from refusal_core.errors import InvalidArgumentError
-from refusal_core.models import load_model
+from refusal_core.model import load_model
 from refusal_core.prompts import load_prompts
 from refusal_core.study import StudyConfig
 from refusal_core.study.run import _Run

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from refusal_core.errors import InvalidArgumentError
-from refusal_core.models import post_instruction_tokens
+from refusal_core.model import post_instruction_tokens
 from refusal_core.prompts import load_prompts
 from refusal_core.toy import (
     TOY_REFUSAL_PHRASES,

@@ -41,7 +41,7 @@ from refusal_core.compression.pruning import prune_magnitude_, prune_wanda_
 from refusal_core.compression.quantization import quantize_awq_, quantize_llm_int8_
 from refusal_core.errors import NonFiniteError, RefusalCoreError, UnsupportedArchitectureError
 from refusal_core.interventions import orthogonalize_model_
-from refusal_core.models import get_layout
+from refusal_core.model import get_layout
 from refusal_core.testing.tiny import AWQ_FAMILIES, ORTHOGONALIZABLE_FAMILIES, TINY_FAMILIES, tiny_model
 
 CALIBRATION = [[10, 20, 30, 40, 50, 60], [70, 80, 90], [100, 110, 120, 130]]

@@ -66,7 +66,7 @@ from refusal_core.compression.quantization import (
     quantize_llm_int8_,
 )
 from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError
-from refusal_core.models import get_layout, model_identity
+from refusal_core.model import get_layout, model_identity
 
 __all__ = [
     "METHODS",
@@ -193,7 +193,7 @@ class CompressionRecord:
     ``‖W_q − W‖/‖W‖`` per module (empty for pruning; for AWQ ``W`` is the
     weight after scaling); ``calibration_tokens`` counts the real calibration
     tokens used (0 when none). ``identity_before``/``identity_after`` are
-    :func:`~refusal_core.models.model_identity` of the model.
+    :func:`~refusal_core.model.model_identity` of the model.
     """
 
     method: str

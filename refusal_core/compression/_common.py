@@ -9,11 +9,7 @@ from torch import nn
 
 from refusal_core.compression._transaction import check_model_finite
 from refusal_core.errors import NonFiniteError, UnsupportedModuleError
-from refusal_core.models import ModelLayout
-
-#: Block linears whose input is the very tensor another one receives (attention q/k/v share the
-#: normed block input, gate/up the normed MLP input): name → the linear to read it from.
-SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+from refusal_core.model import ModelLayout
 
 
 @dataclass(frozen=True)

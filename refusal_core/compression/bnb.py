@@ -62,7 +62,7 @@ from refusal_core.compression.config import (
     check_threshold,
 )
 from refusal_core.errors import InvalidArgumentError, UnsupportedModuleError
-from refusal_core.models import get_layout
+from refusal_core.model import get_layout
 
 __all__ = [
     "BNB_EXTRA_HINT",
@@ -76,7 +76,6 @@ __all__ = [
     "is_bnb_int8",
     "quantize_bnb_int8_",
     "quantize_bnb_nf4_",
-    "replace_module_",
 ]
 
 #: What to tell a user who asked for a bitsandbytes method without the library.
@@ -235,22 +234,6 @@ def dequantize_bnb(module: nn.Module) -> torch.Tensor:
 # ----------------------------------------------------------------------------
 
 
-def replace_module_(parent: nn.Module, name: str, new: nn.Module) -> None:
-    """``parent.<name> = new``, carrying over an accelerate hook of the old module (device maps)."""
-    old = getattr(parent, name)
-    hook = getattr(old, "_hf_hook", None)
-    if hook is not None:
-        from accelerate.hooks import add_hook_to_module
-
-        add_hook_to_module(new, hook)
-    setattr(parent, name, new)
-
-
-def _parent(layout: Any, bl: BlockLinear) -> nn.Module:
-    parent: nn.Module = layout.linear_parent(bl.layer, bl.name)
-    return parent
-
-
 def _checked_linears(model: nn.Module, operation: str) -> tuple[Any, list[BlockLinear]]:
     layout = get_layout(model)
     linears = require_float_linears(layout, operation)
@@ -281,7 +264,7 @@ def quantize_bnb_int8_(model: nn.Module, threshold: float = 6.0) -> dict[str, fl
             lin = bl.linear
             new = mods.int8_from_weight(lin.weight, lin.bias, thr, lin.weight.device)
             errors[bl.full_name] = relative_error(new.dequantize(), lin.weight)
-            replace_module_(_parent(layout, bl), bl.name, new)
+            layout.set_linear_(bl.layer, bl.name, new)
     return errors
 
 
@@ -340,7 +323,7 @@ def apply_bnb_nf4_(model: nn.Module, config: BnbNf4Config) -> dict[str, float]:
                 cpu_packing=config.cpu_packing,
             )
             errors[bl.full_name] = relative_error(new.dequantize(), lin.weight)
-            replace_module_(_parent(layout, bl), bl.name, new)
+            layout.set_linear_(bl.layer, bl.name, new)
     return errors
 
 

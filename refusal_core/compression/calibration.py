@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from refusal_core.errors import EmptyInputError, InvalidArgumentError, NonFiniteError, ShapeMismatchError
-from refusal_core.models import ModelLayout
+from refusal_core.model import ModelLayout
 
 __all__ = [
     "Calibration",

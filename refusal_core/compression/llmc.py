@@ -92,7 +92,7 @@ from refusal_core.compression.config import (
     check_sparsity,
 )
 from refusal_core.errors import InvalidArgumentError
-from refusal_core.models import get_layout
+from refusal_core.model import get_layout
 
 __all__ = [
     "LLMC_EXTRA_HINT",

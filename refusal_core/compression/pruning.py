@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import torch
 
-from refusal_core.compression._common import SHARED_INPUT, block_linears, require_float_linears
+from refusal_core.compression._common import block_linears, require_float_linears
 from refusal_core.compression._transaction import transactional
 from refusal_core.compression.calibration import Calibration, SequentialBlocks, prepare_calibration
 from refusal_core.compression.config import check_n_m, check_sparsity
 from refusal_core.errors import InvalidArgumentError
 from refusal_core.functional import check_tensor, magnitude_mask
-from refusal_core.models import get_layout
+from refusal_core.model import LINEAR_INPUTS, get_layout, input_taps
 
 __all__ = ["prune_magnitude_", "prune_wanda_"]
 
@@ -146,8 +146,9 @@ def prune_wanda_(
     for layer in runner.layers("Wanda"):
         modules = by_layer[layer]
         # Linears fed the very same tensor (q/k/v, gate/up) share one accumulation.
-        source = {n: SHARED_INPUT[n] if SHARED_INPUT.get(n) in modules else n for n in modules}
-        taps = {name: modules[name] for name in dict.fromkeys(source.values())}
+        first = input_taps(modules)
+        source = {n: first[LINEAR_INPUTS[n]] for n in modules}
+        taps = {name: modules[name] for name in first.values()}
         sq_sums = {
             name: torch.zeros(m.weight.shape[1], dtype=torch.float64, device=m.weight.device)
             for name, m in taps.items()

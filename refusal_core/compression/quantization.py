@@ -55,11 +55,12 @@ from refusal_core.errors import InvalidArgumentError, ShapeMismatchError, Unsupp
 from refusal_core.functional import (
     _awq_candidate_scales,
     check_tensor,
+    compute_dtype,
     int8_dequantize,
     int8_quantize,
     pseudo_quantize,
 )
-from refusal_core.models import ModelLayout, get_layout
+from refusal_core.model import LINEAR_INPUTS, ModelLayout, get_layout, input_taps
 
 __all__ = [
     "AwqScaleGroup",
@@ -79,11 +80,6 @@ __all__ = [
 #: Input features per float32 partial product: 1024 · 127² < 2²⁴, so every
 #: partial sum of int8·int8 products is an exactly representable integer.
 _EXACT_FP32_CHUNK = 1024
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    # Same rule as the functional core: float64 stays float64, the rest runs in float32.
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _exact_int_matmul(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
@@ -181,7 +177,7 @@ class Int8LinearSim(nn.Module):
         # (same dtypes, same order) so that the result is bit-identical to it.
         f64 = torch.float64
         lead = x.shape[:-1]
-        x2 = x.detach().reshape(-1, x.shape[-1]).to(_compute_dtype(x))
+        x2 = x.detach().reshape(-1, x.shape[-1]).to(compute_dtype(x))
         if x2.shape[0]:
             outlier = (x2.abs() >= self.threshold).any(dim=0)
         else:
@@ -209,11 +205,6 @@ class Int8LinearSim(nn.Module):
         )
 
 
-def _linear_parents(layout: ModelLayout, layer: int) -> dict[str, nn.Module]:
-    """The module holding each named linear of a block as an attribute."""
-    return {name: layout.linear_parent(layer, name) for name in layout.linears(layer)}
-
-
 @transactional  # all or nothing: restored exactly if anything raises after a write
 def quantize_llm_int8_(model: nn.Module, threshold: float = 6.0) -> dict[str, float]:
     """Replace every block linear by an :class:`Int8LinearSim`, in place.
@@ -233,7 +224,7 @@ def quantize_llm_int8_(model: nn.Module, threshold: float = 6.0) -> dict[str, fl
             assert isinstance(bl.module, nn.Linear)
             sim = Int8LinearSim.from_linear(bl.module, thr).to(bl.module.weight.device)
             errors[bl.full_name] = relative_error(sim.dequantize(), bl.module.weight)
-            setattr(_linear_parents(layout, bl.layer)[bl.name], bl.name, sim)
+            layout.set_linear_(bl.layer, bl.name, sim)
     return errors
 
 
@@ -295,14 +286,16 @@ def awq_scale_groups(layout: ModelLayout, layer: int) -> list[AwqScaleGroup]:
     """AWQ's scale groups of block ``layer`` (see the table in the module docstring)."""
     _require_unfused(layout)
     lin = {name: _as_linear(m, name) for name, m in layout.linears(layer).items()}
-    groups = [
-        AwqScaleGroup("attn_in", layout.input_norm(layer), (lin["q_proj"], lin["k_proj"], lin["v_proj"]))
-    ]
+
+    def fed(source: str) -> tuple[nn.Linear, ...]:
+        return tuple(m for name, m in lin.items() if LINEAR_INPUTS[name] == source)
+
+    groups = [AwqScaleGroup("attn_in", layout.input_norm(layer), fed("attn_in"))]
     # With grouped-query attention one v channel feeds several o_proj inputs: no per-channel fold exists.
     if lin["v_proj"].out_features == lin["o_proj"].in_features:
-        groups.append(AwqScaleGroup("o_in", lin["v_proj"], (lin["o_proj"],)))
-    groups.append(AwqScaleGroup("mlp_in", layout.mlp_input_norm(layer), (lin["gate_proj"], lin["up_proj"])))
-    groups.append(AwqScaleGroup("down_in", lin["up_proj"], (lin["down_proj"],)))
+        groups.append(AwqScaleGroup("o_in", lin["v_proj"], fed("o_in")))
+    groups.append(AwqScaleGroup("mlp_in", layout.mlp_input_norm(layer), fed("mlp_in")))
+    groups.append(AwqScaleGroup("down_in", lin["up_proj"], fed("down_in")))
     return groups
 
 
@@ -372,7 +365,7 @@ def clip_search(
     """
     out_f, in_f = w.shape
     n_groups = in_f // group_size
-    dtype = _compute_dtype(w)
+    dtype = compute_dtype(w)
     step = max(1, x.shape[0] // max_tokens)
     xs = x[::step][:max_tokens].to(dtype).reshape(-1, n_groups, group_size)
     max_vals, best_errs, base_errs = [], [], []
@@ -536,7 +529,7 @@ def _awq_linear_scales(
     w64, x64 = w.detach().to(torch.float64), x.detach().to(torch.float64)
     candidates = _awq_candidates(x64.abs().mean(dim=0), grid)
     if len(candidates) == 1:
-        return candidates[0].to(_compute_dtype(w))  # see _awq_candidates: nothing to compare
+        return candidates[0].to(compute_dtype(w))  # see _awq_candidates: nothing to compare
     tokens, in_f = x64.shape
     out_f = w64.shape[0]
     buffers: dict[str, torch.Tensor] = {}
@@ -554,7 +547,7 @@ def _awq_linear_scales(
         gram_cost = tokens * in_f * in_f + n * out_f * in_f * in_f
         method = "gram" if gram_cost < 0.8 * (n + 1) * tokens * in_f * out_f else "direct"
     if method == "direct":
-        return _awq_pick(candidates, direct_loss).to(_compute_dtype(w))
+        return _awq_pick(candidates, direct_loss).to(compute_dtype(w))
 
     gram = x64.T @ x64
     x_sq = float(x64.square().sum())
@@ -567,11 +560,11 @@ def _awq_linear_scales(
             _awq_gram_bounds(gram_loss, float(d.square_().sum()), w_norm, x_sq, tokens, in_f, out_f)
         )
     if not all(math.isfinite(lo) and math.isfinite(hi) for lo, hi in intervals):
-        return _awq_pick(candidates, direct_loss).to(_compute_dtype(w))
+        return _awq_pick(candidates, direct_loss).to(compute_dtype(w))
     ceiling = min(hi for _, hi in intervals)
     possible = [s for s, (lo, _) in zip(candidates, intervals) if lo <= ceiling]
     best = possible[0] if len(possible) == 1 else _awq_pick(possible, direct_loss)
-    return best.to(_compute_dtype(w))
+    return best.to(compute_dtype(w))
 
 
 def _awq_module_scales(
@@ -593,7 +586,7 @@ def _awq_module_scales(
     """
     candidates = _awq_candidates(x.detach().to(torch.float64).abs().mean(dim=0), grid)
     if len(candidates) == 1:
-        return candidates[0].to(_compute_dtype(linears[0].weight))  # see _awq_candidates
+        return candidates[0].to(compute_dtype(linears[0].weight))  # see _awq_candidates
     originals = [m.weight.detach().clone() for m in linears]
     w64 = torch.cat(originals).to(torch.float64)
     rows = [m.out_features for m in linears]
@@ -610,7 +603,7 @@ def _awq_module_scales(
         with torch.no_grad():
             for m, w0 in zip(linears, originals):
                 m.weight.copy_(w0)
-    return best.to(_compute_dtype(originals[0]))
+    return best.to(compute_dtype(originals[0]))
 
 
 def _squared_error(out: torch.Tensor, ref64: torch.Tensor) -> float:
@@ -742,12 +735,7 @@ def apply_awq_(
         groups = awq_scale_groups(layout, layer)
         captured: dict[str, list[torch.Tensor]] = {g.source: [] for g in groups}
         captured.setdefault("o_in", [])  # o_proj's input, for its clip search even without a scale group
-        taps = {
-            "attn_in": lin["q_proj"],
-            "o_in": lin["o_proj"],
-            "mlp_in": lin["gate_proj"],
-            "down_in": lin["down_proj"],
-        }
+        taps = {source: lin[name] for source, name in input_taps(lin).items()}
 
         def keep_input(src: str, x: torch.Tensor, captured: dict[str, list[torch.Tensor]] = captured) -> None:
             captured[src].append(x)
@@ -779,15 +767,13 @@ def apply_awq_(
             )
 
         if not scale_only:
-            sources = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
-                       "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}  # fmt: skip
             with torch.no_grad():
                 for name, m in lin.items():
                     gs = _group_size(m, group_size)
                     scaled = m.weight.detach().clone()
                     if clip and name not in _NO_CLIP:
                         max_val, _, _ = clip_search(
-                            scaled, inputs[sources[name]], w_bit, gs, zero_point=zero_point
+                            scaled, inputs[LINEAR_INPUTS[name]], w_bit, gs, zero_point=zero_point
                         )
                         _apply_clip_(m, max_val, gs)
                     m.weight.copy_(pseudo_quantize(m.weight, w_bit, gs, zero_point))

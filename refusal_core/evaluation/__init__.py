@@ -30,7 +30,7 @@ from refusal_core.evaluation.gcg import (
     suffix_token_gradients,
     target_loss,
 )
-from refusal_core.evaluation.generation import SamplingConfig, encode_prompts, generate, generate_ids
+from refusal_core.evaluation.generation import SamplingConfig, generate, generate_ids
 from refusal_core.evaluation.judges import (
     REFUSAL_PHRASES,
     ClassifierJudge,
@@ -47,6 +47,7 @@ from refusal_core.evaluation.zero_shot import (
     zero_shot_accuracy,
     zero_shot_evaluate,
 )
+from refusal_core.model import encode_prompts
 
 __all__ = [
     "LOCAL_TASKS",

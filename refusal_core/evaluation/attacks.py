@@ -46,9 +46,7 @@ from refusal_core.errors import EmptyInputError, InvalidArgumentError
 from refusal_core.evaluation.generation import (
     GenerationCache,
     SamplingConfig,
-    _check_instructions,
     _check_positive_int,
-    encode_prompts,
     generate,
     generate_ids_multi,
 )
@@ -60,6 +58,7 @@ from refusal_core.evaluation.results import (
     OverRefusalResult,
     result_model_identity,
 )
+from refusal_core.model import check_instructions, encode_prompts
 
 __all__ = [
     "Attack",
@@ -179,7 +178,7 @@ class JudgedAttack:
         cache: GenerationCache | None = None,
     ) -> AsrResult:
         """Judge every completion; with ``cache`` a generation already memoised is reused."""
-        items = _check_instructions(instructions)
+        items = check_instructions(instructions)
         judge = check_judge(judge)
         sets, details = self.completions(model, tokenizer, items, progress=progress, cache=cache)
         attempts: list[list[Attempt]] = [[] for _ in items]
@@ -382,7 +381,7 @@ def prefill_shared_generations(
         >>> memo.hits, memo.misses
         (13, 13)
     """
-    items = _check_instructions(instructions)
+    items = check_instructions(instructions)
     if not isinstance(cache, GenerationCache):
         raise InvalidArgumentError(f"cache must be a GenerationCache, got {type(cache).__name__}")
     groups: dict[tuple[Any, ...], list[tuple[SamplingConfig | None, int]]] = {}
@@ -431,7 +430,7 @@ def evaluate_asr(
     progress: bool = True,
 ) -> dict[str, AsrResult]:
     """Run every attack on the harmful instructions; results keyed by attack name (names must be unique)."""
-    items = _check_instructions(harmful_instructions, "harmful_instructions")
+    items = check_instructions(harmful_instructions, "harmful_instructions")
     judge = check_judge(judge)
     if isinstance(attacks, Attack) or not isinstance(attacks, Sequence) or not attacks:
         raise EmptyInputError("attacks must be a non-empty sequence of attacks")
@@ -462,7 +461,7 @@ def over_refusal(
     rule also counts very short answers as refused: use a small value (e.g. 1)
     when harmless answers can legitimately be short.
     """
-    items = _check_instructions(harmless_instructions, "harmless_instructions")
+    items = check_instructions(harmless_instructions, "harmless_instructions")
     judge = check_judge(judge)
     attack = VanillaAttack(system=system, max_new_tokens=max_new_tokens, batch_size=batch_size)
     res = attack.run(model, tokenizer, items, judge, progress=progress)

@@ -17,7 +17,7 @@ move continuously:
   the variant finds what the base would have said.
 
 Prompts are strings (chat-formatted with
-:func:`~refusal_core.evaluation.generation.encode_prompts`, the same ids
+:func:`~refusal_core.model.inputs.encode_prompts`, the same ids
 :func:`~refusal_core.evaluation.generation.generate_ids` completes) or token
 id lists already formatted. Batches are left-padded with position ids that
 count real tokens only, so results do not depend on the batch size (to float
@@ -32,7 +32,8 @@ score the decision to stop (and to never pass an empty completion).
 
 Example:
     >>> from refusal_core.testing.tiny import tiny_model, tiny_tokenizer
-    >>> from refusal_core.evaluation.generation import encode_prompts, generate_ids
+    >>> from refusal_core.evaluation.generation import generate_ids
+    >>> from refusal_core.model import encode_prompts
     >>> base, tok = tiny_model(seed=0), tiny_tokenizer()
     >>> variant = tiny_model(seed=1)
     >>> ids = encode_prompts(tok, ["Tell me a story.", "Name a colour."])
@@ -58,7 +59,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from refusal_core.activations import batch_inputs
 from refusal_core.errors import (
     ArtifactError,
     EmptyInputError,
@@ -70,12 +70,9 @@ from refusal_core.errors import (
 from refusal_core.evaluation.generation import (
     _accepts,
     _check_positive_int,
-    encode_prompts,
     eval_mode,
-    model_device,
-    pad_token_id,
 )
-from refusal_core.models import model_identity
+from refusal_core.model import batch_inputs, encode_prompts, model_device, model_identity, pad_token_id
 from refusal_core.records import RECORD_KINDS, Record, load_record_as, write_record
 
 __all__ = [
@@ -369,7 +366,7 @@ class DamageResult:
       so :attr:`ce_increase` reads as the damage.
     - ``n``: the number of prompts.
     - ``identity`` / ``base_identity``: the identities of the model and of its
-      base (:func:`~refusal_core.models.model_identity`; only the class name
+      base (:func:`~refusal_core.model.model_identity`; only the class name
       for an architecture without a layout).
     """
 

@@ -34,14 +34,12 @@ from refusal_core.evaluation.attacks import Completions, JudgedAttack, check_sys
 from refusal_core.evaluation.generation import (
     GenerationCache,
     _accepts,
-    _check_instructions,
     _check_positive_int,
     eval_mode,
     generate,
-    model_device,
 )
 from refusal_core.evaluation.scores import continuation_token_ids
-from refusal_core.models import format_prompt, post_instruction_tokens
+from refusal_core.model import check_instructions, format_prompt, model_device, post_instruction_tokens
 
 __all__ = [
     "GcgAttack",
@@ -342,7 +340,7 @@ class GcgAttack(JudgedAttack):
         ``allowed`` (``[vocab]`` bool, from :func:`allowed_suffix_tokens`) saves
         recomputing the token filter when optimising many prompts.
         """
-        items = _check_instructions(instructions)
+        items = check_instructions(instructions)
         device = model_device(model)
         vocab = int(model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
         if allowed is None:

@@ -40,14 +40,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from refusal_core.errors import EmptyInputError, InvalidArgumentError
-from refusal_core.models import format_prompt, post_instruction_tokens
+from refusal_core.model import Suffix, encode_prompts, left_pad, model_device, pad_token_id, positions
 
 __all__ = [
     "GenerationCache",
     "GenerationKey",
     "SamplingConfig",
-    "Suffix",
-    "encode_prompts",
     "eos_token_ids",
     "eval_mode",
     "filter_logits",
@@ -56,15 +54,8 @@ __all__ = [
     "generate",
     "generate_ids",
     "generate_ids_multi",
-    "left_pad",
-    "model_device",
     "model_fingerprint",
-    "pad_token_id",
 ]
-
-#: An adversarial suffix: text (appended to the instruction after one space) or
-#: token ids (inserted verbatim right before the post-instruction template tokens).
-Suffix = str | Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -107,13 +98,6 @@ class SamplingConfig:
 # ----------------------------------------------------------------------------
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameterless module)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode for the block and restore every module's training flag after.
@@ -147,16 +131,6 @@ def _output_cache(out: Any) -> Any:
     raise InvalidArgumentError("the model returned no KV cache although use_cache=True was passed")
 
 
-def pad_token_id(tokenizer: Any) -> int:
-    """The id used for (masked) padding: the tokenizer's pad token, else its eos token."""
-    pid = getattr(tokenizer, "pad_token_id", None)
-    if pid is None:
-        pid = getattr(tokenizer, "eos_token_id", None)
-    if pid is None:
-        raise InvalidArgumentError("tokenizer has neither a pad_token_id nor an eos_token_id to pad with")
-    return int(pid)
-
-
 def eos_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
     """Every id that ends a completion: the tokenizer's eos plus the model's ``generation_config`` eos ids.
 
@@ -176,91 +150,10 @@ def eos_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-def left_pad(
-    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token id lists into ``input_ids [B, T]`` and ``attention_mask [B, T]`` (long, 1 = real)."""
-    if not sequences:
-        raise EmptyInputError("sequences is empty")
-    width = max(len(s) for s in sequences)
-    if width == 0:
-        raise EmptyInputError("every sequence is empty; nothing to run the model on")
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if len(seq):
-            ids[row, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
-            mask[row, width - len(seq) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _check_instructions(instructions: object, name: str = "instructions") -> list[str]:
-    if isinstance(instructions, str) or not isinstance(instructions, Sequence):
-        raise InvalidArgumentError(f"{name} must be a sequence of str, got {type(instructions).__name__}")
-    items = list(instructions)
-    if not items:
-        raise EmptyInputError(f"{name} is empty")
-    for i, s in enumerate(items):
-        if not isinstance(s, str):
-            raise InvalidArgumentError(f"{name}[{i}] must be a str, got {type(s).__name__}")
-    return items
-
-
 def _check_positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
     return value
-
-
-def encode_prompts(
-    tokenizer: Any,
-    instructions: Sequence[str],
-    *,
-    system: str | None = None,
-    suffixes: Sequence[Suffix | None] | None = None,
-) -> list[list[int]]:
-    """Token ids of each instruction in the chat template (templates carry BOS: no extra specials).
-
-    ``suffixes`` (one per instruction, ``None`` for none): a ``str`` is appended
-    to the instruction text after one space before formatting; a sequence of
-    ints is inserted as tokens between the instruction and the post-instruction
-    template tokens, the exact layout GCG optimises.
-    """
-    items = _check_instructions(instructions)
-    if suffixes is not None:
-        if isinstance(suffixes, str) or not isinstance(suffixes, Sequence):
-            raise InvalidArgumentError(
-                f"suffixes must be a sequence with one suffix per instruction, got {type(suffixes).__name__}"
-            )
-        if len(suffixes) != len(items):
-            raise InvalidArgumentError(
-                f"suffixes has {len(suffixes)} entries but there are {len(items)} instructions"
-            )
-    post: list[int] | None = None
-    out: list[list[int]] = []
-    for i, instruction in enumerate(items):
-        suffix = None if suffixes is None else suffixes[i]
-        if isinstance(suffix, str):
-            instruction = f"{instruction} {suffix}" if suffix else instruction
-            suffix = None
-        text = format_prompt(tokenizer, instruction, system)
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if suffix is not None:
-            if isinstance(suffix, torch.Tensor):
-                suffix = suffix.tolist()
-            if not all(isinstance(t, int) and not isinstance(t, bool) for t in suffix):
-                raise InvalidArgumentError(f"suffixes[{i}] must be a str or a sequence of int token ids")
-            if post is None:
-                post = post_instruction_tokens(tokenizer, system)
-            n_post = len(post)
-            if ids[-n_post:] != post:
-                raise InvalidArgumentError(
-                    f"instructions[{i}] merges with the chat template when tokenized, so a token suffix "
-                    f"cannot be placed before the post-instruction tokens: {instruction[-40:]!r}"
-                )
-            ids = ids[:-n_post] + list(suffix) + ids[-n_post:]
-        out.append(ids)
-    return out
 
 
 # ----------------------------------------------------------------------------
@@ -309,9 +202,8 @@ def forward_last_logits(model: nn.Module, sequences: Sequence[Sequence[int]], pa
     """Next-token logits ``[B, V]`` (model dtype) at the last real position of each left-padded sequence."""
     device = model_device(model)
     ids, mask = left_pad(sequences, pad_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
     kwargs: dict[str, Any] = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **kwargs)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False, **kwargs)
     return out.logits[:, -1, :]
 
 
@@ -322,9 +214,9 @@ def _prefill(
     """One forward over the left-padded prompts: ``(cache, last logits [B, V], mask, next pos [B, 1])``."""
     device = model_device(model)
     ids, mask = left_pad(sequences, pad_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep_kw)
-    return _output_cache(out), out.logits[:, -1, :], mask, positions[:, -1:] + 1
+    pos = positions(mask)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep_kw)
+    return _output_cache(out), out.logits[:, -1, :], mask, pos[:, -1:] + 1
 
 
 @torch.no_grad()

@@ -418,7 +418,7 @@ def judge_from_spec(spec: str, *, device: str = "cpu", dtype: str | None = None)
     check_judge_spec(spec, must_exist=True)
     if spec == "substring":
         return SubstringJudge()
-    from refusal_core.models import load_model
+    from refusal_core.model import load_model
 
     model, tok = load_model(spec.partition(":")[2], device=device, dtype=dtype)
     return ClassifierJudge(model, tok)

@@ -24,7 +24,7 @@ from typing import Any
 from torch import nn
 
 from refusal_core.errors import ArtifactError, RefusalCoreError
-from refusal_core.models import model_identity
+from refusal_core.model import model_identity
 from refusal_core.records import atomic_write_json, read_json
 
 __all__ = ["AsrResult", "AttackResult", "Attempt", "OverRefusalResult", "result_model_identity"]
@@ -33,7 +33,7 @@ _FORMAT = "refusal_core.asr/1"
 
 
 def result_model_identity(model: nn.Module) -> dict[str, Any]:
-    """The model identity an attack result records: :func:`~refusal_core.models.model_identity`,
+    """The model identity an attack result records: :func:`~refusal_core.model.model_identity`,
     or at least the class name for a causal LM that has none (attacks run on any)."""
     try:
         return model_identity(model)

@@ -26,15 +26,12 @@ from tqdm.auto import tqdm
 
 from refusal_core.errors import EmptyInputError, InvalidArgumentError
 from refusal_core.evaluation.generation import (
-    _check_instructions,
     _check_positive_int,
-    encode_prompts,
     eval_mode,
     forward_last_logits,
-    pad_token_id,
 )
 from refusal_core.functional import refusal_score
-from refusal_core.models import format_prompt
+from refusal_core.model import check_instructions, encode_prompts, format_prompt, pad_token_id
 
 __all__ = [
     "REFUSAL_OPENINGS",
@@ -140,7 +137,7 @@ def refusal_scores(
     Hooks installed on ``model`` (ablation, addition) act as usual, which is how
     direction selection scores its candidates.
     """
-    items = _check_instructions(instructions)
+    items = check_instructions(instructions)
     batch_size = _check_positive_int(batch_size, "batch_size")
     ids = torch.as_tensor(list(refusal_token_ids), dtype=torch.long).reshape(-1)
     if ids.numel() == 0:

@@ -51,7 +51,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from refusal_core.errors import ArtifactError, EmptyInputError, InvalidArgumentError
-from refusal_core.evaluation.generation import _check_positive_int, eval_mode, model_device
+from refusal_core.evaluation.generation import _check_positive_int, eval_mode
+from refusal_core.model import model_device
 
 __all__ = [
     "LOCAL_TASKS",

@@ -232,7 +232,7 @@ class StudyConfig:
             or self.noise_splits < 1
         ):
             raise InvalidArgumentError(f"noise_splits must be an int >= 1, got {self.noise_splits!r}")
-        from refusal_core.models import DTYPES, check_device
+        from refusal_core.model import DTYPES, check_device
 
         check_device(self.device)
         if self.dtype is not None and self.dtype not in DTYPES:

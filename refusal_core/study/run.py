@@ -48,7 +48,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from refusal_core.activations import encode_prompts
 from refusal_core.aird import AirdConfig, apply_aird_
 from refusal_core.artifacts import (
     STAGE_JSON_SCHEMAS,
@@ -76,13 +75,17 @@ from refusal_core.evaluation.attacks import (
     over_refusal,
     prefill_shared_generations,
 )
-from refusal_core.evaluation.damage import completion_cross_entropy, kl_divergence, next_token_logp
+from refusal_core.evaluation.damage import (
+    completion_cross_entropy,
+    kl_divergence,
+    next_token_logp,
+)
 from refusal_core.evaluation.gcg import GcgAttack
-from refusal_core.evaluation.generation import GenerationCache, generate, generate_ids, pad_token_id
+from refusal_core.evaluation.generation import GenerationCache, generate, generate_ids
 from refusal_core.evaluation.judges import SubstringJudge, classify, is_degenerate, judge_from_spec
 from refusal_core.functional import refusal_score
 from refusal_core.interventions import ablation_hooks, addition_hooks
-from refusal_core.models import load_model, model_identity
+from refusal_core.model import encode_prompts, load_model, model_identity, pad_token_id
 from refusal_core.prompts import load_prompts
 from refusal_core.records import read_json
 from refusal_core.selection import SelectionResult, last_token_logits, select_direction
@@ -242,7 +245,9 @@ class _Run:
 
     def encoded(self, split: str) -> list[list[int]]:
         if split not in self._encoded:
-            self._encoded[split] = encode_prompts(self.tokenizer, self.prompts[split])
+            self._encoded[split] = encode_prompts(
+                self.tokenizer, self.prompts[split], require_post_instruction=True
+            )
         return self._encoded[split]
 
     # -- directions ----------------------------------------------------------
@@ -396,7 +401,9 @@ class _Run:
 
     def compress(self, method: str) -> tuple[nn.Module, CompressionRecord, str]:
         cfg = method_config(method)
-        calibration = encode_prompts(self.tokenizer, self.prompts["calibration"])
+        calibration = encode_prompts(
+            self.tokenizer, self.prompts["calibration"], require_post_instruction=True
+        )
 
         def compute(d: Path) -> tuple[nn.Module, CompressionRecord]:
             model = copy.deepcopy(self.compression_base())
@@ -827,9 +834,8 @@ def load_variant_model(
     m, tok = load_model(model)
     if method:
         cfg = method_config(method)
-        compress_(
-            m, cfg, encode_prompts(tok, load_prompts(calibration)[:n_calibration]), batch_size=batch_size
-        )
+        calib = encode_prompts(tok, load_prompts(calibration)[:n_calibration], require_post_instruction=True)
+        compress_(m, cfg, calib, batch_size=batch_size)
     return m, tok
 
 

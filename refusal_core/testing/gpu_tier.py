@@ -145,7 +145,7 @@ def run_tier(
 
     config = load_tier_config(path, values=values, overrides=overrides)
     results = run_study(config, Path(out_dir), progress=progress)
-    return TierRun(config=config, results=results, out_dir=Path(out_dir))
+    return TierRun(config=config, results=results.to_dict(), out_dir=Path(out_dir))
 
 
 def load_expected() -> dict[str, Any]:

@@ -48,7 +48,6 @@ import pytest
 import torch
 from torch import nn
 
-from refusal_core.activations import encode_prompts
 from refusal_core.aird import AirdConfig, apply_aird_
 from refusal_core.compression import (
     AwqConfig,
@@ -64,7 +63,7 @@ from refusal_core.directions import DirectionCandidates, extract_candidates, sit
 from refusal_core.evaluation.attacks import VanillaAttack, evaluate_asr
 from refusal_core.evaluation.judges import SubstringJudge
 from refusal_core.evaluation.scores import refusal_token_ids_for
-from refusal_core.models import get_layout
+from refusal_core.model import encode_prompts, get_layout
 from refusal_core.prompts import load_prompts
 from refusal_core.quantized_edit import apply_aird_quantized_, dequantize_module
 from refusal_core.selection import SelectionConfig, select_direction

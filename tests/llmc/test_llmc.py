@@ -45,7 +45,7 @@ from refusal_core.compression.llmc import (
     sparsegpt_block_sparsities,
 )
 from refusal_core.errors import InvalidArgumentError
-from refusal_core.models import get_layout
+from refusal_core.model import get_layout
 from refusal_core.testing.tiny import tiny_model, tiny_prompts, tiny_tokenizer
 
 #: Relative half-width of the band around a row's Wanda threshold inside which the two

@@ -90,7 +90,7 @@ def test_trimmed_extraction_selection_and_necessity(gguf: Path, out_dir: Path) -
     from refusal_core.evaluation.judges import SubstringJudge
     from refusal_core.evaluation.scores import refusal_token_ids_for
     from refusal_core.interventions import ablation_hooks
-    from refusal_core.models import get_layout, load_model, post_instruction_tokens
+    from refusal_core.model import get_layout, load_model, post_instruction_tokens
     from refusal_core.prompts import load_prompts
     from refusal_core.selection import SelectionConfig, select_direction
 
