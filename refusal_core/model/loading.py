@@ -263,12 +263,77 @@ def _load_directory(path: Path, *, dtype: torch.dtype | str, device: str) -> tup
     tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
     if device != "cpu":  # "auto" is accelerate's device map; "cuda:N" loads straight onto that GPU
         kwargs["device_map"] = device
+    if _is_compressed_tensors(path):
+        return _load_compressed_tensors(path, dtype=dtype, device=device), tokenizer
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, attn_implementation="eager", **kwargs
     )
     if record is not None:
         restore_checkpoint_modules_(model, record)
     return model, tokenizer
+
+
+def _is_compressed_tensors(path: Path) -> bool:
+    """Whether ``path/config.json`` declares a compressed-tensors checkpoint (llmcompressor's format)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # transformers reports a missing or broken config itself
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
+
+
+#: Parameters compressed-tensors keeps beside a decompressed weight (scales, zero points, shapes).
+_CT_QUANT_PARAMS = re.compile(r"\.(weight|input|output)_(scale|zero_point|shape|g_idx|global_scale)$")
+
+
+def _load_compressed_tensors(path: Path, *, dtype: torch.dtype | str, device: str) -> nn.Module:
+    """A compressed-tensors checkpoint (llmcompressor's ``save_compressed``) as a plain float model.
+
+    transformers (5.17) leaves such weights packed (``weight_packed``, no
+    ``weight``) until a hook decompresses them on the first forward, and even
+    decompressed the modules keep compressed-tensors' wrapped ``forward`` and
+    scale parameters. So the checkpoint is loaded with
+    ``CompressedTensorsConfig(dequantize=True)`` (decompressed by
+    compressed-tensors at load time) and its weights are copied into a model
+    built from the same config without ``quantization_config``: plain
+    ``nn.Linear`` modules computing with exactly the decompressed weights,
+    which every stage can hook, edit and save. Needs ``compressed-tensors``
+    (installed with llmcompressor); without it transformers' ImportError
+    becomes the loader's InvalidArgumentError.
+    """
+    import warnings
+
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    with warnings.catch_warnings():
+        # "the quantization_config from the model will be used; loading attributes overwritten": intended
+        warnings.simplefilter("ignore", UserWarning)
+        packed = AutoModelForCausalLM.from_pretrained(
+            str(path),
+            dtype=dtype,
+            attn_implementation="eager",
+            local_files_only=True,
+            quantization_config=CompressedTensorsConfig(dequantize=True),
+        )
+    config = copy.deepcopy(packed.config)
+    if hasattr(config, "quantization_config"):  # transformers drops it when it dequantizes; not always
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=packed.dtype, attn_implementation="eager")
+    state = packed.state_dict()
+    weights = {k: v for k, v in state.items() if not _CT_QUANT_PARAMS.search(k)}
+    missing = sorted(set(plain.state_dict()) - set(weights))
+    unknown = sorted(set(weights) - set(plain.state_dict()))
+    if missing or unknown:
+        raise InvalidArgumentError(
+            f"compressed-tensors checkpoint {str(path)!r} did not decompress into its architecture: "
+            f"missing {missing[:4]}, unexpected {unknown[:4]}"
+        )
+    plain.load_state_dict(weights, strict=True)
+    plain.generation_config = packed.generation_config
+    del packed, state
+    _move(plain, device)
+    return plain
 
 
 def load_model(
