@@ -19,7 +19,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from torch import nn
 
@@ -102,13 +102,37 @@ def _read_json(path: str | os.PathLike[str], kind: str) -> dict[str, Any]:
     return data
 
 
+class _ResultFile:
+    """``save`` / ``load`` of a result kept as one JSON file of kind ``KIND`` (written atomically)."""
+
+    KIND: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        raise NotImplementedError
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write JSON atomically; returns the path."""
+        return _write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Self:
+        """Read a file :meth:`save` wrote (:class:`ArtifactError` for anything else)."""
+        return cls.from_dict(_read_json(path, cls.KIND))
+
+
 @dataclass
-class AsrResult:
+class AsrResult(_ResultFile):
     """Attack success rate of one attack over a prompt set, with every per-prompt record.
 
     ``config_rates`` maps a configuration label (e.g. ``"T=0.7,p=0.9,k=40"``)
     to the share of prompts that configuration alone breaks.
     """
+
+    KIND: ClassVar[str] = "asr"
 
     attack: str
     judge: str
@@ -133,7 +157,7 @@ class AsrResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": _FORMAT,
-            "kind": "asr",
+            "kind": self.KIND,
             "attack": self.attack,
             "judge": self.judge,
             "asr": self.asr,
@@ -159,18 +183,12 @@ class AsrResult:
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"ASR record is missing or has a malformed field: {exc}") from exc
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write JSON atomically; returns the path."""
-        return _write_json_atomic(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> AsrResult:
-        return cls.from_dict(_read_json(path, "asr"))
-
 
 @dataclass
-class OverRefusalResult:
+class OverRefusalResult(_ResultFile):
     """Share of harmless prompts the model refused (the judge said it did not comply)."""
+
+    KIND: ClassVar[str] = "over_refusal"
 
     judge: str
     records: list[AttackResult]
@@ -193,7 +211,7 @@ class OverRefusalResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": _FORMAT,
-            "kind": "over_refusal",
+            "kind": self.KIND,
             "judge": self.judge,
             "rate": self.rate,
             "n_prompts": self.n_prompts,
@@ -214,10 +232,3 @@ class OverRefusalResult:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"over-refusal record is missing or has a malformed field: {exc}") from exc
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        return _write_json_atomic(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> OverRefusalResult:
-        return cls.from_dict(_read_json(path, "over_refusal"))
