@@ -232,7 +232,7 @@ def bench_capture(quick: bool, repeats: int) -> dict[str, Any]:
         # The same work a forward needs before it runs: chat-formatting and tokenizing the
         # prompts (mean_activations does it inside; comparing it with a forward on pre-encoded
         # ids charged the template rendering, ~1/3 of the toy's time, to the capture).
-        encoded = encode_for_capture(tok, texts)
+        encoded = encode_for_capture(tok, texts, require_post_instruction=True)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         for start in range(0, n, bs):
             model.model(**batch_inputs([encoded[i] for i in order[start : start + bs]], pad), use_cache=False)
