@@ -83,7 +83,7 @@ from refusal_core.evaluation.damage import (
 from refusal_core.evaluation.gcg import GcgAttack
 from refusal_core.evaluation.generation import GenerationCache, generate, generate_ids
 from refusal_core.evaluation.judges import SubstringJudge, classify, is_degenerate, judge_from_spec
-from refusal_core.functional import refusal_score
+from refusal_core.functional import compute_dtype, refusal_score
 from refusal_core.interventions import ablation_hooks, addition_hooks
 from refusal_core.model import encode_prompts, load_model, model_identity, pad_token_id
 from refusal_core.prompts import load_prompts
@@ -157,6 +157,8 @@ class _Run:
         self.model, self.tokenizer = loaded
         self.identity = model_identity(self.model)
         self.model_dtype = next(self.model.parameters()).dtype
+        # the weights' dtype compression needs (functional.compute_dtype: float64 stays, the rest float32)
+        self.compression_dtype = compute_dtype(next(self.model.parameters()))
         self._compression_base: nn.Module | None = None
         self.refusal_ids = (
             list(c.refusal_token_ids)
@@ -386,16 +388,16 @@ class _Run:
         by 5.7 %. A bfloat16 or float16 study therefore loads a float32 copy of the base once,
         compresses that, saves the float32 result, and casts it to the study's dtype to evaluate.
         """
-        if self.model_dtype in (torch.float32, torch.float64):
+        if self.compression_dtype == self.model_dtype:
             return self.model
         if self._compression_base is None:
             c = self.config
-            self._compression_base, _ = load_model(c.model, device=c.device, dtype="float32")
+            self._compression_base, _ = load_model(c.model, device=c.device, dtype=self.compression_dtype)
         return self._compression_base
 
     def _to_study_dtype(self, model: nn.Module) -> nn.Module:
         """``model`` (compressed in float32) cast to the study's dtype; quantization buffers keep theirs."""
-        if self.model_dtype in (torch.float32, torch.float64):
+        if self.compression_dtype == self.model_dtype:
             return model
         return cast_floating_(model, self.model_dtype)
 
