@@ -37,7 +37,10 @@ __all__ = [
     "MeanDifference",
     "PairedTest",
     "Rate",
+    "holm",
     "mcnemar",
+    "mcnemar_power",
+    "minimum_detectable_change",
     "paired_mean_difference",
     "rate",
     "rate_of",
@@ -281,3 +284,106 @@ def finite_or_none(value: float | None) -> float | None:
         return None
     v = float(value)
     return v if math.isfinite(v) else None
+
+
+def _mcnemar_rejection(d: int, level: float) -> np.ndarray:
+    """Boolean mask over ``k = 0..d`` up-moves: where the exact McNemar test of ``k`` in ``d`` rejects."""
+    from scipy.stats import binom
+
+    k = np.arange(d + 1)
+    # Two-sided exact binomial p at 1/2 is symmetric: 2 * the smaller tail, capped at 1 (scipy's binomtest).
+    tail = np.minimum(binom.cdf(k, d, 0.5), binom.sf(k - 1, d, 0.5))
+    return np.minimum(1.0, 2.0 * tail) < level
+
+
+def mcnemar_power(n: int, p_up: float, p_down: float, level: float = SIGNIFICANCE) -> float:
+    """Power of :func:`mcnemar` on ``n`` pairs when a pair moves up with probability ``p_up``, down ``p_down``.
+
+    Exact: the number of discordant pairs ``D`` is Binomial(n, p_up + p_down) and, given ``D``, the up-moves
+    are Binomial(D, p_up / (p_up + p_down)); the power is the probability that the test rejects.
+
+    Example:
+        >>> round(mcnemar_power(64, 0.15, 0.0), 3)
+        0.932
+        >>> mcnemar_power(64, 0.0, 0.0)
+        0.0
+    """
+    from scipy.stats import binom
+
+    n = _count(n, "n")
+    if n < 1:
+        raise InvalidArgumentError(f"n must be at least 1, got {n}")
+    for name, v in (("p_up", p_up), ("p_down", p_down)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= float(v) <= 1.0:
+            raise InvalidArgumentError(f"{name} must be a probability in [0, 1], got {v!r}")
+    up, down = float(p_up), float(p_down)
+    if up + down > 1.0 + 1e-12:
+        raise InvalidArgumentError(f"p_up + p_down must be at most 1, got {up} + {down}")
+    lvl = _level(level)
+    disc = min(1.0, up + down)
+    if disc == 0.0:
+        return 0.0
+    share = up / disc
+    p_d = binom.pmf(np.arange(n + 1), n, disc)
+    power = 0.0
+    for d in range(1, n + 1):
+        if p_d[d] < 1e-15:
+            continue
+        reject = _mcnemar_rejection(d, lvl)
+        power += float(p_d[d] * binom.pmf(np.arange(d + 1), d, share)[reject].sum())
+    return min(1.0, power)
+
+
+def minimum_detectable_change(
+    n: int, p_down: float = 0.0, level: float = SIGNIFICANCE, power: float = 0.8
+) -> float | None:
+    """Smallest rate increase ``p_up − p_down`` that :func:`mcnemar` detects with the given power on ``n`` pairs.
+
+    ``p_down`` is the rate of pairs moving the other way (use the observed reverse discordance, ``b / n`` of a
+    :class:`PairedTest` read as before → after). A null result on ``n`` prompts says only that no change of at
+    least this size was likely; ``None`` when no change up to ``1 − 2·p_down`` reaches the power.
+
+    Example:
+        >>> round(minimum_detectable_change(64), 3)
+        0.121
+        >>> round(minimum_detectable_change(64, p_down=0.05), 3)
+        0.192
+    """
+    n = _count(n, "n")
+    if n < 1:
+        raise InvalidArgumentError(f"n must be at least 1, got {n}")
+    target = _level(power)
+    down = float(p_down)
+    if not 0.0 <= down <= 0.5:
+        raise InvalidArgumentError(f"p_down must lie in [0, 0.5], got {p_down!r}")
+    hi_up = 1.0 - down
+    if mcnemar_power(n, hi_up, down, level) < target:
+        return None
+    lo_up, hi = down, hi_up
+    for _ in range(40):  # bisection on p_up: power rises with p_up at fixed p_down
+        mid = 0.5 * (lo_up + hi)
+        if mcnemar_power(n, mid, down, level) >= target:
+            hi = mid
+        else:
+            lo_up = mid
+    return hi - down
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error control over every test listed), in input order.
+
+    Example:
+        >>> holm([0.01, 0.04, 0.03, 0.005])
+        [0.03, 0.06, 0.06, 0.02]
+    """
+    ps = [float(p) for p in p_values]
+    if any(not (0.0 <= p <= 1.0) for p in ps):
+        raise InvalidArgumentError(f"p-values must lie in [0, 1], got {ps!r}")
+    m = len(ps)
+    order = sorted(range(m), key=lambda i: ps[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * ps[i]))
+        adjusted[i] = running
+    return adjusted

@@ -122,3 +122,53 @@ def test_paired_mean_difference() -> None:
 def test_bad_input(call, error) -> None:
     with pytest.raises(error):
         call()
+
+
+def _exact_power_by_enumeration(n: int, p_up: float, p_down: float) -> float:
+    """Independent reference: every assignment of n pairs to (up, down, same), weighted, tested by mcnemar."""
+    import itertools
+
+    total = 0.0
+    for moves in itertools.product((0, 1, 2), repeat=n):
+        weight = 1.0
+        before, after = [], []
+        for m in moves:
+            weight *= (p_up, p_down, 1 - p_up - p_down)[m]
+            before.append(m == 1)
+            after.append(m == 0)
+        if mcnemar(before, after).significant:
+            total += weight
+    return total
+
+
+def test_mcnemar_power_equals_enumeration_of_every_outcome():
+    from refusal_core.stats import mcnemar_power
+
+    # n = 6: only 6 of 6 discordant one way reaches p < 0.05 (p = 0.03125).
+    for p_up, p_down in ((0.6, 0.1), (0.3, 0.0), (0.5, 0.5), (0.0, 0.2)):
+        want = _exact_power_by_enumeration(6, p_up, p_down)
+        got = mcnemar_power(6, p_up, p_down)
+        assert got == pytest.approx(want, abs=1e-12), f"mcnemar_power(6, {p_up}, {p_down}) = {got}, want {want}"
+
+
+def test_minimum_detectable_change_reaches_the_power_and_no_smaller_change_does():
+    from refusal_core.stats import mcnemar_power, minimum_detectable_change
+
+    for n, down in ((64, 0.0), (64, 0.05), (128, 0.02)):
+        mdc = minimum_detectable_change(n, p_down=down)
+        assert mdc is not None
+        assert mcnemar_power(n, down + mdc, down) >= 0.8 - 1e-9, f"n={n}, p_down={down}: mdc {mdc} underpowered"
+        assert mcnemar_power(n, down + mdc - 0.01, down) < 0.8, f"n={n}, p_down={down}: mdc {mdc} not minimal"
+    assert minimum_detectable_change(128) < minimum_detectable_change(64), "more prompts must detect less"
+    assert minimum_detectable_change(3) is None, "3 pairs can never reach p < 0.05"
+
+
+def test_holm_matches_the_textbook_step_down():
+    from refusal_core.stats import holm
+
+    # Sorted p: 0.005, 0.01, 0.03, 0.04 -> 4*0.005, 3*0.01, max(., 2*0.03), max(., 1*0.04).
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    assert holm([]) == []
+    with pytest.raises(InvalidArgumentError):
+        holm([1.5])
