@@ -42,7 +42,7 @@ from refusal_core.artifacts import load_artifact, save_artifact
 
 # bnb and llmc register their methods on import (their libraries are imported only when one runs);
 # like every handler they register through _registry, so importing them needs nothing from here.
-from refusal_core.compression import bnb, llmc
+from refusal_core.compression import bnb, gguf, llmc
 from refusal_core.compression._common import block_linears, effective_weight, model_sparsity
 from refusal_core.compression._registry import REGISTRY, method_for, register_method, required_calibration
 from refusal_core.compression._transaction import check_model_finite, check_tensors_finite, model_transaction
@@ -192,7 +192,9 @@ class CompressionRecord:
     ``quantization_error`` is the relative Frobenius rounding error
     ``‖W_q − W‖/‖W‖`` per module (empty for pruning; for AWQ ``W`` is the
     weight after scaling); ``calibration_tokens`` counts the real calibration
-    tokens used (0 when none). ``identity_before``/``identity_after`` are
+    tokens used (0 when none); ``details`` holds method-specific facts (for the
+    GGUF methods: which tensors were quantized to which type and what llama.cpp
+    does with the others). ``identity_before``/``identity_after`` are
     :func:`~refusal_core.model.model_identity` of the model.
     """
 
@@ -204,6 +206,7 @@ class CompressionRecord:
     identity_before: dict[str, Any]
     identity_after: dict[str, Any] = field(default_factory=dict)
     calibration_tokens: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (the config as :func:`config_to_dict`)."""
@@ -216,6 +219,7 @@ class CompressionRecord:
             "identity_before": dict(self.identity_before),
             "identity_after": dict(self.identity_after),
             "calibration_tokens": self.calibration_tokens,
+            "details": dict(self.details),
         }
 
     @classmethod
@@ -231,6 +235,7 @@ class CompressionRecord:
                 identity_before=dict(data["identity_before"]),
                 identity_after=dict(data.get("identity_after", {})),
                 calibration_tokens=int(data.get("calibration_tokens", 0)),
+                details=dict(data.get("details", {})),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ArtifactError(f"compression record is malformed: {type(exc).__name__}: {exc}") from exc
@@ -301,6 +306,7 @@ def compress_(
         )
         n_tokens = sum(b.n_tokens for b in batches)
     before = model_identity(model)
+    details = config.record_details(model)
     with model_transaction(model):
         errors = method.run(model, config, calibration, batch_size=batch_size, progress=progress)
         _check_result_finite(model, operation)
@@ -314,6 +320,7 @@ def compress_(
             identity_before=before,
             identity_after=model_identity(model),
             calibration_tokens=n_tokens,
+            details=details,
         )
     return record
 
@@ -332,3 +339,4 @@ def _check_result_finite(model: nn.Module, operation: str) -> None:
 _METHOD_NAMES["bnb-int8"] = bnb.BnbInt8Config()
 _METHOD_NAMES["bnb-nf4"] = bnb.BnbNf4Config()
 _METHOD_NAMES.update(llmc.LLMC_METHODS)
+_METHOD_NAMES.update(gguf.GGUF_METHODS)

@@ -85,6 +85,10 @@ AWQ_OBJECTIVES = ("module", "linear")
 class CompressionConfig:
     """Base class of the method configs; the registry in :mod:`refusal_core.compression` keys on the type."""
 
+    def record_details(self, model: Any) -> dict[str, Any]:
+        """Method-specific facts for the record (JSON-able), computed before the model changes; none here."""
+        return {}
+
 
 @dataclass(frozen=True)
 class MagnitudeConfig(CompressionConfig):
