@@ -287,6 +287,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_args(c)
     c.add_argument("--out", required=True, help="checkpoint directory to write")
 
+    x = sub.add_parser(
+        "export",
+        help="write a model (toy, checkpoint, repaired model) as a GGUF file for llama.cpp",
+        **common,
+    )
+    _add_load_args(x, method=None)
+    x.add_argument("--format", choices=("gguf",), default="gguf", help="file format")
+    x.add_argument(
+        "--type",
+        dest="tensor_type",
+        choices=("f32", "f16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1"),
+        default="f32",
+        help="tensor type of the 2-D weights (1-D tensors stay f32)",
+    )
+    x.add_argument("--out", required=True, help="the .gguf file to write")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
     m = sub.add_parser("compare", help="compare two saved candidate sets", **common)
     m.add_argument("--base", required=True, help="directory written by 'extract --select' for the base model")
     m.add_argument("--other", required=True, help="directory written by 'extract' for the other model")
@@ -734,6 +751,15 @@ def _cmd_compress(args: argparse.Namespace, ours: list[Path]) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace, ours: list[Path]) -> int:
+    from refusal_core.export import export_gguf
+
+    model, tok = _load(args)
+    out = export_gguf(model, tok, args.out, tensor_type=args.tensor_type, overwrite=args.overwrite)
+    _print({"format": args.format, "type": args.tensor_type, "model": args.model, "out": str(out)})
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace, ours: list[Path]) -> int:
     from refusal_core.directions import DirectionCandidates, compare_candidates
     from refusal_core.selection import SelectionResult
@@ -913,6 +939,7 @@ COMMANDS: dict[str, _Command] = {
     "extract": _Command(_cmd_extract),
     "compress": _Command(_cmd_compress),
     "compare": _Command(_cmd_compare, writes=False),
+    "export": _Command(_cmd_export, writes=False),  # --out is a file, checked by export_gguf
     "aird": _Command(_cmd_aird),
     "evaluate": _Command(_cmd_evaluate),
     "audit": _Command(_cmd_audit),
