@@ -56,7 +56,8 @@ HELP: dict[tuple[str, str], str] = {
     ("StudyConfig", "harmless_val"): "harmless prompts for selection (built-in split name or file)",
     ("StudyConfig", "harmful_test"): "harmful prompts for evaluation (built-in split name or file)",
     ("StudyConfig", "harmless_test"): "harmless prompts for evaluation (built-in split name or file)",
-    ("StudyConfig", "calibration"): "calibration prompts of Wanda and AWQ (built-in split name or file)",
+    ("StudyConfig", "calibration"): "calibration data of Wanda and AWQ: harmless, harmful, mix, a prompt "
+    "set or file (.txt: one prompt per line), or text:FILE (plain text)",
     ("StudyConfig", "n_train"): "prompts per class for extraction",
     ("StudyConfig", "n_val"): "prompts per class for selection",
     ("StudyConfig", "n_test"): "prompts per class for evaluation",
@@ -215,7 +216,10 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
 
     d = StudyConfig()
     p.add_argument(
-        "--calibration", default=d.calibration, help="calibration prompts of Wanda and AWQ (split or file)"
+        "--calibration",
+        default=d.calibration,
+        help="calibration data of Wanda and AWQ: harmless, harmful, mix, a prompt set or file "
+        "(.txt: one prompt per line), or text:FILE (plain text)",
     )
     p.add_argument("--n-calibration", type=_count, default=d.n_calibration, help="calibration prompts")
     p.add_argument("--batch-size", type=_count, default=d.batch_size, help="prompts per forward pass")
@@ -606,13 +610,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 def _compress_in_memory_(model: Any, tok: Any, args: argparse.Namespace) -> Any:
     """Apply ``--method`` to ``model`` in place; returns the CompressionRecord."""
     from refusal_core.compression import compress_, method_config
-    from refusal_core.model import encode_prompts
-    from refusal_core.prompts import load_prompts
+    from refusal_core.compression.calibration_sets import calibration_token_ids
 
     cfg = method_config(args.method)
-    calib = encode_prompts(
-        tok, load_prompts(args.calibration)[: args.n_calibration], require_post_instruction=True
-    )
+    calib = calibration_token_ids(tok, args.calibration, args.n_calibration)
     return compress_(model, cfg, calib, batch_size=args.batch_size, progress=not args.no_progress)
 
 

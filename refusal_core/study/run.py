@@ -60,6 +60,7 @@ from refusal_core.artifacts import (
     validate_json,
 )
 from refusal_core.compression import CompressionRecord, compress_, method_config
+from refusal_core.compression.calibration_sets import calibration_prompts, calibration_token_ids
 from refusal_core.compression.config import config_to_dict
 from refusal_core.compression.quantization import cast_floating_
 from refusal_core.directions import (
@@ -148,9 +149,10 @@ class _Run:
             "harmless_val": c.n_val,
             "harmful_test": c.n_test,
             "harmless_test": c.n_test,
-            "calibration": c.n_calibration,
         }
         self.prompts = {split: load_prompts(getattr(c, split))[:n] for split, n in sizes.items()}
+        # harmless / harmful / mix / a prompt file / text:FILE (compression.calibration_sets)
+        self.calibration_prompts = calibration_prompts(c.calibration, c.n_calibration)
         torch.manual_seed(c.seed)
         if loaded is None:
             loaded = load_model(c.model, device=c.device, dtype=c.dtype)
@@ -403,8 +405,8 @@ class _Run:
 
     def compress(self, method: str) -> tuple[nn.Module, CompressionRecord, str]:
         cfg = method_config(method)
-        calibration = encode_prompts(
-            self.tokenizer, self.prompts["calibration"], require_post_instruction=True
+        calibration = calibration_token_ids(
+            self.tokenizer, self.config.calibration, self.config.n_calibration
         )
 
         def compute(d: Path) -> tuple[nn.Module, CompressionRecord]:
@@ -836,7 +838,7 @@ def load_variant_model(
     m, tok = load_model(model)
     if method:
         cfg = method_config(method)
-        calib = encode_prompts(tok, load_prompts(calibration)[:n_calibration], require_post_instruction=True)
+        calib = calibration_token_ids(tok, calibration, n_calibration)
         compress_(m, cfg, calib, batch_size=batch_size)
     return m, tok
 
