@@ -271,6 +271,21 @@ def build_parser() -> argparse.ArgumentParser:
     if file_only:
         s.epilog = "settable only in --config: " + ", ".join(o.key for o in file_only)
 
+    f = sub.add_parser(
+        "frontier", help="run one method at several levels and find the safe compression frontier", **common
+    )
+    f.add_argument("--method", required=True, help="magnitude, wanda, awq, gguf or bnb")
+    f.add_argument(
+        "--levels", required=True, help="comma-separated: 0.2,0.5,2:4 | w8,w4,w3 | q8_0,q4_0 | int8,nf4"
+    )
+    f.add_argument("--config", metavar="FILE.toml", default=None, help="study settings of every level")
+    f.add_argument("--out", default="runs/frontier", help="run directory (study/, frontier.json, report.md)")
+    _add_progress(f)
+    f_options = [o for o in options if o.key != "methods"]  # the levels are the methods
+    f_taken = {o.flag for o in f_options} | {"--config", "--out", "--no-progress", "--method", "--levels"}
+    f_aliases = {k: tuple(x for x in v if x not in f_taken) for k, v in STUDY_ALIASES.items()}
+    cc.add_config_options(f, f_options, aliases=f_aliases, title="study settings (StudyConfig)")
+
     e = sub.add_parser("extract", help="candidate directions (and the selected one) of a model", **common)
     _add_load_args(e, method="optional")
     e.add_argument("--harmful", default=d.harmful_train, help="harmful prompts (built-in split or file)")
@@ -761,6 +776,18 @@ def _cmd_export(args: argparse.Namespace, ours: list[Path]) -> int:
     return 0
 
 
+def _cmd_frontier(args: argparse.Namespace, ours: list[Path]) -> int:
+    from refusal_core.frontier import frontier_levels, run_frontier
+
+    levels = [x for x in args.levels.split(",") if x.strip()]
+    frontier_levels(args.method, levels)  # bad levels fail before the model loads
+    cfg = resolve_study_config(args.config, cc.cli_overrides(args))
+    doc = run_frontier(cfg, args.method, levels, Path(args.out), progress=not args.no_progress)
+    print(doc["answer"])
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace, ours: list[Path]) -> int:
     from refusal_core.directions import DirectionCandidates, compare_candidates
     from refusal_core.selection import SelectionResult
@@ -940,7 +967,8 @@ COMMANDS: dict[str, _Command] = {
     "extract": _Command(_cmd_extract),
     "compress": _Command(_cmd_compress),
     "compare": _Command(_cmd_compare, writes=False),
-    "export": _Command(_cmd_export, writes=False),  # --out is a file, checked by export_gguf
+    "export": _Command(_cmd_export, writes=False),
+    "frontier": _Command(_cmd_frontier),  # --out is a file, checked by export_gguf
     "aird": _Command(_cmd_aird),
     "evaluate": _Command(_cmd_evaluate),
     "audit": _Command(_cmd_audit),

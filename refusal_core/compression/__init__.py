@@ -340,3 +340,5 @@ _METHOD_NAMES["bnb-int8"] = bnb.BnbInt8Config()
 _METHOD_NAMES["bnb-nf4"] = bnb.BnbNf4Config()
 _METHOD_NAMES.update(llmc.LLMC_METHODS)
 _METHOD_NAMES.update(gguf.GGUF_METHODS)
+# The frontier's AWQ bit widths between the paper's 8 and 4 (AwqConfig takes 2..8).
+_METHOD_NAMES.update({f"awq-w{b}": AwqConfig(w_bit=b) for b in (6, 5, 3)})
