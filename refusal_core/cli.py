@@ -278,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--levels", required=True, help="comma-separated: 0.2,0.5,2:4 | w8,w4,w3 | q8_0,q4_0 | int8,nf4"
     )
+    f.add_argument(
+        "--calibrations",
+        default=None,
+        help="also compare calibration sets at every level (comma-separated, the reference first, "
+        "e.g. harmless,harmful,mix): mask overlap or AWQ scale cosine, direction, ASR",
+    )
     f.add_argument("--config", metavar="FILE.toml", default=None, help="study settings of every level")
     f.add_argument("--out", default="runs/frontier", help="run directory (study/, frontier.json, report.md)")
     _add_progress(f)
@@ -783,6 +789,14 @@ def _cmd_frontier(args: argparse.Namespace, ours: list[Path]) -> int:
     frontier_levels(args.method, levels)  # bad levels fail before the model loads
     cfg = resolve_study_config(args.config, cc.cli_overrides(args))
     doc = run_frontier(cfg, args.method, levels, Path(args.out), progress=not args.no_progress)
+    if args.calibrations:
+        from refusal_core.frontier import compare_calibrations
+
+        sets = [x for x in args.calibrations.split(",") if x.strip()]
+        for lv in frontier_levels(args.method, levels):
+            compare_calibrations(
+                cfg, lv.method, sets, Path(args.out) / "calibration" / lv.label, progress=not args.no_progress
+            )
     print(doc["answer"])
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0

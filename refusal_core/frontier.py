@@ -57,6 +57,7 @@ __all__ = [
     "FrontierVerdict",
     "Level",
     "analyse_frontier",
+    "compare_calibrations",
     "frontier_levels",
     "run_frontier",
     "safe_frontier",
@@ -571,3 +572,153 @@ def run_frontier(
     plots = plot_frontier(out, analysis)
     write_report(out, method, model, analysis, plots)
     return doc
+
+
+# ----------------------------------------------------------------------------
+# the calibration data as a dimension
+# ----------------------------------------------------------------------------
+
+
+def _slug(spec: str) -> str:
+    keep = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(spec.removeprefix("text:")).name)
+    return keep[:40] or "set"
+
+
+def compare_calibrations(
+    study: Any,
+    method: str,
+    calibrations: Sequence[str],
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """One study per calibration set for the compression ``method`` (a method name such as ``wanda``,
+    ``wanda@0.6`` or ``awq-w4``), each against the same base on the same prompts; returns (and writes
+    as ``calibration.json`` and ``calibration.md``) per set: the overlap of its pruning mask with the
+    first set's (Jaccard of the pruned weights, fraction of equal mask entries) or, for AWQ, the cosine
+    of its folded scales with the first set's, the direction's cosine at the base source (with the
+    noise floor) and source shift, ASR per attack and over-refusal with Wilson intervals and exact
+    McNemar tests against the base.
+
+    The first set is the reference (put the default, ``harmless``, first).
+    """
+    import copy
+
+    from refusal_core.compression import AwqConfig, CompressionConfig, compress_, method_config, quantize_awq_
+    from refusal_core.compression._registry import method_for
+    from refusal_core.compression.calibration_sets import (
+        calibration_token_ids,
+        check_calibration_spec,
+        mask_overlap,
+        scale_cosine,
+    )
+    from refusal_core.model import load_model
+    from refusal_core.study import StudyConfig, run_study
+
+    if not isinstance(study, StudyConfig):
+        raise InvalidArgumentError(f"study must be a StudyConfig, got {type(study).__name__}")
+    cfg: CompressionConfig = method_config(method)
+    if not method_for(cfg).needs_calibration:
+        raise InvalidArgumentError(f"method {method!r} uses no calibration data; nothing to compare")
+    specs = [check_calibration_spec(s) for s in calibrations]
+    if len(specs) < 2 or len(set(specs)) != len(specs):
+        raise InvalidArgumentError(f"give at least two distinct calibration sets, got {list(calibrations)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model(study.model, device=study.device, dtype=study.dtype)
+    compressed: list[Any] = []
+    rows: list[dict[str, Any]] = []
+    for i, spec in enumerate(specs):
+        ids = calibration_token_ids(tok, spec, study.n_calibration)
+        m = copy.deepcopy(model)
+        if isinstance(cfg, AwqConfig):
+            # Scales only (no rounding) so the folded column ratios are the scales themselves.
+            quantize_awq_(
+                m,
+                ids,
+                cfg.w_bit,
+                cfg.group_size,
+                cfg.grid,
+                objective=cfg.objective,
+                scale_only=True,
+                batch_size=study.batch_size,
+            )
+        else:
+            compress_(m, cfg, ids, batch_size=study.batch_size)
+        compressed.append(m)
+        if isinstance(cfg, AwqConfig):
+            similarity: dict[str, Any] = {"awq_scale_cosine": scale_cosine(model, compressed[0], m)}
+        else:
+            similarity = mask_overlap(compressed[0], m)
+        results = run_study(
+            dataclasses.replace(study, calibration=spec, methods=(method,)),
+            out / f"cal-{i}-{_slug(spec)}",
+            progress=progress,
+        )
+        v = results.variant(method)
+        ev, cmp = v.evaluation, (v.comparisons.vs_base if v.comparisons else None)
+        rows.append(
+            {
+                "calibration": spec,
+                "n_sequences": len(ids),
+                "n_tokens": sum(len(x) for x in ids),
+                "vs_reference": similarity,
+                "cosine_at_base_source": v.cosine_at_base_source,
+                "noise_floor_at_source": results.base.noise_floor_at_source,
+                "source_shift": v.source_shift,
+                "asr": {} if ev is None else {a: r.to_dict() for a, r in ev.asr.items()},
+                "over_refusal": None if ev is None else ev.over_refusal.to_dict(),
+                "tests_vs_base": {}
+                if cmp is None
+                else {
+                    **{f"asr:{a}": t.to_dict() for a, t in cmp.asr.items()},
+                    **({} if cmp.over_refusal is None else {OVER_REFUSAL: cmp.over_refusal.to_dict()}),
+                },
+            }
+        )
+    doc = {"method": method, "model": str(study.model), "reference": specs[0], "rows": rows}
+    atomic_write_json(out / "calibration.json", doc, strict=True)
+    _write_calibration_report(out, doc)
+    return doc
+
+
+def _write_calibration_report(out: Path, doc: Mapping[str, Any]) -> Path:
+    rows = doc["rows"]
+    attacks = sorted(rows[0]["asr"])
+    head = ["calibration", "sequences", "vs " + doc["reference"], "cos@base src (floor)", "shift"]
+    head += [f"ASR {a}" for a in attacks] + ["over-refusal"]
+    lines = [
+        f"# Calibration data: {doc['method']} on {doc['model']}",
+        "",
+        "Each set compresses the same base; every rate is on the same held-out prompts, tested against "
+        "the base (exact McNemar p, uncorrected).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in rows:
+        sim = r["vs_reference"]
+        if "awq_scale_cosine" in sim:
+            simtext = f"scale cos {sim['awq_scale_cosine']:.4f}"
+        else:
+            simtext = f"Jaccard {sim['jaccard']:.3f}, equal {sim['equal_fraction']:.3f}"
+        tests = r["tests_vs_base"]
+
+        def cell(measure: str, rate: Mapping[str, Any] | None, tests: Mapping[str, Any] = tests) -> str:
+            if rate is None:
+                return "n/a"
+            t = tests.get(measure)
+            return _fmt_rate(rate) + ("" if t is None else f" p={t['p_value']:.3g}")
+
+        cells = [
+            r["calibration"],
+            str(r["n_sequences"]),
+            simtext,
+            f"{_fmt_opt(r['cosine_at_base_source'])} ({_fmt_opt(r['noise_floor_at_source'])})",
+            str(r["source_shift"]),
+        ]
+        cells += [cell(f"asr:{a}", r["asr"].get(a)) for a in attacks]
+        cells += [cell(OVER_REFUSAL, r["over_refusal"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return atomic_write_bytes(out / "calibration.md", "\n".join(lines).encode("utf-8"))

@@ -157,3 +157,47 @@ def test_toy_frontier_end_to_end_small_counts(tmp_path: Path) -> None:
     for key in ("cosine_at_base_source", "source_shift", "mechanism", "asr", "over_refusal", "kl_mean"):
         assert key in row, f"frontier row lacks {key}"
     assert row["over_refusal"]["n"] == 12, "every rate carries its n"
+
+
+def test_calibration_comparison_on_the_toy(tmp_path: Path) -> None:
+    import copy
+
+    import torch
+
+    from refusal_core.compression import WandaConfig, compress_
+    from refusal_core.compression.calibration_sets import calibration_token_ids
+    from refusal_core.frontier import compare_calibrations
+    from refusal_core.model import load_model
+
+    study = StudyConfig(
+        model="toy",
+        n_train=16,
+        n_val=8,
+        n_test=8,
+        n_calibration=6,
+        noise_splits=2,
+        max_new_tokens=8,
+        batch_size=16,
+        zero_shot_tasks=(),
+        repair=RepairConfig(gains=(1.25,), include_paper_alpha=False, generate=False),
+        attacks=AttackSettings(
+            gcg_prompts=0, decoding_temperatures=(1.0,), decoding_top_ps=(1.0,), decoding_top_ks=(0,)
+        ),
+    )
+    doc = compare_calibrations(study, "wanda@0.6", ["harmless", "harmful"], tmp_path, progress=False)
+    ref, other = doc["rows"]
+    assert ref["vs_reference"]["jaccard"] == 1.0, "the reference set overlaps itself fully"
+    # Independent Jaccard of the pruned sets, from the two models' weights.
+    model, tok = load_model("toy")
+    masks = []
+    for spec in ("harmless", "harmful"):
+        m = copy.deepcopy(model)
+        compress_(m, WandaConfig(sparsity=0.6), calibration_token_ids(tok, spec, 6))
+        masks.append(torch.cat([p.detach().flatten() == 0 for n, p in m.named_parameters() if "proj" in n]))
+    inter, union = int((masks[0] & masks[1]).sum()), int((masks[0] | masks[1]).sum())
+    assert other["vs_reference"]["jaccard"] == inter / union, "Jaccard of harmless vs harmful Wanda masks"
+    assert other["vs_reference"]["jaccard"] < 1.0, "harmful calibration prunes other weights"
+    for row in doc["rows"]:
+        assert row["over_refusal"]["n"] == 8, "over-refusal rate carries its n"
+        assert set(row["tests_vs_base"]) >= {"over_refusal"}, "every set is tested against the base"
+    assert (tmp_path / "calibration.md").read_text(encoding="utf-8").startswith("# Calibration data")
