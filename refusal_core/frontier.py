@@ -395,15 +395,26 @@ def write_report(
         cells = [row["label"], _fmt_opt(row["cosine_at_base_source"]), str(row["source_shift"])]
         cells += [mark(f"asr:{a}", _fmt_rate(row["asr"][a])) for a in attacks]
         cells += [mark(OVER_REFUSAL, _fmt_rate(row["over_refusal"]))]
-        cells += [_fmt_rate(m["necessity"]) if m else "n/a", _fmt_rate(m["sufficiency"]) if m else "n/a"]
+        mt = row["mechanism_vs_base"]
+
+        def mech(key: str, flag: str, m: Mapping[str, Any] = m, mt: Mapping[str, Any] = mt) -> str:
+            if not m:
+                return "n/a"
+            t = mt.get(flag)
+            return _fmt_rate(m[key]) + ("" if t is None else f" p₀={t['p_value']:.3g}")
+
+        cells += [mech("necessity", "refused_ablated"), mech("sufficiency", "refused_added")]
         cells += [_fmt_opt(row["kl_mean"]), _fmt_opt(row["ce_mean"])]
         lines.append("| " + " | ".join(cells) + " |")
     det = analysis["detectable_change"]
     lines += [
         "",
         "p = Holm-adjusted exact McNemar p against the base on the same prompts; ** significant at "
-        f"{v['alpha']}. Rates: value [95 % Wilson interval] (n). Cosine of the level's direction with the "
-        "base's at the base source; the split-half noise floor there says what sampling alone gives.",
+        f"{v['alpha']}. p₀ = exact McNemar p against the base, uncorrected (the mechanism is reported, "
+        "not part of the rule). Rates: value [95 % Wilson interval] (n). Necessity = harmful prompts still "
+        "refused with the level's own direction ablated (low: the direction is necessary); sufficiency = "
+        "harmless prompts refused with it added. Cosine of the level's direction with the base's at the "
+        "base source; the split-half noise floor there says what sampling alone gives.",
         "",
         f"Smallest increase detectable with {det['power']:.0%} power at level {det['level']} "
         "(nominal α; Holm's strictest step α/m):",
