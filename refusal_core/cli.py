@@ -274,7 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser(
         "frontier", help="run one method at several levels and find the safe compression frontier", **common
     )
-    f.add_argument("--method", required=True, help="magnitude, wanda, awq, gguf or bnb")
+    # Its own dest: --method of the other commands is a compression method name, checked as one.
+    f.add_argument(
+        "--method", dest="frontier_method", required=True, help="magnitude, wanda, awq, gguf or bnb"
+    )
     f.add_argument(
         "--levels", required=True, help="comma-separated: 0.2,0.5,2:4 | w8,w4,w3 | q8_0,q4_0 | int8,nf4"
     )
@@ -786,14 +789,14 @@ def _cmd_frontier(args: argparse.Namespace, ours: list[Path]) -> int:
     from refusal_core.frontier import frontier_levels, run_frontier
 
     levels = [x for x in args.levels.split(",") if x.strip()]
-    frontier_levels(args.method, levels)  # bad levels fail before the model loads
+    frontier_levels(args.frontier_method, levels)  # bad levels fail before the model loads
     cfg = resolve_study_config(args.config, cc.cli_overrides(args))
-    doc = run_frontier(cfg, args.method, levels, Path(args.out), progress=not args.no_progress)
+    doc = run_frontier(cfg, args.frontier_method, levels, Path(args.out), progress=not args.no_progress)
     if args.calibrations:
         from refusal_core.frontier import compare_calibrations
 
         sets = [x for x in args.calibrations.split(",") if x.strip()]
-        for lv in frontier_levels(args.method, levels):
+        for lv in frontier_levels(args.frontier_method, levels):
             compare_calibrations(
                 cfg, lv.method, sets, Path(args.out) / "calibration" / lv.label, progress=not args.no_progress
             )

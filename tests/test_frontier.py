@@ -201,3 +201,14 @@ def test_calibration_comparison_on_the_toy(tmp_path: Path) -> None:
         assert row["over_refusal"]["n"] == 8, "over-refusal rate carries its n"
         assert set(row["tests_vs_base"]) >= {"over_refusal"}, "every set is tested against the base"
     assert (tmp_path / "calibration.md").read_text(encoding="utf-8").startswith("# Calibration data")
+
+
+def test_cli_frontier_refuses_a_bad_level_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from refusal_core.cli import main
+
+    out = tmp_path / "run"
+    assert main(["frontier", "--method", "awq", "--levels", "w8,w7", "--out", str(out)]) == 2
+    assert "awq level 'w7' is not one of: w8, w6, w5, w4, w3" in capsys.readouterr().err
+    assert not out.exists(), "a refused frontier left its output directory behind"
