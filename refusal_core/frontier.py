@@ -346,8 +346,9 @@ def answer_sentence(method: str, model: str, analysis: Mapping[str, Any]) -> str
         if nxt
         else "; no level tested differs significantly"
     )
+    where = f"level {v['frontier']}" if nxt else f"at least level {v['frontier']}, the strongest tested"
     return (
-        f"{method} on {model}: the safe frontier is level {v['frontier']}: up to it no ASR and no "
+        f"{method} on {model}: the safe frontier is {where}: up to it no ASR and no "
         f"over-refusal differs significantly from the base ({family}), but on n = "
         f"{min(d['n'] for d in det.values())} prompts these tests {could}{tail}."
     )

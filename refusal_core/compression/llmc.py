@@ -1,4 +1,4 @@
-"""llmcompressor as a real compression backend: Wanda, SparseGPT and AWQ through ``oneshot``.
+"""llmcompressor as a real compression backend: Wanda, SparseGPT, AWQ and GPTQ through ``oneshot``.
 
 The reference implementations (:func:`~refusal_core.compression.pruning.prune_wanda_`,
 :func:`~refusal_core.compression.quantization.quantize_awq_`) are the oracle;
@@ -12,6 +12,7 @@ label           config                      llmcompressor recipe
 llmc-wanda      LlmcWandaConfig()           ``WandaPruningModifier(sparsity, mask_structure)``
 llmc-sparsegpt  LlmcSparseGptConfig()       ``SparseGPTModifier(sparsity, mask_structure, ...)``
 llmc-awq        LlmcAwqConfig()             ``AWQModifier`` then ``QuantizationModifier`` (group-wise int)
+llmc-gptq       LlmcGptqConfig()            ``GPTQModifier`` (group-wise int, error spread by the inverse Hessian)
 ==============  ==========================  ======================================================
 
 :data:`LLMC_METHODS` maps the CLI names (``llmc-wanda``, ``sparsegpt-50``, ...)
@@ -98,6 +99,7 @@ __all__ = [
     "LLMC_EXTRA_HINT",
     "LLMC_METHODS",
     "LlmcAwqConfig",
+    "LlmcGptqConfig",
     "LlmcSparseGptConfig",
     "LlmcWandaConfig",
     "calibration_dataset",
@@ -105,6 +107,7 @@ __all__ = [
     "prune_sparsegpt_llmc_",
     "prune_wanda_llmc_",
     "quantize_awq_llmc_",
+    "quantize_gptq_llmc_",
     "sparsegpt_block_sparsities",
 ]
 
@@ -200,8 +203,35 @@ class LlmcAwqConfig(CompressionConfig):
         check_positive_int(self.n_grid, "n_grid", low=low)
 
 
+@dataclass(frozen=True)
+class LlmcGptqConfig(CompressionConfig):
+    """llmcompressor's GPTQ: group-wise integer weights, each column rounded in turn and its error
+    spread over the columns not yet rounded through the inverse Hessian of the calibration inputs.
+
+    ``group_size`` is capped per linear at its input width; ``zero_point``: asymmetric (True) or
+    symmetric groups; ``block_size``: columns updated together; ``dampening_frac``: the fraction of
+    the Hessian's mean diagonal added to it before inversion.
+    """
+
+    w_bit: int = 4
+    group_size: int = 128
+    zero_point: bool = False
+    block_size: int = 128
+    dampening_frac: float = 0.01
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.w_bit, "w_bit", low=2, high=8)
+        check_positive_int(self.group_size, "group_size")
+        check_positive_int(self.block_size, "block_size")
+        if not isinstance(self.zero_point, bool):
+            raise InvalidArgumentError(f"zero_point must be a bool, got {self.zero_point!r}")
+        d = self.dampening_frac
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not float(d) >= 0.0 or math.isinf(d):
+            raise InvalidArgumentError(f"dampening_frac must be a finite number >= 0, got {d!r}")
+
+
 # CompressionRecord.load finds config classes by name in this table.
-for _cls in (LlmcWandaConfig, LlmcSparseGptConfig, LlmcAwqConfig):
+for _cls in (LlmcWandaConfig, LlmcSparseGptConfig, LlmcAwqConfig, LlmcGptqConfig):
     CONFIG_TYPES.setdefault(_cls.__name__, _cls)
 
 #: CLI name → default config of the llmcompressor methods. Read-only.
@@ -214,6 +244,8 @@ LLMC_METHODS: Mapping[str, CompressionConfig] = MappingProxyType(
         "sparsegpt-2:4": LlmcSparseGptConfig(n_m=(2, 4)),
         "llmc-awq-w4": LlmcAwqConfig(w_bit=4),
         "llmc-awq-w8": LlmcAwqConfig(w_bit=8),
+        "llmc-gptq-w4": LlmcGptqConfig(w_bit=4),
+        "llmc-gptq-w8": LlmcGptqConfig(w_bit=8),
     }
 )
 
@@ -614,6 +646,76 @@ def _awq_llmc_(
         return {name: relative_error(_weight(model, name), scaled[name].to(torch.float64)) for name in names}
 
 
+def _group_schemes(
+    names: list[str], linears: list[BlockLinear], w_bit: int, group_size: int, zero_point: bool
+) -> dict[str, Any]:
+    """One llmcompressor scheme per effective group size, targeting exact module names (never lm_head)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    groups: dict[int, list[str]] = {}
+    for bl, name in zip(linears, names):
+        groups.setdefault(min(group_size, bl.linear.in_features), []).append(name)
+    return {
+        f"group_{gs}": QuantizationScheme(
+            targets=group_names,
+            weights=QuantizationArgs(
+                num_bits=w_bit, type="int", symmetric=not zero_point, strategy="group", group_size=gs
+            ),
+        )
+        for gs, group_names in groups.items()
+    }
+
+
+def quantize_gptq_llmc_(
+    model: nn.Module,
+    calibration: Calibration,
+    w_bit: int = 4,
+    group_size: int = 128,
+    *,
+    zero_point: bool = False,
+    block_size: int = 128,
+    dampening_frac: float = 0.01,
+    progress: bool = False,
+) -> dict[str, float]:
+    """GPTQ by llmcompressor on every block linear, in place (dequantized weights in plain ``nn.Linear``).
+
+    Blocks are calibrated in order on the outputs of the already quantized ones (llmcompressor's
+    sequential pipeline). Returns the relative Frobenius error ``‖Q(W) − W‖/‖W‖`` per module. Raises
+    before changing anything for a group size that does not divide an input width or a missing
+    llmcompressor.
+    """
+    cfg = LlmcGptqConfig(w_bit, group_size, zero_point, block_size, dampening_frac)
+    return _gptq_llmc_(model, calibration, cfg, progress)
+
+
+def _gptq_llmc_(
+    model: nn.Module, calibration: Calibration, cfg: LlmcGptqConfig, progress: bool
+) -> dict[str, float]:
+    layout = get_layout(model)
+    linears = require_float_linears(layout, "llmcompressor GPTQ")
+    names = _full_names(model, linears)
+    for bl in linears:
+        gs = min(cfg.group_size, bl.linear.in_features)
+        if bl.linear.in_features % gs:
+            raise InvalidArgumentError(
+                f"group_size {cfg.group_size} does not divide the input width "
+                f"{bl.linear.in_features} of {bl.full_name}"
+            )
+    _require_llmc()
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    original = {name: _weight(model, name).detach().clone() for name in names}
+    recipe = GPTQModifier(
+        config_groups=_group_schemes(names, linears, cfg.w_bit, cfg.group_size, cfg.zero_point),
+        block_size=cfg.block_size,
+        dampening_frac=cfg.dampening_frac,
+    )
+    work = _run_oneshot(model, calibration, recipe, progress=progress)
+    _copy_back_(model, work, names)
+    with torch.no_grad():
+        return {name: relative_error(_weight(model, name), original[name]) for name in names}
+
+
 # ----------------------------------------------------------------------------
 # registry entries
 # ----------------------------------------------------------------------------
@@ -656,3 +758,15 @@ def _llmc_awq(
     progress: bool,
 ) -> dict[str, float]:
     return _awq_llmc_(model, required_calibration(calibration, "llmc-awq"), config, progress)
+
+
+@register_method(LlmcGptqConfig, "llmc-gptq", needs_calibration=True)
+def _llmc_gptq(
+    model: nn.Module,
+    config: LlmcGptqConfig,
+    calibration: Calibration | None,
+    *,
+    batch_size: int,
+    progress: bool,
+) -> dict[str, float]:
+    return _gptq_llmc_(model, required_calibration(calibration, "llmc-gptq"), config, progress)
