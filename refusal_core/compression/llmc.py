@@ -12,7 +12,7 @@ label           config                      llmcompressor recipe
 llmc-wanda      LlmcWandaConfig()           ``WandaPruningModifier(sparsity, mask_structure)``
 llmc-sparsegpt  LlmcSparseGptConfig()       ``SparseGPTModifier(sparsity, mask_structure, ...)``
 llmc-awq        LlmcAwqConfig()             ``AWQModifier`` then ``QuantizationModifier`` (group-wise int)
-llmc-gptq       LlmcGptqConfig()            ``GPTQModifier`` (group-wise int, error spread by the inverse Hessian)
+llmc-gptq       LlmcGptqConfig()            ``GPTQModifier`` (group-wise int, GPTQ's error feedback)
 ==============  ==========================  ======================================================
 
 :data:`LLMC_METHODS` maps the CLI names (``llmc-wanda``, ``sparsegpt-50``, ...)
@@ -210,7 +210,8 @@ class LlmcGptqConfig(CompressionConfig):
 
     ``group_size`` is capped per linear at its input width; ``zero_point``: asymmetric (True) or
     symmetric groups; ``block_size``: columns updated together; ``dampening_frac``: the fraction of
-    the Hessian's mean diagonal added to it before inversion.
+    the Hessian's mean diagonal added to it before inversion. Columns are taken in their natural
+    order (llmcompressor's ``actorder=None``; its own default is the "static" act-order).
     """
 
     w_bit: int = 4
@@ -709,6 +710,9 @@ def _gptq_llmc_(
         config_groups=_group_schemes(names, linears, cfg.w_bit, cfg.group_size, cfg.zero_point),
         block_size=cfg.block_size,
         dampening_frac=cfg.dampening_frac,
+        # Columns in their natural order (GPTQ without act-order), so the groups' scales are the
+        # static min/max of the original weights and the small reference in tests/llmc reproduces it.
+        actorder=None,
     )
     work = _run_oneshot(model, calibration, recipe, progress=progress)
     _copy_back_(model, work, names)
