@@ -17,8 +17,9 @@ from refusal_core.activations import mean_activations
 from refusal_core.aird import AirdConfig, apply_aird_
 from refusal_core.checkpoint import save_checkpoint
 from refusal_core.compression.pruning import prune_magnitude_, prune_wanda_
-from refusal_core.errors import UnsupportedArchitectureError
-from refusal_core.functional import wanda_mask
+from refusal_core.compression.quantization import quantize_awq_, quantize_llm_int8_
+from refusal_core.errors import UnsupportedArchitectureError, UnsupportedModuleError
+from refusal_core.functional import awq_apply_scales, awq_scales, llm_int8_linear, wanda_mask
 from refusal_core.interventions import ablation_hooks, orthogonalize_model_
 from refusal_core.model import encode_prompts, get_layout, load_model, model_identity
 from refusal_core.testing.tiny import (
@@ -355,7 +356,8 @@ def test_mamba_mixer_linears_are_pruned(family: str) -> None:
     model = model_of(family, dtype=torch.float32)
     out = prune_magnitude_(model, 0.5)
     names = {n.rsplit(".", 1)[-1] for n in out}
-    assert names == {"in_proj", "x_proj", "dt_proj", "out_proj"}, f"{family}: pruned {sorted(out)}"
+    # dt_proj is used as a raw weight inside the mixer (no module call to hook): not compressed
+    assert names == {"in_proj", "x_proj", "out_proj"}, f"{family}: pruned {sorted(out)}"
     wanda = prune_wanda_(model_of(family), calibration_ids(), 0.5)
     assert sorted(wanda) == sorted(out), f"{family}: Wanda pruned {sorted(wanda)}"
     assert set(wanda.values()) == {0.5}, f"{family}: Wanda sparsities {wanda}"
@@ -377,3 +379,76 @@ def test_edited_model_round_trips_through_a_checkpoint(family: str, tmp_path: Pa
     err = rel(logits(loaded), logits(model))
     assert err < 1e-6, f"{family}: logits after save + load differ by {err:.2e}"
     assert get_layout(loaded).spec.family == family
+
+
+# -- quantization -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_llm_int8_quantizes_each_expert_and_keeps_the_router_float(family: str) -> None:
+    model = model_of(family, dtype=torch.float32)
+    before = snapshot(model)
+    block = blocks(model)[1]
+    w_gu, w_down = (
+        block.mlp.experts.gate_up_proj.detach().clone(),
+        block.mlp.experts.down_proj.detach().clone(),
+    )
+    errors = quantize_llm_int8_(model)
+    for path in READER_PARAMS[family]:
+        p = param(block, path)
+        assert p.dtype == torch.float32, f"{family}: router {path} is {p.dtype}"
+        assert torch.equal(p, before[f"model.layers.1.{path}"]), f"{family}: {path} changed"
+    assert sum("experts." in n for n in errors) == 2 * N_EXPERTS * 2, f"{family}: errors for {sorted(errors)}"
+    # the swapped experts module against LLM.int8 written per expert here (functional core)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(12, D, generator=gen)
+    x[3, 5] = 9.0  # an outlier feature (|x| >= 6) for whichever experts token 3 reaches
+    top = (x @ block.mlp.gate.weight.T).topk(TOP_K, dim=-1)
+    weights = torch.softmax(top.values, dim=-1)
+    want = torch.zeros(12, D, dtype=torch.float64)
+    ff = MOE_SIZES["d_ff"]
+    for e in range(N_EXPERTS):
+        tok, slot = torch.where(top.indices == e)
+        if tok.numel() == 0:
+            continue
+        pre = llm_int8_linear(x[tok], w_gu[e]).to(torch.float32)
+        h = nn.functional.silu(pre[:, :ff]) * pre[:, ff:]
+        y = llm_int8_linear(h, w_down[e]).to(torch.float32) * weights[tok, slot, None]
+        want.index_add_(0, tok, y.to(torch.float64))
+    with torch.no_grad():
+        got = block.mlp.experts(x, top.indices, weights)
+    assert rel(got, want) < 1e-6, (
+        f"{family}: int8 experts vs per-expert llm_int8_linear, {rel(got, want):.2e}"
+    )
+    with pytest.raises(UnsupportedModuleError):
+        orthogonalize_model_(model, torch.randn(D))
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_awq_searches_each_experts_scales_on_its_routed_tokens(family: str) -> None:
+    model = model_of(family)
+    ids = calibration_ids()
+    x, routed = routed_reference(model, ids)
+    block = blocks(model)[0]
+    experts = block.mlp.experts
+    gate_up0, down0 = experts.gate_up_proj.detach().clone(), experts.down_proj.detach().clone()
+    router0 = block.mlp.gate.weight.detach().clone()
+    norm0 = block.post_attention_layernorm.weight.detach().clone()
+    w_bit, gs = 4, 16
+    quantize_awq_(model, ids, w_bit=w_bit, group_size=gs)
+    assert torch.equal(block.mlp.gate.weight, router0), f"{family}: AWQ changed the router"
+    assert torch.equal(block.post_attention_layernorm.weight, norm0), (
+        f"{family}: a scale was folded into the MLP norm"
+    )
+    ff = MOE_SIZES["d_ff"]
+    for e in range(N_EXPERTS):
+        xe = x[routed[e]]
+        pre = xe @ gate_up0[e].T
+        h = nn.functional.silu(pre[:, :ff]) * pre[:, ff:]
+        for name, w0, inputs in (("gate_up_proj", gate_up0[e], xe), ("down_proj", down0[e], h)):
+            want = awq_apply_scales(w0, awq_scales(w0, inputs, w_bit, gs), w_bit, gs)
+            got = getattr(experts, name)[e]
+            assert torch.allclose(got, want, rtol=0, atol=1e-12), (
+                f"{family} expert {e} {name}: not Q(W·s)/s, s searched on its {xe.shape[0]} routed tokens "
+                f"(max diff {float((got - want).abs().max()):.2e})"
+            )

@@ -188,12 +188,23 @@ def prune_wanda_(
             for name, m in taps.items()
         }
 
-        def accumulate(name: str, x: torch.Tensor, sq_sums: dict[str, torch.Tensor] = sq_sums) -> None:
+        seen = dict.fromkeys(sq_sums, 0)
+
+        def accumulate(
+            name: str,
+            x: torch.Tensor,
+            sq_sums: dict[str, torch.Tensor] = sq_sums,
+            seen: dict[str, int] = seen,
+        ) -> None:
             sq_sums[name] += x.to(torch.float64).pow(2).sum(0)
+            seen[name] += x.shape[0]
 
         calls = runner.collect(layer, taps, accumulate, record=None if fused is None else {"experts": fused})
         # Each expert's inputs: only the tokens routed to it (computed before anything in the block changes).
         routed = None if fused is None else routed_inputs(fused, calls["experts"])
+        blind = [name for name, n in seen.items() if n == 0]
+        if blind:  # a linear whose module is never called (its weight used directly) has no input norms
+            raise InvalidArgumentError(f"Wanda: block {layer} linears {blind} received no calibration input")
         with torch.no_grad():
             for name, m in modules.items():
                 w = m.weight

@@ -69,7 +69,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-import torch
 from torch import nn
 
 from refusal_core.errors import InvalidArgumentError, UnsupportedArchitectureError
@@ -99,8 +98,10 @@ FUSED_BLOCK_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 #: Qwen2-MoE's shared expert: a dense gated MLP inside the MoE block, named relative to the MLP.
 SHARED_EXPERT_LINEARS = ("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj")
-#: Mamba's mixer linears (all in ``block.mixer``); ``out_proj`` writes into the residual stream.
-MIXER_LINEARS = ("in_proj", "x_proj", "dt_proj", "out_proj")
+#: Mamba's mixer linears that are called as modules (all in ``block.mixer``); ``out_proj`` writes into
+#: the residual stream. ``dt_proj`` is left out: the mixer multiplies by ``dt_proj.weight`` directly and
+#: adds ``dt_proj.bias`` inside the scan, so no hook sees its input and no module swap reaches it.
+MIXER_LINEARS = ("in_proj", "x_proj", "out_proj")
 
 #: Which input feeds each block linear, the one table of it. Linears with the same input receive
 #: the very same tensor: ``attn_in`` is the normed block input (q/k/v), ``o_in`` the attention's
@@ -120,17 +121,14 @@ LINEAR_INPUTS: dict[str, str] = {
     "shared_expert.gate_proj": "mlp_in",
     "shared_expert.up_proj": "mlp_in",
     "shared_expert.down_proj": "shared_down_in",
-    # Mamba: each mixer linear reads a different tensor (normed input, conv output, dt rank, y).
+    # Mamba: each mixer linear reads a different tensor (normed input, conv output, scan output).
     "in_proj": "mixer_in",
     "x_proj": "x_in",
-    "dt_proj": "dt_in",
     "out_proj": "out_in",
 }
 #: Linears that live in the attention module, or Mamba's mixer (the others live in the MLP).
 ATTN_LINEARS = frozenset(
-    name
-    for name, src in LINEAR_INPUTS.items()
-    if src in ("attn_in", "o_in", "mixer_in", "x_in", "dt_in", "out_in")
+    name for name, src in LINEAR_INPUTS.items() if src in ("attn_in", "o_in", "mixer_in", "x_in", "out_in")
 )
 
 
@@ -212,7 +210,10 @@ class Writer:
 
     @property
     def weight(self) -> Any:
-        """The parameter (``[d, in]``, or ``[E, d, ff]`` for fused experts); may be a quantized stand-in."""
+        """The parameter (``[d, in]``, or ``[E, d, ff]`` for fused experts).
+
+        A quantized stand-in has none: ``None`` (an ``Int8LinearSim``) or a module list (per-expert LLM.int8).
+        """
         return getattr(self.module, self.param)
 
     @property
@@ -420,11 +421,9 @@ class ModelLayout:
         moe = self.spec.moe
         assert moe is not None
         experts = self.experts(layer)
-        stacked = getattr(experts, "down_proj", None)
-        if not isinstance(stacked, torch.Tensor) or stacked.ndim != 3:
+        if not hasattr(experts, "down_proj"):
             raise UnsupportedArchitectureError(
-                f"{self.spec.family} block {layer}: expected fused experts with a 3-D down_proj [E, d, ff], "
-                f"got {type(stacked).__name__}"
+                f"{self.spec.family} block {layer}: experts module {type(experts).__name__} has no down_proj"
             )
         out.append(Writer(layer, "experts", f"{moe.experts}.down_proj", experts, "down_proj"))
         if moe.shared_expert is not None:
@@ -523,7 +522,7 @@ class ModelLayout:
         (``qkv_proj``, ``o_proj``, ``gate_up_proj``, ``down_proj``); for an MoE
         block the attention's four and any shared expert's three (the routed
         experts are fused 3-D parameters, not linears: :meth:`experts`); for Mamba
-        the mixer's four.
+        the mixer's three called as modules (:data:`MIXER_LINEARS`).
         """
         return {name: self.linear(layer, name) for name in self.linear_names(layer)}
 
