@@ -15,8 +15,9 @@ the expert's down-projection input ``act(gate) · up`` from its own weights.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -124,7 +125,8 @@ def _expert_hidden(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
 
     The gate rows come first in ``gate_up_proj[e]`` (the forward splits with ``chunk(2)``).
     """
-    gate, up = nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+    gate_up = cast(torch.Tensor, experts.gate_up_proj)
+    gate, up = nn.functional.linear(x, gate_up[e]).chunk(2, dim=-1)
     act = experts.act_fn
     assert callable(act)
     out = act(gate) * up
@@ -141,7 +143,7 @@ def routed_inputs(experts: nn.Module, calls: Sequence[RecordedCall]) -> list[Rou
     among its top-k (whatever its routing weight); an expert no token reaches
     gets empty ``[0, d]`` / ``[0, ff]`` tensors.
     """
-    n_experts = int(experts.down_proj.shape[0])
+    n_experts = int(cast(torch.Tensor, experts.down_proj).shape[0])
     xs: list[list[torch.Tensor]] = [[] for _ in range(n_experts)]
     hs: list[list[torch.Tensor]] = [[] for _ in range(n_experts)]
     with torch.no_grad():
@@ -173,13 +175,17 @@ class Int8ExpertsSim(nn.Module):
     no float weight to edit (weight edits must refuse it, as for ``Int8LinearSim``).
     """
 
+    gate_up_proj: nn.ModuleList
+    down_proj: nn.ModuleList
+
     def __init__(self, experts: nn.Module, threshold: float) -> None:
         super().__init__()
         from refusal_core.compression.quantization import Int8LinearSim
 
-        gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+        gate_up = cast(torch.Tensor, experts.gate_up_proj).detach()
+        down = cast(torch.Tensor, experts.down_proj).detach()
         self.num_experts = int(down.shape[0])
-        self.act_fn = experts.act_fn
+        self.act_fn = cast(Callable[[torch.Tensor], torch.Tensor], experts.act_fn)
         self.gate_up_proj = nn.ModuleList(
             Int8LinearSim.from_linear(_as_linear(gate_up[e]), threshold) for e in range(self.num_experts)
         )
@@ -225,7 +231,8 @@ def quantize_experts_int8_(layout: ModelLayout, threshold: float) -> dict[str, f
             sims[em.layer] = Int8ExpertsSim(em.module, threshold)
         sim = sims[em.layer]
         q = (sim.gate_up_proj if em.name == "gate_up_proj" else sim.down_proj)[em.expert]
-        errors[em.full_name] = relative_error(q.dequantize(), em.weight)
+        dequantize = cast(Callable[[], torch.Tensor], q.dequantize)
+        errors[em.full_name] = relative_error(dequantize(), em.weight)
     for layer, sim in sims.items():
         assert layout.spec.moe is not None
         replace_module_(layout.mlp(layer), layout.spec.moe.experts, sim)

@@ -322,19 +322,21 @@ def _config(
         cls = {"qwen2_moe": Qwen2MoeConfig, "qwen3_moe": Qwen3MoeConfig, "olmoe": OlmoeConfig}[family]
         config = cls(**moe, **common)
     else:  # mamba: no attention; residual kept in the model dtype so float64 models stay float64
-        config = MambaConfig(
-            vocab_size=common["vocab_size"],
-            hidden_size=d_model,
-            state_size=8,
-            num_hidden_layers=n_layers,
-            expand=2,
-            conv_kernel=4,
-            residual_in_fp32=False,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            **({} if tie_word_embeddings is None else {"tie_word_embeddings": tie_word_embeddings}),
-        )
+        mamba: dict[str, Any] = {
+            "vocab_size": common["vocab_size"],
+            "hidden_size": d_model,
+            "state_size": 8,
+            "num_hidden_layers": n_layers,
+            "expand": 2,
+            "conv_kernel": 4,
+            "residual_in_fp32": False,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        }
+        if tie_word_embeddings is not None:
+            mamba["tie_word_embeddings"] = tie_word_embeddings
+        config = MambaConfig(**mamba)
     if family in MOE_FAMILIES:
         # The reference loop over experts (not grouped_mm): deterministic, any dtype, float64 included.
         config._experts_implementation = "eager"
