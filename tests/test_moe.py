@@ -452,3 +452,14 @@ def test_awq_searches_each_experts_scales_on_its_routed_tokens(family: str) -> N
                 f"{family} expert {e} {name}: not Q(W·s)/s, s searched on its {xe.shape[0]} routed tokens "
                 f"(max diff {float((got - want).abs().max()):.2e})"
             )
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_bitsandbytes_refuses_fused_experts_instead_of_leaving_them_float(family: str) -> None:
+    from refusal_core.compression.bnb import quantize_bnb_int8_
+
+    model = model_of(family, dtype=torch.float32)
+    before = snapshot(model)
+    with pytest.raises(UnsupportedArchitectureError, match="fused"):
+        quantize_bnb_int8_(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), f"{family}: changed"
