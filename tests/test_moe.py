@@ -44,6 +44,7 @@ WRITER_PARAMS = {
     "qwen3_moe": ["self_attn.o_proj.weight", "mlp.experts.down_proj"],
     "olmoe": ["self_attn.o_proj.weight", "mlp.experts.down_proj"],
     "mamba": ["mixer.out_proj.weight"],
+    "mamba2": ["mixer.out_proj.weight"],
 }
 #: Parameters that read the stream to route: never edited, never compressed.
 READER_PARAMS = {
@@ -52,6 +53,7 @@ READER_PARAMS = {
     "qwen3_moe": ["mlp.gate.weight"],
     "olmoe": ["mlp.gate.weight"],
     "mamba": [],
+    "mamba2": [],
 }
 
 
@@ -144,8 +146,8 @@ def test_capture_at_block_inputs_matches_unpadded_forwards(family: str) -> None:
         for ids in encode_prompts(TOK, PROMPTS):
             x = torch.tensor([ids])
             hs = model(x, output_hidden_states=True).hidden_states
-            if family in SSM_FAMILIES:
-                # HF Mamba's hidden_states start with block 0's OUTPUT (no embedding entry).
+            if family == "mamba":
+                # HF Mamba's hidden_states start with block 0's OUTPUT (no embedding entry; Mamba2's have it).
                 inputs = [model.backbone.embeddings(x), *hs[: n_layers - 1]]
             else:
                 inputs = list(hs[:n_layers])  # hidden_states[l] is block l's input
@@ -356,8 +358,10 @@ def test_mamba_mixer_linears_are_pruned(family: str) -> None:
     model = model_of(family, dtype=torch.float32)
     out = prune_magnitude_(model, 0.5)
     names = {n.rsplit(".", 1)[-1] for n in out}
-    # dt_proj is used as a raw weight inside the mixer (no module call to hook): not compressed
-    assert names == {"in_proj", "x_proj", "out_proj"}, f"{family}: pruned {sorted(out)}"
+    # Mamba's dt_proj is used as a raw weight inside the mixer (no module call to hook): not compressed;
+    # Mamba2 folds x/dt projections into in_proj.
+    want = {"mamba": {"in_proj", "x_proj", "out_proj"}, "mamba2": {"in_proj", "out_proj"}}[family]
+    assert names == want, f"{family}: pruned {sorted(out)}"
     wanda = prune_wanda_(model_of(family), calibration_ids(), 0.5)
     assert sorted(wanda) == sorted(out), f"{family}: Wanda pruned {sorted(wanda)}"
     assert set(wanda.values()) == {0.5}, f"{family}: Wanda sparsities {wanda}"

@@ -50,7 +50,8 @@ qwen3_moe,     ``mlp.experts.down_proj`` [E, d, ff]                             
 olmoe
 qwen2_moe      same + ``mlp.shared_expert.down_proj``      ``mlp.gate``,                   ``self_attn``,
                                                            ``mlp.shared_expert_gate``      ``mlp``
-mamba          ``mixer.out_proj``                          (none)                          ``mixer``
+mamba,         ``mixer.out_proj``                          (none)                          ``mixer``
+mamba2
 =============  ==========================================  ==============================  ===============
 
 A Qwen-MoE block listed in ``mlp_only_layers`` (or off ``decoder_sparse_step``)
@@ -308,6 +309,18 @@ SUPPORTED_ARCHITECTURES: dict[str, ArchitectureSpec] = {
     ),
     "qwen3_moe": ArchitectureSpec("qwen3_moe", qk_norms=True, moe=MoeSpec()),
     "olmoe": ArchitectureSpec("olmoe", qk_norms=True, moe=MoeSpec()),
+    # Mamba2: the same block shape; x_proj/dt_proj are folded into in_proj, and a gated norm precedes
+    # out_proj inside the mixer.
+    "mamba2": ArchitectureSpec(
+        "mamba2",
+        linear_names=("in_proj", "out_proj"),
+        mlp_norm="norm",
+        backbone="backbone",
+        embedding="embeddings",
+        attn_name="mixer",
+        mlp_name=None,
+        input_norm_name="norm",
+    ),
     "mamba": ArchitectureSpec(
         "mamba",
         linear_names=MIXER_LINEARS,

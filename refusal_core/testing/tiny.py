@@ -37,6 +37,8 @@ from transformers import (
     GemmaForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    Mamba2Config,
+    Mamba2ForCausalLM,
     MambaConfig,
     MambaForCausalLM,
     MistralConfig,
@@ -95,7 +97,7 @@ TINY_FAMILIES = ("llama", "qwen2", "mistral", "gemma", "qwen3", "gemma2", "gemma
 #: the dense-family tests also run bitsandbytes / GGUF / checkpoint paths that do not know fused
 #: experts. tests/test_moe*.py run every operation that does on them.
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-SSM_FAMILIES = ("mamba",)
+SSM_FAMILIES = ("mamba", "mamba2")
 #: Sizes the MoE / Mamba tests use: head width 32 (2 heads of a 64-wide stream), 4 experts, top-2.
 MOE_SIZES: dict[str, int] = {"d_model": 64, "n_heads": 2, "d_ff": 48}
 _N_EXPERTS, _TOP_K = 4, 2
@@ -321,7 +323,7 @@ def _config(
             moe["shared_expert_intermediate_size"] = d_ff
         cls = {"qwen2_moe": Qwen2MoeConfig, "qwen3_moe": Qwen3MoeConfig, "olmoe": OlmoeConfig}[family]
         config = cls(**moe, **common)
-    else:  # mamba: no attention; residual kept in the model dtype so float64 models stay float64
+    else:  # mamba, mamba2: no attention; residual kept in the model dtype (float64 stays float64)
         mamba: dict[str, Any] = {
             "vocab_size": common["vocab_size"],
             "hidden_size": d_model,
@@ -336,7 +338,11 @@ def _config(
         }
         if tie_word_embeddings is not None:
             mamba["tie_word_embeddings"] = tie_word_embeddings
-        config = MambaConfig(**mamba)
+        if family == "mamba2":  # heads of width 32 over the expanded 2·d channels; one B/C group
+            mamba.update(num_heads=2 * d_model // 32, head_dim=32, n_groups=1, chunk_size=16)
+            config = Mamba2Config(**mamba)
+        else:
+            config = MambaConfig(**mamba)
     if family in MOE_FAMILIES:
         # The reference loop over experts (not grouped_mm): deterministic, any dtype, float64 included.
         config._experts_implementation = "eager"
@@ -403,6 +409,7 @@ _MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "qwen3_moe": Qwen3MoeForCausalLM,
     "olmoe": OlmoeForCausalLM,
     "mamba": MambaForCausalLM,
+    "mamba2": Mamba2ForCausalLM,
 }
 
 
