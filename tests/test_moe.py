@@ -467,3 +467,12 @@ def test_bitsandbytes_refuses_fused_experts_instead_of_leaving_them_float(family
     with pytest.raises(UnsupportedArchitectureError, match="fused"):
         quantize_bnb_int8_(model)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), f"{family}: changed"
+
+
+def test_a_per_expert_int8_model_is_refused_by_save_checkpoint_before_writing(tmp_path: Path) -> None:
+    model = model_of("mixtral", dtype=torch.float32)
+    base = model_identity(model)
+    quantize_llm_int8_(model)
+    with pytest.raises(UnsupportedModuleError, match=r"per-expert LLM\.int8"):
+        save_checkpoint(model, TOK, tmp_path / "ckpt", record={"method": "llm-int8"}, base_identity=base)
+    assert not (tmp_path / "ckpt").exists(), "save_checkpoint wrote a checkpoint it then refused"
