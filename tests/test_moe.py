@@ -7,6 +7,7 @@ references (routing, Wanda masks, AIRD's formula) are recomputed in the test.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from refusal_core.aird import AirdConfig, apply_aird_
 from refusal_core.checkpoint import save_checkpoint
 from refusal_core.compression.pruning import prune_magnitude_, prune_wanda_
 from refusal_core.compression.quantization import quantize_awq_, quantize_llm_int8_
-from refusal_core.errors import UnsupportedArchitectureError, UnsupportedModuleError
+from refusal_core.errors import InvalidArgumentError, UnsupportedArchitectureError, UnsupportedModuleError
 from refusal_core.functional import awq_apply_scales, awq_scales, llm_int8_linear, wanda_mask
 from refusal_core.interventions import ablation_hooks, orthogonalize_model_
 from refusal_core.model import encode_prompts, get_layout, load_model, model_identity
@@ -476,3 +477,22 @@ def test_a_per_expert_int8_model_is_refused_by_save_checkpoint_before_writing(tm
     with pytest.raises(UnsupportedModuleError, match=r"per-expert LLM\.int8"):
         save_checkpoint(model, TOK, tmp_path / "ckpt", record={"method": "llm-int8"}, base_identity=base)
     assert not (tmp_path / "ckpt").exists(), "save_checkpoint wrote a checkpoint it then refused"
+
+
+def test_wanda_refuses_a_linear_that_never_sees_an_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Mamba's dt_proj is multiplied as a raw weight inside the mixer: a hook on the module never fires,
+    # so its "input norms" would be all zero and the mask would fall to position order.
+    from refusal_core.model import layout as layout_module
+
+    spec = dataclasses.replace(
+        layout_module.SUPPORTED_ARCHITECTURES["mamba"],
+        linear_names=("in_proj", "x_proj", "dt_proj", "out_proj"),
+    )
+    monkeypatch.setitem(layout_module.SUPPORTED_ARCHITECTURES, "mamba", spec)
+    monkeypatch.setitem(layout_module.LINEAR_INPUTS, "dt_proj", "dt_in")
+    monkeypatch.setattr(layout_module, "ATTN_LINEARS", layout_module.ATTN_LINEARS | {"dt_proj"})
+    model = model_of("mamba", dtype=torch.float32)
+    before = snapshot(model)
+    with pytest.raises(InvalidArgumentError, match="dt_proj"):
+        prune_wanda_(model, calibration_ids(), 0.5)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "Wanda changed the model"
