@@ -496,3 +496,25 @@ def test_wanda_refuses_a_linear_that_never_sees_an_input(monkeypatch: pytest.Mon
     with pytest.raises(InvalidArgumentError, match="dt_proj"):
         prune_wanda_(model, calibration_ids(), 0.5)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "Wanda changed the model"
+
+
+def test_a_dense_block_inside_a_qwen_moe_model_has_the_dense_writers() -> None:
+    from transformers import Qwen2MoeForCausalLM
+
+    config = model_of("qwen2_moe").config
+    config.mlp_only_layers = [0]  # block 0 gets a dense MLP, block 1 stays MoE
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen2MoeForCausalLM(config).to(torch.float64).eval()
+    layout = get_layout(model)
+    b0 = blocks(model)[0]
+    want = [id(b0.self_attn.o_proj.weight), id(b0.mlp.down_proj.weight)]
+    assert [id(w.weight) for w in layout.writers(0)] == want, "block 0 (dense MLP): o_proj and down_proj"
+    assert [w.name for w in layout.writers(1)] == ["o_proj", "experts.down_proj", "shared_expert.down_proj"]
+    assert layout.readers(0) == {}, "a dense block has no router"
+    r = torch.randn(D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with ablation_hooks(model, r):
+        ablated = logits(model)
+    orthogonalize_model_(model, r)
+    err = rel(logits(model), ablated)
+    assert err < 1e-12, f"qwen2_moe with a dense block: orthogonalized vs ablation, relative error {err:.2e}"
