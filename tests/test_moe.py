@@ -217,7 +217,7 @@ def test_aird_is_rank_one_per_expert_in_span_r_and_leaves_the_router(family: str
     n_edited = 0
     for path in WRITER_PARAMS[family]:
         name = name_of(model, param(block, path))
-        new, old = param(block, path), before[name]
+        new, old = param(block, path).detach(), before[name]
         # Mamba's mixer takes the attention strength (its only token mixer); expert/shared/down: the MLP's.
         alpha = alpha_attn if path.startswith(("self_attn", "mixer")) else alpha_mlp
         pairs = list(zip(new, old)) if new.ndim == 3 else [(new, old)]
