@@ -46,6 +46,7 @@ WRITER_PARAMS = {
     "olmoe": ["self_attn.o_proj.weight", "mlp.experts.down_proj"],
     "mamba": ["mixer.out_proj.weight"],
     "mamba2": ["mixer.out_proj.weight"],
+    "falcon_h1": ["self_attn.o_proj.weight", "mamba.out_proj.weight", "feed_forward.down_proj.weight"],
 }
 #: Parameters that read the stream to route: never edited, never compressed.
 READER_PARAMS = {
@@ -55,6 +56,7 @@ READER_PARAMS = {
     "olmoe": ["mlp.gate.weight"],
     "mamba": [],
     "mamba2": [],
+    "falcon_h1": [],
 }
 
 
@@ -218,8 +220,8 @@ def test_aird_is_rank_one_per_expert_in_span_r_and_leaves_the_router(family: str
     for path in WRITER_PARAMS[family]:
         name = name_of(model, param(block, path))
         new, old = param(block, path).detach(), before[name]
-        # Mamba's mixer takes the attention strength (its only token mixer); expert/shared/down: the MLP's.
-        alpha = alpha_attn if path.startswith(("self_attn", "mixer")) else alpha_mlp
+        # Mamba mixers take the attention strength (token mixers); expert/shared/down: the MLP's.
+        alpha = alpha_attn if path.startswith(("self_attn", "mixer", "mamba")) else alpha_mlp
         pairs = list(zip(new, old)) if new.ndim == 3 else [(new, old)]
         for e, (w1, w0) in enumerate(pairs):
             delta = w1 - w0
@@ -361,7 +363,21 @@ def test_mamba_mixer_linears_are_pruned(family: str) -> None:
     names = {n.rsplit(".", 1)[-1] for n in out}
     # Mamba's dt_proj is used as a raw weight inside the mixer (no module call to hook): not compressed;
     # Mamba2 folds x/dt projections into in_proj.
-    want = {"mamba": {"in_proj", "x_proj", "out_proj"}, "mamba2": {"in_proj", "out_proj"}}[family]
+    want = {
+        "mamba": {"in_proj", "x_proj", "out_proj"},
+        "mamba2": {"in_proj", "out_proj"},
+        "falcon_h1": {
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "in_proj",
+            "out_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        },
+    }[family]
     assert names == want, f"{family}: pruned {sorted(out)}"
     wanda = prune_wanda_(model_of(family), calibration_ids(), 0.5)
     assert sorted(wanda) == sorted(out), f"{family}: Wanda pruned {sorted(wanda)}"
@@ -518,3 +534,12 @@ def test_a_dense_block_inside_a_qwen_moe_model_has_the_dense_writers() -> None:
     orthogonalize_model_(model, r)
     err = rel(logits(model), ablated)
     assert err < 1e-12, f"qwen2_moe with a dense block: orthogonalized vs ablation, relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("family", SSM_FAMILIES)
+def test_awq_on_state_space_blocks_is_refused_with_the_reason(family: str) -> None:
+    model = model_of(family, dtype=torch.float32)
+    before = snapshot(model)
+    with pytest.raises(UnsupportedArchitectureError, match="AWQ is not supported"):
+        quantize_awq_(model, calibration_ids(), w_bit=4, group_size=16)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), f"{family}: changed"

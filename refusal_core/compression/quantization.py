@@ -282,6 +282,11 @@ def _as_linear(m: nn.Module, what: str) -> nn.Linear:
 
 
 def _require_unfused(layout: ModelLayout) -> None:
+    if layout.spec.ssm_name is not None:
+        raise UnsupportedArchitectureError(
+            f"AWQ is not supported for {layout.spec.family}: its input norm feeds attention and a Mamba "
+            f"mixer through different multipliers, and the mixer's out_proj reads the scan's output"
+        )
     if layout.spec.state_space:
         raise UnsupportedArchitectureError(
             f"AWQ is not supported for {layout.spec.family}: its mixer's x_proj reads the convolution's "

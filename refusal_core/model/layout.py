@@ -52,6 +52,9 @@ qwen2_moe      same + ``mlp.shared_expert.down_proj``      ``mlp.gate``,        
                                                            ``mlp.shared_expert_gate``      ``mlp``
 mamba,         ``mixer.out_proj``                          (none)                          ``mixer``
 mamba2
+falcon_h1      ``self_attn.o_proj``, ``mamba.out_proj``,   (none)                          ``self_attn``,
+               ``feed_forward.down_proj``                                                  ``mamba``,
+                                                                                           ``feed_forward``
 =============  ==========================================  ==============================  ===============
 
 A Qwen-MoE block listed in ``mlp_only_layers`` (or off ``decoder_sparse_step``)
@@ -99,6 +102,8 @@ FUSED_BLOCK_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 #: Qwen2-MoE's shared expert: a dense gated MLP inside the MoE block, named relative to the MLP.
 SHARED_EXPERT_LINEARS = ("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj")
+#: Falcon-H1's block linears: attention, its Mamba2 mixer's in/out projections, and the MLP.
+HYBRID_BLOCK_LINEARS = (*BLOCK_LINEARS[:4], "mamba.in_proj", "mamba.out_proj", *BLOCK_LINEARS[4:])
 #: Mamba's mixer linears that are called as modules (all in ``block.mixer``); ``out_proj`` writes into
 #: the residual stream. ``dt_proj`` is left out: the mixer multiplies by ``dt_proj.weight`` directly and
 #: adds ``dt_proj.bias`` inside the scan, so no hook sees its input and no module swap reaches it.
@@ -126,6 +131,9 @@ LINEAR_INPUTS: dict[str, str] = {
     "in_proj": "mixer_in",
     "x_proj": "x_in",
     "out_proj": "out_in",
+    # Falcon-H1: a Mamba2 mixer beside attention in the same block (names relative to the block).
+    "mamba.in_proj": "ssm_in",
+    "mamba.out_proj": "ssm_out_in",
 }
 #: Linears that live in the attention module, or Mamba's mixer (the others live in the MLP).
 ATTN_LINEARS = frozenset(
@@ -252,6 +260,8 @@ class ArchitectureSpec:
     family, used for blocks whose MLP is dense. ``backbone`` / ``embedding`` /
     ``attn_name`` / ``mlp_name`` / ``input_norm_name``: where the parts live
     (Mamba: ``backbone``, ``embeddings``, ``mixer``, no MLP, ``norm``).
+    ``ssm_name``: a state-space mixer beside attention in the same block, fed the
+    same normed input and added to the stream with it (Falcon-H1's ``mamba``).
     """
 
     family: str
@@ -266,6 +276,7 @@ class ArchitectureSpec:
     attn_name: str = "self_attn"
     mlp_name: str | None = "mlp"
     input_norm_name: str = "input_layernorm"
+    ssm_name: str | None = None
 
     @property
     def state_space(self) -> bool:
@@ -309,6 +320,15 @@ SUPPORTED_ARCHITECTURES: dict[str, ArchitectureSpec] = {
     ),
     "qwen3_moe": ArchitectureSpec("qwen3_moe", qk_norms=True, moe=MoeSpec()),
     "olmoe": ArchitectureSpec("olmoe", qk_norms=True, moe=MoeSpec()),
+    # Falcon-H1: attention and a Mamba2 mixer in parallel on the normed input, then the MLP
+    # (scalar "multipliers" around each commute with every projection here).
+    "falcon_h1": ArchitectureSpec(
+        "falcon_h1",
+        linear_names=HYBRID_BLOCK_LINEARS,
+        mlp_norm="pre_ff_layernorm",
+        mlp_name="feed_forward",
+        ssm_name="mamba",
+    ),
     # Mamba2: the same block shape; x_proj/dt_proj are folded into in_proj, and a gated norm precedes
     # out_proj inside the mixer.
     "mamba2": ArchitectureSpec(
@@ -429,6 +449,9 @@ class ModelLayout:
         if self.spec.state_space:
             return [Writer(layer, "mixer", "out_proj", self.linear(layer, "out_proj"))]
         out = [Writer(layer, "attn", "o_proj", self.attn_out(layer))]
+        if self.spec.ssm_name is not None:
+            name = f"{self.spec.ssm_name}.out_proj"
+            out.append(Writer(layer, "mixer", name, self.linear(layer, name)))
         if not self.is_moe(layer):
             return [*out, Writer(layer, "mlp", "down_proj", self.mlp_out(layer))]
         moe = self.spec.moe
@@ -484,6 +507,9 @@ class ModelLayout:
         """
         if self.spec.state_space:
             return [self.attn(layer)]
+        if self.spec.ssm_name is not None:
+            ssm = cast(nn.Module, getattr(self._block(layer), self.spec.ssm_name))
+            return [self.attn_writer(layer), ssm, self.mlp_writer(layer)]
         return [self.attn_writer(layer), self.mlp_writer(layer)]
 
     def attn_writer(self, layer: int) -> nn.Module:
@@ -523,6 +549,9 @@ class ModelLayout:
             )
         if name in ATTN_LINEARS:
             return self.attn(layer)
+        ssm = self.spec.ssm_name
+        if ssm is not None and name.startswith(f"{ssm}."):
+            return cast(nn.Module, getattr(self._block(layer), ssm))
         parent = self.mlp(layer)
         for part in name.split(".")[:-1]:
             parent = cast(nn.Module, getattr(parent, part))

@@ -29,6 +29,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import (
     AttentionInterface,
+    FalconH1Config,
+    FalconH1ForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -97,7 +99,7 @@ TINY_FAMILIES = ("llama", "qwen2", "mistral", "gemma", "qwen3", "gemma2", "gemma
 #: the dense-family tests also run bitsandbytes / GGUF / checkpoint paths that do not know fused
 #: experts. tests/test_moe*.py run every operation that does on them.
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-SSM_FAMILIES = ("mamba", "mamba2")
+SSM_FAMILIES = ("mamba", "mamba2", "falcon_h1")
 #: Sizes the MoE / Mamba tests use: head width 32 (2 heads of a 64-wide stream), 4 experts, top-2.
 MOE_SIZES: dict[str, int] = {"d_model": 64, "n_heads": 2, "d_ff": 48}
 _N_EXPERTS, _TOP_K = 4, 2
@@ -323,6 +325,16 @@ def _config(
             moe["shared_expert_intermediate_size"] = d_ff
         cls = {"qwen2_moe": Qwen2MoeConfig, "qwen3_moe": Qwen3MoeConfig, "olmoe": OlmoeConfig}[family]
         config = cls(**moe, **common)
+    elif family == "falcon_h1":  # attention + a Mamba2 mixer (4 heads of 32 over 2·d channels) + MLP
+        config = FalconH1Config(
+            mamba_d_ssm=2 * d_model,
+            mamba_n_heads=2 * d_model // 32,
+            mamba_d_head=32,
+            mamba_n_groups=1,
+            mamba_d_state=8,
+            mamba_chunk_size=16,
+            **common,
+        )
     else:  # mamba, mamba2: no attention; residual kept in the model dtype (float64 stays float64)
         mamba: dict[str, Any] = {
             "vocab_size": common["vocab_size"],
@@ -410,6 +422,7 @@ _MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "olmoe": OlmoeForCausalLM,
     "mamba": MambaForCausalLM,
     "mamba2": Mamba2ForCausalLM,
+    "falcon_h1": FalconH1ForCausalLM,
 }
 
 
