@@ -543,3 +543,66 @@ def test_awq_on_state_space_blocks_is_refused_with_the_reason(family: str) -> No
     with pytest.raises(UnsupportedArchitectureError, match="AWQ is not supported"):
         quantize_awq_(model, calibration_ids(), w_bit=4, group_size=16)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), f"{family}: changed"
+
+
+def test_audit_with_repair_runs_on_a_wanda_moe_checkpoint(tmp_path: Path) -> None:
+    """The CLI's compress + audit --repair on a tiny Qwen2-MoE: AIRD edits every expert, never the router."""
+    import json
+
+    from refusal_core.cli import main
+
+    base_dir = tmp_path / "base"
+    tiny_model("qwen2_moe", n_layers=3, **MOE_SIZES).save_pretrained(base_dir)
+    TOK.save_pretrained(base_dir)
+    assert (
+        main(
+            [
+                "compress",
+                "--model",
+                str(base_dir),
+                "--method",
+                "wanda",
+                "--out",
+                str(tmp_path / "w"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    small = ["--n-train", "8", "--n-val", "4", "--n-test", "4", "--max-new-tokens", "3", "--no-progress"]
+    out = tmp_path / "a"
+    rc = main(
+        [
+            "audit",
+            "--base",
+            str(base_dir),
+            "--compressed",
+            str(tmp_path / "w"),
+            "--repair",
+            "--out",
+            str(out),
+            *small,
+        ]
+    )
+    assert rc == 0, "audit of a Wanda-pruned MoE failed"
+    doc = json.loads(
+        (out / "audit.json").read_text(), parse_constant=lambda c: pytest.fail(f"audit.json holds {c}")
+    )
+    assert doc["identities"]["candidate"]["model_type"] == "qwen2_moe", doc["identities"]["candidate"]
+    pruned, _ = load_model(str(tmp_path / "w"))
+    repaired, _ = load_model(str(out / "repaired"))
+    changed = []
+    for (name, p), (_, q) in zip(pruned.named_parameters(), repaired.named_parameters()):
+        if not torch.equal(p, q):
+            changed.append(name)
+        if name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
+            assert torch.equal(p, q), f"the repair edited the router {name}"
+    layers = {n.split(".")[2] for n in changed}
+    assert len(layers) == 1, f"AIRD edits one layer, changed: {changed}"
+    layer = layers.pop()
+    want = {f"model.layers.{layer}.{p}" for p in WRITER_PARAMS["qwen2_moe"]}
+    assert set(changed) == want, f"the repair changed {changed}, expected the writers {sorted(want)}"
+    fused = f"model.layers.{layer}.mlp.experts.down_proj"
+    before, after = pruned.get_parameter(fused), repaired.get_parameter(fused)
+    same = [e for e in range(N_EXPERTS) if torch.equal(before[e], after[e])]
+    assert not same, f"the repair left experts {same} of {fused} unedited"
