@@ -20,7 +20,12 @@ gguf = pytest.importorskip("gguf")
 
 from refusal_core.compression import CompressionRecord, compress_, method_config  # noqa: E402
 from refusal_core.compression.gguf import GGUF_TYPES, GgufConfig, gguf_plan  # noqa: E402
-from refusal_core.errors import InvalidArgumentError, ShapeMismatchError, UnsupportedModuleError  # noqa: E402
+from refusal_core.errors import (  # noqa: E402
+    InvalidArgumentError,
+    ShapeMismatchError,
+    UnsupportedArchitectureError,
+    UnsupportedModuleError,
+)
 from refusal_core.testing.tiny import tiny_model  # noqa: E402
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -148,3 +153,14 @@ def test_gguf_refuses_half_precision_weights_and_unknown_types() -> None:
         GgufConfig("Q4_K")
     with pytest.raises(InvalidArgumentError, match="unknown compression method 'gguf-q4_k_m'"):
         method_config("gguf-q4_k_m")
+
+
+def test_gguf_refuses_fused_experts_instead_of_leaving_them_float() -> None:
+    from refusal_core.testing.tiny import MOE_FAMILIES
+
+    model = tiny_model(MOE_FAMILIES[0])
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(UnsupportedArchitectureError, match="fused 3-D parameters"):
+        compress_(model, GgufConfig("Q8_0"))
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, before[name]), f"refused GGUF Q8_0 on an MoE model changed {name}"

@@ -63,7 +63,12 @@ from refusal_core.compression._common import block_linears, relative_error, requ
 from refusal_core.compression._registry import register_method
 from refusal_core.compression.calibration import Calibration
 from refusal_core.compression.config import CONFIG_TYPES, CompressionConfig
-from refusal_core.errors import InvalidArgumentError, ShapeMismatchError, UnsupportedModuleError
+from refusal_core.errors import (
+    InvalidArgumentError,
+    ShapeMismatchError,
+    UnsupportedArchitectureError,
+    UnsupportedModuleError,
+)
 from refusal_core.model import get_layout
 
 __all__ = [
@@ -218,7 +223,14 @@ def quantize_gguf_(model: nn.Module, qtype: str) -> dict[str, float]:
     if qtype not in GGUF_TYPES:
         raise InvalidArgumentError(f"qtype must be one of {GGUF_TYPES}, got {qtype!r}")
     operation = f"GGUF {qtype}"
-    linears = require_float_linears(get_layout(model), operation)
+    layout = get_layout(model)
+    if any(layout.is_moe(layer) for layer in range(layout.n_layers)):
+        # llama.cpp quantizes every expert matrix too; leaving the fused experts float would misstate it.
+        raise UnsupportedArchitectureError(
+            f"{operation}: {layout.spec.family} keeps its routed experts as fused 3-D parameters, which the "
+            "GGUF methods do not quantize yet"
+        )
+    linears = require_float_linears(layout, operation)
     for bl in linears:
         w = bl.linear.weight
         if w.dtype not in (torch.float32, torch.float64):
