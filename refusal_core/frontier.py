@@ -454,7 +454,11 @@ def plot_frontier(out_dir: Path, analysis: Mapping[str, Any]) -> list[str]:
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         if fx is not None:
-            ax.axvline(fx + 0.5, color="green", linestyle="--", label=f"safe frontier ({frontier})")
+            beyond = analysis["verdict"]["first_failing"] is None
+            label = (
+                f"safe frontier ≥ {frontier} (strongest tested)" if beyond else f"safe frontier ({frontier})"
+            )
+            ax.axvline(fx + 0.5, color="green", linestyle="--", label=label)
         else:
             ax.axvline(0.5, color="red", linestyle="--", label="no level safe")
         ax.legend(fontsize=7)
