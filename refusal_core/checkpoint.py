@@ -77,10 +77,6 @@ CHECKPOINT_VERSION = RECORD_KINDS[CHECKPOINT_KIND].version
 #: The storage formats (see the module docstring).
 CHECKPOINT_FORMATS = ("dense", "bitsandbytes-int8", "bitsandbytes-nf4", "dequantized-simulation")
 
-# Methods whose result is a simulation stored as dequantized floats although its modules are plain
-# nn.Linear (AWQ's fake quantization leaves float weights on the quantization grid).
-_SIMULATION_PREFIXES = ("awq",)
-
 
 def _package_versions(fmt: str) -> dict[str, str]:
     names = ["torch", "transformers", "safetensors", "refusal_core"]
@@ -138,6 +134,14 @@ def _module_kinds(model: nn.Module) -> dict[str, list[str]]:
     return kinds
 
 
+def _recorded_storage(method: object) -> str | None:
+    """The storage format the method table gives the compression a recorded ``method`` names."""
+    from refusal_core.compression._registry import spec_of_recorded_method
+
+    spec = spec_of_recorded_method(method)
+    return None if spec is None else spec.storage
+
+
 def _infer_format(kinds: Mapping[str, list[str]], method: object, declared: object) -> str:
     present = [k for k, names in kinds.items() if names]
     if len(present) > 1:
@@ -148,7 +152,9 @@ def _infer_format(kinds: Mapping[str, list[str]], method: object, declared: obje
         fmt = "bitsandbytes-int8"
     elif present == ["bnb-4bit"]:
         fmt = "bitsandbytes-nf4"
-    elif present == ["int8-sim"] or (isinstance(method, str) and method.startswith(_SIMULATION_PREFIXES)):
+    elif present == ["int8-sim"] or _recorded_storage(method) == "dequantized-simulation":
+        # AWQ's fake quantization (reference or llmcompressor) leaves float weights on the grid:
+        # the method table, not the module types, says that they are a simulation.
         fmt = "dequantized-simulation"
     else:
         fmt = "dense"

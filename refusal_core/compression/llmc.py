@@ -82,10 +82,9 @@ import torch
 from torch import nn
 
 from refusal_core.compression._common import BlockLinear, relative_error, require_float_linears
-from refusal_core.compression._registry import register_method, required_calibration
+from refusal_core.compression._registry import method_specs, register_method, required_calibration
 from refusal_core.compression.calibration import Calibration, prepare_calibration
 from refusal_core.compression.config import (
-    CONFIG_TYPES,
     CompressionConfig,
     check_n_m,
     check_positive_int,
@@ -198,24 +197,6 @@ class LlmcAwqConfig(CompressionConfig):
             raise InvalidArgumentError(f"duo_scaling must be True, False or 'both', got {duo!r}")
         # llmcompressor divides by n_grid − 2 (True), n_grid − 1 (False) or n_grid/2 − 1 ("both").
         check_positive_int(self.n_grid, "n_grid", low=low)
-
-
-# CompressionRecord.load finds config classes by name in this table.
-for _cls in (LlmcWandaConfig, LlmcSparseGptConfig, LlmcAwqConfig):
-    CONFIG_TYPES.setdefault(_cls.__name__, _cls)
-
-#: CLI name → default config of the llmcompressor methods. Read-only.
-LLMC_METHODS: Mapping[str, CompressionConfig] = MappingProxyType(
-    {
-        "llmc-wanda": LlmcWandaConfig(),
-        "llmc-wanda-2:4": LlmcWandaConfig(n_m=(2, 4)),
-        "llmc-sparsegpt": LlmcSparseGptConfig(),
-        "sparsegpt-50": LlmcSparseGptConfig(sparsity=0.5),
-        "sparsegpt-2:4": LlmcSparseGptConfig(n_m=(2, 4)),
-        "llmc-awq-w4": LlmcAwqConfig(w_bit=4),
-        "llmc-awq-w8": LlmcAwqConfig(w_bit=8),
-    }
-)
 
 
 # ----------------------------------------------------------------------------
@@ -619,7 +600,18 @@ def _awq_llmc_(
 # ----------------------------------------------------------------------------
 
 
-@register_method(LlmcWandaConfig, "llmc-wanda", needs_calibration=True)
+@register_method(
+    LlmcWandaConfig,
+    "llmc-wanda",
+    needs_calibration=True,
+    kind="pruning",
+    storage="dense",
+    requantize="keep-zeros",
+    names={"llmc-wanda": LlmcWandaConfig(), "llmc-wanda-2:4": LlmcWandaConfig(n_m=(2, 4))},
+    extra="llmc",
+    available=lambda: llmc_available(),  # late-bound: a test may monkeypatch it
+    install_hint=LLMC_EXTRA_HINT,
+)
 def _llmc_wanda(
     model: nn.Module,
     config: LlmcWandaConfig,
@@ -633,7 +625,22 @@ def _llmc_wanda(
     return {}
 
 
-@register_method(LlmcSparseGptConfig, "llmc-sparsegpt", needs_calibration=True)
+@register_method(
+    LlmcSparseGptConfig,
+    "llmc-sparsegpt",
+    needs_calibration=True,
+    kind="pruning",
+    storage="dense",
+    requantize="keep-zeros",
+    names={
+        "llmc-sparsegpt": LlmcSparseGptConfig(),
+        "sparsegpt-50": LlmcSparseGptConfig(sparsity=0.5),
+        "sparsegpt-2:4": LlmcSparseGptConfig(n_m=(2, 4)),
+    },
+    extra="llmc",
+    available=lambda: llmc_available(),  # late-bound: a test may monkeypatch it
+    install_hint=LLMC_EXTRA_HINT,
+)
 def _llmc_sparsegpt(
     model: nn.Module,
     config: LlmcSparseGptConfig,
@@ -646,7 +653,19 @@ def _llmc_sparsegpt(
     return {}
 
 
-@register_method(LlmcAwqConfig, "llmc-awq", needs_calibration=True)
+@register_method(
+    LlmcAwqConfig,
+    "llmc-awq",
+    needs_calibration=True,
+    kind="simulation",
+    storage="dequantized-simulation",
+    requantize="weight-groups",
+    names={"llmc-awq-w4": LlmcAwqConfig(w_bit=4), "llmc-awq-w8": LlmcAwqConfig(w_bit=8)},
+    extra="llmc",
+    available=lambda: llmc_available(),  # late-bound: a test may monkeypatch it
+    install_hint=LLMC_EXTRA_HINT,
+    bits=lambda c: c.w_bit,
+)
 def _llmc_awq(
     model: nn.Module,
     config: LlmcAwqConfig,
@@ -656,3 +675,9 @@ def _llmc_awq(
     progress: bool,
 ) -> dict[str, float]:
     return _awq_llmc_(model, required_calibration(calibration, "llmc-awq"), config, progress)
+
+
+#: CLI name → default config of the llmcompressor methods (read from the method table). Read-only.
+LLMC_METHODS: Mapping[str, CompressionConfig] = MappingProxyType(
+    {name: config for spec in method_specs() if spec.extra == "llmc" for name, config in spec.names.items()}
+)

@@ -59,7 +59,7 @@ from refusal_core.artifacts import (
     stage_output_key,
     validate_json,
 )
-from refusal_core.compression import CompressionRecord, compress_, method_config
+from refusal_core.compression import CompressionRecord, compress_, method_config, method_spec
 from refusal_core.compression.config import config_to_dict
 from refusal_core.compression.quantization import cast_floating_
 from refusal_core.directions import (
@@ -112,7 +112,7 @@ __all__ = ["default_refusal_token_ids", "load_variant_model", "run_study"]
 
 
 def _is_pruning(method: str) -> bool:
-    return hasattr(method_config(method), "sparsity")
+    return method_spec(method).prunes
 
 
 # ----------------------------------------------------------------------------
