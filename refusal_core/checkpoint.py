@@ -277,6 +277,37 @@ def _dequantized_simulations(model: nn.Module, names: list[str]) -> Iterator[dic
             setattr(model.get_submodule(parent_name), attr, sim)
 
 
+@contextmanager
+def _without_quantizer_load_conversions(model: nn.Module) -> Iterator[None]:
+    """While saving, hide the load-time weight conversions of transformers' bitsandbytes quantizer.
+
+    A model loaded from a bitsandbytes checkpoint keeps the converters that built
+    its modules from the saved int8 codes / 4-bit blocks and their scales; they
+    have no reverse (``save_pretrained`` raises NotImplementedError), and none is
+    needed: the bitsandbytes modules write their own state (codes, scales, quant
+    state) into the state dict, the layout transformers loads. Other conversions stay.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    qc: Any = getattr(quantizer, "quantization_config", None)
+    qm = getattr(qc, "quant_method", None)
+    conversions = getattr(model, "_weight_conversions", None)
+    if quantizer is None or str(getattr(qm, "value", qm)) != "bitsandbytes" or not conversions:
+        yield
+        return
+    kept = []
+    for conversion in conversions:
+        try:
+            conversion.reverse_transform()
+        except NotImplementedError:
+            continue  # a quantizer load step (see above)
+        kept.append(conversion)
+    model._weight_conversions = kept  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        model._weight_conversions = conversions  # type: ignore[assignment]
+
+
 # ----------------------------------------------------------------------------
 # the target directory
 # ----------------------------------------------------------------------------
@@ -394,7 +425,8 @@ def save_checkpoint(
             try:
                 if quantization_config is not None:
                     config.quantization_config = quantization_config
-                layout.model.save_pretrained(str(tmp))
+                with _without_quantizer_load_conversions(layout.model):
+                    layout.model.save_pretrained(str(tmp))
             finally:
                 if quantization_config is not None:
                     if had_qc:

@@ -23,7 +23,9 @@ requantize     how a repair keeps the storage: ``keep-zeros`` (the edit is restr
                nonzero pattern), ``module-scheme`` (the quantized module is dequantized, edited
                and re-quantized by its own scheme, :mod:`~refusal_core.compression.schemes`),
                ``weight-groups`` (float weights on a group-wise ``w_bit`` grid: rounded onto it
-               again with the config's ``w_bit`` / ``group_size`` / ``zero_point``)
+               again with the config's ``w_bit`` / ``group_size`` / ``zero_point``), ``refuse``
+               (the format cannot be written again here; ``repair_note`` says why, and a repair
+               is refused before anything changes)
 extra          None (reference, always there) or the optional dependency (``bnb``, ``llmc``),
                with ``available()`` telling whether it imports and ``install_hint`` what to run
 =============  ====================================================================================
@@ -80,7 +82,7 @@ KINDS = ("pruning", "simulation", "quantization")
 #: How a method's checkpoints are stored (``format`` of :mod:`refusal_core.checkpoint`).
 STORAGE_FORMATS = ("dense", "dequantized-simulation", "bitsandbytes-int8", "bitsandbytes-nf4")
 #: How a repair brings an edited weight back into the method's storage.
-REQUANTIZE_RULES = ("keep-zeros", "module-scheme", "weight-groups")
+REQUANTIZE_RULES = ("keep-zeros", "module-scheme", "weight-groups", "refuse")
 
 
 class Handler(Protocol[_C]):
@@ -117,6 +119,7 @@ class MethodSpec:
     available: Callable[[], bool] = field(default=_always, compare=False)
     install_hint: str = ""
     bits: Callable[[Any], int | None] | None = field(default=None, compare=False)
+    repair_note: str = ""
 
     @property
     def prunes(self) -> bool:
@@ -193,11 +196,13 @@ def register_method(
     available: Callable[[], bool] = _always,
     install_hint: str = "",
     bits: Callable[[_T], int | None] | int | None = None,
+    repair_note: str = "",
 ) -> Callable[[Handler[_T]], Handler[_T]]:
     """Register the decorated handler for ``config_type`` with its whole spec (see the module docstring).
 
     ``names`` maps CLI names to default configs (default: ``{label: config_type()}``);
-    ``bits`` is the stored bits per weight, a number or a function of the config.
+    ``bits`` is the stored bits per weight, a number or a function of the config;
+    ``repair_note`` (required with ``requantize="refuse"``) says why a repair cannot keep the storage.
     A second registration of a config type or a name raises (one method, one place).
     """
     if not (isinstance(config_type, type) and issubclass(config_type, CompressionConfig)):
@@ -209,6 +214,8 @@ def register_method(
     ):
         if value not in allowed:
             raise InvalidArgumentError(f"{label}: {what} must be one of {allowed}, got {value!r}")
+    if requantize == "refuse" and not repair_note:
+        raise InvalidArgumentError(f"{label}: requantize='refuse' needs a repair_note saying why")
     named: dict[str, CompressionConfig] = dict(names) if names is not None else {label: config_type()}
     for name, config in named.items():
         if type(config) is not config_type:
@@ -241,6 +248,7 @@ def register_method(
             available=available,
             install_hint=install_hint,
             bits=bits_fn,
+            repair_note=repair_note,
         )
         _BY_TYPE[config_type] = spec
         for name in named:
