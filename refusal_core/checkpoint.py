@@ -305,7 +305,7 @@ def _without_quantizer_load_conversions(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        model._weight_conversions = conversions  # type: ignore[assignment]
+        model._weight_conversions = conversions
 
 
 # ----------------------------------------------------------------------------

@@ -763,6 +763,16 @@ def _cmd_compare(args: argparse.Namespace, ours: list[Path]) -> int:
     return 0
 
 
+#: How each repair rule (refusal_core.repair) reaches the saved weights, in words.
+_REPAIR_PATHS = {
+    "float": "dense float",
+    "dense-edit": "dense float (zeros lost)",
+    "keep-zeros": "sparsity-preserving",
+    "module-scheme": "dequantize, edit, re-quantize",
+    "weight-groups": "edit, round onto the group grid",
+}
+
+
 def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
     from refusal_core.aird import AirdConfig
     from refusal_core.compression import config_from_dict
@@ -822,7 +832,7 @@ def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
     if args.method:
         plan = plan_repair(model, layer, method=method, dense=args.dense)
     rec = repair_(model, r, layer, cfg, method=method, dense=args.dense, compression=compression)
-    aird: dict[str, Any] = rec.to_dict()
+    aird: dict[str, Any] = {**rec.to_dict(), "path": _REPAIR_PATHS[plan.rule]}
     record: dict[str, Any] = {
         "operation": "aird",
         "method": f"{method}+aird" if method else "aird",
@@ -846,7 +856,7 @@ def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
             + ", ".join(f"{k}[{layer}] {v:.1%}" for k, v in lost.items()),
             file=sys.stderr,
         )
-    _print({"layer": layer, "modules": aird["modules"], "repair": aird["repair"], "out": str(out)})
+    _print({k: aird[k] for k in ("layer", "modules", "repair", "path")} | {"out": str(out)})
     return 0
 
 
