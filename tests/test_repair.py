@@ -444,3 +444,63 @@ def test_aird_refuses_dense_on_a_quantized_checkpoint_before_loading(
     assert "--dense" in err, err
     assert "not one" in err, f"says the model is not pruned: {err}"
     assert json.dumps(err).count("\\n") == 1, f"one line: {err!r}"
+
+
+DEFAULT_METHODS = ("magnitude", "wanda", "wanda-2:4", "llm-int8", "awq-w8", "awq-w4")
+
+
+@pytest.mark.parametrize("name", DEFAULT_METHODS)
+def test_aird_command_keeps_each_default_methods_storage(
+    name: str, tmp_path: Path, toy_direction: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from refusal_core.study import DEFAULT_METHODS as STUDY_DEFAULTS
+
+    assert name in STUDY_DEFAULTS, f"{name} is one of the study's default methods"
+    prunes = name in ("magnitude", "wanda", "wanda-2:4")  # written here, not read from the table
+    storage = "dense" if prunes else "dequantized-simulation"
+    ck = _compress(tmp_path, name, capsys)
+    out = tmp_path / "a"
+    _aird(ck, toy_direction, out, capsys, "--gain-attn", "3", "--gain-mlp", "3")
+    doc = read_checkpoint_record(out)
+    assert doc is not None, f"aird on {name} wrote a record"
+    assert doc["format"] == storage, f"aird on {name}: recorded {doc['format']!r}, not {storage!r}"
+    assert doc["method"] == f"{name}+aird", f"aird on {name}: the record names {doc['method']!r}"
+    layer = _source_layer(toy_direction)
+    compressed, repaired = _hf(ck), _hf(out)  # both load with plain from_pretrained
+    for k, m in _writers(repaired, layer).items():
+        w0, w1 = _writers(compressed, layer)[k].weight.detach(), m.weight.detach()
+        assert not torch.equal(w0, w1), f"aird on {name}: {k}[{layer}] unchanged"
+        if prunes:
+            assert torch.equal(w0 == 0, w1 == 0), f"aird on {name}: {k}[{layer}]'s zero pattern changed"
+        elif name == "llm-int8":
+            # saved as q · scale with one absmax/127 scale per row: every entry an integer multiple of it
+            scale = w1.double().abs().amax(dim=1, keepdim=True) / 127
+            codes = w1.double() / scale
+            off = float((codes - codes.round()).abs().max())
+            assert off < 1e-3, (
+                f"aird on llm-int8: {k}[{layer}] is not int8 codes times a row scale ({off:.2e})"
+            )
+        else:
+            bits = int(name.removeprefix("awq-w"))
+            gs = min(128, w1.shape[1])
+            levels = _max_levels_per_group(w1, gs)
+            assert levels <= 2**bits, f"aird on {name}: {k}[{layer}] has {levels} values per group of {gs}"
+
+
+def test_study_refuses_a_method_whose_extra_is_missing_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import refusal_core.model
+    from refusal_core.compression import llmc
+    from refusal_core.study import StudyConfig, run_study
+
+    def no_load(*a: Any, **k: Any) -> Any:
+        raise AssertionError("a model was loaded before the missing extra was reported")
+
+    monkeypatch.setattr(llmc, "llmc_available", lambda: False)
+    monkeypatch.setattr(refusal_core.model, "load_model", no_load)
+    monkeypatch.setattr("refusal_core.study.run.load_model", no_load, raising=False)
+    config = StudyConfig(methods=("magnitude", "llmc-wanda"))  # a config may name it (run elsewhere)
+    with pytest.raises(InvalidArgumentError, match="llmc-wanda needs the 'llmc' extra"):
+        run_study(config, tmp_path / "study", progress=False)
+    assert not (tmp_path / "study").exists(), "nothing is written when a method is unavailable"
