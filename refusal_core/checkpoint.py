@@ -13,14 +13,15 @@ How each kind of model is stored (``format`` in the record):
 format                      written as
 ==========================  ====================================================================
 ``dense``                   plain float weights (base, pruned: zeros included, AIRD-edited, ...)
-``dequantized-simulation``  the reference simulations (``Int8LinearSim``, AWQ fake quantization):
+``dequantized-simulation``  the simulations (``Int8LinearSim``, AWQ fake quantization; the method table's
+                            ``storage`` names them, :func:`~refusal_core.compression.method_spec`):
                             their exact dequantized float weights in plain ``nn.Linear`` weights;
                             ``simulated_method`` names the scheme. Plain transformers computes
                             with those weights only: LLM.int8's activation quantization is not
                             in the file, :func:`~refusal_core.model.load_model` re-applies it
 ``bitsandbytes-int8``,      transformers' own bitsandbytes serialization (int8 weights + scales,
 ``bitsandbytes-nf4``        packed 4-bit + quant state; ``quantization_config`` in config.json);
-                            transformers reloads it on CPU and CUDA
+                            transformers reloads it on CPU and CUDA, and a model it loaded saves again
 ==========================  ====================================================================
 
 The directory is built in a temporary sibling and renamed into place, so a

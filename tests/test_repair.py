@@ -504,3 +504,12 @@ def test_study_refuses_a_method_whose_extra_is_missing_before_any_work(
     with pytest.raises(InvalidArgumentError, match="llmc-wanda needs the 'llmc' extra"):
         run_study(config, tmp_path / "study", progress=False)
     assert not (tmp_path / "study").exists(), "nothing is written when a method is unavailable"
+
+
+def test_a_model_from_another_transformers_quantizer_is_refused_before_any_change() -> None:
+    from types import SimpleNamespace
+
+    model = tiny_model("llama", d_model=64, n_layers=3)
+    # What transformers attaches to a model it loaded through, e.g., its GPTQ quantizer.
+    model.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="gptq"))
+    _refused_unchanged(model, UnsupportedModuleError, "cannot re-quantize gptq weights")
