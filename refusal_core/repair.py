@@ -1,7 +1,9 @@
 """One repair step for every route to a repaired model: AIRD that keeps the candidate's storage.
 
 :func:`repair_` applies AIRD (:func:`~refusal_core.aird.apply_aird_`) to block
-``layer``'s residual writers and brings the result back into the storage of
+``layer``'s residual writers (``o_proj`` and ``down_proj``; in a Mixture-of-Experts
+block every routed expert's down projection and a shared expert's; Mamba's
+``out_proj``: :meth:`~refusal_core.model.ModelLayout.writers`) and brings the result back into the storage of
 the compression method that made the model, as the method table says
 (:func:`~refusal_core.compression.method_spec`, field ``requantize``):
 
@@ -21,7 +23,8 @@ rule               what the repair does, and what is checked afterwards
                    edited in float, rounded onto the grid again with the method's ``w_bit``,
                    ``group_size`` and ``zero_point``; checked: at most ``2^w_bit`` distinct
                    values in every group (before the edit too: a model that is not on the grid
-                   is not what its method says and is refused).
+                   is not what its method says and is refused; so is AWQ on an MoE block, whose
+                   experts keep their scales inside the weights).
 ``float``          no compression method (``method=None``) and float writers: the plain edit.
 =================  ==========================================================================
 
@@ -71,8 +74,8 @@ from refusal_core.quantized_edit import apply_aird_quantized_, dequantize_module
 
 __all__ = ["RepairPlan", "group_levels", "plan_repair", "repair_"]
 
-#: The writers AIRD edits, by the name its record uses.
-_WRITERS = ("o_proj", "down_proj")
+#: The block layout :func:`~refusal_core.quantized_edit.apply_aird_quantized_` re-quantizes.
+_QUANTIZED_WRITERS = ("o_proj", "down_proj")
 #: transformers quantizers whose modules refusal_core can re-quantize (and save again).
 _HF_QUANTIZERS = ("bitsandbytes",)
 
@@ -109,8 +112,43 @@ class RepairPlan:
         }
 
 
-def _writers(layout: ModelLayout, layer: int) -> dict[str, nn.Module]:
-    return {"o_proj": layout.attn_out(layer), "down_proj": layout.mlp_out(layer)}
+def _schemes(layout: ModelLayout, layer: int) -> dict[str, str]:
+    """The storage scheme of every residual writer of block ``layer`` (its name in the layout)."""
+    out: dict[str, str] = {}
+    for w in layout.writers(layer):
+        if w.stacked:  # fused routed experts: a float [E, d, ff] parameter, or a quantized stand-in
+            if not (isinstance(w.weight, torch.Tensor) and w.weight.is_floating_point()):
+                raise UnsupportedModuleError(
+                    f"{w.name}[{layer}] holds quantized per-expert modules; they cannot be re-quantized "
+                    "after an edit here"
+                )
+            out[w.name] = "float"
+            continue
+        try:
+            out[w.name] = scheme_of(w.module).name
+        except UnsupportedModuleError as exc:
+            raise UnsupportedModuleError(
+                f"{w.name}[{layer}] cannot be re-quantized after an edit: {exc}"
+            ) from None
+    return out
+
+
+def _matrices(layout: ModelLayout, layer: int) -> dict[str, torch.Tensor]:
+    """Every writer matrix ``[d, in]`` of block ``layer`` by its AIRD record key, as it computes.
+
+    Float writers give the live weight (a view per routed expert), quantized ones a dequantized copy.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for w in layout.writers(layer):
+        if w.stacked:
+            out.update(w.matrices())
+        elif scheme_of(w.module).name == "float":
+            weight = w.module.weight
+            assert isinstance(weight, torch.Tensor)  # a float nn.Linear (its scheme matched)
+            out[w.name] = weight
+        else:
+            out[w.name] = dequantize_module(w.module)
+    return out
 
 
 def _check_layer(layer: object, layout: ModelLayout) -> int:
@@ -174,15 +212,12 @@ def plan_repair(
     layout = get_layout(model)
     layer = _check_layer(layer, layout)
     _refuse_foreign_quantizer(model)
-    writers = _writers(layout, layer)
-    schemes: dict[str, str] = {}
-    for name, module in writers.items():
-        try:
-            schemes[name] = scheme_of(module).name
-        except UnsupportedModuleError as exc:
-            raise UnsupportedModuleError(
-                f"{name}[{layer}] cannot be re-quantized after an edit: {exc}"
-            ) from None
+    schemes = _schemes(layout, layer)
+    if any(s != "float" for s in schemes.values()) and tuple(schemes) != _QUANTIZED_WRITERS:
+        raise UnsupportedModuleError(
+            f"block {layer}'s writers {list(schemes)} include quantized modules; re-quantizing an edit is "
+            f"implemented for blocks whose writers are {list(_QUANTIZED_WRITERS)}"
+        )
     quantized = sorted({s for s in schemes.values() if s != "float"})
     if method is None:
         if compression is not None:
@@ -231,8 +266,12 @@ def plan_repair(
                 f"{method!r} is a record label; pass compression= (its config): the grid to round onto"
             )
         w_bit, group_size, zero_point = _grid_of(spec, compression)
-        for name, module in writers.items():
-            weight = dequantize_module(module)
+        if layout.is_moe(layer):
+            raise UnsupportedModuleError(
+                f"{method!r} on a Mixture-of-Experts block keeps each expert's scales inside its weights "
+                f"(Q(W·s)/s) and stores no scales: an edit of block {layer} cannot be rounded onto its grid"
+            )
+        for name, weight in _matrices(layout, layer).items():
             gs = min(group_size, weight.shape[1])
             levels = group_levels(weight, gs)
             if levels > 2**w_bit:
@@ -294,7 +333,7 @@ def repair_(
     config.alphas(float(torch.linalg.vector_norm(r64)))  # a gain this ‖r‖ cannot give raises first
     edit_config = dataclasses.replace(config, preserve_sparsity=True) if plan.rule == "keep-zeros" else config
 
-    before = {name: dequantize_module(m).detach().clone() for name, m in _writers(layout, layer).items()}
+    before = {name: w.detach().clone() for name, w in _matrices(layout, layer).items()}
     with model_transaction(layout.blocks[layer]):
         modules: dict[str, dict[str, Any]] = {}
         if plan.rule == "module-scheme":
@@ -304,20 +343,20 @@ def repair_(
             record = qrec.aird
             by_full = dict(qrec.modules)
             names = {id(m): n for n, m in model.named_modules()}
-            for name, module in _writers(layout, layer).items():
-                outcome = by_full.get(names.get(id(module), ""))
-                modules[name] = {} if outcome is None else dataclasses.asdict(outcome)
+            for w in layout.writers(layer):
+                outcome = by_full.get(names.get(id(w.module), ""))
+                modules[w.name] = {} if outcome is None else dataclasses.asdict(outcome)
         else:
             record = apply_aird_(model, r, layer, edit_config)
             if plan.rule == "weight-groups":
                 modules = _regrid_(layout, layer, plan, before)
         _check_storage(layout, layer, plan, before, modules)
-        after = {name: dequantize_module(m) for name, m in _writers(layout, layer).items()}
+        after = _matrices(layout, layer)
         # Zeros are storage only for float weights (a quantized code of 0 is a rounding outcome).
         lost = (
             {}
             if plan.rule in ("module-scheme", "weight-groups")
-            else {name: _zero_fraction(before[name]) - _zero_fraction(after[name]) for name in _WRITERS}
+            else {name: _zero_fraction(before[name]) - _zero_fraction(after[name]) for name in before}
         )
         record.repair = {
             **plan.to_dict(),
@@ -337,14 +376,14 @@ def _regrid_(
     w_bit, group_size, zero_point = plan.grid
     out: dict[str, dict[str, Any]] = {}
     with torch.no_grad():
-        for name, module in _writers(layout, layer).items():
-            assert isinstance(module, nn.Linear)  # planned: float writers
-            edited = module.weight.detach().clone()
+        for name, weight in _matrices(layout, layer).items():  # planned: float writers (live views)
+            edited = weight.detach().clone()
             gs = min(group_size, edited.shape[1])
-            rounded = pseudo_quantize(edited, w_bit, gs, zero_point)
-            module.weight.copy_(rounded)
-            outcome = edit_outcome("float-grid", before[name], edited, module.weight, requantized=True)
-            out[name] = {**dataclasses.asdict(outcome), "levels": group_levels(module.weight, gs)}
+            weight.copy_(
+                pseudo_quantize(edited, w_bit, gs, zero_point)
+            )  # an expert's view writes the fused one
+            outcome = edit_outcome("float-grid", before[name], edited, weight, requantized=True)
+            out[name] = {**dataclasses.asdict(outcome), "levels": group_levels(weight, gs)}
     return out
 
 
@@ -356,28 +395,29 @@ def _check_storage(
     modules: dict[str, dict[str, Any]],
 ) -> None:
     """Raise (the transaction then restores the block) if a writer left its method's storage."""
-    for name, module in _writers(layout, layer).items():
+    if plan.rule == "module-scheme":
+        for w in layout.writers(layer):
+            where = f"repair of {w.name}[{layer}] ({plan.method or 'no method'}, {plan.rule})"
+            scheme = scheme_of(w.module).name
+            if scheme != plan.schemes[w.name]:
+                raise RefusalCoreError(f"{where}: re-quantized as {scheme}, was {plan.schemes[w.name]}")
+            if isinstance(w.module, Int8LinearSim):
+                q = w.module.q
+                # The simulation computes with q · scale (one scale per row): int8 codes are all it may hold.
+                if q.dtype != torch.int8 or int(q.abs().max()) > 127 or w.module.scale.shape != (q.shape[0],):
+                    raise RefusalCoreError(f"{where}: not int8 codes in [-127, 127] with one scale per row")
+            modules.setdefault(w.name, {})["representable"] = True
+        return
+    for name, matrix in _matrices(layout, layer).items():
         where = f"repair of {name}[{layer}] ({plan.method or 'no method'}, {plan.rule})"
         if plan.rule == "keep-zeros":
-            w = dequantize_module(module)
-            if not torch.equal(w == 0, before[name] == 0):
+            if not torch.equal(matrix == 0, before[name] == 0):
                 raise RefusalCoreError(f"{where}: the zero pattern changed")
         elif plan.rule == "weight-groups":
             assert plan.grid is not None
             w_bit, group_size, _ = plan.grid
-            w = dequantize_module(module)
-            gs = min(group_size, w.shape[1])
-            levels = group_levels(w, gs)
+            gs = min(group_size, matrix.shape[1])
+            levels = group_levels(matrix, gs)
             if levels > 2**w_bit:
                 raise RefusalCoreError(f"{where}: {levels} distinct values in a group of {gs} (> 2^{w_bit})")
             modules[name]["max_levels"] = 2**w_bit
-        elif plan.rule == "module-scheme":
-            scheme = scheme_of(module).name
-            if scheme != plan.schemes[name]:
-                raise RefusalCoreError(f"{where}: re-quantized as {scheme}, was {plan.schemes[name]}")
-            if isinstance(module, Int8LinearSim):
-                q = module.q
-                # The simulation computes with q · scale (one scale per row): int8 codes are all it may hold.
-                if q.dtype != torch.int8 or int(q.abs().max()) > 127 or module.scale.shape != (q.shape[0],):
-                    raise RefusalCoreError(f"{where}: not int8 codes in [-127, 127] with one scale per row")
-            modules[name]["representable"] = True

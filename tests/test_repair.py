@@ -173,13 +173,14 @@ def test_dense_edit_of_a_pruned_model_states_the_sparsity_lost(name: str) -> Non
 def _refused_unchanged(model: nn.Module, error: type[Exception], match: str, **kw: Any) -> None:
     from refusal_core.repair import repair_
 
+    layout = get_layout(model)
     state = _state(model)
-    types = {k: type(m) for k, m in _writers(model).items()}
+    types = [type(m) for _, m in model.named_modules()]
     with pytest.raises(error, match=match):
-        repair_(model, _direction(64), LAYER, STRONG, **kw)
+        repair_(model, _direction(layout.d_model), LAYER, STRONG, **kw)
     after = _state(model)
     assert all(torch.equal(v, after[k]) for k, v in state.items()), f"{kw}: refused but changed the model"
-    assert {k: type(m) for k, m in _writers(model).items()} == types, f"{kw}: a module was replaced"
+    assert [type(m) for _, m in model.named_modules()] == types, f"{kw}: a module was replaced"
 
 
 def test_dense_on_a_quantized_model_is_refused_up_front() -> None:
@@ -513,3 +514,33 @@ def test_a_model_from_another_transformers_quantizer_is_refused_before_any_chang
     # What transformers attaches to a model it loaded through, e.g., its GPTQ quantizer.
     model.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="gptq"))
     _refused_unchanged(model, UnsupportedModuleError, "cannot re-quantize gptq weights")
+
+
+def test_awq_on_a_moe_block_is_refused_with_the_reason() -> None:
+    model = tiny_model("qwen2_moe")
+    compress_(model, method_config("awq-w4"), CALIBRATION)
+    _refused_unchanged(model, UnsupportedModuleError, "stores no scales", method="awq-w4")
+
+
+@pytest.mark.parametrize("name", ["magnitude"])
+def test_repair_of_a_moe_block_keeps_every_experts_storage(name: str) -> None:
+    from refusal_core.repair import repair_
+
+    model = tiny_model("qwen2_moe")
+    compress_(model, method_config(name), CALIBRATION)
+    layout = get_layout(model)
+    d = layout.d_model
+    w = next(w for w in layout.writers(LAYER) if w.stacked)
+    experts0 = w.weight.detach().clone()  # [E, d, ff]
+    rec = repair_(model, _direction(d), LAYER, STRONG, method=name)
+    experts1 = w.weight.detach()
+    assert rec.repair is not None
+    assert any(k.startswith(f"{w.name}[") for k in rec.modules), f"{name}: AIRD edited the routed experts"
+    for e in range(experts0.shape[0]):
+        assert not torch.equal(experts0[e], experts1[e]), f"{name}: expert {e} unchanged"
+        if name == "magnitude":
+            assert torch.equal(experts0[e] == 0, experts1[e] == 0), f"{name}: expert {e}'s zeros changed"
+        else:
+            gs = min(128, experts1.shape[2])
+            levels = _max_levels_per_group(experts1[e], gs)
+            assert levels <= 16, f"{name}: expert {e} has {levels} values in a group of {gs}"

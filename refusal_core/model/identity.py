@@ -42,7 +42,7 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
     ``weights_sha256`` (:func:`weights_sha256`) changes when any parameter or
     buffer changes, so an edit in a middle layer (AIRD, one pruned matrix) gives
     a new identity. ``fingerprint`` is the older float64 checksum of three fixed
-    weights (embedding, first ``o_proj``, last ``down_proj``), kept so that
+    weights (embedding, a writer of the first and of the last block), kept so that
     identities recorded before the hash existed still compare. ``dtype`` is
     the embedding's dtype (``"float32"``, ``"bfloat16"``, ...), ``device`` is
     :func:`~refusal_core.model.inputs.device_label`, so every artifact records where and how it was computed.
