@@ -441,6 +441,21 @@ def test_an_unknown_method_is_one_clear_error(call: str) -> None:
         fn(["wandaa"] if call == "check_methods_available" else "wandaa")
 
 
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [
+        ("awq", "unknown compression method 'awq'"),
+        ("awq-w4@0.5", "takes no @SPARSITY"),
+        ("wanda@x", "not a number"),
+    ],
+)
+def test_check_methods_available_refuses_labels_and_bad_suffixes(name: str, match: str) -> None:
+    from refusal_core.compression import check_methods_available
+
+    with pytest.raises(InvalidArgumentError, match=match):
+        check_methods_available([name])
+
+
 def test_registering_a_name_twice_is_refused() -> None:
     @dataclass(frozen=True)
     class AnotherWanda(CompressionConfig):

@@ -332,7 +332,8 @@ def spec_of_recorded_method(method: object) -> MethodSpec | None:
 
 
 def check_methods_available(names: Iterable[str]) -> None:
-    """Refuse, before any work, a method name that is unknown or whose optional extra does not import.
+    """Refuse, before any work, a method name that is unknown (record labels such as ``"awq"`` are not
+    method names), has a bad ``@SPARSITY`` suffix, or whose optional extra does not import.
 
     Raises one :class:`InvalidArgumentError` naming every unavailable method
     and what to install.
@@ -341,7 +342,8 @@ def check_methods_available(names: Iterable[str]) -> None:
         names = [names]
     missing: dict[str, list[str]] = {}
     for name in names:
-        spec = method_spec(name)  # unknown names raise here, listing the valid ones
+        named_config(name)  # an unknown name or a bad @SPARSITY suffix raises here, listing the valid ones
+        spec = method_spec(name)
         if not spec.available():
             missing.setdefault(spec.extra or spec.label, []).append(name)
     if missing:
