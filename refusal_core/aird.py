@@ -275,7 +275,10 @@ class AirdRecord:
 
     ``modules`` maps ``"o_proj"`` and ``"down_proj"`` to their records; ``gain``
     is ``1 + α‖r‖²`` (``1 + α`` when normalized) and ``update_norm`` the
-    Frobenius norm ``‖W' − W‖_F`` actually applied (float64).
+    Frobenius norm ``‖W' − W‖_F`` actually applied (float64). ``repair`` is
+    filled by :func:`~refusal_core.repair.repair_`: how the edit was brought back
+    into the model's storage (rule, format, sparsity lost, re-quantization and
+    its representability check); None for a bare :func:`apply_aird_`.
     """
 
     layer: int
@@ -283,6 +286,7 @@ class AirdRecord:
     direction_norm: float
     modules: dict[str, AirdModuleRecord]
     model: dict[str, Any] = field(default_factory=dict)
+    repair: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The saved JSON object (see :mod:`refusal_core.records`; the model identity is ``model``)."""
@@ -311,6 +315,7 @@ class AirdRecord:
                 direction_norm=float(doc["direction_norm"]),
                 modules=modules,
                 model=dict(doc.get("model", {})),
+                repair=dict(doc["repair"]) if doc.get("repair") is not None else None,
             )
         except ArtifactError:
             raise

@@ -13,14 +13,15 @@ How each kind of model is stored (``format`` in the record):
 format                      written as
 ==========================  ====================================================================
 ``dense``                   plain float weights (base, pruned: zeros included, AIRD-edited, ...)
-``dequantized-simulation``  the reference simulations (``Int8LinearSim``, AWQ fake quantization):
+``dequantized-simulation``  the simulations (``Int8LinearSim``, AWQ fake quantization; the method table's
+                            ``storage`` names them, :func:`~refusal_core.compression.method_spec`):
                             their exact dequantized float weights in plain ``nn.Linear`` weights;
                             ``simulated_method`` names the scheme. Plain transformers computes
                             with those weights only: LLM.int8's activation quantization is not
                             in the file, :func:`~refusal_core.model.load_model` re-applies it
 ``bitsandbytes-int8``,      transformers' own bitsandbytes serialization (int8 weights + scales,
 ``bitsandbytes-nf4``        packed 4-bit + quant state; ``quantization_config`` in config.json);
-                            transformers reloads it on CPU and CUDA
+                            transformers reloads it on CPU and CUDA, and a model it loaded saves again
 ==========================  ====================================================================
 
 The directory is built in a temporary sibling and renamed into place, so a
@@ -76,10 +77,6 @@ CHECKPOINT_KIND = "refusal_core.checkpoint"
 CHECKPOINT_VERSION = RECORD_KINDS[CHECKPOINT_KIND].version
 #: The storage formats (see the module docstring).
 CHECKPOINT_FORMATS = ("dense", "bitsandbytes-int8", "bitsandbytes-nf4", "dequantized-simulation")
-
-# Methods whose result is a simulation stored as dequantized floats although its modules are plain
-# nn.Linear (AWQ's fake quantization leaves float weights on the quantization grid).
-_SIMULATION_PREFIXES = ("awq",)
 
 
 def _package_versions(fmt: str) -> dict[str, str]:
@@ -144,6 +141,14 @@ def _module_kinds(model: nn.Module) -> dict[str, list[str]]:
     return kinds
 
 
+def _recorded_storage(method: object) -> str | None:
+    """The storage format the method table gives the compression a recorded ``method`` names."""
+    from refusal_core.compression._registry import spec_of_recorded_method
+
+    spec = spec_of_recorded_method(method)
+    return None if spec is None else spec.storage
+
+
 def _infer_format(kinds: Mapping[str, list[str]], method: object, declared: object) -> str:
     present = [k for k, names in kinds.items() if names]
     if len(present) > 1:
@@ -154,7 +159,9 @@ def _infer_format(kinds: Mapping[str, list[str]], method: object, declared: obje
         fmt = "bitsandbytes-int8"
     elif present == ["bnb-4bit"]:
         fmt = "bitsandbytes-nf4"
-    elif present == ["int8-sim"] or (isinstance(method, str) and method.startswith(_SIMULATION_PREFIXES)):
+    elif present == ["int8-sim"] or _recorded_storage(method) == "dequantized-simulation":
+        # AWQ's fake quantization (reference or llmcompressor) leaves float weights on the grid:
+        # the method table, not the module types, says that they are a simulation.
         fmt = "dequantized-simulation"
     else:
         fmt = "dense"
@@ -277,6 +284,37 @@ def _dequantized_simulations(model: nn.Module, names: list[str]) -> Iterator[dic
             setattr(model.get_submodule(parent_name), attr, sim)
 
 
+@contextmanager
+def _without_quantizer_load_conversions(model: nn.Module) -> Iterator[None]:
+    """While saving, hide the load-time weight conversions of transformers' bitsandbytes quantizer.
+
+    A model loaded from a bitsandbytes checkpoint keeps the converters that built
+    its modules from the saved int8 codes / 4-bit blocks and their scales; they
+    have no reverse (``save_pretrained`` raises NotImplementedError), and none is
+    needed: the bitsandbytes modules write their own state (codes, scales, quant
+    state) into the state dict, the layout transformers loads. Other conversions stay.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    qc: Any = getattr(quantizer, "quantization_config", None)
+    qm = getattr(qc, "quant_method", None)
+    conversions = getattr(model, "_weight_conversions", None)
+    if quantizer is None or str(getattr(qm, "value", qm)) != "bitsandbytes" or not conversions:
+        yield
+        return
+    kept = []
+    for conversion in conversions:
+        try:
+            conversion.reverse_transform()
+        except NotImplementedError:
+            continue  # a quantizer load step (see above)
+        kept.append(conversion)
+    model._weight_conversions = kept  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        model._weight_conversions = conversions
+
+
 # ----------------------------------------------------------------------------
 # the target directory
 # ----------------------------------------------------------------------------
@@ -394,7 +432,8 @@ def save_checkpoint(
             try:
                 if quantization_config is not None:
                     config.quantization_config = quantization_config
-                layout.model.save_pretrained(str(tmp))
+                with _without_quantizer_load_conversions(layout.model):
+                    layout.model.save_pretrained(str(tmp))
             finally:
                 if quantization_config is not None:
                     if had_qc:

@@ -348,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="use a direction extracted from a model that is neither this one nor the base its "
         "checkpoint record names (refused by default)",
     )
+    a.add_argument(
+        "--dense",
+        action="store_true",
+        help="on a pruned model: the paper's dense edit (its zeros at the edited layer are lost, and the "
+        "command says how many); by default the edit keeps the zero pattern",
+    )
     cc.add_config_options(a, _aird_options(), title="AIRD settings (AirdConfig)")
     a.add_argument("--out", required=True, help="checkpoint directory to write")
 
@@ -483,9 +489,9 @@ def _precheck_load_args(args: argparse.Namespace) -> None:
     if judge.startswith("classifier:") and not Path(judge.partition(":")[2]).is_dir():
         raise InvalidArgumentError(f"--judge {judge!r}: {judge.partition(':')[2]!r} is not a model directory")
     if getattr(args, "method", None):
-        from refusal_core.compression import method_config
+        from refusal_core.compression import check_methods_available
 
-        method_config(args.method)  # raises, listing the valid names
+        check_methods_available([args.method])  # unknown (listing the valid names) or extra not installed
 
 
 @contextlib.contextmanager
@@ -828,10 +834,24 @@ def _cmd_compare(args: argparse.Namespace, ours: list[Path]) -> int:
     return 0
 
 
+#: How each repair rule (refusal_core.repair) reaches the saved weights, in words.
+_REPAIR_PATHS = {
+    "float": "dense float",
+    "dense-edit": "dense float (zeros lost)",
+    "keep-zeros": "sparsity-preserving",
+    "module-scheme": "dequantize, edit, re-quantize",
+    "weight-groups": "edit, round onto the group grid",
+}
+
+
 def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
-    from refusal_core.aird import AirdConfig, apply_aird_
+    from refusal_core.aird import AirdConfig
+    from refusal_core.compression import config_from_dict
+    from refusal_core.compression._registry import spec_of_recorded_method
     from refusal_core.directions import DirectionCandidates, check_direction_origin
-    from refusal_core.errors import UnsupportedModuleError
+    from refusal_core.errors import ForeignDirectionError
+    from refusal_core.model import model_identity
+    from refusal_core.repair import plan_repair, repair_
     from refusal_core.selection import SelectionResult
 
     # The direction and the settings first: a bad one fails before the model is loaded.
@@ -841,48 +861,73 @@ def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
     layer, pi = sel.source
     r = cands.directions[layer, pi]
     _check_checkpoint_target(args.out)
-    from refusal_core.model import model_identity
+    source_record = _checkpoint_record(args.model)
+    # The compression this model carries: --method (applied here), else the one its record names.
+    recorded = source_record.get("method") if source_record else None
+    spec = spec_of_recorded_method(args.method or recorded)
+    method = args.method or (str(recorded).partition("+")[0] if spec is not None else None)
+    if args.dense and (spec is None or not spec.prunes):
+        raise InvalidArgumentError(
+            f"--dense is the paper's dense edit of a pruned model; {args.model!r} is not one"
+        )
 
     model, tok = _load(args)
     refusal_ids = _refusal_ids(args.model, tok)
     base = _base_identity(args.model, model_identity(model))
-    source_record = _checkpoint_record(args.model)
     # The direction must come from this model or from the base its checkpoint record names
     # (AIRD's recipe: the base's direction on the compressed model); else only with the override.
-    check_direction_origin(
-        cands.model, model, model_record={"base_identity": base}, allow_foreign=args.allow_foreign_direction
-    )
-    compression = _compress_in_memory_(model, tok, args) if args.method else None
+    # A directory without a record names no base: it is not its own base.
     try:
-        rec = apply_aird_(model, r.to(next(model.parameters()).dtype), layer, cfg)
-        aird: dict[str, Any] = {**rec.to_dict(), "path": "dense float"}
-    except UnsupportedModuleError:
-        # Quantized linears (e.g. --method llm-int8): dequantize the two modules, edit, re-quantize.
-        from refusal_core.quantized_edit import apply_aird_quantized_
-
-        qrec = apply_aird_quantized_(model, r, layer, cfg, requantize=True)
-        if qrec.aird is None:  # pragma: no cover - apply_aird_quantized_ always records the edit
-            raise RefusalCoreError("the quantized AIRD edit returned no record") from None
-        aird = {
-            **qrec.aird.to_dict(),
-            "path": "dequantize, edit, re-quantize",
-            "quantized_edit": qrec.to_dict(),
-        }
+        check_direction_origin(
+            cands.model,
+            model,
+            model_record={"base_identity": base} if source_record is not None else None,
+            allow_foreign=args.allow_foreign_direction,
+        )
+    except ForeignDirectionError as exc:
+        raise ForeignDirectionError(f"{exc} (command line: --allow-foreign-direction)") from None
+    compression = None
+    if method is not None and not args.method and source_record is not None:
+        stored = ((source_record.get("settings") or {}).get("compression") or {}).get("config")
+        compression = config_from_dict(stored) if isinstance(stored, dict) else None
+    # Every refusal (a storage that cannot be written again, a model that is not its method's) comes
+    # from the plan, before any work: on the loaded model, and again after --method compressed it.
+    plan = plan_repair(
+        model,
+        layer,
+        method=None if args.method else method,
+        dense=args.dense and not args.method,
+        compression=compression,
+    )
+    record_compression = _compress_in_memory_(model, tok, args) if args.method else None
+    if args.method:
+        plan = plan_repair(model, layer, method=method, dense=args.dense)
+    rec = repair_(model, r, layer, cfg, method=method, dense=args.dense, compression=compression)
+    aird: dict[str, Any] = {**rec.to_dict(), "path": _REPAIR_PATHS[plan.rule]}
     record: dict[str, Any] = {
         "operation": "aird",
-        "method": f"{args.method}+aird" if args.method else "aird",
+        "method": f"{method}+aird" if method else "aird",
         "aird": aird,
         "direction": str(Path(args.direction).absolute()),
         "source": [layer, sel.positions[pi]],
         "source_model": args.model,
         "refusal_token_ids": refusal_ids,
     }
-    if compression is not None:
-        record["compression"] = compression.to_dict()
-    if source_record is not None and source_record.get("format") == "dequantized-simulation":
-        record["format"] = "dequantized-simulation"  # AIRD on a simulated model's float weights
+    if record_compression is not None:
+        record["compression"] = record_compression.to_dict()
+    elif source_record is not None and (source_record.get("settings") or {}).get("compression"):
+        record["compression"] = source_record["settings"]["compression"]
+    if plan.storage == "dequantized-simulation":
+        record["format"] = "dequantized-simulation"  # float weights that are a simulation's grid
     out = _save_checkpoint(model, tok, Path(args.out), record=record, base_identity=base)
-    _print({**{k: v for k, v in aird.items() if k != "quantized_edit"}, "out": str(out)})
+    lost = {k: v for k, v in (rec.repair or {}).get("sparsity_lost", {}).items() if v > 0}
+    if lost:
+        print(
+            "refusal-core aird: --dense edit: sparsity lost "
+            + ", ".join(f"{k}[{layer}] {v:.1%}" for k, v in lost.items()),
+            file=sys.stderr,
+        )
+    _print({k: aird[k] for k in ("layer", "modules", "repair", "path")} | {"out": str(out)})
     return 0
 
 

@@ -163,6 +163,9 @@ def _same_architecture(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 def _same_weights(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    ha, hb = a.get("weights_sha256"), b.get("weights_sha256")
+    if isinstance(ha, str) and isinstance(hb, str) and ha != hb:
+        return False  # the hash covers every weight; identities recorded before it have only the sums
     fa, fb = a.get("fingerprint"), b.get("fingerprint")
     if not (isinstance(fa, list) and isinstance(fb, list)) or len(fa) != len(fb) or not fa:
         return False

@@ -70,6 +70,7 @@ __all__ = [
     "QuantizedModuleEdit",
     "apply_aird_quantized_",
     "dequantize_module",
+    "edit_outcome",
     "orthogonalize_model_quantized_",
     "quantization_scheme",
 ]
@@ -283,6 +284,16 @@ def _outcome(
 ) -> QuantizedModuleEdit:
     before = target.weight
     assert before is not None
+    return edit_outcome(target.scheme, before, edited, kept, requantized=requantized)
+
+
+def edit_outcome(
+    scheme: str, before: torch.Tensor, edited: torch.Tensor, kept: torch.Tensor, *, requantized: bool
+) -> QuantizedModuleEdit:
+    """What re-quantizing (or casting) an edit of ``before`` into ``edited`` kept, as ``kept`` holds it.
+
+    See :class:`QuantizedModuleEdit` for the measures (float64).
+    """
     w0, w1, wk = (t.detach().to(torch.float64) for t in (before, edited, kept))
     delta, delta_kept = w1 - w0, wk - w0
     dd = float((delta * delta).sum())
@@ -290,7 +301,7 @@ def _outcome(
     n1 = float(torch.linalg.matrix_norm(w1))
     err = float(torch.linalg.matrix_norm(wk - w1)) / n1 if n1 > 0 else 0.0
     return QuantizedModuleEdit(
-        scheme=target.scheme,
+        scheme=scheme,
         requantized=requantized,
         dtype=str(kept.dtype).removeprefix("torch."),
         update_retained=retained,

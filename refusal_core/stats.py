@@ -297,7 +297,7 @@ def _mcnemar_rejection(d: int, level: float) -> np.ndarray:
 
 
 def mcnemar_power(n: int, p_up: float, p_down: float, level: float = SIGNIFICANCE) -> float:
-    """Power of :func:`mcnemar` on ``n`` pairs when a pair moves up with probability ``p_up``, down ``p_down``.
+    """Power of :func:`mcnemar` on ``n`` pairs when pairs move up with probability ``p_up``, down ``p_down``.
 
     Exact: the number of discordant pairs ``D`` is Binomial(n, p_up + p_down) and, given ``D``, the up-moves
     are Binomial(D, p_up / (p_up + p_down)); the power is the probability that the test rejects.
@@ -337,7 +337,7 @@ def mcnemar_power(n: int, p_up: float, p_down: float, level: float = SIGNIFICANC
 def minimum_detectable_change(
     n: int, p_down: float = 0.0, level: float = SIGNIFICANCE, power: float = 0.8
 ) -> float | None:
-    """Smallest rate increase ``p_up − p_down`` that :func:`mcnemar` detects with the given power on ``n`` pairs.
+    """Smallest rise ``p_up − p_down`` that :func:`mcnemar` detects with the given power on ``n`` pairs.
 
     ``p_down`` is the rate of pairs moving the other way (use the observed reverse discordance, ``b / n`` of a
     :class:`PairedTest` read as before → after). A null result on ``n`` prompts says only that no change of at

@@ -484,3 +484,20 @@ def test_nf4_with_cpu_packing_round_trips(tmp_path: Path) -> None:
     # reload is held to the nf4 tolerance, not bit equality (measured max 2.9e-3 here).
     err = rel(logits_of(loaded, TOK), want)
     assert err < NF4_PLAIN_REL_TOL, f"nf4 (CPU packing) logits changed by relative {err:.3g}"
+
+
+def test_llmc_awq_checkpoint_is_recorded_as_a_simulation(tmp_path: Path) -> None:
+    from refusal_core.testing.tiny import tiny_tokenizer
+
+    model = tiny_model("llama")
+    out = save_checkpoint(
+        model,
+        tiny_tokenizer(),
+        tmp_path / "ck",
+        record={"method": "llmc-awq-w4", "identity_before": model_identity(model)},
+    )
+    doc = read_checkpoint_record(out)
+    assert doc is not None, "save_checkpoint wrote a record"
+    assert doc["format"] == "dequantized-simulation", (
+        f"an llmc-awq-w4 checkpoint holds fake-quantized floats, recorded as {doc['format']!r}"
+    )

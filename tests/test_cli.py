@@ -490,9 +490,12 @@ def test_chain_compress_aird_evaluate_and_compress_extract(
     r = DirectionCandidates.load(Path(d) / "candidates").directions[layer, pi].double()
     w0 = pruned.model.layers[layer].self_attn.o_proj.weight.double()
     w1 = repaired.model.layers[layer].self_attn.o_proj.weight.double()
-    expected = w0 + 0.5 * torch.outer(r, r @ w0)  # W' = W + α r rᵀ W, written out here
+    # W' = W + α r rᵀ W on the pruned W's nonzero entries (a pruned model keeps its zeros), written out here
+    expected = w0 + 0.5 * torch.outer(r, r @ w0) * (w0 != 0)
     err = float((w1 - expected).norm() / expected.norm())
-    assert err < 1e-5, f"aird on the compressed checkpoint: o_proj differs from W + α r rᵀ W by {err:.2e}"
+    assert err < 1e-5, (
+        f"aird on the pruned checkpoint: o_proj differs from W + α (r rᵀ W) ⊙ mask by {err:.2e}"
+    )
 
     out = _run(["evaluate", "--model", a, "--n-test", "2", "--max-new-tokens", "4", "--out", e], capsys)
     assert '"over_refusal"' in out, "evaluate prints over-refusal"

@@ -25,7 +25,7 @@ from refusal_core.compression import (
     method_config,
     register_method,
 )
-from refusal_core.compression._registry import REGISTRY
+from refusal_core.compression._registry import unregister_method
 from refusal_core.errors import ArtifactError, EmptyInputError, InvalidArgumentError
 from refusal_core.model import get_layout, model_identity
 from refusal_core.testing.tiny import tiny_model
@@ -173,7 +173,14 @@ def test_register_method_dispatches_on_config_type() -> None:
 
     calls: list[str] = []
 
-    @register_method(ZeroFirstRowConfig, "zero-first-row", needs_calibration=False)
+    @register_method(
+        ZeroFirstRowConfig,
+        "zero-first-row",
+        needs_calibration=False,
+        kind="pruning",
+        storage="dense",
+        requantize="keep-zeros",
+    )
     def _apply(
         model: nn.Module, config: ZeroFirstRowConfig, calibration: object, *, batch_size: int, progress: bool
     ) -> dict:
@@ -185,7 +192,7 @@ def test_register_method_dispatches_on_config_type() -> None:
     try:
         record = compress_(tiny_model("llama"), ZeroFirstRowConfig())
     finally:
-        del REGISTRY[ZeroFirstRowConfig]
+        unregister_method(ZeroFirstRowConfig)
     assert calls == ["called"], f"registered method called {len(calls)} times"
     assert record.method == "zero-first-row", f"record.method is {record.method!r}"
     assert record.sparsity > 0, "the registered method's pruning is not reflected in the record"
@@ -284,7 +291,12 @@ def test_quantization_configs_reach_their_own_handler() -> None:
 
 
 def test_missing_calibration_is_refused_by_the_registry_before_the_handler() -> None:
-    from refusal_core.compression._registry import Method
+    from refusal_core.compression._registry import MethodSpec
+
+    def spec(label: str, needs_calibration: bool) -> MethodSpec:
+        return MethodSpec(
+            label, MagnitudeConfig, handler, "pruning", needs_calibration, "dense", "keep-zeros", {}
+        )
 
     calls: list[object] = []
 
@@ -293,11 +305,11 @@ def test_missing_calibration_is_refused_by_the_registry_before_the_handler() -> 
         return {}
 
     with pytest.raises(EmptyInputError, match="needs calibration data"):
-        Method("needs-it", handler, needs_calibration=True).run(
+        spec("needs-it", needs_calibration=True).run(
             tiny_model("llama"), MagnitudeConfig(), None, batch_size=1, progress=False
         )
     assert calls == [], "the handler ran without its calibration data"
-    Method("no-need", handler, needs_calibration=False).run(
+    spec("no-need", needs_calibration=False).run(
         tiny_model("llama"), MagnitudeConfig(), [[1, 2]], batch_size=1, progress=False
     )
     assert calls == [None], f"a method without calibration was handed {calls}"
@@ -317,3 +329,171 @@ def test_backends_do_not_import_the_package_they_register_in() -> None:
                 names = {a.name for a in node.names}
                 submodules = {p.stem for p in root.glob("*.py")}
                 assert names <= submodules, f"{name} imports {sorted(names - submodules)} from the package"
+
+
+# ----------------------------------------------------------------------------
+# the method table: one registration feeds every reader
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _FakeQuantConfig(CompressionConfig):
+    w_bit: int = 8
+
+
+@dataclass(frozen=True)
+class _FakePruneConfig(CompressionConfig):
+    sparsity: float = 0.25
+
+
+@pytest.fixture
+def fake_methods():  # type: ignore[no-untyped-def]
+    """A quantizing and a pruning method registered for one test, each once, then removed."""
+
+    def handler(model, config, calibration, *, batch_size, progress):  # type: ignore[no-untyped-def]
+        return {}
+
+    register_method(
+        _FakeQuantConfig,
+        "fake-quant",
+        needs_calibration=False,
+        kind="simulation",
+        storage="dequantized-simulation",
+        requantize="weight-groups",
+        names={"fake-q8": _FakeQuantConfig(8), "fake-q4": _FakeQuantConfig(4)},
+        bits=lambda c: c.w_bit,
+    )(handler)
+    register_method(
+        _FakePruneConfig,
+        "fake-prune",
+        needs_calibration=False,
+        kind="pruning",
+        storage="dense",
+        requantize="keep-zeros",
+    )(handler)
+    yield
+    unregister_method(_FakeQuantConfig)
+    unregister_method(_FakePruneConfig)
+
+
+@pytest.mark.usefixtures("fake_methods")
+def test_one_registration_feeds_names_records_study_checkpoint_and_gpu_tier() -> None:
+    from refusal_core.checkpoint import _infer_format
+    from refusal_core.compression import method_spec
+    from refusal_core.study.run import _is_pruning
+    from refusal_core.testing.gpu_tier import quantized_8bit_methods
+
+    assert METHODS["fake-q4"] == _FakeQuantConfig(4), "the CLI names come from the registration"
+    assert method_config("fake-prune@0.5") == _FakePruneConfig(0.5), "@SPARSITY works on a new pruner"
+    assert config_from_dict(config_to_dict(_FakeQuantConfig(4))) == _FakeQuantConfig(4), (
+        "records read the new config class back by name"
+    )
+    assert _is_pruning("fake-prune"), "the study reads the kind (pruning)"
+    assert not _is_pruning("fake-q8"), "the study reads the kind (simulation)"
+    no_modules: dict[str, list[str]] = {"bnb-int8": [], "bnb-4bit": [], "int8-sim": []}
+    assert _infer_format(no_modules, "fake-q4+aird", None) == "dequantized-simulation", (
+        "the checkpoint writer reads the storage of a float simulation from the table"
+    )
+    assert _infer_format(no_modules, "fake-prune", None) == "dense"
+    assert "fake-q8" in quantized_8bit_methods(), "the GPU tier's 8-bit quantizers come from the table"
+    assert "fake-q4" not in quantized_8bit_methods(), "the GPU tier reads the bits of each name"
+    assert method_spec("fake-q4").requantize == "weight-groups"
+
+
+def test_every_registered_method_states_its_whole_spec() -> None:
+    from refusal_core.compression import method_spec
+    from refusal_core.compression._registry import KINDS, REQUANTIZE_RULES, STORAGE_FORMATS
+
+    expected_storage = {
+        "magnitude": "dense",
+        "wanda": "dense",
+        "wanda-2:4": "dense",
+        "llm-int8": "dequantized-simulation",
+        "awq-w8": "dequantized-simulation",
+        "awq-w4": "dequantized-simulation",
+        "bnb-int8": "bitsandbytes-int8",
+        "bnb-nf4": "bitsandbytes-nf4",
+        "llmc-wanda": "dense",
+        "sparsegpt-2:4": "dense",
+        "llmc-awq-w4": "dequantized-simulation",  # was recorded as dense by a name-prefix guess
+        "llmc-awq-w8": "dequantized-simulation",
+    }
+    for name, storage in expected_storage.items():
+        assert method_spec(name).storage == storage, f"{name}: checkpoints stored as {storage}"
+    for name in METHODS:
+        spec = method_spec(name)
+        assert spec.kind in KINDS, f"{name}: kind {spec.kind!r}"
+        assert spec.storage in STORAGE_FORMATS, f"{name}: storage {spec.storage!r}"
+        assert spec.requantize in REQUANTIZE_RULES, f"{name}: requantize {spec.requantize!r}"
+        assert spec.prunes == (spec.requantize == "keep-zeros"), (
+            f"{name}: pruners keep zeros, others re-round"
+        )
+
+
+@pytest.mark.parametrize("call", ["method_spec", "method_config", "check_methods_available"])
+def test_an_unknown_method_is_one_clear_error(call: str) -> None:
+    import refusal_core.compression as compression
+
+    fn = getattr(compression, call)
+    with pytest.raises(
+        InvalidArgumentError, match=r"unknown compression method 'wandaa'.*valid: magnitude, wanda"
+    ):
+        fn(["wandaa"] if call == "check_methods_available" else "wandaa")
+
+
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [
+        ("awq", "unknown compression method 'awq'"),
+        ("awq-w4@0.5", "takes no @SPARSITY"),
+        ("wanda@x", "not a number"),
+    ],
+)
+def test_check_methods_available_refuses_labels_and_bad_suffixes(name: str, match: str) -> None:
+    from refusal_core.compression import check_methods_available
+
+    with pytest.raises(InvalidArgumentError, match=match):
+        check_methods_available([name])
+
+
+def test_registering_a_name_twice_is_refused() -> None:
+    @dataclass(frozen=True)
+    class AnotherWanda(CompressionConfig):
+        pass
+
+    with pytest.raises(InvalidArgumentError, match="registered already"):
+        register_method(
+            AnotherWanda,
+            "wanda2",
+            needs_calibration=False,
+            kind="pruning",
+            storage="dense",
+            requantize="keep-zeros",
+            names={"wanda": AnotherWanda()},
+        )
+    with pytest.raises(InvalidArgumentError, match="storage"):
+        register_method(
+            AnotherWanda,
+            "x",
+            needs_calibration=False,
+            kind="pruning",
+            storage="gguf",
+            requantize="keep-zeros",
+        )
+
+
+def test_check_methods_available_refuses_a_missing_extra_up_front(monkeypatch: pytest.MonkeyPatch) -> None:
+    from refusal_core.compression import bnb, check_methods_available, llmc
+
+    monkeypatch.setattr(llmc, "llmc_available", lambda: False)
+    monkeypatch.setattr(bnb, "bnb_available", lambda: True)
+    check_methods_available(["magnitude", "awq-w4", "bnb-int8"])  # all present: no error
+    with pytest.raises(InvalidArgumentError) as info:
+        check_methods_available(["magnitude", "llmc-wanda", "sparsegpt-2:4", "bnb-nf4"])
+    msg = str(info.value)
+    assert "llmc-wanda, sparsegpt-2:4 need the 'llmc' extra" in msg, msg
+    assert "pip install" in msg, f"the refusal says what to install: {msg}"
+    assert "bnb" not in msg.split("(")[0], f"bitsandbytes is available; only llmc is missing: {msg}"
+    monkeypatch.setattr(bnb, "bnb_available", lambda: False)
+    with pytest.raises(InvalidArgumentError, match="method bnb-int8 needs the 'bnb' extra"):
+        check_methods_available(["bnb-int8"])

@@ -148,7 +148,7 @@ def test_mcnemar_power_equals_enumeration_of_every_outcome():
     for p_up, p_down in ((0.6, 0.1), (0.3, 0.0), (0.5, 0.5), (0.0, 0.2)):
         want = _exact_power_by_enumeration(6, p_up, p_down)
         got = mcnemar_power(6, p_up, p_down)
-        assert got == pytest.approx(want, abs=1e-12), f"mcnemar_power(6, {p_up}, {p_down}) = {got}, want {want}"
+        assert got == pytest.approx(want, abs=1e-12), f"mcnemar_power(6, {p_up}, {p_down}): {got} != {want}"
 
 
 def test_minimum_detectable_change_reaches_the_power_and_no_smaller_change_does():
@@ -157,7 +157,8 @@ def test_minimum_detectable_change_reaches_the_power_and_no_smaller_change_does(
     for n, down in ((64, 0.0), (64, 0.05), (128, 0.02)):
         mdc = minimum_detectable_change(n, p_down=down)
         assert mdc is not None
-        assert mcnemar_power(n, down + mdc, down) >= 0.8 - 1e-9, f"n={n}, p_down={down}: mdc {mdc} underpowered"
+        power = mcnemar_power(n, down + mdc, down)
+        assert power >= 0.8 - 1e-9, f"n={n}, p_down={down}: mdc {mdc} underpowered ({power})"
         assert mcnemar_power(n, down + mdc - 0.01, down) < 0.8, f"n={n}, p_down={down}: mdc {mdc} not minimal"
     assert minimum_detectable_change(128) < minimum_detectable_change(64), "more prompts must detect less"
     assert minimum_detectable_change(3) is None, "3 pairs can never reach p < 0.05"

@@ -35,7 +35,7 @@ from refusal_core.compression import (
     quantization,
     register_method,
 )
-from refusal_core.compression._registry import REGISTRY
+from refusal_core.compression._registry import unregister_method
 from refusal_core.compression.bnb import quantize_bnb_int8_, quantize_bnb_nf4_
 from refusal_core.compression.pruning import prune_magnitude_, prune_wanda_
 from refusal_core.compression.quantization import quantize_awq_, quantize_llm_int8_
@@ -273,7 +273,14 @@ class _ExplodingConfig(CompressionConfig):
 
 @pytest.fixture
 def exploding_method():
-    @register_method(_ExplodingConfig, "exploding", needs_calibration=False)
+    @register_method(
+        _ExplodingConfig,
+        "exploding",
+        needs_calibration=False,
+        kind="pruning",
+        storage="dense",
+        requantize="keep-zeros",
+    )
     def _apply(model, config, calibration, batch_size, progress):
         layout = get_layout(model)
         attn = layout.attn(0)
@@ -291,7 +298,7 @@ def exploding_method():
         raise RuntimeError("backend failed half-way")
 
     yield
-    del REGISTRY[_ExplodingConfig]
+    unregister_method(_ExplodingConfig)
 
 
 @pytest.mark.usefixtures("exploding_method")

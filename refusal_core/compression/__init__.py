@@ -6,6 +6,12 @@ config's type through a registry, and returns a :class:`CompressionRecord`
 rounding error, model identity before and after) that saves to and loads
 from JSON. :data:`METHODS` maps the CLI names to default configs.
 
+Each method is listed once, where its handler is registered
+(:func:`~refusal_core.compression._registry.register_method`), with its kind,
+calibration needs, optional extra, checkpoint storage and repair rule;
+:func:`method_spec` reads that entry for a name (``"wanda@0.6"`` included) and
+:func:`check_methods_available` refuses unknown or uninstalled methods up front.
+
 ============  ===================  ==============================================
 name          config               operation
 ============  ===================  ==============================================
@@ -28,11 +34,9 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -42,9 +46,20 @@ from refusal_core.artifacts import load_artifact, save_artifact
 
 # bnb and llmc register their methods on import (their libraries are imported only when one runs);
 # like every handler they register through _registry, so importing them needs nothing from here.
-from refusal_core.compression import bnb, gguf, llmc
+from refusal_core.compression import bnb, llmc  # noqa: F401
 from refusal_core.compression._common import block_linears, effective_weight, model_sparsity
-from refusal_core.compression._registry import REGISTRY, method_for, register_method, required_calibration
+from refusal_core.compression._registry import (
+    METHODS,
+    REGISTRY,
+    MethodSpec,
+    check_methods_available,
+    method_for,
+    method_spec,
+    method_specs,
+    named_config,
+    register_method,
+    required_calibration,
+)
 from refusal_core.compression._transaction import check_model_finite, check_tensors_finite, model_transaction
 from refusal_core.compression.calibration import Calibration, CalibrationBatch, prepare_calibration
 from refusal_core.compression.config import (
@@ -65,7 +80,7 @@ from refusal_core.compression.quantization import (
     quantize_awq_,
     quantize_llm_int8_,
 )
-from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError
+from refusal_core.errors import ArtifactError, NonFiniteError
 from refusal_core.model import get_layout, model_identity
 
 __all__ = [
@@ -79,13 +94,17 @@ __all__ = [
     "Int8Config",
     "Int8LinearSim",
     "MagnitudeConfig",
+    "MethodSpec",
     "WandaConfig",
     "apply_awq_scale_",
     "awq_scale_groups",
+    "check_methods_available",
     "compress_",
     "config_from_dict",
     "config_to_dict",
     "method_config",
+    "method_spec",
+    "method_specs",
     "model_sparsity_of",
     "prepare_calibration",
     "prune_magnitude_",
@@ -96,19 +115,6 @@ __all__ = [
 ]
 
 
-#: CLI name → default config; METHODS is its read-only view (backend modules below add their names).
-_METHOD_NAMES: dict[str, CompressionConfig] = {
-    "magnitude": MagnitudeConfig(),
-    "wanda": WandaConfig(),
-    "wanda-2:4": WandaConfig(n_m=(2, 4)),
-    "wanda-4:8": WandaConfig(n_m=(4, 8)),
-    "llm-int8": Int8Config(),
-    "awq-w8": AwqConfig(w_bit=8),
-    "awq-w4": AwqConfig(w_bit=4),
-}
-METHODS: Mapping[str, CompressionConfig] = MappingProxyType(_METHOD_NAMES)
-
-
 def method_config(name: str) -> CompressionConfig:
     """The config of a :data:`METHODS` name, optionally with ``@SPARSITY`` for pruning methods.
 
@@ -116,24 +122,7 @@ def method_config(name: str) -> CompressionConfig:
     magnitude pruning at 30 %. An unknown name, a suffix on a method without a
     ``sparsity`` field, or a sparsity outside [0, 1) raises, listing the valid names.
     """
-    if not isinstance(name, str):
-        raise InvalidArgumentError(f"compression method must be a str, got {type(name).__name__}")
-    base, _, level = name.partition("@")
-    config = METHODS.get(base)
-    if config is None:
-        raise InvalidArgumentError(
-            f"unknown compression method {name!r}; valid: {', '.join(METHODS)} "
-            "(pruning methods also take @SPARSITY, e.g. wanda@0.6)"
-        )
-    if not level:
-        return config
-    if not hasattr(config, "sparsity") or getattr(config, "n_m", None) is not None:
-        raise InvalidArgumentError(f"method {base!r} takes no @SPARSITY suffix (in {name!r})")
-    try:
-        sparsity = float(level)
-    except ValueError:
-        raise InvalidArgumentError(f"sparsity suffix of {name!r} is not a number") from None
-    return dataclasses.replace(config, sparsity=sparsity)  # type: ignore[call-arg]
+    return named_config(name)
 
 
 # ----------------------------------------------------------------------------
@@ -141,7 +130,14 @@ def method_config(name: str) -> CompressionConfig:
 # ----------------------------------------------------------------------------
 
 
-@register_method(MagnitudeConfig, "magnitude", needs_calibration=False)
+@register_method(
+    MagnitudeConfig,
+    "magnitude",
+    needs_calibration=False,
+    kind="pruning",
+    storage="dense",
+    requantize="keep-zeros",
+)
 def _magnitude(
     model: nn.Module,
     config: MagnitudeConfig,
@@ -154,7 +150,19 @@ def _magnitude(
     return {}
 
 
-@register_method(WandaConfig, "wanda", needs_calibration=True)
+@register_method(
+    WandaConfig,
+    "wanda",
+    needs_calibration=True,
+    kind="pruning",
+    storage="dense",
+    requantize="keep-zeros",
+    names={
+        "wanda": WandaConfig(),
+        "wanda-2:4": WandaConfig(n_m=(2, 4)),
+        "wanda-4:8": WandaConfig(n_m=(4, 8)),
+    },
+)
 def _wanda(
     model: nn.Module, config: WandaConfig, calibration: Calibration | None, *, batch_size: int, progress: bool
 ) -> dict[str, float]:
@@ -163,14 +171,32 @@ def _wanda(
     return {}
 
 
-@register_method(Int8Config, "llm-int8", needs_calibration=False)
+@register_method(
+    Int8Config,
+    "llm-int8",
+    needs_calibration=False,
+    kind="simulation",
+    storage="dequantized-simulation",
+    requantize="module-scheme",
+    bits=8,
+)
 def _int8(
     model: nn.Module, config: Int8Config, calibration: Calibration | None, *, batch_size: int, progress: bool
 ) -> dict[str, float]:
     return quantize_llm_int8_(model, config.threshold)
 
 
-@register_method(AwqConfig, "awq", needs_calibration=True)
+@register_method(
+    AwqConfig,
+    "awq",
+    needs_calibration=True,
+    kind="simulation",
+    storage="dequantized-simulation",
+    requantize="weight-groups",
+    # awq-w8 / awq-w4 are the paper's; w6, w5, w3 are the frontier's bit widths between and below them.
+    names={f"awq-w{b}": AwqConfig(w_bit=b) for b in (8, 4, 6, 5, 3)},
+    bits=lambda c: c.w_bit,
+)
 def _awq(
     model: nn.Module, config: AwqConfig, calibration: Calibration | None, *, batch_size: int, progress: bool
 ) -> dict[str, float]:
@@ -336,9 +362,5 @@ def _check_result_finite(model: nn.Module, operation: str) -> None:
             )
 
 
-_METHOD_NAMES["bnb-int8"] = bnb.BnbInt8Config()
-_METHOD_NAMES["bnb-nf4"] = bnb.BnbNf4Config()
-_METHOD_NAMES.update(llmc.LLMC_METHODS)
-_METHOD_NAMES.update(gguf.GGUF_METHODS)
-# The frontier's AWQ bit widths between the paper's 8 and 4 (AwqConfig takes 2..8).
-_METHOD_NAMES.update({f"awq-w{b}": AwqConfig(w_bit=b) for b in (6, 5, 3)})
+# llama.cpp's block types register after the paper's reference methods, so those stay first in METHODS.
+from refusal_core.compression import gguf  # noqa: E402, F401

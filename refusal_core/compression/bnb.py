@@ -56,7 +56,6 @@ from refusal_core.compression._registry import register_method
 from refusal_core.compression._transaction import transactional
 from refusal_core.compression.calibration import Calibration
 from refusal_core.compression.config import (
-    CONFIG_TYPES,
     CompressionConfig,
     check_positive_int,
     check_threshold,
@@ -149,11 +148,6 @@ class BnbNf4Config(CompressionConfig):
     def torch_compute_dtype(self) -> torch.dtype | None:
         """``compute_dtype`` as a ``torch.dtype`` (None stays None)."""
         return None if self.compute_dtype is None else _COMPUTE_DTYPES[self.compute_dtype]
-
-
-# CompressionRecord.load finds config classes by name in this table.
-CONFIG_TYPES.setdefault(BnbInt8Config.__name__, BnbInt8Config)
-CONFIG_TYPES.setdefault(BnbNf4Config.__name__, BnbNf4Config)
 
 
 # ----------------------------------------------------------------------------
@@ -333,7 +327,18 @@ def apply_bnb_nf4_(model: nn.Module, config: BnbNf4Config) -> dict[str, float]:
     return errors
 
 
-@register_method(BnbInt8Config, "bnb-int8", needs_calibration=False)
+@register_method(
+    BnbInt8Config,
+    "bnb-int8",
+    needs_calibration=False,
+    kind="quantization",
+    storage="bitsandbytes-int8",
+    requantize="module-scheme",
+    extra="bnb",
+    available=lambda: bnb_available(),  # late-bound: a test may monkeypatch it
+    install_hint=BNB_EXTRA_HINT,
+    bits=8,
+)
 def _bnb_int8(
     model: nn.Module,
     config: BnbInt8Config,
@@ -345,7 +350,18 @@ def _bnb_int8(
     return quantize_bnb_int8_(model, config.threshold)
 
 
-@register_method(BnbNf4Config, "bnb-nf4", needs_calibration=False)
+@register_method(
+    BnbNf4Config,
+    "bnb-nf4",
+    needs_calibration=False,
+    kind="quantization",
+    storage="bitsandbytes-nf4",
+    requantize="module-scheme",
+    extra="bnb",
+    available=lambda: bnb_available(),  # late-bound: a test may monkeypatch it
+    install_hint=BNB_EXTRA_HINT,
+    bits=4,
+)
 def _bnb_nf4(
     model: nn.Module,
     config: BnbNf4Config,

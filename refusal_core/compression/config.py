@@ -157,10 +157,9 @@ class AwqConfig(CompressionConfig):
             raise InvalidArgumentError(f"objective must be one of {AWQ_OBJECTIVES}, got {self.objective!r}")
 
 
-#: Config classes by name, for reading records back.
-CONFIG_TYPES: dict[str, type[CompressionConfig]] = {
-    cls.__name__: cls for cls in (MagnitudeConfig, WandaConfig, Int8Config, AwqConfig)
-}
+#: Config classes by name, for reading records back. Filled by
+#: :func:`~refusal_core.compression._registry.register_method` (the one place a method is listed).
+CONFIG_TYPES: dict[str, type[CompressionConfig]] = {}
 
 
 def config_to_dict(config: CompressionConfig) -> dict[str, Any]:

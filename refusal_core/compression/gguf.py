@@ -62,7 +62,7 @@ from torch import nn
 from refusal_core.compression._common import block_linears, relative_error, require_float_linears
 from refusal_core.compression._registry import register_method
 from refusal_core.compression.calibration import Calibration
-from refusal_core.compression.config import CONFIG_TYPES, CompressionConfig
+from refusal_core.compression.config import CompressionConfig
 from refusal_core.errors import (
     InvalidArgumentError,
     ShapeMismatchError,
@@ -108,9 +108,6 @@ class GgufConfig(CompressionConfig):
         """What is quantized to which type, and what llama.cpp would do with every other tensor."""
         return gguf_plan(model, self.qtype)
 
-
-# CompressionRecord.load finds config classes by name in this table.
-CONFIG_TYPES.setdefault(GgufConfig.__name__, GgufConfig)
 
 #: CLI name → config.
 GGUF_METHODS: Mapping[str, CompressionConfig] = MappingProxyType(
@@ -255,7 +252,21 @@ def quantize_gguf_(model: nn.Module, qtype: str) -> dict[str, float]:
     return errors
 
 
-@register_method(GgufConfig, "gguf", needs_calibration=False)
+#: bits per stored weight of each type (a block of 32 holds at most 2^bits distinct values).
+GGUF_BITS: Mapping[str, int] = MappingProxyType({"Q8_0": 8, "Q5_0": 5, "Q5_1": 5, "Q4_0": 4, "Q4_1": 4})
+
+
+@register_method(
+    GgufConfig,
+    "gguf",
+    needs_calibration=False,
+    kind="simulation",
+    # the exact dequantized weights a llama.cpp file of that type computes with
+    storage="dequantized-simulation",
+    requantize="gguf-blocks",
+    names={f"gguf-{t.lower()}": GgufConfig(t) for t in GGUF_TYPES},
+    bits=lambda c: GGUF_BITS[c.qtype],
+)
 def _gguf_handler(
     model: nn.Module, config: GgufConfig, calibration: Calibration | None, *, batch_size: int, progress: bool
 ) -> dict[str, float]:

@@ -83,10 +83,9 @@ import torch
 from torch import nn
 
 from refusal_core.compression._common import BlockLinear, relative_error, require_float_linears
-from refusal_core.compression._registry import register_method, required_calibration
+from refusal_core.compression._registry import method_specs, register_method, required_calibration
 from refusal_core.compression.calibration import Calibration, prepare_calibration
 from refusal_core.compression.config import (
-    CONFIG_TYPES,
     CompressionConfig,
     check_n_m,
     check_positive_int,
@@ -229,26 +228,6 @@ class LlmcGptqConfig(CompressionConfig):
         d = self.dampening_frac
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not float(d) >= 0.0 or math.isinf(d):
             raise InvalidArgumentError(f"dampening_frac must be a finite number >= 0, got {d!r}")
-
-
-# CompressionRecord.load finds config classes by name in this table.
-for _cls in (LlmcWandaConfig, LlmcSparseGptConfig, LlmcAwqConfig, LlmcGptqConfig):
-    CONFIG_TYPES.setdefault(_cls.__name__, _cls)
-
-#: CLI name → default config of the llmcompressor methods. Read-only.
-LLMC_METHODS: Mapping[str, CompressionConfig] = MappingProxyType(
-    {
-        "llmc-wanda": LlmcWandaConfig(),
-        "llmc-wanda-2:4": LlmcWandaConfig(n_m=(2, 4)),
-        "llmc-sparsegpt": LlmcSparseGptConfig(),
-        "sparsegpt-50": LlmcSparseGptConfig(sparsity=0.5),
-        "sparsegpt-2:4": LlmcSparseGptConfig(n_m=(2, 4)),
-        "llmc-awq-w4": LlmcAwqConfig(w_bit=4),
-        "llmc-awq-w8": LlmcAwqConfig(w_bit=8),
-        "llmc-gptq-w4": LlmcGptqConfig(w_bit=4),
-        "llmc-gptq-w8": LlmcGptqConfig(w_bit=8),
-    }
-)
 
 
 # ----------------------------------------------------------------------------
@@ -725,7 +704,18 @@ def _gptq_llmc_(
 # ----------------------------------------------------------------------------
 
 
-@register_method(LlmcWandaConfig, "llmc-wanda", needs_calibration=True)
+@register_method(
+    LlmcWandaConfig,
+    "llmc-wanda",
+    needs_calibration=True,
+    kind="pruning",
+    storage="dense",
+    requantize="keep-zeros",
+    names={"llmc-wanda": LlmcWandaConfig(), "llmc-wanda-2:4": LlmcWandaConfig(n_m=(2, 4))},
+    extra="llmc",
+    available=lambda: llmc_available(),  # late-bound: a test may monkeypatch it
+    install_hint=LLMC_EXTRA_HINT,
+)
 def _llmc_wanda(
     model: nn.Module,
     config: LlmcWandaConfig,
@@ -739,7 +729,22 @@ def _llmc_wanda(
     return {}
 
 
-@register_method(LlmcSparseGptConfig, "llmc-sparsegpt", needs_calibration=True)
+@register_method(
+    LlmcSparseGptConfig,
+    "llmc-sparsegpt",
+    needs_calibration=True,
+    kind="pruning",
+    storage="dense",
+    requantize="keep-zeros",
+    names={
+        "llmc-sparsegpt": LlmcSparseGptConfig(),
+        "sparsegpt-50": LlmcSparseGptConfig(sparsity=0.5),
+        "sparsegpt-2:4": LlmcSparseGptConfig(n_m=(2, 4)),
+    },
+    extra="llmc",
+    available=lambda: llmc_available(),  # late-bound: a test may monkeypatch it
+    install_hint=LLMC_EXTRA_HINT,
+)
 def _llmc_sparsegpt(
     model: nn.Module,
     config: LlmcSparseGptConfig,
@@ -752,7 +757,19 @@ def _llmc_sparsegpt(
     return {}
 
 
-@register_method(LlmcAwqConfig, "llmc-awq", needs_calibration=True)
+@register_method(
+    LlmcAwqConfig,
+    "llmc-awq",
+    needs_calibration=True,
+    kind="simulation",
+    storage="dequantized-simulation",
+    requantize="weight-groups",
+    names={"llmc-awq-w4": LlmcAwqConfig(w_bit=4), "llmc-awq-w8": LlmcAwqConfig(w_bit=8)},
+    extra="llmc",
+    available=lambda: llmc_available(),  # late-bound: a test may monkeypatch it
+    install_hint=LLMC_EXTRA_HINT,
+    bits=lambda c: c.w_bit,
+)
 def _llmc_awq(
     model: nn.Module,
     config: LlmcAwqConfig,
@@ -764,7 +781,19 @@ def _llmc_awq(
     return _awq_llmc_(model, required_calibration(calibration, "llmc-awq"), config, progress)
 
 
-@register_method(LlmcGptqConfig, "llmc-gptq", needs_calibration=True)
+@register_method(
+    LlmcGptqConfig,
+    "llmc-gptq",
+    needs_calibration=True,
+    kind="simulation",
+    storage="dequantized-simulation",
+    requantize="weight-groups",
+    names={"llmc-gptq-w4": LlmcGptqConfig(w_bit=4), "llmc-gptq-w8": LlmcGptqConfig(w_bit=8)},
+    extra="llmc",
+    available=lambda: llmc_available(),  # late-bound: a test may monkeypatch it
+    install_hint=LLMC_EXTRA_HINT,
+    bits=lambda c: c.w_bit,
+)
 def _llmc_gptq(
     model: nn.Module,
     config: LlmcGptqConfig,
@@ -774,3 +803,9 @@ def _llmc_gptq(
     progress: bool,
 ) -> dict[str, float]:
     return _gptq_llmc_(model, required_calibration(calibration, "llmc-gptq"), config, progress)
+
+
+#: CLI name → default config of the llmcompressor methods (read from the method table). Read-only.
+LLMC_METHODS: Mapping[str, CompressionConfig] = MappingProxyType(
+    {name: config for spec in method_specs() if spec.extra == "llmc" for name, config in spec.names.items()}
+)

@@ -16,7 +16,8 @@ float     float ``nn.Linear``       a copy of the weight         (refused: a flo
 
 AWQ's result is fake-quantized: plain float ``nn.Linear`` weights on the
 quantization grid, so it is the ``float`` scheme here (nothing tells a module
-that it was AWQ-rounded; :mod:`refusal_core.checkpoint` records that from the method).
+that it was AWQ-rounded; the method table's ``storage`` and ``requantize`` say so, and
+:mod:`refusal_core.repair` rounds an edit onto the grid again).
 
 Example:
     >>> from torch import nn

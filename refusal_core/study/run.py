@@ -59,7 +59,13 @@ from refusal_core.artifacts import (
     stage_output_key,
     validate_json,
 )
-from refusal_core.compression import CompressionRecord, compress_, method_config
+from refusal_core.compression import (
+    CompressionRecord,
+    check_methods_available,
+    compress_,
+    method_config,
+    method_spec,
+)
 from refusal_core.compression.calibration_sets import calibration_prompts, calibration_token_ids
 from refusal_core.compression.config import config_to_dict
 from refusal_core.compression.quantization import cast_floating_
@@ -113,7 +119,7 @@ __all__ = ["default_refusal_token_ids", "load_variant_model", "run_study"]
 
 
 def _is_pruning(method: str) -> bool:
-    return hasattr(method_config(method), "sparsity")
+    return method_spec(method).prunes
 
 
 # ----------------------------------------------------------------------------
@@ -851,6 +857,7 @@ def load_variant_model(
 def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> StudyResults:
     """Run (or resume) the study and write the report into ``out_dir``; returns results.json's content."""
     t_start = time.perf_counter()
+    check_methods_available(config.methods)  # a missing extra fails here, before any model is loaded
     run = _Run(config, Path(out_dir), progress)
     out = run.out
     n_repaired = sum(3 if _is_pruning(m) and config.repair.sparse else 2 for m in config.methods)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_core import _cli_config as cc
+from refusal_core.compression import METHODS, method_spec
 from refusal_core.errors import InvalidArgumentError
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "load_expected",
     "load_tier_config",
     "placeholders",
+    "quantized_8bit_methods",
     "run_tier",
     "tier",
 ]
@@ -54,8 +56,20 @@ ADVBENCH_ENV = "REFUSAL_CORE_ADVBENCH_PATH"
 PLACEHOLDER = "env:"
 #: A study method whose bands in gpu_expected.json are filed under another name.
 BAND_KEYS: Mapping[str, str] = {"bnb-int8": "llm-int8"}
-#: Methods whose ASR may not exceed the base model's by more than the file's quantized slack.
-QUANTIZED = ("llm-int8", "awq-w8")
+
+
+def quantized_8bit_methods() -> tuple[str, ...]:
+    """Methods whose ASR may not exceed the base model's by more than the file's quantized slack: the
+    8-bit quantizers (simulated or real) of the method table, read when called."""
+    return tuple(
+        name
+        for name, config in METHODS.items()
+        if method_spec(name).quantizes and method_spec(name).weight_bits(config) == 8
+    )
+
+
+#: :func:`quantized_8bit_methods` at import (the methods registered by then).
+QUANTIZED = quantized_8bit_methods()
 
 
 @dataclass(frozen=True)
@@ -223,7 +237,7 @@ def check_bands(
                 f"{band_key} {method}: AIRD raised ASR from {got['asr']:.3f} to {got['asr_aird']:.3f} "
                 f"({limit['source']})"
             )
-        if method in QUANTIZED:
+        if method in quantized_8bit_methods():
             q = rel["quantized_max_asr_increase_over_base"]
             if not got["asr"] <= base_asr + q["value"]:
                 failures.append(
