@@ -162,6 +162,16 @@ def _nonnegative(text: str) -> int:
     return value
 
 
+def _attack_names(text: str) -> tuple[str, ...]:
+    """``--attacks``: comma-separated names of registered attacks."""
+    from refusal_core.evaluation.attacks import check_attack_names
+
+    try:
+        return check_attack_names(tuple(n.strip() for n in text.split(",") if n.strip()))
+    except InvalidArgumentError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _judge_spec(text: str) -> str:
     if text != "substring" and not (text.startswith("classifier:") and len(text) > len("classifier:")):
         raise argparse.ArgumentTypeError(f"--judge must be 'substring' or 'classifier:DIR', got {text!r}")
@@ -241,7 +251,9 @@ def _aird_options() -> list[cc.ConfigOption]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``refusal-core`` parser; config options are generated from the config dataclasses."""
+    from refusal_core.evaluation.attacks import ATTACKS
     from refusal_core.study import StudyConfig
+    from refusal_core.study.config import PLACEMENTS
 
     d = StudyConfig()
     common: dict[str, Any] = {"formatter_class": _Formatter, "allow_abbrev": False}
@@ -304,6 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint record names (refused by default)",
     )
     cc.add_config_options(a, _aird_options(), title="AIRD settings (AirdConfig)")
+    a.add_argument(
+        "--placement",
+        choices=PLACEMENTS,
+        default="source-block",
+        help="edit the source block l's writers (its output enters block l+1), or block l-1's "
+        "(into-source: its output is the residual stream where the direction was measured)",
+    )
     a.add_argument("--out", required=True, help="checkpoint directory to write")
 
     v = sub.add_parser("evaluate", help="ASR per attack and over-refusal of a model", **common)
@@ -314,7 +333,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--n-test", type=_count, default=d.n_test, help="prompts per class")
     v.add_argument("--max-new-tokens", type=_count, default=d.max_new_tokens, help="tokens per completion")
     v.add_argument(
-        "--gcg-steps", type=_nonnegative, default=0, help="steps of a universal GCG attack (0: none)"
+        "--attacks",
+        type=_attack_names,
+        default=("vanilla",),
+        help=f"registered attacks to run, comma-separated (of: {', '.join(ATTACKS)}); "
+        "vanilla_system adds the study's system prompt, decoding is the study's decoding grid",
+    )
+    v.add_argument(
+        "--gcg-steps",
+        type=_nonnegative,
+        default=0,
+        help="steps of a universal GCG attack (0: none, or the study's budget when --attacks names gcg)",
     )
     v.add_argument(
         "--judge",
@@ -758,9 +787,9 @@ def _cmd_compare(args: argparse.Namespace, ours: list[Path]) -> int:
 
 
 def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
-    from refusal_core.aird import AirdConfig, apply_aird_
+    from refusal_core.aird import AirdConfig
+    from refusal_core.bench import RepairPlan, apply_repair_
     from refusal_core.directions import DirectionCandidates, check_direction_origin
-    from refusal_core.errors import UnsupportedModuleError
     from refusal_core.selection import SelectionResult
 
     # The direction and the settings first: a bad one fails before the model is loaded.
@@ -769,6 +798,7 @@ def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
     sel = SelectionResult.load(Path(args.direction) / "selection")
     layer, pi = sel.source
     r = cands.directions[layer, pi]
+    blocks = RepairPlan(cfg, (layer,), args.placement).edit_blocks  # into-source at layer 0 fails here
     _check_checkpoint_target(args.out)
     from refusal_core.model import model_identity
 
@@ -782,21 +812,17 @@ def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
         cands.model, model, model_record={"base_identity": base}, allow_foreign=args.allow_foreign_direction
     )
     compression = _compress_in_memory_(model, tok, args) if args.method else None
-    try:
-        rec = apply_aird_(model, r.to(next(model.parameters()).dtype), layer, cfg)
-        aird: dict[str, Any] = {**rec.to_dict(), "path": "dense float"}
-    except UnsupportedModuleError:
-        # Quantized linears (e.g. --method llm-int8): dequantize the two modules, edit, re-quantize.
-        from refusal_core.quantized_edit import apply_aird_quantized_
-
-        qrec = apply_aird_quantized_(model, r, layer, cfg, requantize=True)
-        if qrec.aird is None:  # pragma: no cover - apply_aird_quantized_ always records the edit
-            raise RefusalCoreError("the quantized AIRD edit returned no record") from None
-        aird = {
-            **qrec.aird.to_dict(),
-            "path": "dequantize, edit, re-quantize",
-            "quantized_edit": qrec.to_dict(),
+    # The one repair path of the study and the audit; the origin was checked above (with the override).
+    edits = [apply_repair_(model, r, block, cfg) for block in blocks]
+    aird: dict[str, Any] = (
+        edits[0]
+        if args.placement == "source-block"
+        else {
+            **edits[0],
+            "placement": args.placement,
+            "source_layer": layer,
         }
+    )
     record: dict[str, Any] = {
         "operation": "aird",
         "method": f"{args.method}+aird" if args.method else "aird",
@@ -826,7 +852,7 @@ def judge_from_spec(spec: str, args: argparse.Namespace | None = None) -> Any:
 
 def _cmd_evaluate(args: argparse.Namespace, ours: list[Path]) -> int:
     from refusal_core.artifacts import atomic_write_json, check_finite_model
-    from refusal_core.evaluation.attacks import VanillaAttack, evaluate_asr, over_refusal
+    from refusal_core.evaluation.attacks import build_attacks, over_refusal, run_attacks
     from refusal_core.evaluation.judges import SubstringJudge, classify
     from refusal_core.prompts import load_prompts
     from refusal_core.stats import rate, rate_of
@@ -838,18 +864,15 @@ def _cmd_evaluate(args: argparse.Namespace, ours: list[Path]) -> int:
     model, tok, _ = _load_variant(args)
     # NaN/inf weights give empty completions that would read as "safe": refuse, never report them.
     check_finite_model(model)
-    attacks: list[Any] = [VanillaAttack(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)]
-    if args.gcg_steps > 0:
-        attacks.append(
-            AttackSettings().gcg_attack(
-                max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch_size,
-                seed=args.seed,
-                n_steps=args.gcg_steps,
-            )
-        )
+    names = tuple(args.attacks) + (("gcg",) if args.gcg_steps > 0 and "gcg" not in args.attacks else ())
+    gcg_steps = {"gcg_steps": args.gcg_steps} if args.gcg_steps > 0 else {}
+    # the study's attack settings (system prompt, decoding grid, GCG budget) on every given prompt
+    settings = AttackSettings(names=names, gcg_prompts=len(harmful), **gcg_steps)
+    planned = build_attacks(
+        settings, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed
+    )
     progress = not args.no_progress
-    res = evaluate_asr(model, tok, harmful, attacks, judge, progress=progress)
+    res = run_attacks(model, tok, harmful, planned, judge, progress=progress)
     refusal_judge = SubstringJudge(min_words=1)
     refusal = over_refusal(
         model,

@@ -8,6 +8,8 @@
 - :mod:`~refusal_core.study.report` — results.json, report.md and the plots.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from refusal_core.study.config import DEFAULT_METHODS, AttackSettings, RepairConfig, StudyConfig
 from refusal_core.study.results import (
     AsrChange,
@@ -22,8 +24,23 @@ from refusal_core.study.results import (
     SweepSummary,
     VariantResult,
 )
-from refusal_core.study.run import default_refusal_token_ids, load_variant_model, run_study
 from refusal_core.study.sweep import RepairChoice, SweepPoint, ValidationScores, choose_repair
+
+if TYPE_CHECKING:
+    from refusal_core.study.run import default_refusal_token_ids, load_variant_model, run_study
+
+#: Names served by :mod:`refusal_core.study.run`, imported on first use: the run is built on
+#: :mod:`refusal_core.bench`, which itself reads this package's config and results.
+_FROM_RUN = ("default_refusal_token_ids", "load_variant_model", "run_study")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_RUN:
+        from refusal_core.study import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_METHODS",
