@@ -100,6 +100,9 @@ class AuditConfig:
     repair_gain: float | None = None
     #: gains the sweep tries (beside the paper's α) when ``repair_gain`` is None
     repair_gains: tuple[float, ...] = (1.5, 2.0, 3.0, 5.0)
+    #: where the sweep's edits sit (:data:`~refusal_core.study.config.PLACEMENTS`); the audit's
+    #: default stays the source block it has always edited (the study sweeps both)
+    repair_placements: tuple[str, ...] = ("source-block",)
     #: the paper's α (the fallback when the sweep chooses no edit) and the AIRD flags
     aird: AirdConfig = field(default_factory=AirdConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
@@ -131,7 +134,12 @@ class AuditConfig:
             n_test=self.n_test,
             noise_splits=self.noise_splits,
             aird=self.aird,
-            repair=RepairConfig(gains=tuple(self.repair_gains), layers=("base",), sparse=False),
+            repair=RepairConfig(
+                gains=tuple(self.repair_gains),
+                layers=("base",),
+                sparse=False,
+                placements=tuple(self.repair_placements),
+            ),
             selection=self.selection,
             attacks=AttackSettings(gcg_prompts=0, gcg_steps=0),
             zero_shot_tasks=(),

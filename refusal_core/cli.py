@@ -382,6 +382,13 @@ def _add_audit_parser(sub: Any, common: dict[str, Any]) -> None:
         "--repair-gain", type=float, default=None, help="the repair's gain (default: chosen by the sweep)"
     )
     u.add_argument(
+        "--repair-placements",
+        type=lambda text: tuple(x.strip() for x in text.split(",") if x.strip()),
+        default=d.repair_placements,
+        metavar="A,...",
+        help="where the sweep's edits sit: source-block (block l) and/or into-source (block l-1)",
+    )
+    u.add_argument(
         "--device", type=_device, default=d.device, help="cpu, cuda, cuda:N, or auto (all visible GPUs)"
     )
     u.add_argument(
@@ -918,6 +925,7 @@ def _cmd_audit(args: argparse.Namespace, ours: list[Path]) -> int:
         judge=args.judge,
         repair=args.repair or args.repair_gain is not None,
         repair_gain=args.repair_gain,
+        repair_placements=args.repair_placements,
     )
     res = audit(cfg, args.out, progress=not args.no_progress)
     _print({"candidate": res.candidate, "out": str(Path(args.out) / "report.md")})
