@@ -54,9 +54,11 @@ from refusal_core.checkpoint import save_checkpoint
 from refusal_core.errors import IncompatibleModelsError, InvalidArgumentError
 from refusal_core.evaluation.judges import check_judge_spec
 from refusal_core.model import get_layout, load_model, model_identity
+from refusal_core.report import markdown_table
 from refusal_core.selection import SelectionConfig
 from refusal_core.stats import finite_or_none, mcnemar
 from refusal_core.study.config import AttackSettings, RepairConfig, StudyConfig
+from refusal_core.study.report import format_rate
 from refusal_core.study.results import MECHANISM_FLAGS, Comparison, EvaluationSummary, MechanismSummary
 
 __all__ = ["AUDIT_FILE", "AuditConfig", "AuditResult", "audit", "check_compatible"]
@@ -449,9 +451,6 @@ def audit(config: AuditConfig, out_dir: str | Path, *, progress: bool = True) ->
 
 def audit_report(doc: Mapping[str, Any]) -> str:
     """``report.md`` of an ``audit.json`` document."""
-    from refusal_core.report import markdown_table
-    from refusal_core.study.report import format_rate
-
     s, b, c = doc["settings"], doc["base"], doc["candidate"]
 
     def num(x: Any) -> str:

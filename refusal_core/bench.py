@@ -65,11 +65,18 @@ from refusal_core.directions import (
     extract_candidates,
     extract_candidates_with_noise_floor,
 )
-from refusal_core.errors import ArtifactError, EmptyInputError, InvalidArgumentError, UnsupportedModuleError
+from refusal_core.errors import (
+    ArtifactError,
+    EmptyInputError,
+    InvalidArgumentError,
+    ShapeMismatchError,
+    UnsupportedModuleError,
+)
 from refusal_core.evaluation.attacks import build_attacks, over_refusal, run_attacks
 from refusal_core.evaluation.damage import completion_cross_entropy, kl_divergence, next_token_logp
 from refusal_core.evaluation.generation import GenerationCache, generate, generate_ids
 from refusal_core.evaluation.judges import SubstringJudge, classify, is_degenerate, judge_from_spec
+from refusal_core.evaluation.scores import refusal_token_ids_for
 from refusal_core.functional import compute_dtype, refusal_score
 from refusal_core.interventions import ablation_hooks, addition_hooks
 from refusal_core.model import encode_prompts, load_model, model_identity, pad_token_id
@@ -86,6 +93,7 @@ from refusal_core.study.config import PLACEMENTS, StudyConfig
 from refusal_core.study.results import MECHANISM_FLAGS, MechanismSummary
 from refusal_core.study.schemas import read_stage_json
 from refusal_core.study.sweep import RepairChoice, SweepPoint, ValidationScores, choose_repair
+from refusal_core.toy import toy_refusal_token_ids
 
 __all__ = [
     "PLACEMENTS",
@@ -304,11 +312,7 @@ class Bench:
 def default_refusal_token_ids(spec: str, tokenizer: Any) -> list[int]:
     """The refusal token ids the study uses for model ``spec``: the toy's own, else the family's."""
     if spec == "toy":
-        from refusal_core.toy import toy_refusal_token_ids
-
         return list(toy_refusal_token_ids())
-    from refusal_core.evaluation.scores import refusal_token_ids_for
-
     return list(refusal_token_ids_for(tokenizer))
 
 
@@ -937,8 +941,6 @@ def _damage(bench: Bench, model: nn.Module, completions: list[list[int]]) -> dic
     The base's own log-probabilities are computed once per bench (same batches, so bit-identical
     to :func:`~refusal_core.evaluation.damage.next_token_kl`).
     """
-    from refusal_core.errors import ShapeMismatchError
-
     harmless = list(bench.prompts["harmless_test"])
     batch = bench.config.batch_size
     keep = [i for i, ids in enumerate(completions) if ids]

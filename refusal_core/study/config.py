@@ -20,6 +20,8 @@ from refusal_core.compression import method_config
 from refusal_core.errors import InvalidArgumentError
 from refusal_core.evaluation.attacks import DecodingAttack, check_attack_names
 from refusal_core.evaluation.gcg import GcgAttack
+from refusal_core.evaluation.judges import check_judge_spec
+from refusal_core.model import DTYPES, check_device
 from refusal_core.selection import SelectionConfig
 
 __all__ = [
@@ -261,13 +263,9 @@ class StudyConfig:
             or self.noise_splits < 1
         ):
             raise InvalidArgumentError(f"noise_splits must be an int >= 1, got {self.noise_splits!r}")
-        from refusal_core.model import DTYPES, check_device
-
         check_device(self.device)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise InvalidArgumentError(f"dtype must be None or one of {sorted(DTYPES)}, got {self.dtype!r}")
-        from refusal_core.evaluation.judges import check_judge_spec
-
         check_judge_spec(self.judge)
         if not isinstance(self.filter_prompts, bool):
             raise InvalidArgumentError(f"filter_prompts must be a bool, got {self.filter_prompts!r}")
