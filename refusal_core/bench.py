@@ -873,9 +873,8 @@ def sweep(
         "max_new_tokens": c.max_new_tokens,
         "layers": [base.layer, own_layer],
         "judge": c.judge,
+        "sparse_arm": sparse_arm,  # the caller's choice: a sweep with and one without it differ
     }
-    if not sparse_arm and c.repair.sparse:
-        settings["dense_only"] = True  # a caller asking for no sparse arm although the config allows it
     value, _ = bench.stage(
         f"{name}/sweep",
         settings,

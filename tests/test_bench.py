@@ -207,6 +207,19 @@ def test_a_registered_attack_runs_in_the_studys_evaluation(shout: AttackSpec, tm
         register_attack(shout)
 
 
+def test_a_registered_attack_runs_in_the_evaluate_command(shout: AttackSpec, tmp_path: Path) -> None:
+    import json
+
+    from refusal_core.cli import main
+
+    out = tmp_path / "e"
+    argv = ["evaluate", "--model", "toy", "--n-test", "2", "--max-new-tokens", "3", "--out", str(out)]
+    assert main([*argv, "--attacks", "vanilla,shout", "--no-progress"]) == 0, "evaluate with a new attack"
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["asr"]) == {"vanilla", "shout"}, f"attacks evaluated: {sorted(summary['asr'])}"
+    assert summary["asr"]["shout"]["n"] == 2, "the new attack's rate carries its n"
+
+
 def test_unknown_attack_names_are_refused() -> None:
     with pytest.raises(InvalidArgumentError, match="unknown attack"):
         AttackSettings(names=("vanilla", "telepathy"))
