@@ -2,7 +2,8 @@
 
 - :mod:`~refusal_core.study.config` — what a study depends on (:class:`StudyConfig` and its parts);
 - :mod:`~refusal_core.study.sweep` — the AIRD strength sweep and the rule that picks a strength;
-- :mod:`~refusal_core.study.run` — the resumable stages and :func:`run_study`;
+- :mod:`~refusal_core.study.run` — :func:`run_study`: the steps of :mod:`refusal_core.bench` in order;
+- :mod:`~refusal_core.study.schemas` — what each stage's JSON file must hold;
 - :mod:`~refusal_core.study.results` — the typed results (:class:`StudyResults`, one
   :class:`VariantResult` per model) that results.json holds;
 - :mod:`~refusal_core.study.report` — results.json, report.md and the plots.
