@@ -160,6 +160,8 @@ class Bench:
         progress: bool = False,
         loaded: tuple[nn.Module, Any] | None = None,
     ) -> None:
+        if not isinstance(config, StudyConfig):
+            raise InvalidArgumentError(f"config must be a StudyConfig, got {type(config).__name__}")
         c = self.config = config
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
