@@ -81,7 +81,8 @@ class AttackSettings:
     gcg_topk: int = 8
     gcg_candidates: int = 8
     gcg_target: str = _default(GcgAttack, "target")
-    #: the registered attacks to run (:data:`~refusal_core.evaluation.attacks.ATTACKS`), in this order
+    #: the registered attacks to run, in this order (vanilla, vanilla_system, decoding, gcg, or any
+    #: attack added with refusal_core.evaluation.attacks.register_attack)
     names: tuple[str, ...] = ("vanilla", "vanilla_system", "decoding", "gcg")
 
     def __post_init__(self) -> None:
@@ -150,7 +151,8 @@ class RepairConfig:
     gains: tuple[float, ...] = (1.25, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0, 15.0)
     include_paper_alpha: bool = True
     layers: tuple[str, ...] = ("base",)
-    #: where each edit sits (:data:`PLACEMENTS`); the sweep tries every one given
+    #: where each edit sits: source-block (block l's writers) and/or into-source (block l-1's, whose
+    #: output is the residual stream where r was measured); the sweep tries every one given
     placements: tuple[str, ...] = PLACEMENTS
     sparse: bool = True
     max_over_refusal_increase: float = 0.05
