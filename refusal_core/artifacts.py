@@ -52,18 +52,18 @@ from refusal_core.records import (
 
 __all__ = [
     "ARTIFACT_KIND",
-    "EVALUATION_SCHEMA",
     "FORMAT_VERSION",
-    "MECHANISM_SCHEMA",
     "NUMBER",
-    "RATE_SCHEMA",
-    "STAGE_JSON_SCHEMAS",
     "Artifact",
     "JsonSchema",
     "StageStore",
     "atomic_write_bytes",
     "atomic_write_json",
+    "check_count",
     "check_finite_model",
+    "check_finite_number",
+    "check_finite_rate",
+    "check_flag",
     "dict_of",
     "file_sha256",
     "list_of",
@@ -258,94 +258,27 @@ def validate_json(obj: Any, schema: JsonSchema, where: str | Path) -> None:
         _check_value(obj[key], spec, f"{where}: {key!r}")
 
 
-def _finite_rate(value: Any, where: str) -> None:
+def check_finite_rate(value: Any, where: str) -> None:
     _check_value(value, NUMBER, where)
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):
         raise ArtifactError(f"{where} must be a rate in [0, 1], got {value!r}")
 
 
-def _flag(value: Any, where: str) -> None:
+def check_flag(value: Any, where: str) -> None:
     if not isinstance(value, bool):
         raise ArtifactError(f"{where} must be true or false, got {value!r}")
 
 
-def _finite_number(value: Any, where: str) -> None:
+def check_finite_number(value: Any, where: str) -> None:
     _check_value(value, NUMBER, where)
     if isinstance(value, bool) or not math.isfinite(value):
         raise ArtifactError(f"{where} must be a finite number, got {value!r}")
 
 
-def _count(value: Any, where: str) -> None:
+def check_count(value: Any, where: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ArtifactError(f"{where} must be a count (int >= 0), got {value!r}")
 
-
-#: A rate record (:class:`refusal_core.stats.Rate` as a dict).
-RATE_SCHEMA: JsonSchema = {
-    "k": _count,
-    "n": _count,
-    "value": _finite_rate,
-    "low": _finite_rate,
-    "high": _finite_rate,
-}
-
-#: ``evaluation.json`` of a study's ``eval/<variant>`` stage: per-prompt outcomes, so that every
-#: rate and paired test can be recomputed from it.
-EVALUATION_SCHEMA: JsonSchema = {
-    "jailbroken": dict_of(list_of(_flag)),
-    "asr_per_config": dict_of(dict_of(_finite_rate)),
-    "refused_harmless": list_of(_flag),
-    "degenerate": dict_of(_count),
-    "damage": {
-        "kl_per_prompt": list_of(_finite_number),
-        "ce_per_prompt": list_of(_finite_number),
-        "ce_prompts": list_of(_count),
-    },
-    "accuracy": dict_of({"accuracy": _finite_rate, "stderr": optional(_finite_number), "n": _count}),
-}
-
-#: ``mechanism.json`` of a study's ``<variant>/mechanism`` stage: per-prompt refusal flags.
-MECHANISM_SCHEMA: JsonSchema = {
-    "refused_harmful": list_of(_flag),
-    "refused_ablated": list_of(_flag),
-    "refused_added": list_of(_flag),
-}
-
-#: ``validation.json``: one model's scores on the validation prompts.
-VALIDATION_SCHEMA: JsonSchema = {
-    "compliance": RATE_SCHEMA,
-    "over_refusal": RATE_SCHEMA,
-    "kl": _finite_number,
-    "refusal_score_harmful": _finite_number,
-    "refusal_score_harmless": _finite_number,
-    "source": str,
-    "ce": _finite_number,
-    "complied": list_of(_flag),
-}
-
-#: ``sweep.json``: the AIRD sweep of one compressed model.
-SWEEP_SCHEMA: JsonSchema = {
-    "points": list_of(
-        {
-            "strength": str,
-            "sparse": _flag,
-            "placement": str,
-            "layers": list_of(_count),
-            "gains": list_of(_finite_number),
-            "alphas": list_of(_finite_number),
-            "scores": VALIDATION_SCHEMA,
-        }
-    )
-}
-
-#: Plain JSON files of study stages, by file name, and the schema they must satisfy.
-STAGE_JSON_SCHEMAS: dict[str, JsonSchema] = {
-    "evaluation.json": EVALUATION_SCHEMA,
-    "mechanism.json": MECHANISM_SCHEMA,
-    "validation.json": VALIDATION_SCHEMA,
-    "sweep.json": SWEEP_SCHEMA,
-    "completions.json": {"ids": list_of(list_of(_count))},
-}
 
 _HEADER_SCHEMA: JsonSchema = {
     "kind": str,

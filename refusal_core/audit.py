@@ -46,13 +46,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from refusal_core import bench as steps
 from refusal_core.aird import AirdConfig
 from refusal_core.artifacts import atomic_write_bytes, settings_key
+from refusal_core.bench import Analysis, BaseDirection, Bench, RepairPlan
+from refusal_core.checkpoint import save_checkpoint
 from refusal_core.errors import IncompatibleModelsError, InvalidArgumentError
+from refusal_core.evaluation.judges import check_judge_spec
 from refusal_core.model import get_layout, load_model, model_identity
+from refusal_core.report import markdown_table
 from refusal_core.selection import SelectionConfig
 from refusal_core.stats import finite_or_none, mcnemar
-from refusal_core.study.config import AttackSettings, StudyConfig
+from refusal_core.study.config import AttackSettings, RepairConfig, StudyConfig
+from refusal_core.study.report import format_rate
+from refusal_core.study.results import MECHANISM_FLAGS, Comparison, EvaluationSummary, MechanismSummary
 
 __all__ = ["AUDIT_FILE", "AuditConfig", "AuditResult", "audit", "check_compatible"]
 
@@ -61,8 +68,6 @@ AUDIT_FILE = "audit.json"
 
 #: A string whose token ids both tokenizers must agree on (letters, digits, punctuation, spaces).
 PROBE = "Audit probe: How do I bake 12 loaves of bread? Sure, I can't help with that!"
-
-_MECHANISM_KEYS = ("refused_harmful", "refused_ablated", "refused_added")
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,9 @@ class AuditConfig:
     repair_gain: float | None = None
     #: gains the sweep tries (beside the paper's α) when ``repair_gain`` is None
     repair_gains: tuple[float, ...] = (1.5, 2.0, 3.0, 5.0)
+    #: where the sweep's edits sit (:data:`~refusal_core.study.config.PLACEMENTS`); the audit's
+    #: default stays the source block it has always edited (the study sweeps both)
+    repair_placements: tuple[str, ...] = ("source-block",)
     #: the paper's α (the fallback when the sweep chooses no edit) and the AIRD flags
     aird: AirdConfig = field(default_factory=AirdConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
@@ -116,21 +124,24 @@ class AuditConfig:
         self.study_config()
 
     def study_config(self) -> StudyConfig:
-        """The study settings the audit's stages run with (the base as the study's model)."""
-        from refusal_core.study.config import RepairConfig
-
+        """The bench settings the audit's steps run with: the base as the model, no compression
+        method (the candidate is given) and no GCG."""
         return StudyConfig(
             model=self.base,
             device=self.device,
             dtype=self.dtype,
-            # The study needs a method name; the audit never compresses (its candidate is given).
-            methods=("magnitude",),
+            methods=(),
             n_train=self.n_train,
             n_val=self.n_val,
             n_test=self.n_test,
             noise_splits=self.noise_splits,
             aird=self.aird,
-            repair=RepairConfig(gains=tuple(self.repair_gains), layers=("base",), sparse=False),
+            repair=RepairConfig(
+                gains=tuple(self.repair_gains),
+                layers=("base",),
+                sparse=False,
+                placements=tuple(self.repair_placements),
+            ),
             selection=self.selection,
             attacks=AttackSettings(gcg_prompts=0, gcg_steps=0),
             zero_shot_tasks=(),
@@ -252,8 +263,115 @@ def _sha(text: str | None) -> str | None:
 
 
 # ----------------------------------------------------------------------------
-# the audit
+# the audit: the bench's steps on one candidate
 # ----------------------------------------------------------------------------
+
+
+def _load_pair(config: AuditConfig) -> tuple[tuple[nn.Module, Any], tuple[nn.Module, Any], dict[str, Any]]:
+    """Base and candidate loaded and checked compatible (and repairable, with ``repair``)."""
+    torch.manual_seed(config.seed)
+    base = load_model(config.base, device=config.device, dtype=config.dtype)
+    cand = load_model(config.compressed, device=config.device, dtype=config.dtype)
+    compatibility = check_compatible(base, cand)
+    if config.repair and getattr(cand[0], "hf_quantizer", None) is not None:
+        # transformers 5 cannot save a model it loaded through a quantizer again (save_pretrained
+        # raises NotImplementedError in the weight conversion), so the repair could not be written.
+        raise InvalidArgumentError(
+            f"repair: the candidate {config.compressed!r} was loaded through transformers' "
+            f"{type(cand[0].hf_quantizer).__name__}, and transformers cannot save such a model again; "
+            "audit it without repair, or repair the float model it was quantized from"
+        )
+    return base, cand, compatibility
+
+
+def _candidate_info(base: BaseDirection, analysis: Analysis) -> dict[str, Any]:
+    """The candidate's direction against the base's, read against the noise floor at the base source."""
+    fields = analysis.variant_fields()
+    floor = base.noise_at_source
+    cos = fields["cosine_at_base_source"]
+    return {
+        "source": fields["source"],
+        "filters_passed": fields["filters_passed"],
+        "source_shift": fields["source_shift"],
+        "cosine_at_base_source": cos,
+        "cosine_selected": fields["cosine_selected"],
+        "noise_floor_at_base_source": finite_or_none(floor),
+        "above_noise_floor": None if cos is None or not math.isfinite(floor) else bool(cos > floor),
+        "per_layer_cosine_at_base_position": [finite_or_none(v) for v in analysis.cosine_by_layer],
+    }
+
+
+def _repair_plan(
+    bench: Bench, config: AuditConfig, base: BaseDirection, cand: nn.Module, k_cand: str
+) -> tuple[RepairPlan, str, dict[str, Any] | None]:
+    """(plan, how, choice): the given gain, else the sweep's choice, else (none qualified) the paper's α."""
+    if config.repair_gain is not None:
+        g = float(config.repair_gain)
+        cfg = AirdConfig(gain_attn=g, gain_mlp=g, normalize=config.aird.normalize)
+        return RepairPlan(cfg, (base.layer,)), f"the given gain {g:g}", None
+    base_val = steps.validation(bench, "base", bench.model, [])
+    points = steps.sweep(bench, "candidate", cand, base, base.layer, [k_cand, base.key], sparse_arm=False)
+    choice = steps.choose(bench.config, points, base_val)["dense"]
+    if choice.point.strength == "identity":
+        how = "the paper's α (no strength of the sweep qualified under the rule)"
+        return RepairPlan(config.aird, (base.layer,)), how, choice.to_dict()
+    plan = steps.point_plan(choice.point, config.aird)
+    return plan, f"chosen on validation: {choice.point.label}", choice.to_dict()
+
+
+def _repair(
+    bench: Bench,
+    config: AuditConfig,
+    base: BaseDirection,
+    cand: tuple[nn.Module, dict[str, Any], str],
+    measured: dict[str, tuple[dict[str, Any], dict[str, Any]]],
+) -> dict[str, Any]:
+    """AIRD of the candidate with the base direction, measured, evaluated and saved as ``repaired/``."""
+    cand_model, cand_ident, k_cand = cand
+    plan, how, choice = _repair_plan(bench, config, base, cand_model, k_cand)
+    repaired, aird_record = steps.repaired(bench, cand_model, base.r, plan)
+    k_rep = settings_key(plan.key_settings(), k_cand, base.key)
+    rep_mech, _ = steps.mechanism(bench, "repaired", repaired, base.r, base.layer, [k_rep])
+    ev_rep, _ = steps.evaluate(bench, "repaired", repaired, [k_rep])
+    record = {
+        "operation": "audit --repair",
+        "method": "aird",
+        "aird": aird_record,
+        "source": [base.layer, base.position],
+        "candidate": config.compressed,
+        "candidate_identity": cand_ident,
+        "source_model": config.base,
+        "refusal_token_ids": bench.refusal_ids,
+    }
+    ckpt = save_checkpoint(
+        repaired,
+        bench.tokenizer,
+        bench.out / "repaired",
+        record=record,
+        base_identity=bench.identity,
+        overwrite=True,
+    )
+    ev_base, (cand_mech, ev_cand) = measured["base"][1], measured["candidate"]
+    return {
+        "how": how,
+        "layer": base.layer,
+        "placement": plan.placement,
+        "edited_blocks": list(plan.edit_blocks),
+        "alphas": list(plan.config.alphas(base.norm)),
+        "gains": list(plan.config.gains(base.norm)),
+        "choice": choice,
+        "record": aird_record,
+        "checkpoint": str(ckpt),
+        "mechanism": MechanismSummary.from_flags(rep_mech).to_dict(),
+        "evaluation": EvaluationSummary.from_evaluation(ev_rep).to_dict(),
+        "comparisons": {
+            "vs_candidate": Comparison.between(ev_rep, ev_cand, kl=True).to_dict(),
+            "vs_base": Comparison.between(ev_rep, ev_base, kl=False).to_dict(),
+            "mechanism_vs_candidate": {
+                k: mcnemar(cand_mech[k], rep_mech[k]).to_dict() for k in MECHANISM_FLAGS
+            },
+        },
+    }
 
 
 def audit(config: AuditConfig, out_dir: str | Path, *, progress: bool = True) -> AuditResult:
@@ -263,172 +381,58 @@ def audit(config: AuditConfig, out_dir: str | Path, *, progress: bool = True) ->
     then ``audit.json`` and ``report.md`` are written there (stages under ``stages/``, the
     repaired checkpoint, with ``repair``, under ``repaired/``).
     """
-    from refusal_core.checkpoint import save_checkpoint
-    from refusal_core.study.results import Comparison, EvaluationSummary, MechanismSummary
-    from refusal_core.study.run import _point_config, _Run
-    from refusal_core.study.sweep import choose_repair
-
     if not isinstance(config, AuditConfig):
         raise InvalidArgumentError(f"config must be an AuditConfig, got {type(config).__name__}")
     t0 = time.perf_counter()
-    study_cfg = config.study_config()
-    from refusal_core.evaluation.judges import check_judge_spec
-
     check_judge_spec(config.judge, must_exist=True)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InvalidArgumentError(f"out_dir {str(out)!r} exists and is not a directory")
-    torch.manual_seed(config.seed)
-    base = load_model(config.base, device=config.device, dtype=config.dtype)
-    cand_model, cand_tok = load_model(config.compressed, device=config.device, dtype=config.dtype)
-    compatibility = check_compatible(base, (cand_model, cand_tok))
-    if config.repair and getattr(cand_model, "hf_quantizer", None) is not None:
-        # transformers 5 cannot save a model it loaded through a quantizer again (save_pretrained
-        # raises NotImplementedError in the weight conversion), so the repair could not be written.
-        raise InvalidArgumentError(
-            f"repair: the candidate {config.compressed!r} was loaded through transformers' "
-            f"{type(cand_model.hf_quantizer).__name__}, and transformers cannot save such a model again; "
-            "audit it without repair, or repair the float model it was quantized from"
-        )
+    base_pair, (cand_model, _), compatibility = _load_pair(config)
     t_load = time.perf_counter() - t0
 
-    run = _Run(study_cfg, out, progress, loaded=base)
+    bench = Bench(config.study_config(), out, progress=progress, loaded=base_pair)
     cand_ident = model_identity(cand_model)
     k_cand = settings_key({"candidate": cand_ident})
-
-    # the base direction, from one pass with its noise floor, and its mechanism
-    base_cands, noise, k_ext = run.extract_base()
-    base_sel, k_sel = run.select("base", run.model, base_cands, [k_ext])
-    layer, pos_i = base_sel.source
-    position = base_sel.positions[pos_i]
-    r_base = base_cands.directions[layer, pos_i]
-    base_mech, _ = run.mechanism("base", run.model, r_base, layer, [k_sel])
-
-    # the candidate's own direction, compared with the base's
-    from refusal_core.directions import compare_candidates
-
-    cands, k_e = run.extract("candidate", cand_model, [k_cand])
-    sel, _ = run.select("candidate", cand_model, cands, [k_cand, k_e])
-    c_layer, c_pi = sel.source
-    cmp = compare_candidates(
-        base_cands, cands, base_source=(layer, position), other_source=(c_layer, sel.positions[c_pi])
-    )
-    floor = float(noise[layer, pos_i])
-    cos = finite_or_none(cmp.cosine_at_base_source)
+    # the base direction with its noise floor and mechanism; the candidate's own direction against it
+    base = steps.base_direction(bench)
+    base_mech, _ = steps.mechanism(bench, "base", bench.model, base.r, base.layer, [base.key])
+    analysis = steps.analyse(bench, "candidate", cand_model, base, [k_cand], own_mechanism=False)
     # the BASE direction on the candidate: is it still necessary and sufficient there?
-    cand_mech, _ = run.mechanism("candidate", cand_model, r_base, layer, [k_cand, k_sel])
-
-    ev_base, _ = run.evaluate("base", run.model, [])
-    ev_cand, _ = run.evaluate("candidate", cand_model, [k_cand])
-
-    base_info = {
-        "source": [layer, position],
-        "filters_passed": base_sel.selected is not None,
-        "direction_norm": float(torch.linalg.vector_norm(r_base.to(torch.float64))),
-        "noise_floor_at_source": finite_or_none(floor),
-    }
-    cand_info = {
-        "source": [c_layer, sel.positions[c_pi]],
-        "filters_passed": sel.selected is not None,
-        "source_shift": list(cmp.source_shift) if cmp.source_shift is not None else None,
-        "cosine_at_base_source": cos,
-        "cosine_selected": finite_or_none(cmp.selected_cosine),
-        "noise_floor_at_base_source": finite_or_none(floor),
-        "above_noise_floor": None if cos is None or not math.isfinite(floor) else bool(cos > floor),
-        "per_layer_cosine_at_base_position": [
-            finite_or_none(float(v)) for v in cmp.per_site_cosine[:, pos_i]
-        ],
-    }
-    mechanism = {
-        "direction": "the base model's, at the base source",
-        "base": MechanismSummary.from_flags(base_mech).to_dict(),
-        "candidate": MechanismSummary.from_flags(cand_mech).to_dict(),
-        "candidate_vs_base": {k: mcnemar(base_mech[k], cand_mech[k]).to_dict() for k in _MECHANISM_KEYS},
-    }
-    evaluation = {
-        "base": EvaluationSummary.from_evaluation(ev_base).to_dict(),
-        "candidate": EvaluationSummary.from_evaluation(ev_cand).to_dict(),
-    }
-    comparisons = {"candidate_vs_base": Comparison.between(ev_cand, ev_base, kl=False).to_dict()}
-
-    repair_info: dict[str, Any] | None = None
-    if config.repair:
-        norm = float(torch.linalg.vector_norm(r_base.to(torch.float64)))
-        if config.repair_gain is not None:
-            g = float(config.repair_gain)
-            cfg = AirdConfig(gain_attn=g, gain_mlp=g, normalize=config.aird.normalize)
-            how, choice_d = f"the given gain {g:g}", None
-        else:
-            base_val = run.validation_stage("base", run.model, [])
-            points, _ = run.sweep("candidate", cand_model, r_base, layer, layer, [k_cand, k_sel])
-            choice = choose_repair(
-                points,
-                base_val,
-                max_over_refusal_increase=study_cfg.repair.max_over_refusal_increase,
-                max_kl_increase=study_cfg.repair.max_kl_increase,
-                significance=study_cfg.repair.significance,
-            )
-            choice_d = choice.to_dict()
-            if choice.point.strength == "identity":
-                cfg, how = config.aird, "the paper's α (no strength of the sweep qualified under the rule)"
-            else:
-                cfg, how = (
-                    _point_config(choice.point, config.aird),
-                    f"chosen on validation: {choice.point.label}",
-                )
-        repaired, aird_record = run.repaired(cand_model, r_base, (layer,), cfg)
-        k_rep = settings_key({"aird": asdict(cfg), "layers": [layer]}, k_cand, k_sel)
-        rep_mech, _ = run.mechanism("repaired", repaired, r_base, layer, [k_rep])
-        ev_rep, _ = run.evaluate("repaired", repaired, [k_rep])
-        ckpt = save_checkpoint(
-            repaired,
-            run.tokenizer,
-            out / "repaired",
-            record={
-                "operation": "audit --repair",
-                "method": "aird",
-                "aird": aird_record,
-                "source": [layer, position],
-                "candidate": config.compressed,
-                "candidate_identity": cand_ident,
-                "source_model": config.base,
-                "refusal_token_ids": run.refusal_ids,
-            },
-            base_identity=run.identity,
-            overwrite=True,
-        )
-        repair_info = {
-            "how": how,
-            "layer": layer,
-            "alphas": list(cfg.alphas(norm)),
-            "gains": list(cfg.gains(norm)),
-            "choice": choice_d,
-            "record": aird_record,
-            "checkpoint": str(ckpt),
-            "mechanism": MechanismSummary.from_flags(rep_mech).to_dict(),
-            "evaluation": EvaluationSummary.from_evaluation(ev_rep).to_dict(),
-            "comparisons": {
-                "vs_candidate": Comparison.between(ev_rep, ev_cand, kl=True).to_dict(),
-                "vs_base": Comparison.between(ev_rep, ev_base, kl=False).to_dict(),
-                "mechanism_vs_candidate": {
-                    k: mcnemar(cand_mech[k], rep_mech[k]).to_dict() for k in _MECHANISM_KEYS
-                },
-            },
-        }
+    cand_mech, _ = steps.mechanism(bench, "candidate", cand_model, base.r, base.layer, [k_cand, base.key])
+    ev_base, _ = steps.evaluate(bench, "base", bench.model, [])
+    ev_cand, _ = steps.evaluate(bench, "candidate", cand_model, [k_cand])
+    measured = {"base": (base_mech, ev_base), "candidate": (cand_mech, ev_cand)}
+    repair_info = (
+        _repair(bench, config, base, (cand_model, cand_ident, k_cand), measured) if config.repair else None
+    )
 
     result = AuditResult(
         config=config,
-        identities={"base": run.identity, "candidate": cand_ident},
+        identities={"base": bench.identity, "candidate": cand_ident},
         compatibility=compatibility,
-        base=base_info,
-        candidate=cand_info,
-        mechanism=mechanism,
-        evaluation=evaluation,
-        comparisons=comparisons,
+        base={
+            "source": [base.layer, base.position],
+            "filters_passed": base.selection.selected is not None,
+            "direction_norm": base.norm,
+            "noise_floor_at_source": finite_or_none(base.noise_at_source),
+        },
+        candidate=_candidate_info(base, analysis),
+        mechanism={
+            "direction": "the base model's, at the base source",
+            "base": MechanismSummary.from_flags(base_mech).to_dict(),
+            "candidate": MechanismSummary.from_flags(cand_mech).to_dict(),
+            "candidate_vs_base": {k: mcnemar(base_mech[k], cand_mech[k]).to_dict() for k in MECHANISM_FLAGS},
+        },
+        evaluation={
+            "base": EvaluationSummary.from_evaluation(ev_base).to_dict(),
+            "candidate": EvaluationSummary.from_evaluation(ev_cand).to_dict(),
+        },
+        comparisons={"candidate_vs_base": Comparison.between(ev_cand, ev_base, kl=False).to_dict()},
         repair=repair_info,
         timings={
             "load_seconds": round(t_load, 3),
-            "stages": dict(run.timings),
+            "stages": dict(bench.timings),
             "total_seconds": round(time.perf_counter() - t0, 3),
         },
     )
@@ -447,9 +451,6 @@ def audit(config: AuditConfig, out_dir: str | Path, *, progress: bool = True) ->
 
 def audit_report(doc: Mapping[str, Any]) -> str:
     """``report.md`` of an ``audit.json`` document."""
-    from refusal_core.report import markdown_table
-    from refusal_core.study.report import format_rate
-
     s, b, c = doc["settings"], doc["base"], doc["candidate"]
 
     def num(x: Any) -> str:

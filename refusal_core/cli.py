@@ -163,6 +163,16 @@ def _nonnegative(text: str) -> int:
     return value
 
 
+def _attack_names(text: str) -> tuple[str, ...]:
+    """``--attacks``: comma-separated names of registered attacks."""
+    from refusal_core.evaluation.attacks import check_attack_names
+
+    try:
+        return check_attack_names(tuple(n.strip() for n in text.split(",") if n.strip()))
+    except InvalidArgumentError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _judge_spec(text: str) -> str:
     if text != "substring" and not (text.startswith("classifier:") and len(text) > len("classifier:")):
         raise argparse.ArgumentTypeError(f"--judge must be 'substring' or 'classifier:DIR', got {text!r}")
@@ -245,7 +255,9 @@ def _aird_options() -> list[cc.ConfigOption]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``refusal-core`` parser; config options are generated from the config dataclasses."""
+    from refusal_core.evaluation.attacks import ATTACKS
     from refusal_core.study import StudyConfig
+    from refusal_core.study.config import PLACEMENTS
 
     d = StudyConfig()
     common: dict[str, Any] = {"formatter_class": _Formatter, "allow_abbrev": False}
@@ -355,6 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
         "command says how many); by default the edit keeps the zero pattern",
     )
     cc.add_config_options(a, _aird_options(), title="AIRD settings (AirdConfig)")
+    a.add_argument(
+        "--placement",
+        choices=PLACEMENTS,
+        default="source-block",
+        help="edit the source block l's writers (its output enters block l+1), or block l-1's "
+        "(into-source: its output is the residual stream where the direction was measured)",
+    )
     a.add_argument("--out", required=True, help="checkpoint directory to write")
 
     v = sub.add_parser("evaluate", help="ASR per attack and over-refusal of a model", **common)
@@ -365,7 +384,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--n-test", type=_count, default=d.n_test, help="prompts per class")
     v.add_argument("--max-new-tokens", type=_count, default=d.max_new_tokens, help="tokens per completion")
     v.add_argument(
-        "--gcg-steps", type=_nonnegative, default=0, help="steps of a universal GCG attack (0: none)"
+        "--attacks",
+        type=_attack_names,
+        default=("vanilla",),
+        help=f"registered attacks to run, comma-separated (of: {', '.join(ATTACKS)}); "
+        "vanilla_system adds the study's system prompt, decoding is the study's decoding grid",
+    )
+    v.add_argument(
+        "--gcg-steps",
+        type=_nonnegative,
+        default=0,
+        help="steps of a universal GCG attack (0: none, or the study's budget when --attacks names gcg)",
     )
     v.add_argument(
         "--judge",
@@ -402,6 +431,13 @@ def _add_audit_parser(sub: Any, common: dict[str, Any]) -> None:
     )
     u.add_argument(
         "--repair-gain", type=float, default=None, help="the repair's gain (default: chosen by the sweep)"
+    )
+    u.add_argument(
+        "--repair-placements",
+        type=lambda text: tuple(x.strip() for x in text.split(",") if x.strip()),
+        default=d.repair_placements,
+        metavar="A,...",
+        help="where the sweep's edits sit: source-block (block l) and/or into-source (block l-1)",
     )
     u.add_argument(
         "--device", type=_device, default=d.device, help="cpu, cuda, cuda:N, or auto (all visible GPUs)"
@@ -834,18 +870,9 @@ def _cmd_compare(args: argparse.Namespace, ours: list[Path]) -> int:
     return 0
 
 
-#: How each repair rule (refusal_core.repair) reaches the saved weights, in words.
-_REPAIR_PATHS = {
-    "float": "dense float",
-    "dense-edit": "dense float (zeros lost)",
-    "keep-zeros": "sparsity-preserving",
-    "module-scheme": "dequantize, edit, re-quantize",
-    "weight-groups": "edit, round onto the group grid",
-}
-
-
 def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
     from refusal_core.aird import AirdConfig
+    from refusal_core.bench import REPAIR_PATHS, RepairPlan
     from refusal_core.compression import config_from_dict
     from refusal_core.compression._registry import spec_of_recorded_method
     from refusal_core.directions import DirectionCandidates, check_direction_origin
@@ -860,6 +887,7 @@ def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
     sel = SelectionResult.load(Path(args.direction) / "selection")
     layer, pi = sel.source
     r = cands.directions[layer, pi]
+    (block,) = RepairPlan(cfg, (layer,), args.placement).edit_blocks  # into-source at layer 0 fails here
     _check_checkpoint_target(args.out)
     source_record = _checkpoint_record(args.model)
     # The compression this model carries: --method (applied here), else the one its record names.
@@ -894,16 +922,18 @@ def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
     # from the plan, before any work: on the loaded model, and again after --method compressed it.
     plan = plan_repair(
         model,
-        layer,
+        block,
         method=None if args.method else method,
         dense=args.dense and not args.method,
         compression=compression,
     )
     record_compression = _compress_in_memory_(model, tok, args) if args.method else None
     if args.method:
-        plan = plan_repair(model, layer, method=method, dense=args.dense)
-    rec = repair_(model, r, layer, cfg, method=method, dense=args.dense, compression=compression)
-    aird: dict[str, Any] = {**rec.to_dict(), "path": _REPAIR_PATHS[plan.rule]}
+        plan = plan_repair(model, block, method=method, dense=args.dense)
+    rec = repair_(model, r, block, cfg, method=method, dense=args.dense, compression=compression)
+    aird: dict[str, Any] = {**rec.to_dict(), "path": REPAIR_PATHS[plan.rule]}
+    if args.placement != "source-block":
+        aird.update(placement=args.placement, source_layer=layer)
     record: dict[str, Any] = {
         "operation": "aird",
         "method": f"{method}+aird" if method else "aird",
@@ -942,7 +972,7 @@ def judge_from_spec(spec: str, args: argparse.Namespace | None = None) -> Any:
 
 def _cmd_evaluate(args: argparse.Namespace, ours: list[Path]) -> int:
     from refusal_core.artifacts import atomic_write_json, check_finite_model
-    from refusal_core.evaluation.attacks import VanillaAttack, evaluate_asr, over_refusal
+    from refusal_core.evaluation.attacks import build_attacks, over_refusal, run_attacks
     from refusal_core.evaluation.judges import SubstringJudge, classify
     from refusal_core.prompts import load_prompts
     from refusal_core.stats import rate, rate_of
@@ -954,18 +984,15 @@ def _cmd_evaluate(args: argparse.Namespace, ours: list[Path]) -> int:
     model, tok, _ = _load_variant(args)
     # NaN/inf weights give empty completions that would read as "safe": refuse, never report them.
     check_finite_model(model)
-    attacks: list[Any] = [VanillaAttack(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)]
-    if args.gcg_steps > 0:
-        attacks.append(
-            AttackSettings().gcg_attack(
-                max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch_size,
-                seed=args.seed,
-                n_steps=args.gcg_steps,
-            )
-        )
+    names = tuple(args.attacks) + (("gcg",) if args.gcg_steps > 0 and "gcg" not in args.attacks else ())
+    gcg_steps = {"gcg_steps": args.gcg_steps} if args.gcg_steps > 0 else {}
+    # the study's attack settings (system prompt, decoding grid, GCG budget) on every given prompt
+    settings = AttackSettings(names=names, gcg_prompts=len(harmful), **gcg_steps)
+    planned = build_attacks(
+        settings, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed
+    )
     progress = not args.no_progress
-    res = evaluate_asr(model, tok, harmful, attacks, judge, progress=progress)
+    res = run_attacks(model, tok, harmful, planned, judge, progress=progress)
     refusal_judge = SubstringJudge(min_words=1)
     refusal = over_refusal(
         model,
@@ -1011,6 +1038,7 @@ def _cmd_audit(args: argparse.Namespace, ours: list[Path]) -> int:
         judge=args.judge,
         repair=args.repair or args.repair_gain is not None,
         repair_gain=args.repair_gain,
+        repair_placements=args.repair_placements,
     )
     res = audit(cfg, args.out, progress=not args.no_progress)
     _print({"candidate": res.candidate, "out": str(Path(args.out) / "report.md")})

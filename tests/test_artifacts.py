@@ -27,6 +27,7 @@ from refusal_core.artifacts import (
     validate_json,
 )
 from refusal_core.errors import ArtifactError, NonFiniteError
+from refusal_core.study.schemas import EVALUATION_SCHEMA
 from refusal_core.testing.tiny import tiny_model
 
 
@@ -195,7 +196,7 @@ def test_study_evaluation_schema_refuses_what_the_report_cannot_use() -> None:
         "damage": {"kl_per_prompt": [0.0, 0.1], "ce_per_prompt": [0.2, 0.3], "ce_prompts": [0, 1]},
         "accuracy": {"rc_arithmetic": {"accuracy": 0.5, "stderr": 0.1, "n": 40}},
     }
-    validate_json(good, artifacts.EVALUATION_SCHEMA, "evaluation.json")
+    validate_json(good, EVALUATION_SCHEMA, "evaluation.json")
     for change, needle in (
         ({}, None),
         ({"refused_harmless": [1, 0]}, "true or false"),
@@ -206,7 +207,7 @@ def test_study_evaluation_schema_refuses_what_the_report_cannot_use() -> None:
     ):
         doc = {**good, **change} if change else {}
         with pytest.raises(ArtifactError, match=needle or "required key"):
-            validate_json(doc, artifacts.EVALUATION_SCHEMA, "evaluation.json")
+            validate_json(doc, EVALUATION_SCHEMA, "evaluation.json")
 
 
 def test_settings_key_is_stable_and_chained() -> None:

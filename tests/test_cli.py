@@ -157,6 +157,11 @@ BAD_INPUT_CASES: list[tuple[str, list[str], str]] = [
         "nope",
     ),
     ("evaluate-bad-device", ["evaluate", "--device", "gpu0", "--out", "{tmp}/o"], "--device"),
+    (
+        "evaluate-unknown-attack",
+        ["evaluate", "--attacks", "vanilla,telepathy", "--out", "{tmp}/o"],
+        "telepathy",
+    ),
     ("evaluate-bad-dtype", ["evaluate", "--dtype", "int8", "--out", "{tmp}/o"], "--dtype"),
     (
         "evaluate-template-missing",
@@ -577,3 +582,24 @@ def test_evaluate_refuses_a_model_with_non_finite_weights(
     assert code == 2, f"evaluating a model with inf weights must fail (exit 2), got {code}"
     assert "down_proj" in _one_error_line(err, "evaluate"), f"the error names the module: {err}"
     assert not (out / "over_refusal.json").exists(), "no rate is reported for a broken model"
+
+
+def test_evaluate_runs_the_studys_attacks_including_the_decoding_grid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``evaluate --attacks`` reads the attack registry: the study's decoding grid (temperature × top-p ×
+    top-k) and the system-prompt attack run beside vanilla, each with its rate and n."""
+    from refusal_core.evaluation.attacks import DecodingAttack
+    from refusal_core.evaluation.results import AsrResult
+
+    out = tmp_path / "e"
+    argv = ["evaluate", "--model", "toy", "--n-test", "3", "--max-new-tokens", "3", "--out", str(out)]
+    _run([*argv, "--attacks", "vanilla,vanilla_system,decoding"], capsys)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["asr"]) == {"vanilla", "vanilla_system", "decoding"}, f"attacks: {summary['asr']}"
+    assert all(r["n"] == 3 for r in summary["asr"].values()), f"each rate has its n: {summary['asr']}"
+    grid = AsrResult.load(out / "asr_decoding.json")
+    want = {c.label for c in DecodingAttack().configs}
+    got = set(grid.config_rates)
+    assert got == want, f"decoding configs {sorted(got)}, want {sorted(want)}"
+    assert len(want) == 12, "fixture: the default grid is 3 temperatures × 2 top-p × 2 top-k"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import refusal_core.study.run as study
+import refusal_core.bench as study
 from refusal_core.artifacts import StageStore
 from refusal_core.directions import DirectionCandidates
 from refusal_core.errors import ArtifactError

@@ -38,7 +38,7 @@ def _config(**kw: object) -> StudyConfig:
         n_test=8,
         n_calibration=8,
         noise_splits=2,
-        repair=RepairConfig(gains=(2.0, 5.0)),
+        repair=RepairConfig(gains=(2.0, 5.0), placements=("source-block",)),
         attacks=SMALL_ATTACKS,
         zero_shot_tasks=(),
         max_new_tokens=6,
@@ -135,20 +135,59 @@ def test_rates_and_paired_tests_agree_with_the_per_prompt_records(first_run: tup
     assert h["absolute_reduction"] == pytest.approx(h["asr_compressed"] - h["asr_repaired"])
 
 
+def test_study_saves_repaired_variants_that_transformers_loads(first_run: tuple[Path, dict]) -> None:
+    """The paper-α and chosen repaired variants are saved as checkpoints; the paper-α one of magnitude is
+    the compressed weights with W + α r rᵀ W on the base source block's writers (recomputed here)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from refusal_core.checkpoint import read_checkpoint_record
+
+    out, results = first_run
+    saved = {
+        v["name"]: v["repair"]["checkpoint"]
+        for v in results["variants"]
+        if v["kind"] == "repaired" and not v["repair"].get("same_as")
+    }
+    assert {"magnitude+aird", "llm-int8+aird"} <= set(saved), f"checkpoints saved: {saved}"
+    for name, rel in saved.items():
+        assert rel is not None, f"{name}: no checkpoint saved"
+        record = read_checkpoint_record(out / rel)
+        assert record["method"].endswith("+aird"), f"{name}: checkpoint record {record['method']!r}"
+        AutoModelForCausalLM.from_pretrained(out / rel)
+    model = AutoModelForCausalLM.from_pretrained(out / saved["magnitude+aird"]).requires_grad_(False)
+    compressed = load_file(str(out / "stages" / "magnitude" / "compress" / "weights.safetensors"))
+    base = DirectionCandidates.load(out / "stages" / "base" / "extract" / "candidates")
+    layer, pos = results["base"]["source"]
+    r = base.directions[layer, base.positions.index(pos)].to(torch.float64)
+    alphas = _variant(results, "magnitude+aird")["repair"]["alphas"]
+    writers = {
+        f"model.layers.{layer}.self_attn.o_proj.weight": alphas[0],
+        f"model.layers.{layer}.mlp.down_proj.weight": alphas[1],
+    }
+    for key, tensor in model.state_dict().items():
+        want = compressed[key]
+        if key in writers:
+            w = want.to(torch.float64)
+            want = (w + writers[key] * torch.outer(r, r) @ w).to(want.dtype)
+        err = float((tensor.to(torch.float64) - want.to(torch.float64)).abs().max())
+        assert err < 1e-6, f"saved magnitude+aird: {key} differs from the expected repair by {err:.2e}"
+
+
 def test_study_applies_the_base_direction_at_the_base_source(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The paper's recipe: AIRD on the compressed model with the ORIGINAL model's direction and layer."""
-    import refusal_core.study.run as run_mod
+    import refusal_core.bench as bench_mod
 
     calls: list[tuple[torch.Tensor, int]] = []
-    real = run_mod.apply_aird_
+    real = bench_mod.repair_
 
     def spy(model, r, layer, config, **kw):  # type: ignore[no-untyped-def]
         calls.append((r.detach().clone(), layer))
         return real(model, r, layer, config, **kw)
 
-    monkeypatch.setattr(run_mod, "apply_aird_", spy)
+    monkeypatch.setattr(bench_mod, "repair_", spy)
     out = tmp_path / "run"
     results = run_study(_config(methods=("wanda",)), out, progress=False).to_dict()
     base = DirectionCandidates.load(out / "stages" / "base" / "extract" / "candidates")
@@ -174,16 +213,18 @@ class _Poison(list):
 
 
 def test_test_prompts_never_reach_the_strength_choice(tmp_path: Path) -> None:
-    import refusal_core.study.run as run_mod
+    from refusal_core import bench as steps
 
-    run = run_mod._Run(_config(methods=("magnitude",)), tmp_path / "run", progress=False)
-    compressed, _, k_c = run.compress("magnitude")
-    run.prompts["harmful_test"] = _Poison(["x"])
-    run.prompts["harmless_test"] = _Poison(["x"])
-    r = torch.randn(64, dtype=torch.float64)
-    points, _ = run.sweep("magnitude", compressed, r, 1, 2, [k_c, "test"])
-    assert len(points) == 1 + 2 * 3, "identity + (paper, g=2, g=5) x (dense, sparse)"
-    base_val = run.validation_scores(run.model)
+    cfg = _config(methods=("magnitude",), repair=RepairConfig(gains=(2.0, 5.0)))
+    bench = steps.Bench(cfg, tmp_path / "run")
+    compressed = steps.compress(bench, "magnitude")
+    bench.prompts["harmful_test"] = _Poison(["x"])
+    bench.prompts["harmless_test"] = _Poison(["x"])
+    base = steps.base_direction(bench)
+    assert base.layer >= 1, "fixture: into-source needs a source layer above 0"
+    points = steps.sweep(bench, "magnitude", compressed.model, base, 2, [compressed.key], sparse_arm=True)
+    assert len(points) == 1 + 2 * 3 * 2, "identity + (paper, g=2, g=5) x (dense, sparse) x both placements"
+    base_val = steps.validation_scores(bench, bench.model)
     assert base_val.kl == 0.0, "the base model's KL against itself"
 
 
@@ -233,7 +274,7 @@ def test_changed_settings_invalidate_exactly_their_dependants(tmp_path: Path) ->
 
 
 def test_interrupted_study_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import refusal_core.study.run as run_mod
+    import refusal_core.bench as run_mod
 
     out = tmp_path / "run"
     cfg = _config(methods=("magnitude",))
@@ -302,13 +343,13 @@ def test_bad_input_keeps_existing_results(first_run: tuple[Path, dict]) -> None:
 
 
 def test_filter_prompts_keeps_what_the_base_refuses_and_leaves_the_test_split(tmp_path: Path) -> None:
-    import refusal_core.study.run as run_mod
+    from refusal_core.bench import Bench
     from refusal_core.functional import refusal_score
     from refusal_core.model import encode_prompts
     from refusal_core.selection import last_token_logits
 
-    plain = run_mod._Run(_config(), tmp_path / "a", progress=False)
-    filt = run_mod._Run(_config(filter_prompts=True), tmp_path / "b", progress=False)
+    plain = Bench(_config(), tmp_path / "a")
+    filt = Bench(_config(filter_prompts=True), tmp_path / "b")
     assert filt.prompts["harmful_test"] == plain.prompts["harmful_test"], "the test split is never filtered"
     assert filt.root_key != plain.root_key, "filtered prompts are part of every stage key"
     pad = plain.tokenizer.pad_token_id or 0
@@ -328,10 +369,10 @@ def test_filter_prompts_keeps_what_the_base_refuses_and_leaves_the_test_split(tm
 def test_validation_kl_is_base_against_the_variant(tmp_path: Path) -> None:
     """The repair rule's damage score is mean KL(base ‖ variant) of the last-token distribution on the
     harmless validation prompts: recomputed here from one unpadded forward pass per prompt."""
-    import refusal_core.study.run as run_mod
+    from refusal_core import bench as steps
 
-    run = run_mod._Run(_config(methods=("magnitude",)), tmp_path / "run", progress=False)
-    compressed, _, _ = run.compress("magnitude")
+    run = steps.Bench(_config(methods=("magnitude",)), tmp_path / "run")
+    compressed = steps.compress(run, "magnitude").model
     forward, reverse = [], []
     with torch.no_grad():
         for ids in run.encoded("harmless_val"):
@@ -342,7 +383,7 @@ def test_validation_kl_is_base_against_the_variant(tmp_path: Path) -> None:
             reverse.append(float((q.exp() * (q - p)).sum()))
     want, other = sum(forward) / len(forward), sum(reverse) / len(reverse)
     assert abs(want - other) > 0.05 * want, f"fixture: KL nearly symmetric here ({want}, {other})"
-    got = run.validation_scores(compressed).kl
+    got = steps.validation_scores(run, compressed).kl
     assert got == pytest.approx(want, rel=1e-6), (
         f"validation KL {got}: KL(base‖variant) is {want}, KL(variant‖base) is {other}"
     )

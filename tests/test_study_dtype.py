@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from refusal_core.activations import encode_prompts
+from refusal_core.bench import Bench, compress
 from refusal_core.compression import compress_, method_config
 from refusal_core.compression.quantization import Int8LinearSim, cast_floating_
 from refusal_core.errors import InvalidArgumentError
 from refusal_core.model import load_model
 from refusal_core.prompts import load_prompts
 from refusal_core.study import StudyConfig
-from refusal_core.study.run import _Run
 
 
 def _reference(method: str, n_calibration: int, dtype: torch.dtype) -> torch.nn.Module:
@@ -32,9 +32,9 @@ def _reference(method: str, n_calibration: int, dtype: torch.dtype) -> torch.nn.
 @pytest.mark.parametrize("method", ["awq-w4", "llm-int8"])
 def test_bfloat16_study_compresses_the_float32_base_then_casts(tmp_path: Path, method: str) -> None:
     cfg = StudyConfig(dtype="bfloat16", methods=(method,), n_calibration=8)
-    run = _Run(cfg, tmp_path / "run", progress=False)
+    run = Bench(cfg, tmp_path / "run")
     assert next(run.model.parameters()).dtype == torch.bfloat16, "fixture: the study model is not bfloat16"
-    compressed, _, _ = run.compress(method)
+    compressed = compress(run, method).model
     expected = _reference(method, 8, torch.bfloat16)
     got, want = compressed.state_dict(), expected.state_dict()
     assert set(got) == set(want), f"state dict keys differ: {sorted(set(got) ^ set(want))[:5]}"
@@ -45,7 +45,7 @@ def test_bfloat16_study_compresses_the_float32_base_then_casts(tmp_path: Path, m
             f"(max |diff| {float((got[name].double() - tensor.double()).abs().max())})"
         )
     # resuming restores the same model from the saved float32 weights
-    again, _, _ = _Run(cfg, tmp_path / "run", progress=False).compress(method)
+    again = compress(Bench(cfg, tmp_path / "run"), method).model
     for name, tensor in again.state_dict().items():
         assert torch.equal(tensor, got[name]), f"{method}: resumed {name} differs from the computed one"
 

@@ -151,7 +151,8 @@ def test_repair_config_rejects_bad_values(kwargs) -> None:
 
 def test_repair_config_defaults_are_the_documented_grid() -> None:
     rc = RepairConfig()
-    assert rc.gains == (1.25, 1.5, 2.0, 3.0, 5.0)
+    assert rc.gains == (1.25, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0, 15.0), "up to the paper's α on qwen-1.8b (~15)"
+    assert rc.placements == ("source-block", "into-source"), "the sweep tries both placements"
     assert rc.include_paper_alpha
     assert rc.layers == ("base",)
     assert rc.sparse

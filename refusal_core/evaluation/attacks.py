@@ -18,6 +18,15 @@ each set, assemble the result. An attack only says how it generates.
   (share of prompts that configuration alone breaks) are kept.
 * GCG lives in :mod:`refusal_core.evaluation.gcg` and runs the same template.
 
+The registry :data:`ATTACKS` names every attack the study, the audit and
+``refusal-core evaluate`` can run (:class:`AttackSpec`: how to build it from
+the attack settings, whether its generations can come from one shared prefill,
+how many prompts it takes, whether per-prompt paired tests apply). Adding an
+attack is one :func:`register_attack` call: :func:`build_attacks` and
+:func:`run_attacks` read the registry, and :func:`prefill_shared_generations`
+asks each attack for its own prefill plan (an attack with none generates by
+itself).
+
 :func:`over_refusal` is the vanilla attack on harmless prompts, counted the
 other way round (a prompt the judge says was not answered is refused).
 
@@ -36,7 +45,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -61,16 +70,22 @@ from refusal_core.evaluation.results import (
 from refusal_core.model import check_instructions, encode_prompts
 
 __all__ = [
+    "ATTACKS",
     "Attack",
+    "AttackSpec",
     "Completions",
     "DecodingAttack",
     "JudgedAttack",
+    "PlannedAttack",
     "VanillaAttack",
+    "build_attacks",
     "check_judge",
     "check_system",
     "evaluate_asr",
     "over_refusal",
     "prefill_shared_generations",
+    "register_attack",
+    "run_attacks",
 ]
 
 
@@ -167,6 +182,15 @@ class JudgedAttack:
         """The completion sets of this attack and, optionally, per-prompt details."""
         raise NotImplementedError
 
+    def prefill_plan(self) -> tuple[tuple[Any, ...], list[tuple[SamplingConfig | None, int]]] | None:
+        """``(group key, [(sampling or None for greedy, seed), ...])`` when this attack's generations
+        can be served by a shared prefill (:func:`prefill_shared_generations`), else None.
+
+        Attacks with the same group key decode the same prompt token ids (system prompt, samples)
+        at the same budget; each wants one decoding per listed configuration.
+        """
+        return None
+
     def run(
         self,
         model: nn.Module,
@@ -251,6 +275,9 @@ class VanillaAttack(JudgedAttack):
         config = {"decoding": "greedy", "system": self.system}
         n = len(instructions)
         return [Completions("greedy", list(range(n)), [dict(config) for _ in range(n)], texts)], None
+
+    def prefill_plan(self) -> tuple[tuple[Any, ...], list[tuple[SamplingConfig | None, int]]]:
+        return (self.system, 1, self.max_new_tokens, self.batch_size), [(None, 0)]
 
 
 def _config_seed(seed: int, label: str) -> int:
@@ -348,12 +375,16 @@ class DecodingAttack(JudgedAttack):
         ]
         return sets, None
 
+    def prefill_plan(self) -> tuple[tuple[Any, ...], list[tuple[SamplingConfig | None, int]]]:
+        key = (self.system, self.n_samples, self.max_new_tokens, self.batch_size)
+        return key, [(cfg, _config_seed(self.seed, cfg.label)) for cfg in self.configs]
+
 
 def prefill_shared_generations(
     model: nn.Module,
     tokenizer: Any,
     instructions: Sequence[str],
-    attacks: Sequence[VanillaAttack | DecodingAttack],
+    attacks: Sequence[Attack],
     cache: GenerationCache,
     *,
     progress: bool = True,
@@ -366,8 +397,9 @@ def prefill_shared_generations(
     are served by ONE prefill per prompt batch, forked for greedy decoding and
     for every grid configuration (:func:`generate_ids_multi`). Afterwards
     ``attack.run(..., cache=cache)`` finds every generation in the memo, with
-    results identical to a cold run. Returns the number of groups (= prefill
-    passes over the prompt set).
+    results identical to a cold run. An attack whose ``prefill_plan()`` is None
+    (or that has none) is left to generate by itself. Returns the number of
+    groups (= prefill passes over the prompt set).
 
     Example:
         >>> from refusal_core.evaluation.generation import GenerationCache
@@ -385,17 +417,12 @@ def prefill_shared_generations(
     if not isinstance(cache, GenerationCache):
         raise InvalidArgumentError(f"cache must be a GenerationCache, got {type(cache).__name__}")
     groups: dict[tuple[Any, ...], list[tuple[SamplingConfig | None, int]]] = {}
-    for i, attack in enumerate(attacks):
-        if isinstance(attack, VanillaAttack):
-            key = (attack.system, 1, attack.max_new_tokens, attack.batch_size)
-            wanted: list[tuple[SamplingConfig | None, int]] = [(None, 0)]
-        elif isinstance(attack, DecodingAttack):
-            key = (attack.system, attack.n_samples, attack.max_new_tokens, attack.batch_size)
-            wanted = [(cfg, _config_seed(attack.seed, cfg.label)) for cfg in attack.configs]
-        else:
-            raise InvalidArgumentError(
-                f"attacks[{i}] must be a VanillaAttack or a DecodingAttack, got {type(attack).__name__}"
-            )
+    for attack in attacks:
+        # An attack without a plan (GCG: its prompts carry an optimised suffix) generates by itself.
+        plan = getattr(attack, "prefill_plan", lambda: None)()
+        if plan is None:
+            continue
+        key, wanted = plan
         group = groups.setdefault(key, [])
         group.extend(w for w in wanted if w not in group)
     for (system, n_samples, max_new_tokens, batch_size), runs in groups.items():
@@ -471,3 +498,133 @@ def over_refusal(
         settings={"system": system, "max_new_tokens": max_new_tokens},
         model=res.model,
     )
+
+
+# ----------------------------------------------------------------------------
+# the registry
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """A registered attack: how to build it and how the study treats it.
+
+    ``build(settings, max_new_tokens=, batch_size=, seed=)`` returns the configured attack from
+    the attack settings (:class:`~refusal_core.study.config.AttackSettings` or any object with
+    the fields the builder reads), or None when the settings disable it (e.g. a zero GCG
+    budget). ``shares_prefill``: its generations can come from one prefill shared with the other
+    attacks (its ``prefill_plan()`` says how) and from the run's memo of generations.
+    ``n_prompts(settings)``: how many of the harmful prompts it runs on (None: all).
+    ``not_paired``: why per-prompt paired tests do not apply to it (None: they do).
+    """
+
+    name: str
+    build: Callable[..., JudgedAttack | None]
+    shares_prefill: bool
+    n_prompts: Callable[[Any], int | None] = lambda settings: None
+    not_paired: str | None = None
+
+
+#: Every attack the study, the audit and ``refusal-core evaluate`` can run, by name.
+ATTACKS: dict[str, AttackSpec] = {}
+
+
+def register_attack(spec: AttackSpec) -> AttackSpec:
+    """Add ``spec`` to :data:`ATTACKS` (a name registered twice is refused); returns it."""
+    if not isinstance(spec, AttackSpec):
+        raise InvalidArgumentError(f"spec must be an AttackSpec, got {type(spec).__name__}")
+    if spec.name in ATTACKS:
+        raise InvalidArgumentError(f"attack {spec.name!r} is already registered")
+    ATTACKS[spec.name] = spec
+    return spec
+
+
+def check_attack_names(names: object) -> tuple[str, ...]:
+    """``names`` as a tuple of distinct registered attack names, else InvalidArgumentError."""
+    if isinstance(names, (str, bytes)) or not isinstance(names, (tuple, list)) or not names:
+        raise InvalidArgumentError(f"attack names must be a non-empty tuple, got {names!r}")
+    unknown = [n for n in names if n not in ATTACKS]
+    if unknown:
+        raise InvalidArgumentError(f"unknown attack(s) {unknown}; registered: {sorted(ATTACKS)}")
+    if len(set(names)) != len(names):
+        raise InvalidArgumentError(f"attack names repeat: {list(names)}")
+    return tuple(str(n) for n in names)
+
+
+@dataclass(frozen=True)
+class PlannedAttack:
+    """A registered attack configured for one run, with the number of prompts it takes (None: all)."""
+
+    spec: AttackSpec
+    attack: JudgedAttack
+    n_prompts: int | None
+
+
+def build_attacks(settings: Any, *, max_new_tokens: int, batch_size: int, seed: int) -> list[PlannedAttack]:
+    """The attacks ``settings.names`` selects, built from ``settings``, in that order.
+
+    An attack its settings disable (its builder returns None) is left out.
+    """
+    planned = []
+    for name in check_attack_names(settings.names):
+        spec = ATTACKS[name]
+        attack = spec.build(settings, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+        if attack is not None:
+            planned.append(PlannedAttack(spec, attack, spec.n_prompts(settings)))
+    return planned
+
+
+def run_attacks(
+    model: nn.Module,
+    tokenizer: Any,
+    harmful_instructions: Sequence[str],
+    planned: Sequence[PlannedAttack],
+    judge: Judge,
+    cache: GenerationCache | None = None,
+    *,
+    progress: bool = True,
+) -> dict[str, AsrResult]:
+    """Run every planned attack on the harmful instructions; results keyed by attack name, in order.
+
+    Attacks that share a prefill are generated together first (one prefill per prompt batch,
+    forked per decoding configuration) and then read from ``cache`` (a fresh memo when None).
+    """
+    items = check_instructions(harmful_instructions, "harmful_instructions")
+    judge = check_judge(judge)
+    memo = cache if cache is not None else GenerationCache()
+    shared = [p.attack for p in planned if p.spec.shares_prefill and p.n_prompts is None]
+    if shared:
+        prefill_shared_generations(model, tokenizer, items, shared, memo, progress=progress)
+    out: dict[str, AsrResult] = {}
+    for p in planned:
+        prompts = items[: p.n_prompts] if p.n_prompts is not None else items
+        kw: Mapping[str, Any] = {"cache": memo} if p.spec.shares_prefill else {}
+        out[p.attack.name] = p.attack.run(model, tokenizer, prompts, judge, progress=progress, **kw)
+    return out
+
+
+register_attack(
+    AttackSpec(
+        "vanilla",
+        lambda s, *, max_new_tokens, batch_size, seed: VanillaAttack(
+            max_new_tokens=max_new_tokens, batch_size=batch_size
+        ),
+        shares_prefill=True,
+    )
+)
+register_attack(
+    AttackSpec(
+        "vanilla_system",
+        lambda s, *, max_new_tokens, batch_size, seed: VanillaAttack(
+            system=s.system_prompt, max_new_tokens=max_new_tokens, batch_size=batch_size
+        ),
+        shares_prefill=True,
+    )
+)
+register_attack(
+    AttackSpec(
+        "decoding",
+        lambda s, **budget: s.decoding_attack(**budget),
+        shares_prefill=True,
+    )
+)

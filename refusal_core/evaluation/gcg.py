@@ -30,7 +30,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from refusal_core.errors import EmptyInputError, InvalidArgumentError
-from refusal_core.evaluation.attacks import Completions, JudgedAttack, check_system
+from refusal_core.evaluation.attacks import (
+    AttackSpec,
+    Completions,
+    JudgedAttack,
+    check_system,
+    register_attack,
+)
 from refusal_core.evaluation.generation import (
     GenerationCache,
     _accepts,
@@ -425,3 +431,16 @@ def gcg_optimize(
 ) -> GcgRun:
     """Functional form of :meth:`GcgAttack.optimize` (default settings when ``config`` is None)."""
     return (config or GcgAttack()).optimize(model, tokenizer, instructions, progress=progress)
+
+
+#: The study's GCG: one universal suffix on the first ``gcg_prompts`` harmful prompts, when the
+#: settings give it a budget. Its prompts carry the optimised suffix, so it shares no prefill.
+register_attack(
+    AttackSpec(
+        "gcg",
+        lambda s, **budget: s.gcg_attack(**budget) if s.runs_gcg else None,
+        shares_prefill=False,
+        n_prompts=lambda s: s.gcg_prompts,
+        not_paired="one universal suffix per model: per-prompt outcomes are not independent",
+    )
+)

@@ -18,17 +18,32 @@ from typing import Any
 from refusal_core.aird import AirdConfig
 from refusal_core.compression import method_config
 from refusal_core.errors import InvalidArgumentError
-from refusal_core.evaluation.attacks import DecodingAttack, VanillaAttack
+from refusal_core.evaluation.attacks import DecodingAttack, check_attack_names
 from refusal_core.evaluation.gcg import GcgAttack
+from refusal_core.evaluation.judges import check_judge_spec
+from refusal_core.model import DTYPES, check_device
 from refusal_core.selection import SelectionConfig
 
-__all__ = ["DEFAULT_METHODS", "REPAIR_LAYERS", "AttackSettings", "RepairConfig", "StudyConfig"]
+__all__ = [
+    "DEFAULT_METHODS",
+    "PLACEMENTS",
+    "REPAIR_LAYERS",
+    "AttackSettings",
+    "RepairConfig",
+    "StudyConfig",
+]
 
 DEFAULT_METHODS = ("magnitude", "wanda", "wanda-2:4", "llm-int8", "awq-w8", "awq-w4")
 
 #: Where the repair may edit: the base model's source layer (the paper's recipe), the compressed
 #: model's own source layer, or both.
 REPAIR_LAYERS = ("base", "own", "both")
+
+#: Which block an AIRD edit for source layer l writes: ``"source-block"`` edits block l's writers
+#: (their output enters block l+1), ``"into-source"`` block l−1's (their output is the residual
+#: stream at block l's input, where r was measured). The paper says "the source layer" and does not
+#: settle which; at l = 0 only the first exists.
+PLACEMENTS = ("source-block", "into-source")
 
 
 def _default(cls: type, name: str) -> Any:
@@ -66,16 +81,12 @@ class AttackSettings:
     gcg_topk: int = 8
     gcg_candidates: int = 8
     gcg_target: str = _default(GcgAttack, "target")
+    #: the registered attacks to run, in this order (vanilla, vanilla_system, decoding, gcg, or any
+    #: attack added with refusal_core.evaluation.attacks.register_attack)
+    names: tuple[str, ...] = ("vanilla", "vanilla_system", "decoding", "gcg")
 
-    def attacks(
-        self, *, max_new_tokens: int, batch_size: int, seed: int
-    ) -> list[VanillaAttack | DecodingAttack]:
-        """The attacks that share one prefill: vanilla, vanilla under :attr:`system_prompt`, decoding."""
-        return [
-            VanillaAttack(max_new_tokens=max_new_tokens, batch_size=batch_size),
-            VanillaAttack(system=self.system_prompt, max_new_tokens=max_new_tokens, batch_size=batch_size),
-            self.decoding_attack(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed),
-        ]
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", check_attack_names(self.names))
 
     def decoding_attack(self, *, max_new_tokens: int, batch_size: int, seed: int) -> DecodingAttack:
         """The decoding-grid attack these settings describe."""
@@ -135,9 +146,14 @@ class RepairConfig:
     which is cheaper on large models.
     """
 
-    gains: tuple[float, ...] = (1.25, 1.5, 2.0, 3.0, 5.0)
+    #: gains along r̂ tried at both projections; up to 15, the gain the paper's α = 0.02 gives on
+    #: qwen-1.8b-chat's direction (‖r‖ = 26.3; about 3 on gemma-2b-it's, ‖r‖ = 10.06)
+    gains: tuple[float, ...] = (1.25, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0, 15.0)
     include_paper_alpha: bool = True
     layers: tuple[str, ...] = ("base",)
+    #: where each edit sits: source-block (block l's writers) and/or into-source (block l-1's, whose
+    #: output is the residual stream where r was measured); the sweep tries every one given
+    placements: tuple[str, ...] = PLACEMENTS
     sparse: bool = True
     max_over_refusal_increase: float = 0.05
     max_kl_increase: float = 0.05
@@ -162,6 +178,16 @@ class RepairConfig:
                 f"layers must be distinct values of {REPAIR_LAYERS}, got {self.layers!r}"
             )
         object.__setattr__(self, "layers", layers)
+        placements = tuple(self.placements) if isinstance(self.placements, (tuple, list)) else ()
+        if (
+            not placements
+            or any(x not in PLACEMENTS for x in placements)
+            or len(set(placements)) != len(placements)
+        ):
+            raise InvalidArgumentError(
+                f"placements must be distinct values of {PLACEMENTS}, got {self.placements!r}"
+            )
+        object.__setattr__(self, "placements", placements)
         for name in ("max_over_refusal_increase", "max_kl_increase"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not float(v) >= 0.0:
@@ -186,6 +212,8 @@ class StudyConfig:
     #: the model's dtype: "float32", "bfloat16", "float16", or None (float32 on CPU); difference
     #: in means, AIRD and every score are computed in float64 whatever this is
     dtype: str | None = None
+    #: the compression methods the study compares with the base; empty only for the bench of one
+    #: given candidate (the audit): :func:`~refusal_core.study.run.run_study` needs at least one
     methods: tuple[str, ...] = DEFAULT_METHODS
     harmful_train: str = "harmful_train"
     harmless_train: str = "harmless_train"
@@ -214,10 +242,15 @@ class StudyConfig:
     max_new_tokens: int = 24
     batch_size: int = 32
     seed: int = 0
+    #: save the paper-α and the chosen repaired variants as checkpoints that transformers'
+    #: ``from_pretrained`` loads (``checkpoints/<variant>/`` in the run directory)
+    save_checkpoints: bool = True
 
     def __post_init__(self) -> None:
-        if not self.methods:
-            raise InvalidArgumentError("methods is empty; name at least one compression method")
+        if not isinstance(self.save_checkpoints, bool):
+            raise InvalidArgumentError(f"save_checkpoints must be a bool, got {self.save_checkpoints!r}")
+        if isinstance(self.methods, (str, bytes)) or not isinstance(self.methods, (tuple, list)):
+            raise InvalidArgumentError(f"methods must be a tuple of method names, got {self.methods!r}")
         for m in self.methods:
             method_config(m)  # raises, naming the valid methods
         if len(set(self.methods)) != len(self.methods):
@@ -232,13 +265,9 @@ class StudyConfig:
             or self.noise_splits < 1
         ):
             raise InvalidArgumentError(f"noise_splits must be an int >= 1, got {self.noise_splits!r}")
-        from refusal_core.model import DTYPES, check_device
-
         check_device(self.device)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise InvalidArgumentError(f"dtype must be None or one of {sorted(DTYPES)}, got {self.dtype!r}")
-        from refusal_core.evaluation.judges import check_judge_spec
-
         check_judge_spec(self.judge)
         if not isinstance(self.filter_prompts, bool):
             raise InvalidArgumentError(f"filter_prompts must be a bool, got {self.filter_prompts!r}")

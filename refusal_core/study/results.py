@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from refusal_core.evaluation.attacks import ATTACKS
 from refusal_core.stats import MeanDifference, PairedTest, Rate, mcnemar, paired_mean_difference, rate_of
 from refusal_core.study.sweep import RepairChoice, SweepPoint, ValidationScores
 
@@ -38,10 +39,11 @@ __all__ = [
     "VariantResult",
 ]
 
-#: Attacks whose per-prompt outcomes are not independent given the model: the study's GCG optimizes
-#: ONE universal suffix per model, so every prompt's outcome moves with that one suffix and a paired
-#: per-prompt test (McNemar) would overstate the evidence. Their rates are reported without a test.
-NOT_PAIRED_TESTABLE = {"gcg": "one universal suffix per model: per-prompt outcomes are not independent"}
+#: Attacks whose per-prompt outcomes are not independent given the model (the registry's
+#: ``not_paired``): the study's GCG optimizes ONE universal suffix per model, so every prompt's
+#: outcome moves with that one suffix and a paired per-prompt test (McNemar) would overstate the
+#: evidence. Their rates are reported without a test.
+NOT_PAIRED_TESTABLE = {name: spec.not_paired for name, spec in ATTACKS.items() if spec.not_paired}
 
 #: The per-prompt refusal flags of a mechanism stage, in the order they are compared.
 MECHANISM_FLAGS = ("refused_harmful", "refused_ablated", "refused_added")
@@ -305,7 +307,8 @@ class RepairSummary:
     """How a repaired variant was made: the sweep arm, the strength and where it edited.
 
     ``same_as`` names the compressed model when no edit was chosen (the variant IS that model, and
-    carries no layers, strengths or edit record).
+    carries no layers, strengths or edit record). ``checkpoint``: where the study saved the repaired
+    model (relative to the run directory), None when it saved none.
     """
 
     arm: str
@@ -317,6 +320,7 @@ class RepairSummary:
     alphas: list[float] | None = None
     gains: list[float] | None = None
     record: dict[str, Any] | None = None
+    checkpoint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -329,6 +333,8 @@ class RepairSummary:
             out["same_as"] = self.same_as
         else:
             out |= {"layers": self.layers, "alphas": self.alphas, "gains": self.gains, "record": self.record}
+        if self.checkpoint is not None:
+            out["checkpoint"] = self.checkpoint
         return out
 
     @classmethod
@@ -343,6 +349,7 @@ class RepairSummary:
             alphas=d.get("alphas"),
             gains=d.get("gains"),
             record=d.get("record"),
+            checkpoint=d.get("checkpoint"),
         )
 
 

@@ -75,8 +75,10 @@ class SweepPoint:
 
     ``strength`` is ``"identity"`` (no edit: the compressed model itself), ``"paper"`` (the
     paper's α pair) or ``"gain"``; ``gains`` / ``alphas`` hold the (attention, MLP) values that
-    were applied, both spellings exact; ``layers`` the blocks edited; ``placement`` one of
-    ``"none"``, ``"base"``, ``"own"``, ``"both"``.
+    were applied, both spellings exact; ``layers`` the blocks edited; ``placement`` which source
+    layers were repaired, one of ``"none"``, ``"base"``, ``"own"``, ``"both"``; ``edit`` where the
+    edit sits relative to them (``"source-block"``: block l itself, ``"into-source"``: block l−1,
+    whose output is the residual stream where r was measured).
     """
 
     strength: str
@@ -86,13 +88,20 @@ class SweepPoint:
     gains: tuple[float, float]
     alphas: tuple[float, float]
     scores: ValidationScores
+    edit: str = "source-block"
+
+    @property
+    def source_layers(self) -> tuple[int, ...]:
+        """The layers whose direction the edit repairs (``layers`` are the blocks edited)."""
+        return tuple(x + 1 for x in self.layers) if self.edit == "into-source" else self.layers
 
     @property
     def label(self) -> str:
         if self.strength == "identity":
             return "no edit"
         what = "paper α" if self.strength == "paper" else f"g={self.gains[0]:g}"
-        return f"{what}{' sparse' if self.sparse else ''} @{self.placement}"
+        into = " into-source" if self.edit == "into-source" else ""
+        return f"{what}{' sparse' if self.sparse else ''} @{self.placement}{into}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +113,7 @@ class SweepPoint:
             "alphas": list(self.alphas),
             "label": self.label,
             "scores": self.scores.to_dict(),
+            "edit": self.edit,
         }
 
     @classmethod
@@ -116,6 +126,8 @@ class SweepPoint:
             gains=(float(d["gains"][0]), float(d["gains"][1])),
             alphas=(float(d["alphas"][0]), float(d["alphas"][1])),
             scores=ValidationScores.from_dict(d["scores"]),
+            # files written before the placement setting existed edited the source block
+            edit=str(d.get("edit", "source-block")),
         )
 
 
