@@ -54,7 +54,15 @@ from torch import nn
 
 from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError
 from refusal_core.model import get_layout, model_identity
-from refusal_core.records import RECORD_KINDS, Record, file_sha256, json_default, read_json, write_record
+from refusal_core.records import (
+    RECORD_KINDS,
+    Record,
+    file_sha256,
+    json_default,
+    read_json,
+    respect_umask_,
+    write_record,
+)
 
 __all__ = [
     "CHECKPOINT_FORMATS",
@@ -427,7 +435,7 @@ def save_checkpoint(
                 data=data,
             ),
         )
-        _replace_dir(tmp, out)
+        _replace_dir(respect_umask_(tmp, recursive=True), out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

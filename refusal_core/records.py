@@ -65,12 +65,14 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_with",
+    "current_umask",
     "file_sha256",
     "json_default",
     "load_record_as",
     "read_json",
     "read_record",
     "register_kind",
+    "respect_umask_",
     "write_record",
 ]
 
@@ -97,6 +99,35 @@ def json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
+def current_umask() -> int:
+    """The process's umask (read without changing it where ``/proc`` allows; else set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def respect_umask_(path: str | os.PathLike[str], *, recursive: bool = False) -> Path:
+    """Give a file or directory made by ``tempfile`` (always 0600 / 0700) the mode an ordinary
+    ``open``/``mkdir`` would have given it (0666 / 0777 less the umask); returns the path.
+    ``recursive`` also sets everything under a directory (safetensors writes its files 0600).
+
+    ``mkstemp``/``mkdtemp`` ignore the umask on purpose (their names are guessable in a shared
+    /tmp); ours are renamed into place as results that others on the machine may need to read.
+    """
+    p = Path(path)
+    mask = current_umask()
+    for q in [p, *(sorted(p.rglob("*")) if recursive and p.is_dir() else [])]:
+        if not q.is_symlink():
+            os.chmod(q, (0o777 if q.is_dir() else 0o666) & ~mask)
+    return p
+
+
 def atomic_write_with(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
     """Let ``write(tmp)`` fill a temp file beside ``path``, fsync it and rename it over ``path``; returns it.
 
@@ -110,6 +141,7 @@ def atomic_write_with(path: str | os.PathLike[str], write: Callable[[Path], obje
     tmp = Path(name)
     try:
         write(tmp)
+        respect_umask_(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, out)

@@ -23,6 +23,7 @@ from torch import nn
 
 from refusal_core.errors import InvalidArgumentError, ModelNotFoundError, RefusalCoreError
 from refusal_core.model.layout import get_layout
+from refusal_core.records import respect_umask_
 
 __all__ = [
     "CACHE_ENV_VAR",
@@ -191,7 +192,7 @@ def gguf_cached_dir(path: str | os.PathLike[str]) -> Path:
         record = {"source": str(src.resolve()), "sha256": digest, "bytes": src.stat().st_size}
         (tmp / _GGUF_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
         try:
-            os.rename(tmp, target)
+            os.rename(respect_umask_(tmp, recursive=True), target)
         except OSError:
             if not (target / _GGUF_RECORD).is_file():  # not another process's finished conversion
                 raise
