@@ -147,10 +147,24 @@ def _task_yaml(task: str) -> Path | None:
     return None
 
 
+class _TaskYamlLoader(yaml.SafeLoader):
+    """Safe YAML that reads lm-eval's ``!function module.name`` tag as the plain string."""
+
+
+_TaskYamlLoader.add_constructor(
+    "!function",
+    lambda loader, node: f"!function {loader.construct_scalar(node)}",  # type: ignore[arg-type]
+)
+
+
 def _local_config(yaml_path: Path) -> dict[str, Any]:
-    """The config of a local task YAML, ``data_files`` made absolute (lm-eval resolves them from cwd)."""
+    """The config of a local task YAML, ``data_files`` made absolute (lm-eval resolves them from cwd).
+
+    ``custom_dataset`` (the shipped tasks' loader for plain lm-eval, which resolves the same paths)
+    is dropped: with absolute ``data_files`` lm-eval's own JSON loading does the same.
+    """
     try:
-        config = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+        config = yaml.load(yaml_path.read_text(encoding="utf-8"), Loader=_TaskYamlLoader)  # a SafeLoader
     except (OSError, yaml.YAMLError) as exc:
         raise ArtifactError(f"task file {str(yaml_path)!r} cannot be read: {exc}") from exc
     if not isinstance(config, dict) or "task" not in config:
@@ -167,6 +181,7 @@ def _local_config(yaml_path: Path) -> dict[str, Any]:
             raise ArtifactError(f"task {config['task']!r}: data file {str(path)!r} does not exist")
         resolved[split] = str(path.resolve())
     config = {**config, "dataset_kwargs": {**config["dataset_kwargs"], "data_files": resolved}}
+    config.pop("custom_dataset", None)
     return config
 
 
