@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import re
 import sys
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from refusal_core import _cli_config as cc
+from refusal_core._version import version_line
 from refusal_core.errors import InvalidArgumentError, RefusalCoreError
 
 if TYPE_CHECKING:
@@ -110,7 +112,19 @@ STUDY_ALIASES: dict[str, tuple[str, ...]] = {
     "zero_shot_tasks": ("--tasks",),
 }
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: Every spelling ``--dtype`` takes (every command, and ``dtype`` in a study config) → the dtype
+#: name ``load_model`` takes; ``auto``/``none``: float32 on CPU, the checkpoint's own on a GPU.
+DTYPE_SPELLINGS: dict[str, str | None] = {
+    "auto": None,
+    "none": None,
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+DTYPES = tuple(DTYPE_SPELLINGS)
 _DEVICE = re.compile(r"^(cpu|auto|cuda|cuda:\d+)$")
 
 
@@ -134,6 +148,12 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.required or action.default is None or "(default:" in text:
             return text
         return super()._get_help_string(action)
+
+
+def _dtype_spelling(text: str) -> str:
+    if text.strip().lower() not in DTYPE_SPELLINGS:
+        raise argparse.ArgumentTypeError(f"--dtype must be one of {', '.join(DTYPES)}, got {text!r}")
+    return text.strip().lower()
 
 
 def _device(text: str) -> str:
@@ -162,9 +182,14 @@ def _nonnegative(text: str) -> int:
     return value
 
 
+_JUDGE = re.compile(r"^(substring|classifier(-llamaguard|-harmbench)?:.+)$", re.DOTALL)
+
+
 def _judge_spec(text: str) -> str:
-    if text != "substring" and not (text.startswith("classifier:") and len(text) > len("classifier:")):
-        raise argparse.ArgumentTypeError(f"--judge must be 'substring' or 'classifier:DIR', got {text!r}")
+    if not _JUDGE.match(text):
+        raise argparse.ArgumentTypeError(
+            f"--judge must be 'substring' or 'classifier[-llamaguard|-harmbench]:DIR', got {text!r}"
+        )
     return text
 
 
@@ -192,8 +217,9 @@ def _add_load_args(p: argparse.ArgumentParser, *, method: str | None) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=DTYPES,
+        type=_dtype_spelling,
         default="auto",
+        metavar="{auto,float32,bfloat16,float16}",
         help="dtype of the model's weights (auto: float32 on CPU, the checkpoint's own on a GPU)",
     )
     p.add_argument(
@@ -207,7 +233,31 @@ def _add_load_args(p: argparse.ArgumentParser, *, method: str | None) -> None:
 
 
 def _add_progress(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-progress", action="store_true", help="hide every progress bar (also the libraries')")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide every progress bar, also the libraries' (always hidden when stderr is not a terminal)",
+    )
+
+
+def _add_verbosity(p: argparse.ArgumentParser, *, top: bool) -> None:
+    """``-v``/``-q`` (before or after the subcommand: a subcommand's copy only counts when given)."""
+    default = 0 if top else argparse.SUPPRESS
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=default,
+        help="more messages on stderr: -v notes, -vv also debug and the libraries' warnings "
+        "(default: warnings and errors)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="count",
+        default=default,
+        help="errors only on stderr, warnings hidden (default: off)",
+    )
 
 
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
@@ -250,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Did compressing this model break its refusal direction, and can AIRD repair it?",
         **common,
     )
+    top.add_argument("--version", action="version", version=version_line())
+    _add_verbosity(top, top=True)
     sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("study", help="run (or resume) the whole study and write a report", **common)
@@ -320,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--judge",
         type=_judge_spec,
         default="substring",
-        help="ASR judge: 'substring' (refusal phrases) or 'classifier:DIR' (a LlamaGuard-style model);"
+        help="ASR judge: 'substring' (refusal phrases) or 'classifier:DIR' (a LlamaGuard- or HarmBench-"
+        "style classifier, checked before use; classifier-llamaguard:DIR / classifier-harmbench:DIR name "
+        "the format);"
         " over-refusal always counts refusal phrases",
     )
     v.add_argument("--out", required=True, help="directory for the ASR and over-refusal results")
@@ -333,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("module", help="the module under test, e.g. mypkg.refusal_ops (comma-separated: several)")
     o.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed on to pytest (e.g. -k ablate -x)")
+    for name, command_parser in sub.choices.items():
+        if name != "oracle":  # its -v goes to pytest
+            _add_verbosity(command_parser, top=False)
     return top
 
 
@@ -356,7 +413,11 @@ def _add_audit_parser(sub: Any, common: dict[str, Any]) -> None:
         "--device", type=_device, default=d.device, help="cpu, cuda, cuda:N, or auto (all visible GPUs)"
     )
     u.add_argument(
-        "--dtype", choices=DTYPES, default="auto", help="dtype of both models (auto: float32 on CPU)"
+        "--dtype",
+        type=_dtype_spelling,
+        default="auto",
+        metavar="{auto,float32,bfloat16,float16}",
+        help="dtype of both models (auto: float32 on CPU)",
     )
     u.add_argument("--n-train", type=_count, default=d.n_train, help="prompts per class for extraction")
     u.add_argument("--n-val", type=_count, default=d.n_val, help="prompts per class for selection and sweep")
@@ -435,7 +496,7 @@ def _precheck_load_args(args: argparse.Namespace) -> None:
     if template is not None and not Path(template).is_file():
         raise InvalidArgumentError(f"--chat-template {template!r} is not a file")
     judge = getattr(args, "judge", "substring")
-    if judge.startswith("classifier:") and not Path(judge.partition(":")[2]).is_dir():
+    if judge.startswith("classifier") and not Path(judge.partition(":")[2]).is_dir():
         raise InvalidArgumentError(f"--judge {judge!r}: {judge.partition(':')[2]!r} is not a model directory")
     if getattr(args, "method", None):
         from refusal_core.compression import method_config
@@ -483,9 +544,38 @@ class _Command:
     writes: bool = True  # whether it has an --out to check
 
 
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"refusal-core: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def configure_logging(verbosity: int) -> logging.Logger:
+    """The ``refusal_core`` logger on stderr at ``verbosity`` (-1 errors, 0 warnings, 1 info, 2 debug);
+    the libraries' own loggers (transformers, lm-eval, datasets) stay at errors below ``-vv``."""
+    level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(
+        max(-1, min(verbosity, 2)), logging.DEBUG
+    )
+    logger = logging.getLogger("refusal_core")
+    for handler in [h for h in logger.handlers if getattr(h, "_refusal_core_cli", False)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine())
+    handler._refusal_core_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    library_level = logging.WARNING if verbosity >= 2 else logging.ERROR
+    for name in ("transformers", "lm-eval", "lm_eval", "datasets", "accelerate"):
+        logging.getLogger(name).setLevel(library_level)
+    return logger
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging(int(getattr(args, "verbose", 0)) - int(getattr(args, "quiet", 0)))
+    if hasattr(args, "no_progress") and not sys.stderr.isatty():
+        args.no_progress = True  # a bar redrawn with \r is noise in a log file or a pipe
     command = COMMANDS[args.command]
     created: Path | None = None
     ours: list[Path] = []
@@ -507,7 +597,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _print(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    """``obj`` as strict JSON on stdout: undefined values (NaN, ±inf) are null, as in every file."""
+    from refusal_core.records import finite_or_null
+
+    print(json.dumps(finite_or_null(obj), indent=2, sort_keys=True, default=str, allow_nan=False))
 
 
 # ----------------------------------------------------------------------------
@@ -521,7 +614,19 @@ def resolve_study_config(config_file: str | None, overrides: Mapping[str, Any]) 
 
     options = _study_options()
     from_file = cc.read_config_file(config_file, StudyConfig, options) if config_file else {}
-    return cc.build_config(StudyConfig, from_file, overrides)
+    layers = []
+    for layer in (from_file, overrides):
+        layer = dict(layer)
+        # The same --dtype spellings as every other command (auto = none = the default).
+        if isinstance(layer.get("dtype"), str):
+            spelling = layer["dtype"].strip().lower()
+            if spelling not in DTYPE_SPELLINGS:
+                raise InvalidArgumentError(
+                    f"dtype must be one of {', '.join(DTYPES)}, got {layer['dtype']!r}"
+                )
+            layer["dtype"] = DTYPE_SPELLINGS[spelling]
+        layers.append(layer)
+    return cc.build_config(StudyConfig, *layers)
 
 
 def _cmd_study(args: argparse.Namespace, ours: list[Path]) -> int:
@@ -571,7 +676,7 @@ def _print_summary(results: StudyResults) -> None:
 
 def _dtype(name: str) -> str | None:
     """``--dtype`` for ``load_model``: None for ``auto`` (float32 on CPU, the checkpoint's own on GPU)."""
-    return None if name == "auto" else name
+    return DTYPE_SPELLINGS[name.strip().lower()]
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -691,13 +796,29 @@ def _cmd_extract(args: argparse.Namespace, ours: list[Path]) -> int:
             progress=not args.no_progress,
         )
         sel.save(out / "selection")
+        # Sites as (layer, position -P..-1), as every other output writes them.
         summary |= {
-            "selected": sel.selected,
-            "fallback": sel.fallback,
+            "selected": sel.site(sel.selected),
+            "fallback": sel.site(sel.fallback),
+            "source": sel.site(sel.source),
+            "source_is_fallback": sel.selected is None,
             "source_position": sel.source_position,
         }
+        _note_fallback(sel)
     _print(summary)
     return 0
+
+
+def _note_fallback(sel: Any) -> None:
+    """One line on stderr when no candidate passed the selection filters and the fallback is used."""
+    if sel.selected is None:
+        layer, position = sel.site(sel.source)
+        logging.getLogger("refusal_core").warning(
+            "no candidate direction passed the selection filters; using the fallback source "
+            "(layer %d, position %d: the lowest bypass score below the layer cut, filters relaxed)",
+            layer,
+            position,
+        )
 
 
 def _base_identity(spec: str, loaded_identity: Mapping[str, Any]) -> dict[str, Any]:
@@ -769,6 +890,7 @@ def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
     sel = SelectionResult.load(Path(args.direction) / "selection")
     layer, pi = sel.source
     r = cands.directions[layer, pi]
+    _note_fallback(sel)
     _check_checkpoint_target(args.out)
     from refusal_core.model import model_identity
 
@@ -803,6 +925,7 @@ def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
         "aird": aird,
         "direction": str(Path(args.direction).absolute()),
         "source": [layer, sel.positions[pi]],
+        "source_is_fallback": sel.selected is None,
         "source_model": args.model,
         "refusal_token_ids": refusal_ids,
     }

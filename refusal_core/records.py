@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -67,6 +68,7 @@ __all__ = [
     "atomic_write_with",
     "current_umask",
     "file_sha256",
+    "finite_or_null",
     "json_default",
     "load_record_as",
     "read_json",
@@ -82,6 +84,21 @@ _T = TypeVar("_T")
 # ----------------------------------------------------------------------------
 # the writer and the reader
 # ----------------------------------------------------------------------------
+
+
+def finite_or_null(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±inf) in it, however nested, replaced by None.
+
+    Strict JSON has no NaN: a value that is not defined (an unscored candidate, a cosine with a zero
+    vector) is written as null, which every parser reads.
+    """
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
 
 
 def json_default(obj: Any) -> Any:

@@ -425,7 +425,11 @@ def test_no_progress_silences_every_bar(tmp_path: Path, capsys: pytest.CaptureFi
     quiet = capsys.readouterr().err
     assert "it/s]" not in quiet, f"--no-progress still drew a bar: {quiet[-300:]!r}"
     assert "%|" not in quiet, f"--no-progress still drew a bar: {quiet[-300:]!r}"
-    assert main([*argv, "--out", str(tmp_path / "loud")]) == 0
+    import unittest.mock
+
+    # Bars are drawn only on a terminal (never into a log or a pipe): stand in for one.
+    with unittest.mock.patch.object(sys.stderr, "isatty", return_value=True):
+        assert main([*argv, "--out", str(tmp_path / "loud")]) == 0
     loud = capsys.readouterr().err
     assert "it/s]" in loud, "without --no-progress bars are drawn (so the check above can fail)"
 

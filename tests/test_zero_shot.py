@@ -194,3 +194,20 @@ def test_shipped_tasks_run_in_plain_lm_eval_from_any_directory(
         err = float((plain - ours).norm() / ours.norm())
         assert err < 1e-4, f"{task}: plain lm-eval vs native log-likelihoods, relative error {err:.2e}"
         assert results["results"][task]["acc,none"] == native[task].accuracy, f"{task}: accuracy differs"
+
+
+@needs_lm_eval
+def test_lm_eval_outside_a_git_checkout_prints_no_git_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """lm-eval runs ``git describe`` in the working directory with the terminal's stderr: outside a
+    checkout that printed "fatal: not a git repository" once per evaluation (13 lines per study)."""
+    import shutil
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed: nothing would print")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no checkout above tmp_path either
+    zero_shot_evaluate(tiny_model("llama", seed=4), TOK, ["rc_arithmetic"], limit=2, backend="lm_eval")
+    err = capfd.readouterr().err
+    assert "not a git repository" not in err, f"lm-eval's git call reached stderr: {err[-300:]!r}"
