@@ -36,6 +36,7 @@ Example (the toy against a Wanda checkpoint; about half a minute on a CPU)::
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -302,6 +303,13 @@ def audit(config: AuditConfig, out_dir: str | Path, *, progress: bool = True) ->
     layer, pos_i = base_sel.source
     position = base_sel.positions[pos_i]
     r_base = base_cands.directions[layer, pos_i]
+    if base_sel.selected is None:  # the audit's whole comparison rests on this direction: say so
+        logging.getLogger("refusal_core.audit").warning(
+            "no candidate direction of the base passed the selection filters; using the fallback "
+            "source (layer %d, position %d); report.md marks it with †",
+            layer,
+            position,
+        )
     base_mech, _ = run.mechanism("base", run.model, r_base, layer, [k_sel])
 
     # the candidate's own direction, compared with the base's

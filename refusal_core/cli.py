@@ -289,20 +289,60 @@ def _aird_options() -> list[cc.ConfigOption]:
     return cc.config_options(AirdConfig, table=HELP)
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the version line is computed (git is asked) only when the flag is given."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("help", "print the version (and the git commit of a checkout) and exit")
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> NoReturn:
+        parser.exit(0, version_line() + "\n")
+
+
+#: One line per subcommand, for ``refusal-core --help`` (kept equal to the full parser's by a test).
+COMMAND_HELP: dict[str, str] = {
+    "study": "run (or resume) the whole study and write a report",
+    "extract": "candidate directions (and the selected one) of a model",
+    "compress": "compress a model and save it as a checkpoint directory",
+    "compare": "compare two saved candidate sets",
+    "aird": "apply AIRD with a saved direction and save the repaired checkpoint",
+    "evaluate": "ASR per attack and over-refusal of a model",
+    "audit": "audit a compressed checkpoint against its base (optionally repair it)",
+    "oracle": "run the property suite against your implementation module (exit code: pytest's)",
+}
+
+_COMMON: dict[str, Any] = {"formatter_class": _Formatter, "allow_abbrev": False}
+
+
+def _top_parser() -> tuple[argparse.ArgumentParser, Any]:
+    top = _Parser(
+        prog="refusal-core",
+        description="Did compressing this model break its refusal direction, and can AIRD repair it?",
+        **_COMMON,
+    )
+    top.add_argument("--version", action=_VersionAction)
+    _add_verbosity(top, top=True)
+    return top, top.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+
+def build_command_list_parser() -> argparse.ArgumentParser:
+    """The parser of a command line that names no subcommand (``--help``, ``--version``, an error):
+    the subcommands with one line each and none of their options, so nothing heavy is imported
+    (the full parser generates options from the config dataclasses, whose modules import torch)."""
+    top, sub = _top_parser()
+    for name, text in COMMAND_HELP.items():
+        sub.add_parser(name, help=text, add_help=False)
+    return top
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``refusal-core`` parser; config options are generated from the config dataclasses."""
     from refusal_core.study import StudyConfig
 
     d = StudyConfig()
-    common: dict[str, Any] = {"formatter_class": _Formatter, "allow_abbrev": False}
-    top = _Parser(
-        prog="refusal-core",
-        description="Did compressing this model break its refusal direction, and can AIRD repair it?",
-        **common,
-    )
-    top.add_argument("--version", action="version", version=version_line())
-    _add_verbosity(top, top=True)
-    sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    common = _COMMON
+    top, sub = _top_parser()
 
     s = sub.add_parser("study", help="run (or resume) the whole study and write a report", **common)
     s.add_argument(
@@ -502,6 +542,7 @@ def _precheck_load_args(args: argparse.Namespace) -> None:
         from refusal_core.compression import method_config
 
         method_config(args.method)  # raises, listing the valid names
+        check_methods_available([args.method])
 
 
 @contextlib.contextmanager
@@ -570,8 +611,20 @@ def configure_logging(verbosity: int) -> logging.Logger:
     return logger
 
 
+def _names_a_command(argv: Sequence[str]) -> bool:
+    """Whether a subcommand appears before any ``-h``/``--help``/``--version`` (else the light parser
+    answers: it knows the same top-level flags and subcommand names)."""
+    for arg in argv:
+        if arg in COMMAND_HELP:
+            return True
+        if arg in ("-h", "--help", "--version") or not arg.startswith("-"):
+            return False
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser() if _names_a_command(argv) else build_command_list_parser()
     args = parser.parse_args(argv)
     configure_logging(int(getattr(args, "verbose", 0)) - int(getattr(args, "quiet", 0)))
     if hasattr(args, "no_progress") and not sys.stderr.isatty():
@@ -629,11 +682,71 @@ def resolve_study_config(config_file: str | None, overrides: Mapping[str, Any]) 
     return cc.build_config(StudyConfig, *layers)
 
 
+#: The settings of the shipped ``study.toml`` that differ from StudyConfig's defaults: the README's
+#: quick start on the toy in minutes on a laptop CPU (two methods, small prompt sets).
+EXAMPLE_STUDY: dict[str, Any] = {
+    "methods": ("magnitude", "wanda"),
+    "n_train": 32,
+    "n_val": 16,
+    "n_test": 32,
+    "n_calibration": 16,
+    "noise_splits": 2,
+    "repair.gains": (1.5, 2.0, 3.0),
+    "attacks.gcg_prompts": 8,
+    "zero_shot_tasks": ("rc_arithmetic",),
+}
+
+EXAMPLE_HEADER = """\
+refusal-core study --config study.toml --out runs/study
+
+Every setting of the study, with what it does; values differing from the built-in defaults
+name the default. This file runs the quick start: the embedded toy model, two compression
+methods, small prompt sets (a few minutes on a CPU). For a real model set `model` (a local
+Hugging Face directory or a .gguf file), `device` / `dtype`, list the `methods` you compress
+with, and raise the prompt counts (the defaults: n_train 128, n_val 32, n_test 64).
+Command-line flags win over this file: `--n-test 16`, `--aird-gain-attn 2`, `--methods wanda`.
+A `none` value means "not set" (for dtype: float32 on CPU, the checkpoint's own on a GPU).
+Regenerate after a settings change: python -c "from refusal_core.cli import write_example_config
+as w; w('study.toml')" (tests/test_quick_start.py checks the shipped file is current)."""
+
+
+def example_study_config() -> Any:
+    """The StudyConfig of the shipped ``study.toml`` (:data:`EXAMPLE_STUDY` over the defaults)."""
+    from refusal_core.study import StudyConfig
+
+    return cc.build_config(StudyConfig, EXAMPLE_STUDY)
+
+
+def example_config_text() -> str:
+    """The text of the shipped, commented ``study.toml``."""
+    return cc.commented_config_toml(example_study_config(), _study_options(), header=EXAMPLE_HEADER)
+
+
+def write_example_config(path: str | Path) -> Path:
+    """Write :func:`example_config_text` to ``path`` (the repository's ``study.toml``)."""
+    from refusal_core.records import atomic_write_bytes
+
+    return atomic_write_bytes(path, example_config_text().encode("utf-8"))
+
+
+def check_methods_available(methods: Sequence[str]) -> None:
+    """Refuse, before any stage runs, methods whose optional backend is not installed (a study with
+    ``llmc-wanda`` used to fail only after extracting and evaluating the base model)."""
+    from refusal_core.compression.llmc import LLMC_EXTRA_HINT, llmc_available
+
+    missing = [m for m in methods if m.split("@")[0].startswith("llmc-")]
+    if missing and not llmc_available():
+        raise InvalidArgumentError(
+            f"methods {', '.join(missing)} need llmcompressor, not installed: {LLMC_EXTRA_HINT}"
+        )
+
+
 def _cmd_study(args: argparse.Namespace, ours: list[Path]) -> int:
     from refusal_core.artifacts import atomic_write_bytes
     from refusal_core.study import run_study
 
     cfg = resolve_study_config(args.config, cc.cli_overrides(args))
+    check_methods_available(cfg.methods)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = out / "config.toml"

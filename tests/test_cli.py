@@ -8,6 +8,7 @@ not assumed.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -162,6 +163,18 @@ BAD_INPUT_CASES: list[tuple[str, list[str], str]] = [
         "evaluate-template-missing",
         ["evaluate", "--chat-template", "{tmp}/t.jinja", "--out", "{tmp}/o"],
         "t.jinja",
+    ),
+    # issue 20: a method whose backend is missing fails before any stage (it failed after the base's)
+    *(
+        [
+            (
+                "study-llmc-without-extra",
+                ["study", "--methods", "llmc-wanda", "--out", "{tmp}/o"],
+                "llmcompressor",
+            )
+        ]
+        if importlib.util.find_spec("llmcompressor") is None
+        else []
     ),
 ]
 

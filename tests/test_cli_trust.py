@@ -274,3 +274,49 @@ def test_results_json_records_schema_version_time_and_code(tmp_path: Path) -> No
         f"commit {prov['refusal_core']['commit']} (git says {want})"
     )
     _strict_loads(json.dumps(doc))
+
+
+# ----------------------------------------------------------------------------
+# --help and --version import nothing heavy
+# ----------------------------------------------------------------------------
+
+_PROBE = """
+import sys
+from refusal_core.cli import main
+try:
+    code = main({argv!r})
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted(m for m in ("torch", "transformers", "numpy", "scipy") if m in sys.modules)
+print("HEAVY=" + ",".join(heavy), "CODE=" + str(code))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], [], ["-v", "--help"], ["no-such-command"]])
+def test_top_level_help_and_version_do_not_import_torch(argv: list[str]) -> None:
+    """``refusal-core --help`` took 7.5 s because torch and transformers were imported first."""
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE.format(argv=argv)],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    assert last.startswith("HEAVY= "), (
+        f"refusal-core {argv} imported {last!r} (stderr {done.stderr[-300:]!r})"
+    )
+    assert last.endswith("CODE=0" if argv and argv[-1] in ("--help", "--version") else "CODE=2"), last
+
+
+def test_the_command_list_matches_the_full_parser() -> None:
+    full = cli.build_parser()
+    light = cli.build_command_list_parser()
+
+    def helps(parser: Any) -> dict[str, str]:
+        sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+        return {c.dest: c.help for c in sub._choices_actions}
+
+    assert helps(light) == helps(full), (
+        "refusal-core --help lists the same commands and help as the full parser"
+    )
