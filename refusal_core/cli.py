@@ -326,6 +326,87 @@ def _top_parser() -> tuple[argparse.ArgumentParser, Any]:
     return top, top.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
 
+def _add_study_parser(sub: Any, options: Sequence[cc.ConfigOption]) -> argparse.ArgumentParser:
+    s = sub.add_parser("study", help=COMMAND_HELP["study"], **_COMMON)
+    s.add_argument(
+        "--config", metavar="FILE.toml", default=None, help="study settings (command-line values win)"
+    )
+    s.add_argument(
+        "--out", default="runs/study", help="run directory (artifacts, config.toml, report.md, plots)"
+    )
+    _add_progress(s)
+    taken = {o.flag for o in options} | {"--config", "--out", "--no-progress"}
+    aliases = {k: tuple(f for f in v if f not in taken) for k, v in STUDY_ALIASES.items()}
+    file_only = cc.add_config_options(s, options, aliases=aliases, title="study settings (StudyConfig)")
+    if file_only:
+        s.epilog = "settable only in --config: " + ", ".join(o.key for o in file_only)
+    return s
+
+
+#: ``study --help`` without importing the config modules (they import torch): StudyConfig's options
+#: as data, kept equal to the live ones by a test (regenerate: :func:`write_study_options_cache`).
+STUDY_OPTIONS_CACHE = Path(__file__).parent / "data" / "study_options.json"
+_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str}
+
+
+def _option_to_json(o: cc.ConfigOption) -> dict[str, Any]:
+    element = next((k for k, t in _TYPES.items() if t is o.element), None)
+    default = list(o.default) if isinstance(o.default, tuple) else o.default
+    if o.kind == "other":
+        default = None  # shown nowhere (config-file only)
+    return {
+        "path": list(o.path),
+        "flag": o.flag,
+        "kind": o.kind,
+        "default": default,
+        "help": o.help,
+        "help_source": o.help_source,
+        "optional": o.optional,
+        "element": element,
+        "length": o.length,
+        "choices": list(o.choices),
+    }
+
+
+def _option_from_json(d: Mapping[str, Any]) -> cc.ConfigOption:
+    default = d["default"]
+    return cc.ConfigOption(
+        path=tuple(d["path"]),
+        flag=d["flag"],
+        kind=d["kind"],
+        default=tuple(default) if isinstance(default, list) else default,
+        help=d["help"],
+        help_source=d["help_source"],
+        optional=d["optional"],
+        element=_TYPES.get(d["element"]) if d["element"] else None,
+        length=d["length"],
+        choices=tuple(d["choices"]),
+    )
+
+
+def study_options_cache_text() -> str:
+    """The JSON of :data:`STUDY_OPTIONS_CACHE`, from the live StudyConfig."""
+    return json.dumps([_option_to_json(o) for o in _study_options()], indent=1, ensure_ascii=False) + "\n"
+
+
+def write_study_options_cache() -> Path:
+    """Regenerate :data:`STUDY_OPTIONS_CACHE` after a change to the study's settings."""
+    STUDY_OPTIONS_CACHE.write_text(study_options_cache_text(), encoding="utf-8")
+    return STUDY_OPTIONS_CACHE
+
+
+def build_study_help_parser() -> argparse.ArgumentParser:
+    """The parser that answers ``study --help``: the study's options from the cached table."""
+    top, sub = _top_parser()
+    data = json.loads(STUDY_OPTIONS_CACHE.read_text(encoding="utf-8"))
+    _add_study_parser(sub, [_option_from_json(d) for d in data])
+    for name, text in COMMAND_HELP.items():
+        if name != "study":
+            sub.add_parser(name, help=text, add_help=False)
+    _add_verbosity(sub.choices["study"], top=False)
+    return top
+
+
 def build_command_list_parser() -> argparse.ArgumentParser:
     """The parser of a command line that names no subcommand (``--help``, ``--version``, an error):
     the subcommands with one line each and none of their options, so nothing heavy is imported
@@ -344,20 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = _COMMON
     top, sub = _top_parser()
 
-    s = sub.add_parser("study", help="run (or resume) the whole study and write a report", **common)
-    s.add_argument(
-        "--config", metavar="FILE.toml", default=None, help="study settings (command-line values win)"
-    )
-    s.add_argument(
-        "--out", default="runs/study", help="run directory (artifacts, config.toml, report.md, plots)"
-    )
-    _add_progress(s)
-    options = _study_options()
-    taken = {o.flag for o in options} | {"--config", "--out", "--no-progress"}
-    aliases = {k: tuple(f for f in v if f not in taken) for k, v in STUDY_ALIASES.items()}
-    file_only = cc.add_config_options(s, options, aliases=aliases, title="study settings (StudyConfig)")
-    if file_only:
-        s.epilog = "settable only in --config: " + ", ".join(o.key for o in file_only)
+    _add_study_parser(sub, _study_options())
 
     e = sub.add_parser("extract", help="candidate directions (and the selected one) of a model", **common)
     _add_load_args(e, method="optional")
@@ -622,9 +690,20 @@ def _names_a_command(argv: Sequence[str]) -> bool:
     return False
 
 
+def _asks_study_help(argv: Sequence[str]) -> bool:
+    """``study -h``/``--help`` (before any ``--``): answered from the cached option table."""
+    names = [a for a in argv if a in COMMAND_HELP]
+    return bool(names) and names[0] == "study" and any(a in ("-h", "--help") for a in argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser() if _names_a_command(argv) else build_command_list_parser()
+    if not _names_a_command(argv):
+        parser = build_command_list_parser()
+    elif _asks_study_help(argv) and STUDY_OPTIONS_CACHE.is_file():
+        parser = build_study_help_parser()
+    else:
+        parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(int(getattr(args, "verbose", 0)) - int(getattr(args, "quiet", 0)))
     if hasattr(args, "no_progress") and not sys.stderr.isatty():

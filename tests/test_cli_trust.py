@@ -292,7 +292,9 @@ print("HEAVY=" + ",".join(heavy), "CODE=" + str(code))
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], [], ["-v", "--help"], ["no-such-command"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["--version"], [], ["-v", "--help"], ["no-such-command"], ["study", "--help"]]
+)
 def test_top_level_help_and_version_do_not_import_torch(argv: list[str]) -> None:
     """``refusal-core --help`` took 7.5 s because torch and transformers were imported first."""
     done = subprocess.run(
@@ -320,3 +322,19 @@ def test_the_command_list_matches_the_full_parser() -> None:
     assert helps(light) == helps(full), (
         "refusal-core --help lists the same commands and help as the full parser"
     )
+
+
+def test_study_help_from_the_cached_table_is_the_full_parsers_help() -> None:
+    """``study --help`` is answered from a table of StudyConfig's options; it must be current and
+    print exactly what the parser built from the live config classes prints."""
+    assert cli.STUDY_OPTIONS_CACHE.read_text(encoding="utf-8") == cli.study_options_cache_text(), (
+        "refusal_core/data/study_options.json is stale: run "
+        "python -c 'from refusal_core.cli import write_study_options_cache as w; w()'"
+    )
+    import argparse
+
+    def study_help(parser: argparse.ArgumentParser) -> str:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return sub.choices["study"].format_help()
+
+    assert study_help(cli.build_study_help_parser()) == study_help(cli.build_parser()), "study --help differs"
