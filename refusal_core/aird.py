@@ -48,7 +48,7 @@ from torch import nn
 from refusal_core.compression._transaction import check_model_finite
 from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError, ZeroDirectionError
 from refusal_core.functional import aird_update, check_tensor, unit_direction
-from refusal_core.interventions import check_directions, check_editable_linear
+from refusal_core.interventions import check_directions, editable_writer_matrices
 from refusal_core.model import get_layout, model_identity
 from refusal_core.records import RECORD_KINDS, Record, load_record_as, write_record
 
@@ -346,6 +346,13 @@ def apply_aird_(
 ) -> AirdRecord:
     """Apply AIRD in place to block ``layer``'s ``o_proj`` and ``down_proj``; returns what was done.
 
+    On a Mixture-of-Experts block the MLP strength applies to every routed
+    expert's down projection (rank 1 per expert; record keys
+    ``"experts.down_proj[e]"``) and to any shared expert's
+    (``"shared_expert.down_proj"``); the router reads the stream and is left
+    alone. On Mamba the attention strength applies to the mixer's ``out_proj``
+    (the mixer is its only token mixer and its only writer).
+
     ``r [d]`` is used as given (raw difference in means) unless
     ``config.normalize``. Each module's α is the config's, or resolved from its
     gain against ‖r‖ (:meth:`AirdConfig.strength`). Both modules are checked to
@@ -371,21 +378,24 @@ def apply_aird_(
     r64 = check_directions(r, layout.d_model, allow_batch=False)
     check_model_finite(model, "apply_aird_")  # no NaN/inf anywhere (biases, norms too) before any edit
     r_norm = float(torch.linalg.vector_norm(r64))
-    strengths = {"o_proj": config.strength("attn", r_norm), "down_proj": config.strength("mlp", r_norm)}
-    linears = {
-        "o_proj": check_editable_linear(layout.attn_out(layer), f"o_proj[{layer}]"),
-        "down_proj": check_editable_linear(layout.mlp_out(layer), f"down_proj[{layer}]"),
-    }
-    # Both edits are computed (and checked finite) before either module is written, so a
+    # Every residual writer of the block: o_proj and down_proj, or in an MoE block o_proj, each routed
+    # expert's down projection (a view of the fused [E, d, ff] parameter) and any shared expert's;
+    # Mamba's out_proj. The router only reads the stream and is not among them.
+    linears: dict[str, torch.Tensor] = {}
+    strengths: dict[str, tuple[float, float]] = {}
+    for wm in editable_writer_matrices(layout, [layer]):
+        linears[wm.key] = wm.weight
+        strengths[wm.key] = config.strength(wm.writer.strength, r_norm)
+    # Every edit is computed (and checked finite) before any module is written, so a
     # failing one leaves the model as it was.
     planned: dict[str, tuple[torch.Tensor, AirdModuleRecord]] = {}
     with torch.no_grad():
-        for name, linear in linears.items():
+        for name, weight in linears.items():
             alpha, gain = strengths[name]
-            before = linear.weight.detach().to(torch.float64).clone()
-            rd = r64.to(linear.weight.device)
+            before = weight.detach().to(torch.float64).clone()
+            rd = r64.to(weight.device)
             new = aird_update(
-                linear.weight,
+                weight,
                 rd,
                 alpha,
                 normalize=config.normalize,
@@ -412,7 +422,7 @@ def apply_aird_(
             )
             planned[name] = (new, record)
         for name, (new, _) in planned.items():
-            linears[name].weight.copy_(new)
+            linears[name].copy_(new)  # an expert's slice is a view: this writes the fused parameter
     return AirdRecord(
         layer=layer,
         config=config,

@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError
+from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError, UnsupportedModuleError
 from refusal_core.model import get_layout, model_identity
 from refusal_core.records import (
     RECORD_KINDS,
@@ -134,11 +134,17 @@ def _finite_or_null(obj: Any) -> Any:
 
 def _module_kinds(model: nn.Module) -> dict[str, list[str]]:
     """Full names of the bitsandbytes int8 / 4-bit and simulated int8 modules of ``model``."""
+    from refusal_core.compression._experts import Int8ExpertsSim
     from refusal_core.compression.bnb import is_bnb_4bit, is_bnb_int8
     from refusal_core.compression.quantization import Int8LinearSim
 
     kinds: dict[str, list[str]] = {"bnb-int8": [], "bnb-4bit": [], "int8-sim": []}
     for name, module in model.named_modules():
+        if isinstance(module, Int8ExpertsSim):  # its per-expert linears have no fused form to write back
+            raise UnsupportedModuleError(
+                f"{name} is a per-expert LLM.int8 simulation; it cannot be saved as a checkpoint yet "
+                f"(save before quantizing, or quantize the experts with AWQ)"
+            )
         if is_bnb_int8(module):
             kinds["bnb-int8"].append(name)
         elif is_bnb_4bit(module):

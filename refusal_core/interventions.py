@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -52,12 +53,15 @@ from refusal_core.functional import (
     unit_direction,
 )
 from refusal_core.model import ModelLayout, get_layout
+from refusal_core.model.layout import Writer
 
 __all__ = [
     "HookHandle",
+    "WriterMatrix",
     "ablation_hooks",
     "addition_hooks",
     "check_directions",
+    "editable_writer_matrices",
     "orthogonalize_model_",
 ]
 
@@ -187,6 +191,12 @@ def ablation_hooks(model: nn.Module, r: torch.Tensor) -> HookHandle:
 
     All positions (including tokens generated with a KV cache). ``r [d]`` or
     ``r [B, d]`` (per batch row). ``r`` is validated before any hook exists.
+    The outputs hooked are :meth:`~refusal_core.model.ModelLayout.output_modules`:
+    for a Mixture-of-Experts block the whole sparse MoE block, whose output is
+    the routing-weighted sum of its experts' (and shared expert's) outputs, so
+    ablating it equals ablating every expert's output (the projection is
+    linear) with one hook instead of one per expert inside the fused loop;
+    for Mamba the mixer.
     """
     layout = get_layout(model)
     u_cpu = _unit_rows(check_directions(r, layout.d_model))
@@ -211,8 +221,7 @@ def ablation_hooks(model: nn.Module, r: torch.Tensor) -> HookHandle:
         for layer, block in enumerate(layout.blocks):
             hs.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
             # The modules whose outputs are added to the stream (Gemma 2/3: the post-norms).
-            hs.append(layout.attn_writer(layer).register_forward_hook(out_hook))
-            hs.append(layout.mlp_writer(layer).register_forward_hook(out_hook))
+            hs.extend(m.register_forward_hook(out_hook) for m in layout.output_modules(layer))
         return hs
 
     return _register_all(register)
@@ -262,7 +271,10 @@ def check_editable_linear(module: nn.Module, name: str) -> nn.Linear:
 
 
 def residual_writer_linears(layout: ModelLayout) -> list[tuple[str, nn.Linear]]:
-    """``(name, module)`` of every ``o_proj`` / ``down_proj``, each checked to be editable."""
+    """``(name, module)`` of every ``o_proj`` / ``down_proj``, each checked to be editable.
+
+    Dense families only (an MoE block's experts are no ``nn.Linear``: :func:`editable_writer_matrices`).
+    """
     out = []
     for layer in range(layout.n_layers):
         for name, module in (
@@ -270,6 +282,65 @@ def residual_writer_linears(layout: ModelLayout) -> list[tuple[str, nn.Linear]]:
             (f"down_proj[{layer}]", layout.mlp_out(layer)),
         ):
             out.append((name, check_editable_linear(module, name)))
+    return out
+
+
+def check_editable_expert_weight(weight: object, name: str) -> torch.Tensor:
+    """A fused experts parameter ``[E, d, in]`` if it is a finite floating-point tensor, else raise."""
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 3 or not weight.is_floating_point():
+        kind = (
+            type(weight).__name__
+            if not isinstance(weight, torch.Tensor)
+            else f"{weight.dtype} {weight.ndim}-D"
+        )
+        raise UnsupportedModuleError(
+            f"{name} is {kind}; only a floating-point 3-D experts parameter [E, d, in] can be edited"
+        )
+    if not bool(torch.isfinite(weight).all()):
+        raise NonFiniteError(f"{name} contains NaN or infinity")
+    return weight
+
+
+@dataclass(frozen=True)
+class WriterMatrix:
+    """One matrix ``W [d, in]`` that writes into the residual stream, ready to edit in place.
+
+    ``key``: the block-relative name (``"o_proj"``, ``"down_proj"``,
+    ``"shared_expert.down_proj"``, ``"out_proj"``, or ``"experts.down_proj[e]"``
+    for routed expert ``e``); ``label`` adds the layer (``"o_proj[3]"``,
+    ``"experts.down_proj[3][e]"``). For a routed expert ``weight`` is a view of
+    its slice of the fused ``[E, d, ff]`` parameter (writing it edits the model)
+    and ``bias`` is None (the fused experts have none).
+    """
+
+    writer: Writer
+    key: str
+    label: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    expert: int | None = None
+
+
+def editable_writer_matrices(layout: ModelLayout, layers: list[int] | None = None) -> list[WriterMatrix]:
+    """Every residual-writer matrix of ``layers`` (default all), checked editable (float, finite) first.
+
+    One entry per ``nn.Linear`` writer (``o_proj``, ``down_proj``, a shared
+    expert's ``down_proj``, Mamba's ``out_proj``) and one per routed expert of
+    a fused ``experts.down_proj [E, d, ff]``.
+    """
+    out: list[WriterMatrix] = []
+    for layer in range(layout.n_layers) if layers is None else layers:
+        for writer in layout.writers(layer):
+            label = f"{writer.name}[{layer}]"
+            if writer.stacked:
+                stacked = check_editable_expert_weight(writer.weight, label)
+                out.extend(
+                    WriterMatrix(writer, f"{writer.name}[{e}]", f"{label}[{e}]", stacked[e], None, e)
+                    for e in range(stacked.shape[0])
+                )
+            else:
+                linear = check_editable_linear(writer.module, label)
+                out.append(WriterMatrix(writer, writer.name, label, linear.weight, linear.bias))
     return out
 
 
@@ -291,7 +362,10 @@ def _untie_lm_head_(model: nn.Module, layout: ModelLayout) -> None:
 def orthogonalize_model_(model: nn.Module, r: torch.Tensor) -> None:
     """Weight orthogonalization in place: nothing writes along ``r̂`` into the residual stream.
 
-    Every ``o_proj`` and ``down_proj`` weight becomes ``(I − r̂ r̂ᵀ) W`` (their
+    Every residual writer (:meth:`~refusal_core.model.ModelLayout.writers`:
+    ``o_proj`` and ``down_proj``; every routed expert's down projection
+    ``W_e ← (I − r̂ r̂ᵀ) W_e`` and any shared expert's in an MoE block; Mamba's
+    ``out_proj``) becomes ``(I − r̂ r̂ᵀ) W`` (their
     biases, if any, lose their r̂ part too) and every embedding row
     ``E (I − r̂ r̂ᵀ)``. The unembedding is NOT changed: a ``lm_head`` tied to
     the embedding is first untied (it keeps the original weights and the config
@@ -313,7 +387,7 @@ def orthogonalize_model_(model: nn.Module, r: torch.Tensor) -> None:
             f"directional ablation; use ablation_hooks"
         )
     u = unit_direction(check_directions(r, layout.d_model, allow_batch=False), layout.d_model)
-    writers = residual_writer_linears(layout)
+    writers = editable_writer_matrices(layout)
     check_model_finite(model, "orthogonalize_model_")  # no NaN/inf anywhere (biases, norms) before any edit
     emb = layout.embedding
     if not emb.weight.is_floating_point():
@@ -324,8 +398,10 @@ def orthogonalize_model_(model: nn.Module, r: torch.Tensor) -> None:
         if layout.embeddings_tied:
             _untie_lm_head_(model, layout)
         emb.weight.copy_(orthogonalize_embedding(emb.weight, u.to(emb.weight.device)))
-        for _, linear in writers:
-            ud = u.to(linear.weight.device)
-            linear.weight.copy_(orthogonalize_weight(linear.weight, ud))
-            if linear.bias is not None:
-                linear.bias.copy_(orthogonalize_weight(linear.bias.unsqueeze(1), ud).squeeze(1))
+        for wm in writers:
+            ud = u.to(wm.weight.device)
+            wm.weight.copy_(
+                orthogonalize_weight(wm.weight, ud)
+            )  # an expert's slice: a view into the fused one
+            if wm.bias is not None:
+                wm.bias.copy_(orthogonalize_weight(wm.bias.unsqueeze(1), ud).squeeze(1))

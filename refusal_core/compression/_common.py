@@ -79,13 +79,15 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
 
 
 def model_sparsity(layout: ModelLayout) -> tuple[float, dict[str, float]]:
-    """Fraction of exact zeros over all block linears, and per module (full name → fraction)."""
+    """Fraction of exact zeros over all block linears and routed expert matrices, and per module."""
     per: dict[str, float] = {}
     zeros = total = 0
-    for bl in block_linears(layout):
-        w = effective_weight(bl.module)
+    from refusal_core.compression._experts import expert_effective_weights
+
+    weights = [(bl.full_name, effective_weight(bl.module)) for bl in block_linears(layout)]
+    for full_name, w in weights + expert_effective_weights(layout):  # MoE: each routed expert matrix too
         z = int((w == 0).sum())
-        per[bl.full_name] = z / w.numel()
+        per[full_name] = z / w.numel()
         zeros += z
         total += w.numel()
     return (zeros / total if total else 0.0), per

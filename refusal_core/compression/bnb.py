@@ -61,7 +61,7 @@ from refusal_core.compression.config import (
     check_positive_int,
     check_threshold,
 )
-from refusal_core.errors import InvalidArgumentError, UnsupportedModuleError
+from refusal_core.errors import InvalidArgumentError, UnsupportedArchitectureError, UnsupportedModuleError
 from refusal_core.model import get_layout
 
 __all__ = [
@@ -236,6 +236,12 @@ def dequantize_bnb(module: nn.Module) -> torch.Tensor:
 
 def _checked_linears(model: nn.Module, operation: str) -> tuple[Any, list[BlockLinear]]:
     layout = get_layout(model)
+    if any(layout.is_moe(layer) for layer in range(layout.n_layers)):
+        # bitsandbytes swaps nn.Linear modules; fused 3-D experts would silently stay float.
+        raise UnsupportedArchitectureError(
+            f"{operation}: {layout.spec.family} keeps its routed experts as fused 3-D parameters, which "
+            f"bitsandbytes cannot quantize; use the per-expert simulation 'llm-int8'"
+        )
     linears = require_float_linears(layout, operation)
     for bl in linears:
         if bl.linear.weight.device.type == "meta":

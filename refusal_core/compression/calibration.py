@@ -331,8 +331,10 @@ class SequentialBlocks:
 
         def make_hook(name: str) -> Callable[..., None]:
             def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-                x = args[0]
-                on_input(name, x[current["mask"]].detach())
+                x, mask = args[0], current["mask"]
+                if x.ndim == mask.ndim:  # fed the flattened tokens [B·T, in] (an MoE block's shared expert)
+                    mask = mask.reshape(-1)
+                on_input(name, x[mask].detach())
 
             return hook
 

@@ -1,7 +1,13 @@
 """Pruning a whole model in place: magnitude and Wanda (unstructured and N:M).
 
 Only the seven linears of every decoder block are pruned (``q_proj`` …
-``down_proj``); the embedding, the final norm and ``lm_head`` never are. The
+``down_proj``); the embedding, the final norm and ``lm_head`` never are.
+In a Mixture-of-Experts block the attention linears, any shared expert's
+linears and every routed expert's ``gate_up_proj[e]`` and ``down_proj[e]``
+(each one matrix) are pruned; the router never is. Wanda scores an expert's
+columns with the norms of the calibration tokens *routed to it*; an expert no
+calibration token reaches is left as it is and named in ``unrouted`` (no
+silent fallback to magnitude). Mamba: the mixer's four linears. The
 masks are those of the functional core (:func:`~refusal_core.functional.magnitude_mask`,
 :func:`~refusal_core.functional.wanda_mask`; Wanda's is computed here without
 a full sort, to the same mask); this module walks the model and gathers
@@ -17,9 +23,12 @@ Example:
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from refusal_core.compression._common import block_linears, require_float_linears
+from refusal_core.compression._experts import ExpertMatrix, expert_matrices, routed_inputs
 from refusal_core.compression._transaction import transactional
 from refusal_core.compression.calibration import Calibration, SequentialBlocks, prepare_calibration
 from refusal_core.compression.config import check_n_m, check_sparsity
@@ -28,6 +37,8 @@ from refusal_core.functional import check_tensor, magnitude_mask
 from refusal_core.model import LINEAR_INPUTS, get_layout, input_taps
 
 __all__ = ["prune_magnitude_", "prune_wanda_"]
+
+_log = logging.getLogger(__name__)
 
 
 def _zero_fraction(w: torch.Tensor) -> float:
@@ -84,12 +95,17 @@ def prune_magnitude_(model: torch.nn.Module, sparsity: float) -> dict[str, float
     s = check_sparsity(sparsity)
     layout = get_layout(model)
     linears = require_float_linears(layout, "magnitude pruning")
+    experts = expert_matrices(layout, "magnitude pruning")
     out: dict[str, float] = {}
     with torch.no_grad():
         for bl in linears:
             w = bl.linear.weight
             w.masked_fill_(~magnitude_mask(w, s), 0.0)
             out[bl.full_name] = _zero_fraction(w)
+        for em in experts:  # one comparison group per expert matrix, as for a linear
+            w = em.weight
+            w.masked_fill_(~magnitude_mask(w, s), 0.0)
+            out[em.full_name] = _zero_fraction(w)
     return out
 
 
@@ -102,6 +118,7 @@ def prune_wanda_(
     *,
     batch_size: int = 8,
     progress: bool = False,
+    unrouted: list[str] | None = None,
 ) -> dict[str, float]:
     """Wanda pruning of every block linear, in place, with sequential calibration.
 
@@ -113,6 +130,12 @@ def prune_wanda_(
     are zeroed, or with ``n_m = (n, m)`` the ``n`` lowest of every ``m``
     consecutive inputs.
 
+    Routed experts (MoE blocks): ``gate_up_proj[e]`` is scored with the norms
+    of the tokens routed to expert ``e`` (those whose top-k includes it),
+    ``down_proj[e]`` with the norms of ``act(gate)·up`` on them. An expert no
+    calibration token reaches is not pruned; its matrices' full names are
+    appended to ``unrouted`` (when given) and logged as a warning.
+
     ``calibration``: token ids, see :func:`~refusal_core.compression.calibration.prepare_calibration`.
     Returns the achieved sparsity per module. Everything is validated (sparsity,
     ``n_m`` dividing every input width, calibration tokens, finite weights and
@@ -122,12 +145,18 @@ def prune_wanda_(
     nm = check_n_m(n_m)
     layout = get_layout(model)
     linears = require_float_linears(layout, "Wanda pruning")
+    experts = expert_matrices(layout, "Wanda pruning")
+    if unrouted is not None and not isinstance(unrouted, list):
+        raise InvalidArgumentError(
+            f"unrouted must be a list to append to, or None; got {type(unrouted).__name__}"
+        )
     if nm is not None:
-        for bl in linears:
-            if bl.linear.in_features % nm[1]:
+        widths = [(bl.linear.in_features, bl.full_name) for bl in linears]
+        widths += [(int(em.weight.shape[1]), em.full_name) for em in experts]
+        for width, full_name in widths:
+            if width % nm[1]:
                 raise InvalidArgumentError(
-                    f"n_m = {nm}: m = {nm[1]} does not divide the input width "
-                    f"{bl.linear.in_features} of {bl.full_name}"
+                    f"n_m = {nm}: m = {nm[1]} does not divide the input width {width} of {full_name}"
                 )
     batches = prepare_calibration(
         calibration,
@@ -142,9 +171,14 @@ def prune_wanda_(
         by_layer.setdefault(bl.layer, {})[bl.name] = bl.linear
         full_names[bl.layer, bl.name] = bl.full_name
 
+    experts_by_layer: dict[int, list[ExpertMatrix]] = {}
+    for em in experts:
+        experts_by_layer.setdefault(em.layer, []).append(em)
+
     out: dict[str, float] = {}
     for layer in runner.layers("Wanda"):
         modules = by_layer[layer]
+        fused = layout.experts(layer) if layer in experts_by_layer else None
         # Linears fed the very same tensor (q/k/v, gate/up) share one accumulation.
         first = input_taps(modules)
         source = {n: first[LINEAR_INPUTS[n]] for n in modules}
@@ -154,10 +188,23 @@ def prune_wanda_(
             for name, m in taps.items()
         }
 
-        def accumulate(name: str, x: torch.Tensor, sq_sums: dict[str, torch.Tensor] = sq_sums) -> None:
-            sq_sums[name] += x.to(torch.float64).pow(2).sum(0)
+        seen = dict.fromkeys(sq_sums, 0)
 
-        runner.collect(layer, taps, accumulate)
+        def accumulate(
+            name: str,
+            x: torch.Tensor,
+            sq_sums: dict[str, torch.Tensor] = sq_sums,
+            seen: dict[str, int] = seen,
+        ) -> None:
+            sq_sums[name] += x.to(torch.float64).pow(2).sum(0)
+            seen[name] += x.shape[0]
+
+        calls = runner.collect(layer, taps, accumulate, record=None if fused is None else {"experts": fused})
+        # Each expert's inputs: only the tokens routed to it (computed before anything in the block changes).
+        routed = None if fused is None else routed_inputs(fused, calls["experts"])
+        blind = [name for name, n in seen.items() if n == 0]
+        if blind:  # a linear whose module is never called (its weight used directly) has no input norms
+            raise InvalidArgumentError(f"Wanda: block {layer} linears {blind} received no calibration input")
         with torch.no_grad():
             for name, m in modules.items():
                 w = m.weight
@@ -165,6 +212,19 @@ def prune_wanda_(
                 norms = check_tensor(sq_sums[source[name]].sqrt(), f"input norms of {name}")
                 w.masked_fill_(~_wanda_keep_mask(w, norms, s, nm), 0.0)
                 out[full_names[layer, name]] = _zero_fraction(w)
+            for em in experts_by_layer.get(layer, []):
+                assert routed is not None
+                w = em.weight
+                if routed[em.expert].n_tokens == 0:
+                    _log.warning("Wanda: no calibration token is routed to %s; left unpruned", em.full_name)
+                    if unrouted is not None:
+                        unrouted.append(em.full_name)
+                else:
+                    x = routed[em.expert].gate_up if em.name == "gate_up_proj" else routed[em.expert].down
+                    sq = x.to(torch.float64).pow(2).sum(0)
+                    norms = check_tensor(sq.sqrt(), f"routed input norms of {em.full_name}")
+                    w.masked_fill_(~_wanda_keep_mask(w, norms, s, nm), 0.0)
+                out[em.full_name] = _zero_fraction(w)
         if layer + 1 < layout.n_layers:
             runner.advance(layer)
     return out

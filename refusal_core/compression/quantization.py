@@ -66,6 +66,7 @@ from refusal_core.functional import (
     pseudo_quantize,
 )
 from refusal_core.model import LINEAR_INPUTS, ModelLayout, get_layout, input_taps
+from refusal_core.model.layout import ATTENTION_LINEARS
 
 __all__ = [
     "AwqScaleGroup",
@@ -215,14 +216,19 @@ def quantize_llm_int8_(model: nn.Module, threshold: float = 6.0) -> dict[str, fl
     """Replace every block linear by an :class:`Int8LinearSim`, in place.
 
     Returns the relative Frobenius rounding error ``‖W_int8 − W‖/‖W‖`` per
-    module (full name). Embedding and ``lm_head`` stay float. Raises
+    module (full name). Embedding and ``lm_head`` stay float. In an MoE block
+    the fused experts become one ``Int8ExpertsSim`` (an ``Int8LinearSim`` per
+    expert matrix, errors under ``"<experts>.<name>[e]"``); the router stays float. Raises
     :class:`~refusal_core.errors.UnsupportedModuleError` (e.g. when already
     quantized) or :class:`~refusal_core.errors.InvalidArgumentError` before
     changing anything.
     """
+    from refusal_core.compression._experts import expert_matrices, quantize_experts_int8_
+
     thr = check_threshold(threshold)
     layout = get_layout(model)
     linears = require_float_linears(layout, "LLM.int8 quantization")
+    expert_matrices(layout, "LLM.int8 quantization")  # checked before the first module is swapped
     errors: dict[str, float] = {}
     with torch.no_grad():
         for bl in linears:
@@ -230,6 +236,8 @@ def quantize_llm_int8_(model: nn.Module, threshold: float = 6.0) -> dict[str, fl
             sim = Int8LinearSim.from_linear(bl.module, thr).to(bl.module.weight.device)
             errors[bl.full_name] = relative_error(sim.dequantize(), bl.module.weight)
             layout.set_linear_(bl.layer, bl.name, sim)
+        # MoE: every routed expert's two matrices, one simulation each; the router stays float.
+        errors.update(quantize_experts_int8_(layout, thr))
     return errors
 
 
@@ -279,6 +287,16 @@ def _as_linear(m: nn.Module, what: str) -> nn.Linear:
 
 
 def _require_unfused(layout: ModelLayout) -> None:
+    if layout.spec.ssm_name is not None:
+        raise UnsupportedArchitectureError(
+            f"AWQ is not supported for {layout.spec.family}: its input norm feeds attention and a Mamba "
+            f"mixer through different multipliers, and the mixer's out_proj reads the scan's output"
+        )
+    if layout.spec.state_space:
+        raise UnsupportedArchitectureError(
+            f"AWQ is not supported for {layout.spec.family}: its mixer's x_proj reads the convolution's "
+            f"output and out_proj the scan's, so no scale of theirs folds into a preceding op"
+        )
     # A fused qkv/gate_up matrix breaks the per-linear scale groups and the v→o / up→down folds.
     if layout.spec.fused_linears:
         raise UnsupportedArchitectureError(
@@ -299,6 +317,9 @@ def awq_scale_groups(layout: ModelLayout, layer: int) -> list[AwqScaleGroup]:
     # With grouped-query attention one v channel feeds several o_proj inputs: no per-channel fold exists.
     if lin["v_proj"].out_features == lin["o_proj"].in_features:
         groups.append(AwqScaleGroup("o_in", lin["v_proj"], fed("o_in")))
+    if layout.is_moe(layer):
+        # The MLP input norm also feeds the router and every expert: no fold (see _experts.awq_effective_).
+        return groups
     groups.append(AwqScaleGroup("mlp_in", layout.mlp_input_norm(layer), fed("mlp_in")))
     groups.append(AwqScaleGroup("down_in", lin["up_proj"], fed("down_in")))
     return groups
@@ -659,6 +680,45 @@ def _tokenwise_error(module: nn.Module, x: torch.Tensor) -> Callable[[], float]:
     return error
 
 
+def _awq_moe_mlp_(
+    layout: ModelLayout,
+    layer: int,
+    lin: dict[str, nn.Linear],
+    inputs: dict[str, torch.Tensor],
+    expert_calls: Sequence[RecordedCall],
+    config: AwqConfig,
+    scale_only: bool,
+) -> dict[str, float]:
+    """AWQ of an MoE block's MLP weights, in place: every routed expert and any shared expert.
+
+    Each expert's ``gate_up_proj[e]`` is searched and rounded on the tokens
+    routed to it, its ``down_proj[e]`` on ``act(gate)·up`` of them; the shared
+    expert's gate/up on every token, its down on its own input. Scales are
+    kept in the weights (``Q(W·s)/s``, :func:`~refusal_core.compression._experts.awq_effective_`),
+    since the MLP input norm also feeds the router. The router is not touched.
+    An expert no calibration token reaches is rounded to nearest (``s = 1``).
+    With ``scale_only`` nothing changes (there is no fold to apply).
+    """
+    from refusal_core.compression._experts import awq_effective_, expert_matrices, routed_inputs
+
+    errors: dict[str, float] = {}
+    names = {id(m): n for n, m in layout.model.named_modules()}
+    args = (config.w_bit, config.group_size, config.grid, config.zero_point)
+    if scale_only:
+        return errors
+    shared = [name for name in lin if name.startswith("shared_expert.")]
+    for source in ("mlp_in", "shared_down_in"):
+        group = [name for name in shared if LINEAR_INPUTS[name] == source]
+        if group:
+            errs = awq_effective_([lin[n].weight for n in group], inputs[source], *args)
+            errors.update({names.get(id(lin[n]), n): e for n, e in zip(group, errs)})
+    routed = routed_inputs(layout.experts(layer), expert_calls)
+    for em in (em for em in expert_matrices(layout) if em.layer == layer):
+        x = routed[em.expert].gate_up if em.name == "gate_up_proj" else routed[em.expert].down
+        errors[em.full_name] = awq_effective_([em.weight], x, *args)[0]
+    return errors
+
+
 def quantize_awq_(
     model: nn.Module,
     calibration: Calibration,
@@ -743,6 +803,14 @@ def apply_awq_(
     _require_unfused(layout)
     linears = require_float_linears(layout, "AWQ quantization")
     _check_group_widths(layout, group_size)
+    from refusal_core.compression._experts import expert_matrices
+
+    for em in expert_matrices(layout, "AWQ quantization"):
+        width = int(em.weight.shape[1])
+        if width % min(group_size, width):
+            raise InvalidArgumentError(
+                f"group_size {group_size} does not divide the input width {width} of {em.full_name}"
+            )
     batches = prepare_calibration(
         calibration,
         vocab_size=int(layout.embedding.weight.shape[0]),
@@ -759,15 +827,20 @@ def apply_awq_(
     for layer in runner.layers("AWQ"):
         lin = {name: _as_linear(m, name) for name, m in layout.linears(layer).items()}
         groups = awq_scale_groups(layout, layer)
-        captured: dict[str, list[torch.Tensor]] = {g.source: [] for g in groups}
-        captured.setdefault("o_in", [])  # o_proj's input, for its clip search even without a scale group
         taps = {source: lin[name] for source, name in input_taps(lin).items()}
+        # Every tapped input (o_proj's too, for its clip search even without a scale group).
+        captured: dict[str, list[torch.Tensor]] = {source: [] for source in taps}
 
         def keep_input(src: str, x: torch.Tensor, captured: dict[str, list[torch.Tensor]] = captured) -> None:
             captured[src].append(x)
 
         attn = layout.attn(layer)
-        calls = runner.collect(layer, taps, keep_input, record={"attn": attn} if by_module else None)
+        fused = layout.experts(layer) if layout.is_moe(layer) else None
+        record = {"attn": attn} if by_module else {}
+        if fused is not None:
+            record["experts"] = fused  # its calls carry each token's top-k choice
+        calls = runner.collect(layer, taps, keep_input, record=record)
+        expert_calls = calls.pop("experts", [])
         inputs = {src: torch.cat(xs) for src, xs in captured.items()}
 
         # All scales are searched on the unscaled block before any is applied (as AWQ does);
@@ -792,6 +865,9 @@ def apply_awq_(
                 inputs[g.source].dtype
             )
 
+        if fused is not None:
+            errors.update(_awq_moe_mlp_(layout, layer, lin, inputs, expert_calls, config, scale_only))
+            lin = {name: m for name, m in lin.items() if name in ATTENTION_LINEARS}
         if not scale_only:
             with torch.no_grad():
                 for name, m in lin.items():

@@ -23,12 +23,10 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
     """
     layout = get_layout(model)
     cfg: Any = model.config
+    # Dense: o_proj of block 0 and down_proj of the last block; MoE: its fused experts; Mamba: out_proj.
+    last = layout.writers(layout.n_layers - 1)
     with torch.no_grad():
-        probes = [
-            layout.embedding.weight,
-            layout.attn_out(0).weight,
-            layout.mlp_out(layout.n_layers - 1).weight,
-        ]
+        probes = [layout.embedding.weight, layout.writers(0)[0].weight, last[min(1, len(last) - 1)].weight]
         fingerprint = [
             float(p.detach().to(torch.float64).sum()) for p in probes if isinstance(p, torch.Tensor)
         ]

@@ -29,6 +29,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import (
     AttentionInterface,
+    FalconH1Config,
+    FalconH1ForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -37,8 +39,16 @@ from transformers import (
     GemmaForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    Mamba2Config,
+    Mamba2ForCausalLM,
+    MambaConfig,
+    MambaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     PretrainedConfig,
@@ -46,8 +56,12 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 from refusal_core.errors import InvalidArgumentError
@@ -62,9 +76,12 @@ __all__ = [
     "CHAT_TEMPLATE",
     "FLOAT64_ATTENTION",
     "FUSED_FAMILIES",
+    "MOE_FAMILIES",
+    "MOE_SIZES",
     "ORTHOGONALIZABLE_FAMILIES",
     "POST_NORM_FAMILIES",
     "SPECIAL_TOKENS",
+    "SSM_FAMILIES",
     "TIED_FAMILIES",
     "TINY_FAMILIES",
     "TINY_SLIDING_WINDOW",
@@ -76,6 +93,16 @@ __all__ = [
 #: The decoder families :func:`tiny_model` can build (all supported by ``get_layout``), named by
 #: their Hugging Face ``model_type``.
 TINY_FAMILIES = ("llama", "qwen2", "mistral", "gemma", "qwen3", "gemma2", "gemma3_text", "phi3")
+
+#: Mixture-of-Experts families (fused 3-D experts, a top-k router; Qwen2-MoE adds a shared expert) and
+#: state-space families (Mamba). ``tiny_model`` builds them, but they are kept out of TINY_FAMILIES:
+#: the dense-family tests also run bitsandbytes / GGUF / checkpoint paths that do not know fused
+#: experts. tests/test_moe*.py run every operation that does on them.
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SSM_FAMILIES = ("mamba", "mamba2", "falcon_h1")
+#: Sizes the MoE / Mamba tests use: head width 32 (2 heads of a 64-wide stream), 4 experts, top-2.
+MOE_SIZES: dict[str, int] = {"d_model": 64, "n_heads": 2, "d_ff": 48}
+_N_EXPERTS, _TOP_K = 4, 2
 
 #: Families whose attention/MLP outputs pass through post-norms (weight orthogonalization refused).
 POST_NORM_FAMILIES = ("gemma2", "gemma3_text")
@@ -283,9 +310,54 @@ def _config(
         config = Gemma2Config(**gemma_like, **common)
     elif family == "gemma3_text":
         config = Gemma3TextConfig(**gemma_like, **common)
-    else:  # phi3: head width is always hidden_size / heads, so the config takes no head_dim
+    elif family == "phi3":  # head width is always hidden_size / heads, so the config takes no head_dim
         del common["head_dim"]
         config = Phi3Config(original_max_position_embeddings=common["max_position_embeddings"], **common)
+    elif family == "mixtral":
+        config = MixtralConfig(num_local_experts=_N_EXPERTS, num_experts_per_tok=_TOP_K, **common)
+    elif family in ("qwen2_moe", "qwen3_moe", "olmoe"):
+        moe: dict[str, Any] = {
+            "num_experts": _N_EXPERTS,
+            "num_experts_per_tok": _TOP_K,
+            "moe_intermediate_size": d_ff,
+        }
+        if family == "qwen2_moe":
+            moe["shared_expert_intermediate_size"] = d_ff
+        cls = {"qwen2_moe": Qwen2MoeConfig, "qwen3_moe": Qwen3MoeConfig, "olmoe": OlmoeConfig}[family]
+        config = cls(**moe, **common)
+    elif family == "falcon_h1":  # attention + a Mamba2 mixer (4 heads of 32 over 2·d channels) + MLP
+        config = FalconH1Config(
+            mamba_d_ssm=2 * d_model,
+            mamba_n_heads=2 * d_model // 32,
+            mamba_d_head=32,
+            mamba_n_groups=1,
+            mamba_d_state=8,
+            mamba_chunk_size=16,
+            **common,
+        )
+    else:  # mamba, mamba2: no attention; residual kept in the model dtype (float64 stays float64)
+        mamba: dict[str, Any] = {
+            "vocab_size": common["vocab_size"],
+            "hidden_size": d_model,
+            "state_size": 8,
+            "num_hidden_layers": n_layers,
+            "expand": 2,
+            "conv_kernel": 4,
+            "residual_in_fp32": False,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        }
+        if tie_word_embeddings is not None:
+            mamba["tie_word_embeddings"] = tie_word_embeddings
+        if family == "mamba2":  # heads of width 32 over the expanded 2·d channels; one B/C group
+            mamba.update(num_heads=2 * d_model // 32, head_dim=32, n_groups=1, chunk_size=16)
+            config = Mamba2Config(**mamba)
+        else:
+            config = MambaConfig(**mamba)
+    if family in MOE_FAMILIES:
+        # The reference loop over experts (not grouped_mm): deterministic, any dtype, float64 included.
+        config._experts_implementation = "eager"
     return config
 
 
@@ -344,13 +416,20 @@ _MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "gemma2": Gemma2ForCausalLM,
     "gemma3_text": Gemma3ForCausalLM,
     "phi3": Phi3ForCausalLM,
+    "mixtral": MixtralForCausalLM,
+    "qwen2_moe": Qwen2MoeForCausalLM,
+    "qwen3_moe": Qwen3MoeForCausalLM,
+    "olmoe": OlmoeForCausalLM,
+    "mamba": MambaForCausalLM,
+    "mamba2": Mamba2ForCausalLM,
+    "falcon_h1": FalconH1ForCausalLM,
 }
 
 
 #: Families added after the first four: their norm gains are drawn at random (around 1), so
 #: that post-norms, q/k norms and AWQ's folds into norms are not the identity in tests. The
 #: first four keep HF's initialisation (gain exactly 1): their weights stay bit-identical.
-_NORM_PERTURBED_FAMILIES = ("qwen3", "gemma2", "gemma3_text", "phi3")
+_NORM_PERTURBED_FAMILIES = ("qwen3", "gemma2", "gemma3_text", "phi3", *MOE_FAMILIES, *SSM_FAMILIES)
 
 
 def _perturb_norms_(model: nn.Module) -> None:
@@ -397,8 +476,8 @@ def tiny_model(
     so it is float64-accurate and left padding cannot produce NaN). ``config.name_or_path`` is
     ``"refusal_core/tiny-<family>-seed<seed>"``.
     """
-    if family not in TINY_FAMILIES:
-        raise InvalidArgumentError(f"family must be one of {TINY_FAMILIES}, got {family!r}")
+    if family not in _MODEL_CLASSES:
+        raise InvalidArgumentError(f"family must be one of {tuple(_MODEL_CLASSES)}, got {family!r}")
     n_layers = _positive_int(n_layers, "n_layers")
     d_model = _positive_int(d_model, "d_model")
     n_heads = _positive_int(n_heads, "n_heads")

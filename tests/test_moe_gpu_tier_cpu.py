@@ -1,0 +1,106 @@
+"""The MoE GPU tier config (fixtures/gpu/qwen3_moe.toml) run end to end on CPU with a tiny Qwen3-MoE.
+
+The same functions as the dense tiers (refusal_core.testing.gpu_tier) read the TOML through the
+study's config reader; the model path is swapped for a tiny Qwen3-MoE saved with ``save_pretrained``,
+the device for ``cpu`` and the counts for small ones. Every setting the file makes that the CPU run
+does not override must reach the study, and every method must run with its AIRD variant at the base
+source layer: a key the study no longer knows, or an MoE path that breaks, fails here without a GPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from refusal_core import _cli_config as cc
+from refusal_core.errors import InvalidArgumentError
+from refusal_core.testing import gpu_tier
+from refusal_core.testing.tiny import MOE_SIZES, tiny_model, tiny_tokenizer
+
+TOML = gpu_tier.FIXTURE_DIR / "qwen3_moe.toml"
+ENV = "REFUSAL_CORE_QWEN3_MOE_PATH"
+#: What the CPU run changes (as for the dense tiers): device, AdvBench file and sizes.
+CPU_OVERRIDES: dict[str, Any] = {
+    "device": "cpu",
+    "harmful_test": "harmful_test",
+    "n_train": 8,
+    "n_val": 4,
+    "n_test": 4,
+    "n_calibration": 4,
+    "noise_splits": 2,
+    "max_new_tokens": 3,
+    "batch_size": 8,
+    "zero_shot_tasks": (),
+    "attacks.decoding_temperatures": (1.0,),
+    "attacks.decoding_top_ps": (1.0,),
+    "attacks.decoding_top_ks": (0,),
+    "attacks.decoding_samples": 1,
+    "repair.gains": (2.0,),
+}
+
+
+def _file_values(path: Path) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+
+    def walk(table: dict[str, Any], prefix: str) -> None:
+        for k, v in table.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[prefix + k] = v
+
+    walk(cc.parse_toml(path.read_text(encoding="utf-8"), str(path)), "")
+    return flat
+
+
+def _setting(settings: dict[str, Any], key: str) -> Any:
+    value: Any = settings
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def test_moe_tier_config_runs_the_study_on_a_tiny_moe(tmp_path: Path) -> None:
+    assert gpu_tier.placeholders(TOML) == {"model": ENV, "harmful_test": gpu_tier.ADVBENCH_ENV}, (
+        f"{TOML}: the model and AdvBench paths must be placeholders"
+    )
+    written = _file_values(TOML)
+    assert written["device"] == "auto", f"{TOML}: a 61 GB model needs accelerate's device map, got {written}"
+    assert written["dtype"] == "bfloat16", written
+    model_dir = tmp_path / "tiny-qwen3-moe"
+    tiny_model("qwen3_moe", n_layers=4, **MOE_SIZES).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    overrides = {**CPU_OVERRIDES, "model": str(model_dir)}
+    run = gpu_tier.run_tier(TOML, tmp_path / "run", values={}, overrides=overrides)
+    settings = run.results["settings"]
+    kept = {k: v for k, v in written.items() if k not in overrides}
+    assert {"methods", "dtype", "aird.alpha_attn", "aird.alpha_mlp", "selection.rows_per_forward"} <= set(
+        kept
+    )
+    for key, value in kept.items():
+        assert _setting(settings, key) == value, (
+            f"{TOML}: {key} = {value!r}, the study ran with {_setting(settings, key)!r}"
+        )
+    assert run.results["model"]["model_type"] == "qwen3_moe", run.results["model"]
+    assert run.results["model"]["dtype"] == "bfloat16", "the model ran in the file's dtype"
+    layer = run.results["base"]["source"][0]
+    variants = {v["name"]: v for v in run.results["variants"]}
+    for method in written["methods"]:
+        assert method in variants, f"{method} ran: {sorted(variants)}"
+        rep = variants.get(f"{method}+aird")
+        assert rep is not None, f"{method}+aird ran: {sorted(variants)}"
+        assert rep["repair"]["alphas"] == [written["aird.alpha_attn"], written["aird.alpha_mlp"]], rep[
+            "repair"
+        ]
+        assert rep["repair"]["layers"] == [layer], rep["repair"]
+
+
+def test_moe_tier_needs_its_model_variable() -> None:
+    with pytest.raises(InvalidArgumentError, match=ENV):
+        gpu_tier.load_tier_config(TOML, values={gpu_tier.ADVBENCH_ENV: "a.csv"}, overrides={"device": "cpu"})
+    cfg = gpu_tier.load_tier_config(
+        TOML, values={ENV: "/m", gpu_tier.ADVBENCH_ENV: "/a.csv"}, overrides={"device": "cpu"}
+    )
+    assert (cfg.model, cfg.methods, cfg.n_calibration) == ("/m", ("wanda", "magnitude", "awq-w4"), 64)
