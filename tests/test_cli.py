@@ -388,16 +388,32 @@ def test_select_uses_n_val_and_the_selection_options(
     assert config.layers == (0, 1), "--selection-layers reaches SelectionConfig"
 
 
-def test_classifier_judge_from_a_model_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_classifier_judge_from_a_model_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from refusal_core.evaluation.judges import ClassifierJudge
     from refusal_core.testing.tiny import tiny_model, tiny_tokenizer
 
     judge_dir = tmp_path / "judge"
     tiny_model("llama", n_layers=2, d_model=32, seed=3).save_pretrained(judge_dir)
     tiny_tokenizer().save_pretrained(judge_dir)
+    capsys.readouterr()  # bars drawn while saving it are not the command's
     argv = ["evaluate", "--judge", f"classifier:{judge_dir}", "--n-test", "2", "--max-new-tokens", "2"]
+    # A random model is no classifier (issue 20: it used to be accepted and report ASR 0): refused.
+    assert main([*argv, "--no-progress", "--out", str(tmp_path / "r")]) == 2
+    line = _one_error_line(capsys.readouterr().err, "evaluate")
+    assert "is not a harmbench safety classifier" in line, line
+    assert not (tmp_path / "r").exists(), "a refused judge leaves no output directory"
+    # One that answers HarmBench's labels is used, and its raw verdicts are kept beside the completions.
+    monkeypatch.setattr(
+        ClassifierJudge, "verdicts", lambda self, i, c: [("Yes", "no")[k % 2] for k in range(len(i))]
+    )
     assert main([*argv, "--no-progress", "--out", str(tmp_path / "e")]) == 0, capsys.readouterr().err
     saved = json.loads((tmp_path / "e" / "asr_vanilla.json").read_text())
-    assert saved["judge"] == "classifier", f"the ASR was judged by the classifier, not {saved['judge']!r}"
+    assert saved["judge"] == "classifier-harmbench", f"judged by the classifier, not {saved['judge']!r}"
+    said = [a["verdict"] for r in saved["records"] for a in r["attempts"]]
+    assert said, "the attempts carry the classifier's verdicts"
+    assert set(said) <= {"Yes", "no"}, f"raw verdicts on disk: {said}"
 
 
 def test_cuda_without_cuda_is_refused_before_loading(
