@@ -480,13 +480,11 @@ def read_checkpoint_record(path: str | Path) -> dict[str, Any] | None:
     # The record vouches for the files; its own digest vouches for the record (a hand-edited
     # "format" used to load a simulated int8 model as a plain float one). Records written before
     # the digest existed have none and are read as before.
-    if RECORD_DIGEST in doc:
-        digest = doc.pop(RECORD_DIGEST)
-        if digest != record_digest(doc):
-            raise ArtifactError(
-                f"{str(record_path)!r} was edited after saving: its content does not match its "
-                f"{RECORD_DIGEST} (restore the file or save the checkpoint again)"
-            )
+    if RECORD_DIGEST in doc and doc[RECORD_DIGEST] != record_digest(doc):
+        raise ArtifactError(
+            f"{str(record_path)!r} was edited after saving: its content does not match its "
+            f"{RECORD_DIGEST} (restore the file or save the checkpoint again)"
+        )
     if doc.get("format") not in CHECKPOINT_FORMATS:
         raise ArtifactError(f"{str(record_path)!r}: unknown format {doc.get('format')!r}")
     if not rec.files:

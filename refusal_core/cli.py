@@ -297,7 +297,8 @@ class _VersionAction(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> NoReturn:
-        parser.exit(0, version_line() + "\n")
+        sys.stdout.write(version_line() + "\n")  # on stdout, as argparse's own version action
+        parser.exit(0)
 
 
 #: One line per subcommand, for ``refusal-core --help`` (kept equal to the full parser's by a test).
