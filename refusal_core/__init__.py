@@ -11,6 +11,9 @@ Example:
     1.0
 """
 
+from typing import TYPE_CHECKING, Any
+
+from refusal_core._version import __version__
 from refusal_core.errors import (
     ArtifactError,
     EmptyInputError,
@@ -23,25 +26,58 @@ from refusal_core.errors import (
     UnsupportedModuleError,
     ZeroDirectionError,
 )
-from refusal_core.functional import (
-    ablate,
-    add_direction,
-    aird_update,
-    awq_scales,
-    cosine_similarity,
-    difference_in_means,
-    int8_dequantize,
-    int8_quantize,
-    llm_int8_linear,
-    magnitude_mask,
-    orthogonalize_embedding,
-    orthogonalize_weight,
-    pseudo_quantize,
-    refusal_score,
-    wanda_mask,
+
+# The functional core imports torch, which takes seconds: load it on first use, so that
+# `refusal-core --help` and `--version` (which import this package) answer at once.
+_FUNCTIONAL = (
+    "ablate",
+    "add_direction",
+    "aird_update",
+    "awq_scales",
+    "cosine_similarity",
+    "difference_in_means",
+    "int8_dequantize",
+    "int8_quantize",
+    "llm_int8_linear",
+    "magnitude_mask",
+    "orthogonalize_embedding",
+    "orthogonalize_weight",
+    "pseudo_quantize",
+    "refusal_score",
+    "wanda_mask",
 )
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    from refusal_core.functional import (
+        ablate,
+        add_direction,
+        aird_update,
+        awq_scales,
+        cosine_similarity,
+        difference_in_means,
+        int8_dequantize,
+        int8_quantize,
+        llm_int8_linear,
+        magnitude_mask,
+        orthogonalize_embedding,
+        orthogonalize_weight,
+        pseudo_quantize,
+        refusal_score,
+        wanda_mask,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FUNCTIONAL:
+        from refusal_core import functional
+
+        return getattr(functional, name)
+    raise AttributeError(f"module 'refusal_core' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "ArtifactError",

@@ -62,6 +62,7 @@ __all__ = [
     "add_config_options",
     "build_config",
     "cli_overrides",
+    "commented_config_toml",
     "config_options",
     "config_to_toml",
     "field_help",
@@ -568,4 +569,41 @@ def _toml_table(config: Any, name: str) -> list[str]:
         else:
             scalars.append(f"{f.name} = {_toml_value(value)}")
     head = [f"[{name}]"] if name else []
+    return head + scalars + tables
+
+
+def commented_config_toml(config: Any, options: Sequence[ConfigOption], *, header: str = "") -> str:
+    """Like :func:`config_to_toml`, with every setting's help (and default, where ``config``'s value
+    differs) as a comment above it: a config file a newcomer can read and edit.
+
+    Settings of kind ``"other"`` (config-file only) are documented the same way.
+    """
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise InvalidArgumentError(f"config must be a dataclass instance, got {type(config).__name__}")
+    by_key = {o.key: o for o in options}
+    lines = [f"# {h}".rstrip() for h in header.splitlines()]
+    lines += _commented_table(config, "", by_key)
+    return "\n".join(lines).strip() + "\n"
+
+
+def _commented_table(config: Any, name: str, by_key: Mapping[str, ConfigOption]) -> list[str]:
+    hints = typing.get_type_hints(type(config))
+    scalars: list[str] = []
+    tables: list[str] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        key = f"{name}.{f.name}" if name else f.name
+        tp, optional = _unwrap_optional(hints[f.name])
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp) and not optional:
+            tables += ["", f"[{key}]", *_commented_table(value, key, by_key)[1:]]
+            continue
+        option = by_key.get(key)
+        text = option.help if option is not None else f.name.replace("_", " ")
+        if option is not None and option.kind == "tuple":  # a TOML list, not the flag's comma list
+            text = text.replace("comma-separated ", "")
+        if option is not None and option.default != value:
+            text += f" (default: {_toml_value(option.default)})"
+        wrapped = textwrap.wrap(text, width=96) or [""]
+        scalars += ["", *[f"# {w}" for w in wrapped], f"{f.name} = {_toml_value(value)}"]
+    head = [f"[{name}]"] if name else [""]
     return head + scalars + tables

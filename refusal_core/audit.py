@@ -36,6 +36,7 @@ Example (the toy against a Wanda checkpoint; about half a minute on a CPU)::
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -396,6 +397,13 @@ def audit(config: AuditConfig, out_dir: str | Path, *, progress: bool = True) ->
     k_cand = settings_key({"candidate": cand_ident})
     # the base direction with its noise floor and mechanism; the candidate's own direction against it
     base = steps.base_direction(bench)
+    if base.selection.selected is None:  # the audit's whole comparison rests on this direction: say so
+        logging.getLogger("refusal_core.audit").warning(
+            "no candidate direction of the base passed the selection filters; using the fallback "
+            "source (layer %d, position %d); report.md marks it with †",
+            base.layer,
+            base.selection.positions[base.position_index],
+        )
     base_mech, _ = steps.mechanism(bench, "base", bench.model, base.r, base.layer, [base.key])
     analysis = steps.analyse(bench, "candidate", cand_model, base, [k_cand], own_mechanism=False)
     # the BASE direction on the candidate: is it still necessary and sufficient there?

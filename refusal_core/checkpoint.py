@@ -39,6 +39,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -55,7 +57,15 @@ from torch import nn
 
 from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError, UnsupportedModuleError
 from refusal_core.model import get_layout, model_identity
-from refusal_core.records import RECORD_KINDS, Record, file_sha256, json_default, read_json, write_record
+from refusal_core.records import (
+    RECORD_KINDS,
+    Record,
+    file_sha256,
+    json_default,
+    read_json,
+    respect_umask_,
+    write_record,
+)
 
 __all__ = [
     "CHECKPOINT_FORMATS",
@@ -461,18 +471,17 @@ def save_checkpoint(
                     "modules": sorted(thresholds),
                     "threshold": _one_threshold(thresholds),
                 }
-        write_record(
-            tmp / CHECKPOINT_RECORD,
-            Record(
-                CHECKPOINT_KIND,
-                CHECKPOINT_VERSION,
-                identity=identity,
-                settings=rec,
-                files={p.relative_to(tmp).as_posix(): file_sha256(p) for p in files},
-                data=data,
-            ),
+        unsealed = Record(
+            CHECKPOINT_KIND,
+            CHECKPOINT_VERSION,
+            identity=identity,
+            settings=rec,
+            files={p.relative_to(tmp).as_posix(): file_sha256(p) for p in files},
+            data=data,
         )
-        _replace_dir(tmp, out)
+        sealed = {**unsealed.data, RECORD_DIGEST: record_digest(unsealed.to_dict())}
+        write_record(tmp / CHECKPOINT_RECORD, dataclasses.replace(unsealed, data=sealed))
+        _replace_dir(respect_umask_(tmp, recursive=True), out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -507,6 +516,14 @@ def read_checkpoint_record(path: str | Path) -> dict[str, Any] | None:
         raw = _upgrade_v1(raw)
     rec = Record.from_dict(raw, CHECKPOINT_KIND, versions=(CHECKPOINT_VERSION,), where=repr(str(record_path)))
     doc = rec.to_dict()
+    # The record vouches for the files; its own digest vouches for the record (a hand-edited
+    # "format" used to load a simulated int8 model as a plain float one). Records written before
+    # the digest existed have none and are read as before.
+    if RECORD_DIGEST in doc and doc[RECORD_DIGEST] != record_digest(doc):
+        raise ArtifactError(
+            f"{str(record_path)!r} was edited after saving: its content does not match its "
+            f"{RECORD_DIGEST} (restore the file or save the checkpoint again)"
+        )
     if doc.get("format") not in CHECKPOINT_FORMATS:
         raise ArtifactError(f"{str(record_path)!r}: unknown format {doc.get('format')!r}")
     if not rec.files:
@@ -522,6 +539,17 @@ def read_checkpoint_record(path: str | Path) -> dict[str, Any] | None:
                 "(the file was changed or corrupted after saving)"
             )
     return doc
+
+
+#: Key of the checkpoint record's digest of its own content.
+RECORD_DIGEST = "record_sha256"
+
+
+def record_digest(doc: Mapping[str, Any]) -> str:
+    """SHA-256 of a record's content (every key but :data:`RECORD_DIGEST`) as canonical JSON."""
+    body = {k: v for k, v in doc.items() if k != RECORD_DIGEST}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _upgrade_v1(doc: dict[str, Any]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import re
 import sys
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from refusal_core import _cli_config as cc
+from refusal_core._version import version_line
 from refusal_core.errors import InvalidArgumentError, RefusalCoreError
 
 if TYPE_CHECKING:
@@ -111,7 +113,19 @@ STUDY_ALIASES: dict[str, tuple[str, ...]] = {
     "zero_shot_tasks": ("--tasks",),
 }
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: Every spelling ``--dtype`` takes (every command, and ``dtype`` in a study config) → the dtype
+#: name ``load_model`` takes; ``auto``/``none``: float32 on CPU, the checkpoint's own on a GPU.
+DTYPE_SPELLINGS: dict[str, str | None] = {
+    "auto": None,
+    "none": None,
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+DTYPES = tuple(DTYPE_SPELLINGS)
 _DEVICE = re.compile(r"^(cpu|auto|cuda|cuda:\d+)$")
 
 
@@ -135,6 +149,12 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.required or action.default is None or "(default:" in text:
             return text
         return super()._get_help_string(action)
+
+
+def _dtype_spelling(text: str) -> str:
+    if text.strip().lower() not in DTYPE_SPELLINGS:
+        raise argparse.ArgumentTypeError(f"--dtype must be one of {', '.join(DTYPES)}, got {text!r}")
+    return text.strip().lower()
 
 
 def _device(text: str) -> str:
@@ -173,9 +193,14 @@ def _attack_names(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+_JUDGE = re.compile(r"^(substring|classifier(-llamaguard|-harmbench)?:.+)$", re.DOTALL)
+
+
 def _judge_spec(text: str) -> str:
-    if text != "substring" and not (text.startswith("classifier:") and len(text) > len("classifier:")):
-        raise argparse.ArgumentTypeError(f"--judge must be 'substring' or 'classifier:DIR', got {text!r}")
+    if not _JUDGE.match(text):
+        raise argparse.ArgumentTypeError(
+            f"--judge must be 'substring' or 'classifier[-llamaguard|-harmbench]:DIR', got {text!r}"
+        )
     return text
 
 
@@ -203,8 +228,9 @@ def _add_load_args(p: argparse.ArgumentParser, *, method: str | None) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=DTYPES,
+        type=_dtype_spelling,
         default="auto",
+        metavar="{auto,float32,bfloat16,float16}",
         help="dtype of the model's weights (auto: float32 on CPU, the checkpoint's own on a GPU)",
     )
     p.add_argument(
@@ -218,7 +244,31 @@ def _add_load_args(p: argparse.ArgumentParser, *, method: str | None) -> None:
 
 
 def _add_progress(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-progress", action="store_true", help="hide every progress bar (also the libraries')")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide every progress bar, also the libraries' (always hidden when stderr is not a terminal)",
+    )
+
+
+def _add_verbosity(p: argparse.ArgumentParser, *, top: bool) -> None:
+    """``-v``/``-q`` (before or after the subcommand: a subcommand's copy only counts when given)."""
+    default = 0 if top else argparse.SUPPRESS
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=default,
+        help="more messages on stderr: -v notes, -vv also debug and the libraries' warnings "
+        "(default: warnings and errors)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="count",
+        default=default,
+        help="errors only on stderr, warnings hidden (default: off)",
+    )
 
 
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
@@ -253,22 +303,48 @@ def _aird_options() -> list[cc.ConfigOption]:
     return cc.config_options(AirdConfig, table=HELP)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``refusal-core`` parser; config options are generated from the config dataclasses."""
-    from refusal_core.evaluation.attacks import ATTACKS
-    from refusal_core.study import StudyConfig
-    from refusal_core.study.config import PLACEMENTS
+class _VersionAction(argparse.Action):
+    """``--version``: the version line is computed (git is asked) only when the flag is given."""
 
-    d = StudyConfig()
-    common: dict[str, Any] = {"formatter_class": _Formatter, "allow_abbrev": False}
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("help", "print the version (and the git commit of a checkout) and exit")
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> NoReturn:
+        sys.stdout.write(version_line() + "\n")  # on stdout, as argparse's own version action
+        parser.exit(0)
+
+
+#: One line per subcommand, for ``refusal-core --help`` (kept equal to the full parser's by a test).
+COMMAND_HELP: dict[str, str] = {
+    "study": "run (or resume) the whole study and write a report",
+    "extract": "candidate directions (and the selected one) of a model",
+    "compress": "compress a model and save it as a checkpoint directory",
+    "compare": "compare two saved candidate sets",
+    "aird": "apply AIRD with a saved direction and save the repaired checkpoint",
+    "evaluate": "ASR per attack and over-refusal of a model",
+    "audit": "audit a compressed checkpoint against its base (optionally repair it)",
+    "frontier": "run one method at several levels and find the safe compression frontier",
+    "export": "write a model (toy, checkpoint, repaired model) as a GGUF file for llama.cpp",
+    "oracle": "run the property suite against your implementation module (exit code: pytest's)",
+}
+
+_COMMON: dict[str, Any] = {"formatter_class": _Formatter, "allow_abbrev": False}
+
+
+def _top_parser() -> tuple[argparse.ArgumentParser, Any]:
     top = _Parser(
         prog="refusal-core",
         description="Did compressing this model break its refusal direction, and can AIRD repair it?",
-        **common,
+        **_COMMON,
     )
-    sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    top.add_argument("--version", action=_VersionAction)
+    _add_verbosity(top, top=True)
+    return top, top.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    s = sub.add_parser("study", help="run (or resume) the whole study and write a report", **common)
+
+def _add_study_parser(sub: Any, options: Sequence[cc.ConfigOption]) -> argparse.ArgumentParser:
+    s = sub.add_parser("study", help=COMMAND_HELP["study"], **_COMMON)
     s.add_argument(
         "--config", metavar="FILE.toml", default=None, help="study settings (command-line values win)"
     )
@@ -276,12 +352,100 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="runs/study", help="run directory (artifacts, config.toml, report.md, plots)"
     )
     _add_progress(s)
-    options = _study_options()
     taken = {o.flag for o in options} | {"--config", "--out", "--no-progress"}
     aliases = {k: tuple(f for f in v if f not in taken) for k, v in STUDY_ALIASES.items()}
     file_only = cc.add_config_options(s, options, aliases=aliases, title="study settings (StudyConfig)")
     if file_only:
         s.epilog = "settable only in --config: " + ", ".join(o.key for o in file_only)
+    return s
+
+
+#: ``study --help`` without importing the config modules (they import torch): StudyConfig's options
+#: as data, kept equal to the live ones by a test (regenerate: :func:`write_study_options_cache`).
+STUDY_OPTIONS_CACHE = Path(__file__).parent / "data" / "study_options.json"
+_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str}
+
+
+def _option_to_json(o: cc.ConfigOption) -> dict[str, Any]:
+    element = next((k for k, t in _TYPES.items() if t is o.element), None)
+    default = list(o.default) if isinstance(o.default, tuple) else o.default
+    if o.kind == "other":
+        default = None  # shown nowhere (config-file only)
+    return {
+        "path": list(o.path),
+        "flag": o.flag,
+        "kind": o.kind,
+        "default": default,
+        "help": o.help,
+        "help_source": o.help_source,
+        "optional": o.optional,
+        "element": element,
+        "length": o.length,
+        "choices": list(o.choices),
+    }
+
+
+def _option_from_json(d: Mapping[str, Any]) -> cc.ConfigOption:
+    default = d["default"]
+    return cc.ConfigOption(
+        path=tuple(d["path"]),
+        flag=d["flag"],
+        kind=d["kind"],
+        default=tuple(default) if isinstance(default, list) else default,
+        help=d["help"],
+        help_source=d["help_source"],
+        optional=d["optional"],
+        element=_TYPES.get(d["element"]) if d["element"] else None,
+        length=d["length"],
+        choices=tuple(d["choices"]),
+    )
+
+
+def study_options_cache_text() -> str:
+    """The JSON of :data:`STUDY_OPTIONS_CACHE`, from the live StudyConfig."""
+    return json.dumps([_option_to_json(o) for o in _study_options()], indent=1, ensure_ascii=False) + "\n"
+
+
+def write_study_options_cache() -> Path:
+    """Regenerate :data:`STUDY_OPTIONS_CACHE` after a change to the study's settings."""
+    STUDY_OPTIONS_CACHE.write_text(study_options_cache_text(), encoding="utf-8")
+    return STUDY_OPTIONS_CACHE
+
+
+def build_study_help_parser() -> argparse.ArgumentParser:
+    """The parser that answers ``study --help``: the study's options from the cached table."""
+    top, sub = _top_parser()
+    data = json.loads(STUDY_OPTIONS_CACHE.read_text(encoding="utf-8"))
+    _add_study_parser(sub, [_option_from_json(d) for d in data])
+    for name, text in COMMAND_HELP.items():
+        if name != "study":
+            sub.add_parser(name, help=text, add_help=False)
+    _add_verbosity(sub.choices["study"], top=False)
+    return top
+
+
+def build_command_list_parser() -> argparse.ArgumentParser:
+    """The parser of a command line that names no subcommand (``--help``, ``--version``, an error):
+    the subcommands with one line each and none of their options, so nothing heavy is imported
+    (the full parser generates options from the config dataclasses, whose modules import torch)."""
+    top, sub = _top_parser()
+    for name, text in COMMAND_HELP.items():
+        sub.add_parser(name, help=text, add_help=False)
+    return top
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``refusal-core`` parser; config options are generated from the config dataclasses."""
+    from refusal_core.evaluation.attacks import ATTACKS
+    from refusal_core.study import StudyConfig
+    from refusal_core.study.config import PLACEMENTS
+
+    d = StudyConfig()
+    common = _COMMON
+    top, sub = _top_parser()
+
+    options = _study_options()
+    _add_study_parser(sub, options)
 
     f = sub.add_parser(
         "frontier", help="run one method at several levels and find the safe compression frontier", **common
@@ -400,7 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--judge",
         type=_judge_spec,
         default="substring",
-        help="ASR judge: 'substring' (refusal phrases) or 'classifier:DIR' (a LlamaGuard-style model);"
+        help="ASR judge: 'substring' (refusal phrases) or 'classifier:DIR' (a LlamaGuard- or HarmBench-"
+        "style classifier, checked before use; classifier-llamaguard:DIR / classifier-harmbench:DIR name "
+        "the format);"
         " over-refusal always counts refusal phrases",
     )
     v.add_argument("--out", required=True, help="directory for the ASR and over-refusal results")
@@ -413,6 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("module", help="the module under test, e.g. mypkg.refusal_ops (comma-separated: several)")
     o.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed on to pytest (e.g. -k ablate -x)")
+    for name, command_parser in sub.choices.items():
+        if name != "oracle":  # its -v goes to pytest
+            _add_verbosity(command_parser, top=False)
     return top
 
 
@@ -443,7 +612,11 @@ def _add_audit_parser(sub: Any, common: dict[str, Any]) -> None:
         "--device", type=_device, default=d.device, help="cpu, cuda, cuda:N, or auto (all visible GPUs)"
     )
     u.add_argument(
-        "--dtype", choices=DTYPES, default="auto", help="dtype of both models (auto: float32 on CPU)"
+        "--dtype",
+        type=_dtype_spelling,
+        default="auto",
+        metavar="{auto,float32,bfloat16,float16}",
+        help="dtype of both models (auto: float32 on CPU)",
     )
     u.add_argument("--n-train", type=_count, default=d.n_train, help="prompts per class for extraction")
     u.add_argument("--n-val", type=_count, default=d.n_val, help="prompts per class for selection and sweep")
@@ -522,7 +695,7 @@ def _precheck_load_args(args: argparse.Namespace) -> None:
     if template is not None and not Path(template).is_file():
         raise InvalidArgumentError(f"--chat-template {template!r} is not a file")
     judge = getattr(args, "judge", "substring")
-    if judge.startswith("classifier:") and not Path(judge.partition(":")[2]).is_dir():
+    if judge.startswith("classifier") and not Path(judge.partition(":")[2]).is_dir():
         raise InvalidArgumentError(f"--judge {judge!r}: {judge.partition(':')[2]!r} is not a model directory")
     if getattr(args, "method", None):
         from refusal_core.compression import check_methods_available
@@ -570,9 +743,61 @@ class _Command:
     writes: bool = True  # whether it has an --out to check
 
 
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"refusal-core: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def configure_logging(verbosity: int) -> logging.Logger:
+    """The ``refusal_core`` logger on stderr at ``verbosity`` (-1 errors, 0 warnings, 1 info, 2 debug);
+    the libraries' own loggers (transformers, lm-eval, datasets) stay at errors below ``-vv``."""
+    level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(
+        max(-1, min(verbosity, 2)), logging.DEBUG
+    )
+    logger = logging.getLogger("refusal_core")
+    for handler in [h for h in logger.handlers if getattr(h, "_refusal_core_cli", False)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine())
+    handler._refusal_core_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    library_level = logging.WARNING if verbosity >= 2 else logging.ERROR
+    for name in ("transformers", "lm-eval", "lm_eval", "datasets", "accelerate"):
+        logging.getLogger(name).setLevel(library_level)
+    return logger
+
+
+def _names_a_command(argv: Sequence[str]) -> bool:
+    """Whether a subcommand appears before any ``-h``/``--help``/``--version`` (else the light parser
+    answers: it knows the same top-level flags and subcommand names)."""
+    for arg in argv:
+        if arg in COMMAND_HELP:
+            return True
+        if arg in ("-h", "--help", "--version") or not arg.startswith("-"):
+            return False
+    return False
+
+
+def _asks_study_help(argv: Sequence[str]) -> bool:
+    """``study -h``/``--help`` (before any ``--``): answered from the cached option table."""
+    names = [a for a in argv if a in COMMAND_HELP]
+    return bool(names) and names[0] == "study" and any(a in ("-h", "--help") for a in argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not _names_a_command(argv):
+        parser = build_command_list_parser()
+    elif _asks_study_help(argv) and STUDY_OPTIONS_CACHE.is_file():
+        parser = build_study_help_parser()
+    else:
+        parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging(int(getattr(args, "verbose", 0)) - int(getattr(args, "quiet", 0)))
+    if hasattr(args, "no_progress") and not sys.stderr.isatty():
+        args.no_progress = True  # a bar redrawn with \r is noise in a log file or a pipe
     command = COMMANDS[args.command]
     created: Path | None = None
     ours: list[Path] = []
@@ -594,7 +819,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _print(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    """``obj`` as strict JSON on stdout: undefined values (NaN, ±inf) are null, as in every file."""
+    from refusal_core.records import finite_or_null
+
+    print(json.dumps(finite_or_null(obj), indent=2, sort_keys=True, default=str, allow_nan=False))
 
 
 # ----------------------------------------------------------------------------
@@ -608,7 +836,78 @@ def resolve_study_config(config_file: str | None, overrides: Mapping[str, Any]) 
 
     options = _study_options()
     from_file = cc.read_config_file(config_file, StudyConfig, options) if config_file else {}
-    return cc.build_config(StudyConfig, from_file, overrides)
+    layers = []
+    for layer in (from_file, overrides):
+        layer = dict(layer)
+        # The same --dtype spellings as every other command (auto = none = the default).
+        if isinstance(layer.get("dtype"), str):
+            spelling = layer["dtype"].strip().lower()
+            if spelling not in DTYPE_SPELLINGS:
+                raise InvalidArgumentError(
+                    f"dtype must be one of {', '.join(DTYPES)}, got {layer['dtype']!r}"
+                )
+            layer["dtype"] = DTYPE_SPELLINGS[spelling]
+        layers.append(layer)
+    return cc.build_config(StudyConfig, *layers)
+
+
+#: The settings of the shipped ``study.toml`` that differ from StudyConfig's defaults: the README's
+#: quick start on the toy in minutes on a laptop CPU (two methods, small prompt sets).
+EXAMPLE_STUDY: dict[str, Any] = {
+    "methods": ("magnitude", "wanda"),
+    "n_train": 32,
+    "n_val": 16,
+    "n_test": 32,
+    "n_calibration": 16,
+    "noise_splits": 2,
+    "repair.gains": (1.5, 2.0, 3.0),
+    "attacks.gcg_prompts": 8,
+    "zero_shot_tasks": ("rc_arithmetic",),
+}
+
+EXAMPLE_HEADER = """\
+refusal-core study --config study.toml --out runs/study
+
+Every setting of the study, with what it does; values differing from the built-in defaults
+name the default. This file runs the quick start: the embedded toy model, two compression
+methods, small prompt sets (a few minutes on a CPU). For a real model set `model` (a local
+Hugging Face directory or a .gguf file), `device` / `dtype`, list the `methods` you compress
+with, and raise the prompt counts (the defaults: n_train 128, n_val 32, n_test 64).
+Command-line flags win over this file: `--n-test 16`, `--aird-gain-attn 2`, `--methods wanda`.
+A `none` value means "not set" (for dtype: float32 on CPU, the checkpoint's own on a GPU).
+Regenerate after a settings change: python -c "from refusal_core.cli import write_example_config
+as w; w('study.toml')" (tests/test_quick_start.py checks the shipped file is current)."""
+
+
+def example_study_config() -> Any:
+    """The StudyConfig of the shipped ``study.toml`` (:data:`EXAMPLE_STUDY` over the defaults)."""
+    from refusal_core.study import StudyConfig
+
+    return cc.build_config(StudyConfig, EXAMPLE_STUDY)
+
+
+def example_config_text() -> str:
+    """The text of the shipped, commented ``study.toml``."""
+    return cc.commented_config_toml(example_study_config(), _study_options(), header=EXAMPLE_HEADER)
+
+
+def write_example_config(path: str | Path) -> Path:
+    """Write :func:`example_config_text` to ``path`` (the repository's ``study.toml``)."""
+    from refusal_core.records import atomic_write_bytes
+
+    return atomic_write_bytes(path, example_config_text().encode("utf-8"))
+
+
+def check_methods_available(methods: Sequence[str]) -> None:
+    """Refuse, before any stage runs, methods whose optional backend is not installed (a study with
+    ``llmc-wanda`` used to fail only after extracting and evaluating the base model)."""
+    from refusal_core.compression.llmc import LLMC_EXTRA_HINT, llmc_available
+
+    missing = [m for m in methods if m.split("@")[0].startswith("llmc-")]
+    if missing and not llmc_available():
+        raise InvalidArgumentError(
+            f"methods {', '.join(missing)} need llmcompressor, not installed: {LLMC_EXTRA_HINT}"
+        )
 
 
 def _cmd_study(args: argparse.Namespace, ours: list[Path]) -> int:
@@ -616,6 +915,7 @@ def _cmd_study(args: argparse.Namespace, ours: list[Path]) -> int:
     from refusal_core.study import run_study
 
     cfg = resolve_study_config(args.config, cc.cli_overrides(args))
+    check_methods_available(cfg.methods)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = out / "config.toml"
@@ -658,7 +958,7 @@ def _print_summary(results: StudyResults) -> None:
 
 def _dtype(name: str) -> str | None:
     """``--dtype`` for ``load_model``: None for ``auto`` (float32 on CPU, the checkpoint's own on GPU)."""
-    return None if name == "auto" else name
+    return DTYPE_SPELLINGS[name.strip().lower()]
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -775,13 +1075,29 @@ def _cmd_extract(args: argparse.Namespace, ours: list[Path]) -> int:
             progress=not args.no_progress,
         )
         sel.save(out / "selection")
+        # Sites as (layer, position -P..-1), as every other output writes them.
         summary |= {
-            "selected": sel.selected,
-            "fallback": sel.fallback,
+            "selected": sel.site(sel.selected),
+            "fallback": sel.site(sel.fallback),
+            "source": sel.site(sel.source),
+            "source_is_fallback": sel.selected is None,
             "source_position": sel.source_position,
         }
+        _note_fallback(sel)
     _print(summary)
     return 0
+
+
+def _note_fallback(sel: Any) -> None:
+    """One line on stderr when no candidate passed the selection filters and the fallback is used."""
+    if sel.selected is None:
+        layer, position = sel.site(sel.source)
+        logging.getLogger("refusal_core").warning(
+            "no candidate direction passed the selection filters; using the fallback source "
+            "(layer %d, position %d: the lowest bypass score below the layer cut, filters relaxed)",
+            layer,
+            position,
+        )
 
 
 def _base_identity(spec: str, loaded_identity: Mapping[str, Any]) -> dict[str, Any]:
@@ -888,6 +1204,7 @@ def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
     layer, pi = sel.source
     r = cands.directions[layer, pi]
     (block,) = RepairPlan(cfg, (layer,), args.placement).edit_blocks  # into-source at layer 0 fails here
+    _note_fallback(sel)
     _check_checkpoint_target(args.out)
     source_record = _checkpoint_record(args.model)
     # The compression this model carries: --method (applied here), else the one its record names.
@@ -940,6 +1257,7 @@ def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
         "aird": aird,
         "direction": str(Path(args.direction).absolute()),
         "source": [layer, sel.positions[pi]],
+        "source_is_fallback": sel.selected is None,
         "source_model": args.model,
         "refusal_token_ids": refusal_ids,
     }

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -65,12 +66,15 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_with",
+    "current_umask",
     "file_sha256",
+    "finite_or_null",
     "json_default",
     "load_record_as",
     "read_json",
     "read_record",
     "register_kind",
+    "respect_umask_",
     "write_record",
 ]
 
@@ -80,6 +84,21 @@ _T = TypeVar("_T")
 # ----------------------------------------------------------------------------
 # the writer and the reader
 # ----------------------------------------------------------------------------
+
+
+def finite_or_null(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±inf) in it, however nested, replaced by None.
+
+    Strict JSON has no NaN: a value that is not defined (an unscored candidate, a cosine with a zero
+    vector) is written as null, which every parser reads.
+    """
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
 
 
 def json_default(obj: Any) -> Any:
@@ -97,6 +116,35 @@ def json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
+def current_umask() -> int:
+    """The process's umask (read without changing it where ``/proc`` allows; else set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def respect_umask_(path: str | os.PathLike[str], *, recursive: bool = False) -> Path:
+    """Give a file or directory made by ``tempfile`` (always 0600 / 0700) the mode an ordinary
+    ``open``/``mkdir`` would have given it (0666 / 0777 less the umask); returns the path.
+    ``recursive`` also sets everything under a directory (safetensors writes its files 0600).
+
+    ``mkstemp``/``mkdtemp`` ignore the umask on purpose (their names are guessable in a shared
+    /tmp); ours are renamed into place as results that others on the machine may need to read.
+    """
+    p = Path(path)
+    mask = current_umask()
+    for q in [p, *(sorted(p.rglob("*")) if recursive and p.is_dir() else [])]:
+        if not q.is_symlink():
+            os.chmod(q, (0o777 if q.is_dir() else 0o666) & ~mask)
+    return p
+
+
 def atomic_write_with(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
     """Let ``write(tmp)`` fill a temp file beside ``path``, fsync it and rename it over ``path``; returns it.
 
@@ -110,6 +158,7 @@ def atomic_write_with(path: str | os.PathLike[str], write: Callable[[Path], obje
     tmp = Path(name)
     try:
         write(tmp)
+        respect_umask_(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, out)

@@ -72,6 +72,7 @@ from refusal_core.model import (
     model_identity,
     pad_token_id,
 )
+from refusal_core.records import finite_or_null
 
 __all__ = [
     "SCORE_KEYS",
@@ -304,6 +305,10 @@ class SelectionResult:
         """The selected position as a negative token offset (-P..-1)."""
         return self.positions[self.source[1]]
 
+    def site(self, index: tuple[int, int] | None) -> list[int] | None:
+        """``[layer, position]`` (position as the negative token offset) of a ``(layer, index)`` pair."""
+        return None if index is None else [int(index[0]), int(self.positions[index[1]])]
+
     def save(self, path: Path) -> None:
         meta = {
             "positions": self.positions,
@@ -311,7 +316,11 @@ class SelectionResult:
             "baseline_harmless": self.baseline_harmless,
             "selected": list(self.selected) if self.selected else None,
             "fallback": list(self.fallback) if self.fallback else None,
-            "candidates": _candidate_table(self),
+            # For readers: the source as (layer, position -P..-1), and whether the filters chose it.
+            "source_site": self.site(self.selected or self.fallback),
+            "source_is_fallback": self.selected is None,
+            # Unscored candidates (beyond the layer cut, zero directions) are null: strict JSON.
+            "candidates": finite_or_null(_candidate_table(self)),
             "n_harmful_val": self.n_harmful_val,
             "n_harmless_val": self.n_harmless_val,
         }

@@ -8,6 +8,7 @@ import pytest
 CATALOGUE_NODES = {
     "API": "test_bad_input_catalogue.py::test_catalogue_case[",
     "CLI": "test_cli.py::test_bad_command_lines_exit_2_with_one_line_and_write_nothing[",
+    "CLI-load": "test_bad_input_catalogue.py::test_cli_load_case[",
 }
 
 

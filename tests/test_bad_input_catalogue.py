@@ -48,7 +48,7 @@ from refusal_core.errors import (
 from refusal_core.evaluation.generation import generate
 from refusal_core.evaluation.judges import SubstringJudge, classify, is_degenerate
 from refusal_core.interventions import ablation_hooks, addition_hooks, orthogonalize_model_
-from refusal_core.model import get_layout, model_identity
+from refusal_core.model import get_layout, load_model, model_identity
 from refusal_core.selection import select_direction
 from refusal_core.testing.tiny import tiny_model, tiny_prompts, tiny_tokenizer
 
@@ -213,6 +213,72 @@ def _compress(name: str, calib: bool = True) -> Callable[[Env], object]:
 
 
 OVERFLOWING = torch.full((32,), 1.5e308, dtype=torch.float64)
+
+
+def _saved_checkpoint(e: Env) -> Path:
+    from refusal_core.checkpoint import save_checkpoint
+
+    return Path(save_checkpoint(e.model, e.tok, e.tmp / "ckpt", record={"method": None}))
+
+
+def _relabelled_format(e: Env) -> None:
+    """Issue 20: a dense checkpoint's record edited by hand to claim another storage format."""
+    import json
+
+    record = _saved_checkpoint(e) / "refusal_core.json"
+    doc = json.loads(record.read_text())
+    doc["format"] = "dequantized-simulation" if doc["format"] == "dense" else "dense"
+    record.write_text(json.dumps(doc, indent=2))
+
+
+def _text_named_gguf(e: Env) -> None:
+    (e.tmp / "model.gguf").write_text("this is a text file, not a GGUF model\n")
+
+
+def _load_gguf_with_cache_in_tmp(e: Env) -> object:
+    """Load the fake .gguf with the conversion cache under the snapshotted folder (a left-behind
+    cache folder shows up as a written file)."""
+    import os
+
+    from refusal_core.model.loading import CACHE_ENV_VAR
+
+    saved = os.environ.get(CACHE_ENV_VAR)
+    os.environ[CACHE_ENV_VAR] = str(e.tmp / "cache")
+    try:
+        return load_model(str(e.tmp / "model.gguf"))
+    finally:
+        if saved is None:
+            os.environ.pop(CACHE_ENV_VAR, None)
+        else:
+            os.environ[CACHE_ENV_VAR] = saved
+
+
+def _not_a_model_dir(e: Env) -> None:
+    (e.tmp / "notes").mkdir()
+    (e.tmp / "notes" / "readme.txt").write_text("not a model\n")
+
+
+def _mismatched_shapes(e: Env) -> None:
+    """A model directory whose config.json says a wider MLP than its weights have."""
+    import json
+
+    e.model.save_pretrained(e.tmp / "mism")
+    e.tok.save_pretrained(e.tmp / "mism")
+    config = json.loads((e.tmp / "mism" / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (e.tmp / "mism" / "config.json").write_text(json.dumps(config))
+
+
+def _awq_scale(value: float) -> Callable[[Env], object]:
+    from refusal_core.compression.quantization import apply_awq_scale_
+
+    def call(e: Env) -> object:
+        block = e.layout.blocks[0]
+        qkv = [e.layout.linears(0)[n] for n in ("q_proj", "k_proj", "v_proj")]
+        return apply_awq_scale_(block.input_layernorm, qkv, torch.full((32,), value, dtype=torch.float64))
+
+    return call
+
 
 CASES: tuple[Case, ...] = (
     # --- functional core: integer/boolean tensors, loose scalars, ids, overflowing norms (issue 10.6) ---
@@ -449,6 +515,49 @@ CASES: tuple[Case, ...] = (
         "",
         _truncate_tensors,
     ),
+    # --- issue 20: the last bad inputs ---
+    Case(
+        "checkpoint/record-format-edited",
+        lambda e: load_model(str(e.tmp / "ckpt")),
+        ArtifactError,
+        "20",
+        _relabelled_format,
+    ),
+    Case(
+        "load/chat-template-cannot-render",
+        lambda e: load_model("toy", chat_template="{% for %}"),
+        InvalidArgumentError,
+        "20",
+    ),
+    Case(
+        "load/chat-template-drops-the-messages",
+        lambda e: load_model("toy", chat_template="{{ bos_token }}assistant:"),
+        InvalidArgumentError,
+        "20",
+    ),
+    Case(
+        "load/text-file-named-gguf",
+        _load_gguf_with_cache_in_tmp,
+        InvalidArgumentError,
+        "20",
+        _text_named_gguf,
+    ),
+    Case(
+        "load/not-a-model-directory",
+        lambda e: load_model(str(e.tmp / "notes")),
+        InvalidArgumentError,
+        "20",
+        _not_a_model_dir,
+    ),
+    Case(
+        "load/weights-do-not-match-config",
+        lambda e: load_model(str(e.tmp / "mism")),
+        InvalidArgumentError,
+        "20",
+        _mismatched_shapes,
+    ),
+    Case("awq/scales-1e-300-overflow", _awq_scale(1e-300), NonFiniteError, "20"),
+    Case("awq/scales-1e300-underflow", _awq_scale(1e300), InvalidArgumentError, "20"),
     Case(
         "artifacts/not-a-compression-record",
         lambda e: CompressionRecord.load(e.tmp / "art"),
@@ -485,3 +594,55 @@ def test_catalogue_case(case: Case, tmp_path: Path) -> None:
     )
     changed = _diff(before, snapshot(env))
     assert not changed, f"{case.id}: the failed call modified or wrote something: {changed}"
+
+
+# ----------------------------------------------------------------------------
+# the command line over the same bad models: one line on stderr, the cause first, exit 2
+# ----------------------------------------------------------------------------
+
+#: (id, setup, argv with {tmp}, what the one line must say). transformers' text of these is 5-18 lines.
+CLI_LOAD_CASES: tuple[tuple[str, Callable[[Env], None], list[str], str], ...] = (
+    ("extract-not-a-model", _not_a_model_dir, ["extract", "--model", "{tmp}/notes"], "has no config.json"),
+    ("study-not-a-model", _not_a_model_dir, ["study", "--model", "{tmp}/notes"], "has no config.json"),
+    (
+        "audit-compressed-not-a-model",
+        _not_a_model_dir,
+        ["audit", "--base", "toy", "--compressed", "{tmp}/notes"],
+        "has no config.json",
+    ),
+    (
+        "evaluate-weights-do-not-match-config",
+        _mismatched_shapes,
+        ["evaluate", "--model", "{tmp}/mism"],
+        "weight shapes do not match its config.json (model.layers.0.mlp.",
+    ),
+)
+
+
+@pytest.mark.parametrize(
+    ("case", "setup", "argv", "cause"), CLI_LOAD_CASES, ids=[c[0] for c in CLI_LOAD_CASES]
+)
+def test_cli_load_case(
+    case: str,
+    setup: Callable[[Env], None],
+    argv: list[str],
+    cause: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from refusal_core.cli import main
+
+    setup(Env(tmp=tmp_path))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    capsys.readouterr()
+    code = main([a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--out", str(tmp_path / "out")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2, f"{case}: exit status {code}"
+    assert len(err) == 1, f"{case}: stderr must be one line, got {len(err)}: {err[:6]}"
+    assert cause in err[0], f"{case}: the line names the cause {cause!r}: {err[0]}"
+    # The temporary path's length depends on the runner (xdist adds a worker folder): measure without it.
+    head = err[0].split(": error: ", 1)[-1].replace(str(tmp_path), "{tmp}")
+    assert head.index(cause.split(" (")[0]) < 120, f"{case}: the cause comes first: {err[0]}"
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, (
+        f"{case}: files were written"
+    )

@@ -8,6 +8,7 @@ not assumed.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -167,6 +168,18 @@ BAD_INPUT_CASES: list[tuple[str, list[str], str]] = [
         "evaluate-template-missing",
         ["evaluate", "--chat-template", "{tmp}/t.jinja", "--out", "{tmp}/o"],
         "t.jinja",
+    ),
+    # issue 20: a method whose backend is missing fails before any stage (it failed after the base's)
+    *(
+        [
+            (
+                "study-llmc-without-extra",
+                ["study", "--methods", "llmc-wanda", "--out", "{tmp}/o"],
+                "llmcompressor",
+            )
+        ]
+        if importlib.util.find_spec("llmcompressor") is None
+        else []
     ),
 ]
 
@@ -380,16 +393,32 @@ def test_select_uses_n_val_and_the_selection_options(
     assert config.layers == (0, 1), "--selection-layers reaches SelectionConfig"
 
 
-def test_classifier_judge_from_a_model_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_classifier_judge_from_a_model_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from refusal_core.evaluation.judges import ClassifierJudge
     from refusal_core.testing.tiny import tiny_model, tiny_tokenizer
 
     judge_dir = tmp_path / "judge"
     tiny_model("llama", n_layers=2, d_model=32, seed=3).save_pretrained(judge_dir)
     tiny_tokenizer().save_pretrained(judge_dir)
+    capsys.readouterr()  # bars drawn while saving it are not the command's
     argv = ["evaluate", "--judge", f"classifier:{judge_dir}", "--n-test", "2", "--max-new-tokens", "2"]
+    # A random model is no classifier (issue 20: it used to be accepted and report ASR 0): refused.
+    assert main([*argv, "--no-progress", "--out", str(tmp_path / "r")]) == 2
+    line = _one_error_line(capsys.readouterr().err, "evaluate")
+    assert "is not a harmbench safety classifier" in line, line
+    assert not (tmp_path / "r").exists(), "a refused judge leaves no output directory"
+    # One that answers HarmBench's labels is used, and its raw verdicts are kept beside the completions.
+    monkeypatch.setattr(
+        ClassifierJudge, "verdicts", lambda self, i, c: [("Yes", "no")[k % 2] for k in range(len(i))]
+    )
     assert main([*argv, "--no-progress", "--out", str(tmp_path / "e")]) == 0, capsys.readouterr().err
     saved = json.loads((tmp_path / "e" / "asr_vanilla.json").read_text())
-    assert saved["judge"] == "classifier", f"the ASR was judged by the classifier, not {saved['judge']!r}"
+    assert saved["judge"] == "classifier-harmbench", f"judged by the classifier, not {saved['judge']!r}"
+    said = [a["verdict"] for r in saved["records"] for a in r["attempts"]]
+    assert said, "the attempts carry the classifier's verdicts"
+    assert set(said) <= {"Yes", "no"}, f"raw verdicts on disk: {said}"
 
 
 def test_cuda_without_cuda_is_refused_before_loading(
@@ -430,7 +459,11 @@ def test_no_progress_silences_every_bar(tmp_path: Path, capsys: pytest.CaptureFi
     quiet = capsys.readouterr().err
     assert "it/s]" not in quiet, f"--no-progress still drew a bar: {quiet[-300:]!r}"
     assert "%|" not in quiet, f"--no-progress still drew a bar: {quiet[-300:]!r}"
-    assert main([*argv, "--out", str(tmp_path / "loud")]) == 0
+    import unittest.mock
+
+    # Bars are drawn only on a terminal (never into a log or a pipe): stand in for one.
+    with unittest.mock.patch.object(sys.stderr, "isatty", return_value=True):
+        assert main([*argv, "--out", str(tmp_path / "loud")]) == 0
     loud = capsys.readouterr().err
     assert "it/s]" in loud, "without --no-progress bars are drawn (so the check above can fail)"
 

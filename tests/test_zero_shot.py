@@ -151,3 +151,63 @@ def test_bad_task_arguments() -> None:
         zero_shot_accuracy(model, TOK, backend="gpu", progress=False)
     with pytest.raises(InvalidArgumentError, match="limit"):
         zero_shot_accuracy(model, TOK, limit=0, progress=False)
+
+
+@needs_lm_eval
+def test_shipped_tasks_run_in_plain_lm_eval_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ``lm_eval --model hf --model_args pretrained=DIR --include_path refusal_core/data/tasks
+    --tasks ...`` does, through lm-eval's own API with its own HF loading, started in a directory
+    that holds no task data: the tasks load and score exactly as refusal_core's native scorer."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from refusal_core.evaluation.zero_shot import TASKS_DIR
+    from refusal_core.toy import load_toy_model, toy_model_path
+
+    monkeypatch.chdir(tmp_path)
+    tasks = ["rc_arithmetic", "rc_word_knowledge"]
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={toy_model_path()},dtype=float32,device=cpu",
+        tasks=tasks,
+        task_manager=manager,
+        limit=3,
+        log_samples=True,
+        bootstrap_iters=0,
+        verbosity="ERROR",
+    )
+    assert results is not None, "lm-eval returned no results"
+    model, tok = load_toy_model()
+    native = zero_shot_evaluate(model, tok, tasks, limit=3, backend="native", progress=False)
+    for task in tasks:
+        samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
+        plain = torch.tensor(
+            [[float(r[0]) for r in s["filtered_resps"]] for s in samples], dtype=torch.float64
+        )
+        ours = torch.tensor(native[task].loglikelihoods, dtype=torch.float64)
+        assert plain.shape == ours.shape == (3, 4), (
+            f"{task}: plain lm-eval {tuple(plain.shape)}, native {ours.shape}"
+        )
+        err = float((plain - ours).norm() / ours.norm())
+        assert err < 1e-4, f"{task}: plain lm-eval vs native log-likelihoods, relative error {err:.2e}"
+        assert results["results"][task]["acc,none"] == native[task].accuracy, f"{task}: accuracy differs"
+
+
+@needs_lm_eval
+def test_lm_eval_outside_a_git_checkout_prints_no_git_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """lm-eval runs ``git describe`` in the working directory with the terminal's stderr: outside a
+    checkout that printed "fatal: not a git repository" once per evaluation (13 lines per study)."""
+    import shutil
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed: nothing would print")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no checkout above tmp_path either
+    zero_shot_evaluate(tiny_model("llama", seed=4), TOK, ["rc_arithmetic"], limit=2, backend="lm_eval")
+    err = capfd.readouterr().err
+    assert "not a git repository" not in err, f"lm-eval's git call reached stderr: {err[-300:]!r}"

@@ -51,7 +51,12 @@ from refusal_core.compression.calibration import (
     prepare_calibration,
 )
 from refusal_core.compression.config import AwqConfig, check_threshold
-from refusal_core.errors import InvalidArgumentError, ShapeMismatchError, UnsupportedArchitectureError
+from refusal_core.errors import (
+    InvalidArgumentError,
+    NonFiniteError,
+    ShapeMismatchError,
+    UnsupportedArchitectureError,
+)
 from refusal_core.functional import (
     _awq_candidate_scales,
     check_tensor,
@@ -349,14 +354,35 @@ def apply_awq_scale_(
         )
     with torch.no_grad():
         s64 = s.detach().to(device=pw.device, dtype=torch.float64)
+        # (tensor, its new value, offset of its effective value): all computed, cast to the stored
+        # dtype and checked before any is written, so extreme scales (1e-300) cannot leave an
+        # infinite norm weight or zeroed q/k/v behind.
+        updates: list[tuple[torch.Tensor, torch.Tensor, float]] = []
         if isinstance(prev, nn.Linear):
-            prev.weight.copy_(prev.weight.to(torch.float64) / s64.unsqueeze(1))
+            updates.append((prev.weight, prev.weight.to(torch.float64) / s64.unsqueeze(1), 0.0))
             if prev.bias is not None:
-                prev.bias.copy_(prev.bias.to(torch.float64) / s64)
+                updates.append((prev.bias, prev.bias.to(torch.float64) / s64, 0.0))
         else:
-            pw.copy_((pw.to(torch.float64) + norm_offset) / s64 - norm_offset)
+            updates.append((pw, (pw.to(torch.float64) + norm_offset) / s64 - norm_offset, norm_offset))
         for m in linears:
-            m.weight.copy_(m.weight.to(torch.float64) * s64.unsqueeze(0))
+            updates.append((m.weight, m.weight.to(torch.float64) * s64.unsqueeze(0), 0.0))
+        span = f"s in [{float(s64.min()):.3g}, {float(s64.max()):.3g}]"
+        stored = []
+        for target, value, offset in updates:
+            cast = value.to(target.dtype)
+            if not bool(torch.isfinite(cast).all()):
+                raise NonFiniteError(
+                    f"AWQ scales {span} overflow {target.dtype} weights; nothing was changed"
+                )
+            lost = ((target.to(torch.float64) + offset) != 0) & ((cast.to(torch.float64) + offset) == 0)
+            if bool(lost.any()):
+                raise InvalidArgumentError(
+                    f"AWQ scales {span} underflow {int(lost.sum())} nonzero {target.dtype} weights to 0; "
+                    "nothing was changed"
+                )
+            stored.append((target, cast))
+        for target, cast in stored:
+            target.copy_(cast)
 
 
 def _group_size(linear: nn.Linear, group_size: int) -> int:

@@ -128,13 +128,22 @@ def check_system(system: object) -> None:
         raise InvalidArgumentError(f"system must be a str or None, got {type(system).__name__}")
 
 
-def _verdicts(judge: Judge, instructions: Sequence[str], completions: Sequence[str]) -> list[bool]:
-    verdicts = list(judge.judge(list(instructions), list(completions)))
-    if len(verdicts) != len(completions):
+def _verdicts(
+    judge: Judge, instructions: Sequence[str], completions: Sequence[str]
+) -> tuple[list[bool], list[str | None]]:
+    """The judge's calls and, for a judge that has them (a classifier), its raw verdicts to keep."""
+    with_raw = getattr(judge, "judge_with_verdicts", None)
+    if callable(with_raw):
+        verdicts, raw = with_raw(list(instructions), list(completions))
+        texts: list[str | None] = [str(t) for t in raw]
+    else:
+        verdicts = list(judge.judge(list(instructions), list(completions)))
+        texts = [None] * len(verdicts)
+    if len(verdicts) != len(completions) or len(texts) != len(completions):
         raise InvalidArgumentError(
             f"judge {judge.name!r} returned {len(verdicts)} verdicts for {len(completions)} completions"
         )
-    return [bool(v) for v in verdicts]
+    return [bool(v) for v in verdicts], texts
 
 
 def _settings(config: Any) -> dict[str, Any]:
@@ -208,10 +217,10 @@ class JudgedAttack:
         attempts: list[list[Attempt]] = [[] for _ in items]
         config_rates: dict[str, float] = {}
         for s in sets:
-            verdicts = _verdicts(judge, [items[i] for i in s.prompts], s.texts)
+            verdicts, raw = _verdicts(judge, [items[i] for i in s.prompts], s.texts)
             broken = [False] * len(items)
-            for i, config, text, verdict in zip(s.prompts, s.configs, s.texts, verdicts):
-                attempts[i].append(Attempt(config, text, verdict))
+            for i, config, text, verdict, said in zip(s.prompts, s.configs, s.texts, verdicts, raw):
+                attempts[i].append(Attempt(config, text, verdict, said))
                 broken[i] = broken[i] or verdict
             config_rates[s.label] = sum(broken) / len(items)
         records = [

@@ -48,6 +48,8 @@ class Attempt:
     config: dict[str, Any]
     completion: str
     jailbroken: bool
+    #: the judge's own words on this completion (a classifier's raw verdict), None for rule judges
+    verdict: str | None = None
 
 
 @dataclass
@@ -80,7 +82,13 @@ def _records_from_json(items: Any) -> list[AttackResult]:
         AttackResult(
             instruction=str(r["instruction"]),
             attempts=[
-                Attempt(dict(a["config"]), str(a["completion"]), bool(a["jailbroken"])) for a in r["attempts"]
+                Attempt(
+                    dict(a["config"]),
+                    str(a["completion"]),
+                    bool(a["jailbroken"]),
+                    None if a.get("verdict") is None else str(a["verdict"]),
+                )
+                for a in r["attempts"]
             ],
             details=dict(r.get("details", {})),
         )

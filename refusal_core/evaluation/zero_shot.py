@@ -147,10 +147,24 @@ def _task_yaml(task: str) -> Path | None:
     return None
 
 
+class _TaskYamlLoader(yaml.SafeLoader):
+    """Safe YAML that reads lm-eval's ``!function module.name`` tag as the plain string."""
+
+
+_TaskYamlLoader.add_constructor(
+    "!function",
+    lambda loader, node: f"!function {loader.construct_scalar(node)}",
+)
+
+
 def _local_config(yaml_path: Path) -> dict[str, Any]:
-    """The config of a local task YAML, ``data_files`` made absolute (lm-eval resolves them from cwd)."""
+    """The config of a local task YAML, ``data_files`` made absolute (lm-eval resolves them from cwd).
+
+    ``custom_dataset`` (the shipped tasks' loader for plain lm-eval, which resolves the same paths)
+    is dropped: with absolute ``data_files`` lm-eval's own JSON loading does the same.
+    """
     try:
-        config = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+        config = yaml.load(yaml_path.read_text(encoding="utf-8"), Loader=_TaskYamlLoader)  # a SafeLoader
     except (OSError, yaml.YAMLError) as exc:
         raise ArtifactError(f"task file {str(yaml_path)!r} cannot be read: {exc}") from exc
     if not isinstance(config, dict) or "task" not in config:
@@ -167,6 +181,7 @@ def _local_config(yaml_path: Path) -> dict[str, Any]:
             raise ArtifactError(f"task {config['task']!r}: data file {str(path)!r} does not exist")
         resolved[split] = str(path.resolve())
     config = {**config, "dataset_kwargs": {**config["dataset_kwargs"], "data_files": resolved}}
+    config.pop("custom_dataset", None)
     return config
 
 
@@ -347,6 +362,35 @@ def _no_retie(model: nn.Module) -> Iterator[None]:
             object.__delattr__(model, "tie_weights")
 
 
+@contextlib.contextmanager
+def _quiet_git_hash() -> Iterator[None]:
+    """lm-eval records ``git describe`` of the working directory by running git with the terminal's
+    stderr, so every evaluation outside a checkout printed "fatal: not a git repository" (13 lines
+    per study). The same hash, asked with git's stderr discarded."""
+    import subprocess
+
+    import lm_eval.evaluator as evaluator
+
+    def git_hash() -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "describe", "--always"], capture_output=True, text=True, timeout=10, check=False
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() or None if done.returncode == 0 else None
+
+    saved = getattr(evaluator, "get_git_commit_hash", None)
+    if saved is None:  # another lm-eval layout: nothing to quieten
+        yield
+        return
+    evaluator.get_git_commit_hash = git_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = saved
+
+
 @functools.lru_cache(maxsize=2)
 def _task_manager(include_defaults: bool) -> Any:
     from lm_eval.tasks import TaskManager
@@ -410,7 +454,7 @@ def _run_lm_eval(
     task_objects = [obj for _, d in loaded for obj in d.values()]
     # lm-eval draws its own progress bars on stderr; without progress they are swallowed.
     quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
-    with quiet, eval_mode(model), _no_retie(model):
+    with quiet, eval_mode(model), _no_retie(model), _quiet_git_hash():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         results = lm_eval.simple_evaluate(
             model=lm,

@@ -8,13 +8,16 @@ A ``.gguf`` file is converted once into a safetensors directory cached under
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from torch import nn
 
 from refusal_core.errors import InvalidArgumentError, ModelNotFoundError, RefusalCoreError
 from refusal_core.model.layout import get_layout
+from refusal_core.records import respect_umask_
 
 __all__ = [
     "CACHE_ENV_VAR",
@@ -109,7 +113,39 @@ def read_chat_template(chat_template: str | Path) -> str:
         )
     if "{{" not in text and "{%" not in text:
         raise InvalidArgumentError(f"chat_template {str(chat_template)!r} holds no Jinja template")
+    import jinja2
+    import jinja2.ext
+    import jinja2.sandbox
+
+    try:  # the environment transformers renders chat templates in
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols])
+        env.parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        where = "" if len(text) > 60 else f" {text!r}"
+        raise InvalidArgumentError(
+            f"chat_template{where} is not valid Jinja (line {exc.lineno}: {exc.message})"
+        ) from None
     return text
+
+
+#: The conversation a chat template given to :func:`load_model` must render, with its text in the output.
+_PROBE_MESSAGE = "refusal-core probe message"
+
+
+def check_chat_template_renders(tokenizer: Any) -> None:
+    """Render a one-message conversation with the tokenizer's chat template (and the generation
+    prompt); raise one line when it fails or leaves the message out, so a bad template fails at
+    load, not later in the first forward pass far from its cause."""
+    messages = [{"role": "user", "content": _PROBE_MESSAGE}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja2 and transformers raise many types while rendering
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InvalidArgumentError(
+            f"chat_template cannot render a one-message conversation: {type(exc).__name__}: {first}"
+        ) from None
+    if _PROBE_MESSAGE not in str(text):
+        raise InvalidArgumentError("chat_template renders a conversation without its messages' text")
 
 
 def hub_cache_dir() -> Path:
@@ -177,13 +213,18 @@ def gguf_cached_dir(path: str | os.PathLike[str]) -> Path:
     src = Path(path)
     if not src.is_file() or src.suffix != ".gguf":
         raise InvalidArgumentError(f"{str(src)!r} is not a .gguf file")
+    with open(src, "rb") as fh:  # every GGUF file starts with these 4 bytes; a renamed text file not
+        if fh.read(4) != _GGUF_MAGIC:
+            raise InvalidArgumentError(f"{str(src)!r} is not a GGUF file (it does not start with 'GGUF')")
     digest = _file_sha256(src)
     root = gguf_cache_root()
     target = root / digest
     if (target / _GGUF_RECORD).is_file():
         return target
+    made = [d for d in (root, *root.parents) if not d.exists()]  # to remove again if conversion fails
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}-", dir=root))
+    converted = False
     try:
         model, tokenizer = _read_gguf(src)
         _save_dequantized(model, tmp)
@@ -191,17 +232,23 @@ def gguf_cached_dir(path: str | os.PathLike[str]) -> Path:
         record = {"source": str(src.resolve()), "sha256": digest, "bytes": src.stat().st_size}
         (tmp / _GGUF_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
         try:
-            os.rename(tmp, target)
+            os.rename(respect_umask_(tmp, recursive=True), target)
         except OSError:
             if not (target / _GGUF_RECORD).is_file():  # not another process's finished conversion
                 raise
+        converted = True
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if not converted:  # leave no empty cache folder this call created
+            for d in made:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
     return target
 
 
 _GGUF_RECORD = "refusal_core_gguf.json"
+_GGUF_MAGIC = b"GGUF"
 
 
 def _save_dequantized(model: Any, directory: Path) -> None:
@@ -258,6 +305,10 @@ def _load_directory(path: Path, *, dtype: torch.dtype | str, device: str) -> tup
 
     from refusal_core.checkpoint import read_checkpoint_record, restore_checkpoint_modules_
 
+    if not (path / "config.json").is_file():  # the cause, before transformers' tokenizer guesswork
+        raise InvalidArgumentError(
+            f"model {str(path)!r} is not a Hugging Face model directory: it has no config.json"
+        )
     record = read_checkpoint_record(path)
     kwargs: dict[str, Any] = {"local_files_only": True}
     tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
@@ -265,12 +316,71 @@ def _load_directory(path: Path, *, dtype: torch.dtype | str, device: str) -> tup
         kwargs["device_map"] = device
     if _is_compressed_tensors(path):
         return _load_compressed_tensors(path, dtype=dtype, device=device), tokenizer
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, attn_implementation="eager", **kwargs
-    )
+    with _held_load_report() as held:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dtype, attn_implementation="eager", **kwargs
+            )
+        except RuntimeError as exc:
+            if "mismatched_sizes" not in str(exc) and "size mismatch" not in str(exc):
+                raise
+            held.clear()  # the one line below says it; transformers' table would repeat it in 10+ lines
+            raise InvalidArgumentError(
+                f"model {str(path)!r} does not load: weight shapes do not match its config.json"
+                f"{_first_shape_mismatch(path)}"
+            ) from None
     if record is not None:
         restore_checkpoint_modules_(model, record)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _held_load_report() -> Iterator[list[logging.LogRecord]]:
+    """Hold transformers' load report (a multi-line table it logs before raising on mismatched
+    weights) while loading; emit it afterwards unless the caller cleared the list."""
+    target = logging.getLogger("transformers.modeling_utils")
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            held.append(record)
+            return False
+        return True
+
+    target.addFilter(hold)
+    try:
+        yield held
+    finally:
+        target.removeFilter(hold)
+        for record in held:
+            target.handle(record)
+
+
+def _first_shape_mismatch(path: Path) -> str:
+    """``" (NAME: checkpoint [..], config [..])"`` for the first weight whose shape in the
+    safetensors files differs from the model its config.json builds; ``""`` if none is found."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            expected = {
+                k: tuple(v.shape)
+                for k, v in AutoModelForCausalLM.from_config(
+                    AutoConfig.from_pretrained(str(path), local_files_only=True)
+                )
+                .state_dict()
+                .items()
+            }
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                for key in sorted(f.keys()):
+                    got = tuple(f.get_slice(key).get_shape())
+                    if key in expected and expected[key] != got:
+                        return f" ({key}: checkpoint {list(got)}, config {list(expected[key])})"
+    except Exception:  # a best-effort detail: never hide the error it decorates
+        return ""
+    return ""
 
 
 def _is_compressed_tensors(path: Path) -> bool:
@@ -405,13 +515,18 @@ def load_model(
         except RefusalCoreError:
             raise
         except Exception as exc:  # transformers raises many unrelated types here
-            raise InvalidArgumentError(f"model {spec!r} does not load: {type(exc).__name__}: {exc}") from exc
+            # One line: the first line of the library's message (the rest is advice or a table).
+            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+            raise InvalidArgumentError(
+                f"model {spec!r} does not load: {first} ({type(exc).__name__})"
+            ) from exc
         config: Any = model.config
         config._name_or_path = name
     get_layout(model)
     model.eval()
     if template is not None:
         tokenizer.chat_template = template
+        check_chat_template_renders(tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

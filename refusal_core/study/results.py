@@ -20,7 +20,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from refusal_core._version import code_version
 from refusal_core.evaluation.attacks import ATTACKS
+from refusal_core.records import finite_or_null
 from refusal_core.stats import MeanDifference, PairedTest, Rate, mcnemar, paired_mean_difference, rate_of
 from refusal_core.study.sweep import RepairChoice, SweepPoint, ValidationScores
 
@@ -491,6 +493,18 @@ class SweepSummary:
         )
 
 
+#: Layout version of results.json: raised when a key changes meaning or goes away.
+RESULTS_SCHEMA_VERSION = 1
+
+
+def results_provenance() -> dict[str, Any]:
+    """When and by which code a results.json was written (UTC time, version, git commit if any)."""
+    import datetime
+
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    return {"created_utc": now.isoformat(), "refusal_core": code_version()}
+
+
 @dataclass(frozen=True)
 class StudyResults:
     """Everything ``results.json`` holds; ``to_dict()`` is its content."""
@@ -507,6 +521,7 @@ class StudyResults:
     significance_level: float
     timings: dict[str, Any]
     reproduce: dict[str, Any]
+    provenance: dict[str, Any] = field(default_factory=results_provenance)
 
     def variant(self, name: str) -> VariantResult:
         """The variant called ``name`` (KeyError naming the known ones otherwise)."""
@@ -516,20 +531,25 @@ class StudyResults:
         raise KeyError(f"no variant {name!r}; the study has {[v.name for v in self.variants]}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "settings": self.settings,
-            "refusal_token_ids": self.refusal_token_ids,
-            "base": self.base.to_dict(),
-            "noise_floor": self.noise_floor,
-            "variants": [v.to_dict() for v in self.variants],
-            "sweeps": {m: s.to_dict() for m, s in self.sweeps.items()},
-            "saturated_attacks": self.saturated_attacks,
-            "untested_attacks": self.untested_attacks,
-            "significance_level": self.significance_level,
-            "timings": self.timings,
-            "reproduce": self.reproduce,
-        }
+        # Strict JSON: a value not measured (NaN in memory, e.g. a CE never computed) is written null.
+        return finite_or_null(
+            {
+                "model": self.model,
+                "settings": self.settings,
+                "refusal_token_ids": self.refusal_token_ids,
+                "base": self.base.to_dict(),
+                "noise_floor": self.noise_floor,
+                "variants": [v.to_dict() for v in self.variants],
+                "sweeps": {m: s.to_dict() for m, s in self.sweeps.items()},
+                "saturated_attacks": self.saturated_attacks,
+                "untested_attacks": self.untested_attacks,
+                "significance_level": self.significance_level,
+                "timings": self.timings,
+                "reproduce": self.reproduce,
+                "schema_version": RESULTS_SCHEMA_VERSION,
+                "provenance": self.provenance,
+            }
+        )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> StudyResults:
@@ -546,4 +566,5 @@ class StudyResults:
             significance_level=float(d.get("significance_level", 0.05)),
             timings=dict(d.get("timings", {})),
             reproduce=dict(d.get("reproduce", {})),
+            provenance=dict(d.get("provenance", {})),
         )

@@ -21,6 +21,10 @@ from refusal_core.stats import SIGNIFICANCE, Rate, mcnemar
 __all__ = ["RepairChoice", "SweepPoint", "ValidationScores", "choose_repair"]
 
 
+def _number(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
 @dataclass(frozen=True)
 class ValidationScores:
     """One model on the validation prompts.
@@ -60,11 +64,12 @@ class ValidationScores:
         return cls(
             compliance=Rate.from_dict(d["compliance"]),
             over_refusal=Rate.from_dict(d["over_refusal"]),
-            kl=float(d["kl"]),
-            refusal_score_harmful=float(d["refusal_score_harmful"]),
-            refusal_score_harmless=float(d["refusal_score_harmless"]),
+            # null in strict JSON is a value that was not measured (NaN in memory)
+            kl=_number(d["kl"]),
+            refusal_score_harmful=_number(d["refusal_score_harmful"]),
+            refusal_score_harmless=_number(d["refusal_score_harmless"]),
             source=str(d["source"]),
-            ce=float(d["ce"]),
+            ce=_number(d.get("ce")),
             complied=tuple(bool(x) for x in d.get("complied", ())),
         )
 
