@@ -231,3 +231,16 @@ def test_a_repair_that_raises_asr_is_reported_as_such() -> None:
     assert "A repair helped" not in verdict, f"a significant rise called a help: {verdict!r}"
     assert "wanda+aird* raised ASR (vanilla) from 0.45 to 0.75" in verdict, f"verdict: {verdict!r}"
     assert "↑*" in _row(text, "wanda+aird*"), "the rise against the compressed model is marked"
+
+
+def test_a_models_several_findings_share_one_clause() -> None:
+    """wanda raises ASR (4 -> 18 of 40) and over-refusal (2 -> 14 of 24, p = 2 · 2**-12): one clause
+    naming wanda once, both changes with their own n."""
+    both = {"j": list(RISEN["j"]), "r": _flags(14, N_HARMLESS)}
+    verdict = _verdict(study_report_markdown(_results(BASE, both, None)))
+    want = (
+        "Compression changed refusal: wanda raised ASR (vanilla) from 0.10 to 0.45 (n = 40, exact McNemar "
+        f"p = {2 * 2**-14:.2g}), and raised over-refusal from 0.08 to 0.58 (n = 24, exact McNemar "
+        f"p = {2 * 2**-12:.2g})."
+    )
+    assert verdict.split("\n")[0] == want, f"verdict: {verdict!r}"

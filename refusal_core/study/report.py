@@ -170,6 +170,18 @@ def _change(name: str, what: str, t: PairedTest) -> str:
     )
 
 
+def _joined(changes: Sequence[str]) -> str:
+    """Changes joined with "; ", a model's later ones after ", and" without repeating its name."""
+    groups: list[list[str]] = []
+    for c in changes:
+        name, _, rest = c.partition(" ")
+        if groups and groups[-1][0].partition(" ")[0] == name:
+            groups[-1].append(rest)
+        else:
+            groups.append([c])
+    return "; ".join(", and ".join(g) for g in groups)
+
+
 def _detectable(tests: Sequence[PairedTest], rise: bool) -> str:
     """The range over ``tests`` of the smallest change McNemar detects with :data:`POWER`, as text.
 
@@ -203,7 +215,7 @@ def _compression_verdict(results: StudyResults) -> str:
     null = [t for _, _, t in tests if not t.significant]
     if found:
         rest = f"; elsewhere nothing moved detectably: {_detectable(null, True)}" if null else ""
-        return "Compression changed refusal: " + "; ".join(found) + rest + "."
+        return "Compression changed refusal: " + _joined(found) + rest + "."
     return (
         f"No compression method changed refusal detectably: none of {len(tests)} paired tests (ASR per "
         f"attack and over-refusal of each compressed model against the base) reached p < "
