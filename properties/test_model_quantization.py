@@ -8,9 +8,16 @@ above the split-half noise floor.
 Well-conditioned by construction: the two classes are bags of words from
 disjoint word lists, and the tiny model gets a planted feature, a common
 vector added to the embedding of every token that occurs only in the
-"harmful" words, so the classes differ along it at every later layer. The
-separation is then *asserted* as a precondition (split-half cosine at least
-:data:`MIN_SPLIT_HALF` at every checked site), never filtered for.
+"harmful" words, so the classes differ along it at every later layer. Each
+half-sample is a balanced design (every word of its class exactly once at
+every word position), so the two halves differ only in which words share a
+prompt, not in how often or where each word occurs: word-frequency noise,
+the dominant part of the split-half noise with independently drawn bags
+(tiny gemma2, model seed 104, prompt seed 731: split-half cosines down to
+0.76), cancels exactly. Should a draw still fall below the split-half floor
+(:data:`MIN_SPLIT_HALF` at every checked site), the construction doubles the
+number of balanced half-samples, which shrinks the remaining noise like
+``1/sqrt(n)``, up to :data:`MAX_PROMPTS`; no draw is filtered out.
 
 Sites: every block input ``l ≥ 1`` at every post-instruction position. The
 input of block 0 at those positions is the embedding of the same template
@@ -26,7 +33,7 @@ import copy
 import random
 
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from refusal_core.activations import mean_activations
@@ -39,8 +46,10 @@ from refusal_core.testing.tiny import AWQ_FAMILIES, TINY_FAMILIES, tiny_model, t
 MIN_COSINE = 0.99
 #: Precondition: agreement of two half-sample directions (the sampling noise floor) at each site.
 MIN_SPLIT_HALF = 0.8
-#: Prompts per class, words per prompt, planted-feature gain (× the mean embedding row norm).
+#: Prompts per class (first try), words per prompt, planted-feature gain (× the mean embedding row norm).
 N_PROMPTS, WORDS_PER_PROMPT, PLANT_GAIN = 32, 4, 3.0
+#: The construction's largest prompt count per class.
+MAX_PROMPTS = 128
 
 # Written for this test; disjoint by construction.
 HARMFUL_WORDS = (
@@ -64,9 +73,25 @@ def _word_tokens(tokenizer: object, words: tuple[str, ...]) -> set[int]:
     return ids
 
 
-def _bags(words: tuple[str, ...], n: int, seed: int) -> list[str]:
+def _balanced_bags(words: tuple[str, ...], n: int, seed: int) -> list[str]:
+    """``n`` prompts whose two halves each use every word exactly once per word position.
+
+    Needs ``n / 2 == len(words) · k`` for a whole ``k``: each position of a half is ``k`` shuffled
+    copies of the word list (so which words meet in a prompt is random, how often and where each
+    occurs is not).
+    """
+    half, k = n // 2, n // 2 // len(words)
+    assert k * len(words) * 2 == n, f"_balanced_bags: n = {n} is not a multiple of 2 × {len(words)} words"
     rng = random.Random(seed)
-    return [" ".join(rng.choices(words, k=WORDS_PER_PROMPT)) + "." for _ in range(n)]
+    prompts: list[str] = []
+    for _ in range(2):
+        columns = []
+        for _position in range(WORDS_PER_PROMPT):
+            column = list(words) * k
+            rng.shuffle(column)
+            columns.append(column)
+        prompts += [" ".join(col[j] for col in columns) + "." for j in range(half)]
+    return prompts
 
 
 def _membership(n: int) -> torch.Tensor:
@@ -89,6 +114,8 @@ def _membership(n: int) -> torch.Tensor:
     prompt_seed=st.integers(0, 2**16),
     method=st.sampled_from(["llm-int8", "awq-w8"]),
 )
+# issue 20's draw: independently drawn bags gave split-half cosines 0.76-0.84 here
+@example(family="gemma2", model_seed=104, prompt_seed=731, method="llm-int8")
 def test_direction_survives_8bit_quantization(
     family: str, model_seed: int, prompt_seed: int, method: str
 ) -> None:
@@ -102,18 +129,24 @@ def test_direction_survives_8bit_quantization(
     with torch.no_grad():
         emb[marker] += PLANT_GAIN * emb.norm(dim=1).mean() * u / u.norm()
 
-    harmful = _bags(HARMFUL_WORDS, N_PROMPTS, prompt_seed)
-    harmless = _bags(HARMLESS_WORDS, N_PROMPTS, prompt_seed + 1)
-    member = _membership(N_PROMPTS)
     label = f"{method} on tiny {family} (model seed {model_seed}, prompt seed {prompt_seed})"
-
-    means = mean_activations(model, tok, harmful + harmless, groups=member, n_groups=6)
-    r = (means[0] - means[1])[1:]  # [L-1, P, d]: sites l >= 1
-    split = site_cosines(means[2] - means[4], means[3] - means[5])[1:]
+    n = N_PROMPTS
+    while True:  # the construction: more balanced half-samples until the classes clear the noise floor
+        harmful = _balanced_bags(HARMFUL_WORDS, n, prompt_seed)
+        harmless = _balanced_bags(HARMLESS_WORDS, n, prompt_seed + 1)
+        member = _membership(n)
+        means = mean_activations(model, tok, harmful + harmless, groups=member, n_groups=6)
+        split = site_cosines(means[2] - means[4], means[3] - means[5])[1:]
+        if bool((split >= MIN_SPLIT_HALF).all()) or n >= MAX_PROMPTS:
+            break
+        n *= 2
+    # Reached only if the construction itself stopped working (it has a wide margin: every draw of a
+    # 48-draw survey cleared the floor at n = 32 with minimum 0.957), so this names the construction.
     assert bool((split >= MIN_SPLIT_HALF).all()), (
-        f"precondition of the test construction: split-half cosine per site {split.tolist()} below "
-        f"{MIN_SPLIT_HALF} for {label}; the classes are not separated above the noise floor"
+        f"construction: balanced bags of {n} prompts per class still give split-half cosines "
+        f"{split.tolist()} below {MIN_SPLIT_HALF} for {label}"
     )
+    r = (means[0] - means[1])[1:]  # [L-1, P, d]: sites l >= 1
 
     quantized = copy.deepcopy(model)
     calibration = encode_prompts(tok, harmful[:4] + harmless[:4])

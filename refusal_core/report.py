@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: never open a window
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
 from refusal_core.artifacts import atomic_write_bytes
 
@@ -29,6 +30,16 @@ __all__ = [
 ]
 
 
+#: Colour-bar label (what and unit) of each candidate score.
+SCORE_LABELS = {
+    "bypass": "refusal score, harmful, r ablated (log-odds)",
+    "induce": "refusal score, harmless, r added (log-odds)",
+    "kl": "KL(base ‖ r ablated), harmless (nats)",
+}
+#: What a good candidate does to each score.
+SCORE_GOALS = {"bypass": "low: r necessary", "induce": "high: r sufficient", "kl": "low: little damage"}
+
+
 def plot_candidate_heatmap(
     path: Path,
     title: str,
@@ -38,11 +49,11 @@ def plot_candidate_heatmap(
 ) -> None:
     """One panel per score (bypass, induce, kl), layer × position, selected source boxed."""
     names = list(scores)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.8), squeeze=False)
     for ax, name in zip(axes[0], names):
         grid = np.asarray(scores[name], dtype=float)
         im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis")
-        ax.set_title(name)
+        ax.set_title(f"{name} ({SCORE_GOALS[name]})" if name in SCORE_GOALS else name, fontsize=9)
         ax.set_xlabel("position")
         ax.set_ylabel("layer")
         ax.set_xticks(range(len(positions)), [str(p) for p in positions])
@@ -50,7 +61,9 @@ def plot_candidate_heatmap(
         if selected is not None:
             layer, pos = selected
             ax.add_patch(plt.Rectangle((pos - 0.5, layer - 0.5), 1, 1, fill=False, ec="red", lw=2))
-        fig.colorbar(im, ax=ax, fraction=0.046)
+        bar = fig.colorbar(im, ax=ax, fraction=0.046)
+        bar.set_label(SCORE_LABELS.get(name, name), fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     _save(fig, path)
@@ -67,16 +80,18 @@ def plot_cosine_by_layer(
     The band runs from the split-half noise floor to 1: a cosine inside it is what two halves of
     the same prompt set already give. The y axis is zoomed to the data.
     """
-    fig, ax = plt.subplots(figsize=(6.8, 4.2))
+    fig, ax = plt.subplots(figsize=(8.6, 4.4))  # room for the legend beside the axes
     layers = np.arange(len(noise_floor))
     floor = np.asarray([np.nan if v is None else v for v in noise_floor], dtype=float)
     ax.fill_between(layers, floor, 1.0, color="0.85", label="within split-half noise (base)", step=None)
     ax.plot(layers, floor, "k--", lw=1)
     values = [floor[np.isfinite(floor)]]
+    styles = _line_styles(list(cosines))
     for name, vals in cosines.items():
         v = np.asarray([np.nan if x is None else x for x in vals], dtype=float)
         values.append(v[np.isfinite(v)])
-        ax.plot(layers, v, marker="o", ms=3, lw=1, label=name)
+        colour, dash, marker = styles[name]
+        ax.plot(layers, v, color=colour, ls=dash, marker=marker, ms=4, lw=1.2, label=name)
     data = np.concatenate([v for v in values if v.size]) if any(v.size for v in values) else np.array([0.0])
     lo = float(np.min(data))
     ax.set_ylim(lo - 0.05 * max(1e-3, 1.0 - lo), 1.0 + 0.02 * max(1e-3, 1.0 - lo))
@@ -84,9 +99,26 @@ def plot_cosine_by_layer(
     ax.set_xlabel("layer (block input)")
     ax.set_ylabel("cosine with the base direction")
     ax.set_title(f"Direction similarity by layer, position {position}")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=7, ncol=1, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     _save(fig, path)
+
+
+#: Line style and marker per kind of variant: compressed, paper-α repair, chosen repair, sparse repair.
+_KIND_STYLES = {"": ("-", "o"), "+aird": ("--", "s"), "+aird*": (":", "^"), "+aird-sparse*": ("-.", "D")}
+
+
+def _line_styles(names: Sequence[str]) -> dict[str, tuple[Any, str, str]]:
+    """(colour, dash, marker) per variant name: one colour per model (the name before ``+``), one
+    dash and marker per kind of variant, so no two lines look alike however many there are."""
+    models = list(dict.fromkeys(n.partition("+")[0] for n in names))
+    cmap = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")
+    out: dict[str, tuple[Any, str, str]] = {}
+    for name in names:
+        model, plus, kind = name.partition("+")
+        dash, marker = _KIND_STYLES.get(plus + kind, ("-", "x"))
+        out[name] = (cmap(models.index(model) % cmap.N), dash, marker)
+    return out
 
 
 def _rate_err(rates: Sequence[Mapping[str, float] | None]) -> tuple[np.ndarray, np.ndarray]:
@@ -97,24 +129,32 @@ def _rate_err(rates: Sequence[Mapping[str, float] | None]) -> tuple[np.ndarray, 
 
 
 def plot_asr(path: Path, table: Mapping[str, Mapping[str, Mapping[str, float] | None]]) -> None:
-    """Grouped bars: ASR per variant (rows) for each attack (columns), 95 % Wilson intervals as error bars.
+    """ASR per variant, one panel per attack, 95 % Wilson intervals as error bars.
 
-    ``table[variant][attack]`` is a rate record with ``value``, ``low`` and ``high``.
+    ``table[variant][attack]`` is a rate record with ``value``, ``low`` and ``high``. Variants run
+    down a shared vertical axis, so their names stay horizontal and readable however many there are.
     """
     variants = list(table)
-    attacks = sorted({a for row in table.values() for a in row})
-    fig, ax = plt.subplots(figsize=(max(6.4, 0.5 * len(variants) * max(1, len(attacks)) / 2), 4.4))
-    width = 0.8 / max(1, len(attacks))
-    x = np.arange(len(variants))
-    for k, attack in enumerate(attacks):
+    attacks = sorted({a for row in table.values() for a in row}) or ["(none)"]
+    height = 1.3 + 0.28 * max(1, len(variants))
+    fig, axes = plt.subplots(
+        1, len(attacks), figsize=(1.6 + 2.3 * len(attacks), height), sharey=True, squeeze=False
+    )
+    y = np.arange(len(variants))
+    for ax, attack in zip(axes[0], attacks):
         vals, err = _rate_err([table[v].get(attack) for v in variants])
-        ax.bar(x + k * width - 0.4 + width / 2, vals, width, yerr=err, capsize=2, label=attack)
-    ax.set_xticks(x, variants, rotation=45, ha="right", fontsize=7)
-    ax.set_xlabel("variant")
-    ax.set_ylabel("attack success rate (95 % Wilson interval)")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("ASR per variant and attack (held-out test prompts)")
-    ax.legend(fontsize=7)
+        ax.barh(y, np.nan_to_num(vals), 0.7, xerr=err, capsize=2, color="tab:red", alpha=0.75)
+        for yi, v in zip(y, vals):
+            if not np.isfinite(v):
+                ax.text(0.02, yi, "not run", va="center", fontsize=7, color="0.4")
+        ax.set_xlim(0, 1.0)
+        ax.set_title(attack, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(labelsize=8)
+    axes[0][0].set_yticks(y, variants)
+    axes[0][0].invert_yaxis()  # first variant (the base) on top
+    fig.supxlabel("attack success rate on held-out harmful prompts (95 % Wilson interval)", fontsize=9)
+    fig.suptitle("ASR per variant and attack", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
 
@@ -190,6 +230,10 @@ def plot_pareto(
             )
         ax.set_xlabel(xlabel, fontsize=8)
         ax.grid(alpha=0.3)
+        # KL and CE of nearby strengths differ in the 3rd-5th digit: few ticks, short labels
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+        ax.xaxis.set_major_formatter(ScalarFormatter(useOffset=True))
+        ax.tick_params(labelsize=7)
     axes[0].set_ylabel("harmful compliance on validation prompts (95 % CI)")
     handles, labels = axes[0].get_legend_handles_labels()
     uniq = dict(zip(labels, handles))
