@@ -1,9 +1,9 @@
 """Wiring of the study and the audit: what keys a stage, which way a comparison runs, which AIRD
 config a sweep point applies (issue 20's surviving mutants; /work/notes/wiring.md lists them).
 
-The study checks reach into ``refusal_core.study.run``'s private ``_Run`` (its ``root_key``,
-``mechanism`` stage, ``sweep_configs``) and ``_point_config``: a whole study per changed setting
-would cost minutes, these cost seconds. The audit check runs the public :func:`audit`.
+The study checks use the experiment engine's public steps (:class:`~refusal_core.bench.Bench`'s
+``root_key``, the ``mechanism`` step, ``sweep_plans`` and ``point_plan``): a whole study per changed
+setting would cost minutes, these cost seconds. The audit check runs the public :func:`audit`.
 """
 
 from __future__ import annotations
@@ -16,13 +16,30 @@ import torch
 
 from refusal_core.aird import AirdConfig
 from refusal_core.audit import AuditConfig, audit
+from refusal_core.bench import Bench, point_plan, sweep_plans
+from refusal_core.bench import mechanism as mechanism_step
 from refusal_core.checkpoint import save_checkpoint
 from refusal_core.compression import compress_, method_config
 from refusal_core.model import load_model, model_identity
 from refusal_core.stats import rate
 from refusal_core.study.config import RepairConfig, StudyConfig
-from refusal_core.study.run import _point_config, _Run
 from refusal_core.study.sweep import SweepPoint, ValidationScores
+
+
+def _Run(config: StudyConfig, out: Path, progress: bool) -> Bench:
+    return Bench(config, out, progress=progress)
+
+
+def _sweep_configs(bench: Bench, sparse: bool, base_layer: int, own_layer: int) -> list[tuple]:
+    """(strength, layer choice, placement, AIRD config) of every sweep point of one arm."""
+    return [
+        (s, p, plan.placement, plan.config)
+        for s, p, plan in sweep_plans(bench.config, sparse, base_layer, own_layer)
+    ]
+
+
+def _point_config(point: SweepPoint, paper: AirdConfig) -> AirdConfig:
+    return point_plan(point, paper).config
 
 
 def _config(**kw: object) -> StudyConfig:
@@ -62,13 +79,13 @@ def test_the_mechanism_stage_is_redone_when_its_generations_would_differ(
     out = tmp_path / "run"
     first = _Run(_config(), out, False)
     r = torch.randn(first.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    first.mechanism("base", first.model, r, 1, ["up"])
+    mechanism_step(first, "base", first.model, r, 1, ["up"])
     k1 = first.store.recorded_key("base/mechanism")
     again = _Run(_config(), out, False)
-    again.mechanism("base", again.model, r, 1, ["up"])
+    mechanism_step(again, "base", again.model, r, 1, ["up"])
     assert again.store.recorded_key("base/mechanism") == k1, "the same settings must reuse the stage"
     changed = _Run(_config(**change), out, False)
-    changed.mechanism("base", changed.model, r, 1, ["up"])
+    mechanism_step(changed, "base", changed.model, r, 1, ["up"])
     assert changed.store.recorded_key("base/mechanism") != k1, (
         f"mechanism stage kept its key after {change}: stale completions' flags would be reused"
     )
@@ -80,13 +97,11 @@ def test_every_point_of_the_sparse_arm_preserves_sparsity(tmp_path: Path) -> Non
     run = _Run(_config(repair=RepairConfig(gains=(2.0,), layers=("base", "own"))), tmp_path / "run", False)
     paper = run.config.aird
     for sparse in (False, True):
-        configs = run.sweep_configs(sparse, 1, 2)
+        configs = _sweep_configs(run, sparse, 1, 2)
         strengths = {s for s, *_ in configs}
         assert strengths == {"paper", "gain"}, f"fixture: the sweep has paper and gain points ({strengths})"
         wrong = [(s, p, cfg) for s, p, _, cfg in configs if cfg.preserve_sparsity != sparse]
-        assert not wrong, (
-            f"sweep_configs(sparse={sparse}): points with preserve_sparsity != {sparse}: {wrong}"
-        )
+        assert not wrong, f"sweep_plans(sparse={sparse}): points with preserve_sparsity != {sparse}: {wrong}"
         for strength, gains in (("paper", (1.1, 1.05)), ("gain", (2.0, 2.0))):
             point = SweepPoint(
                 strength=strength,
@@ -110,7 +125,11 @@ def test_every_point_of_the_sparse_arm_preserves_sparsity(tmp_path: Path) -> Non
 def test_the_paper_point_is_the_configured_alpha_pair(tmp_path: Path) -> None:
     alphas = AirdConfig(alpha_attn=0.05, alpha_mlp=0.01)
     run = _Run(_config(aird=alphas, repair=RepairConfig(gains=(2.0,))), tmp_path / "run", False)
-    paper = [cfg for s, _, _, cfg in run.sweep_configs(True, 1, 1) if s == "paper"]
+    paper = [
+        cfg
+        for s, _, placement, cfg in _sweep_configs(run, True, 1, 1)
+        if s == "paper" and placement == "source-block"
+    ]
     assert [(c.alpha_attn, c.alpha_mlp, c.preserve_sparsity) for c in paper] == [(0.05, 0.01, True)], (
         f"sparse arm's paper point: {paper}"
     )
