@@ -357,6 +357,7 @@ def prefill_shared_generations(
     cache: GenerationCache,
     *,
     progress: bool = True,
+    engine: Any = None,
 ) -> int:
     """Generate into ``cache`` every completion the ``attacks`` will ask for, one prefill per group.
 
@@ -367,7 +368,8 @@ def prefill_shared_generations(
     for every grid configuration (:func:`generate_ids_multi`). Afterwards
     ``attack.run(..., cache=cache)`` finds every generation in the memo, with
     results identical to a cold run. Returns the number of groups (= prefill
-    passes over the prompt set).
+    passes over the prompt set). ``engine``: an open evaluation engine (e.g. vLLM serving this model's
+    checkpoint, :mod:`refusal_core.evaluation.engines`) that generates instead of the torch loop.
 
     Example:
         >>> from refusal_core.evaluation.generation import GenerationCache
@@ -411,6 +413,7 @@ def prefill_shared_generations(
             cache=cache,
             progress=progress,
             desc="shared prefill",
+            engine=engine,
         )
     return len(groups)
 
@@ -453,18 +456,19 @@ def over_refusal(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     progress: bool = True,
+    cache: GenerationCache | None = None,
 ) -> OverRefusalResult:
     """Greedy completions of harmless instructions; a prompt is refused when the judge says it did not comply.
 
     The records are those of :class:`VanillaAttack` on the same prompts. With
     :class:`~refusal_core.evaluation.judges.SubstringJudge`, its ``min_words``
     rule also counts very short answers as refused: use a small value (e.g. 1)
-    when harmless answers can legitimately be short.
+    when harmless answers can legitimately be short. ``cache``: a generation memo, as for the attacks.
     """
     items = check_instructions(harmless_instructions, "harmless_instructions")
     judge = check_judge(judge)
     attack = VanillaAttack(system=system, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    res = attack.run(model, tokenizer, items, judge, progress=progress)
+    res = attack.run(model, tokenizer, items, judge, progress=progress, cache=cache)
     return OverRefusalResult(
         judge=res.judge,
         records=res.records,

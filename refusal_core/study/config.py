@@ -19,6 +19,7 @@ from refusal_core.aird import AirdConfig
 from refusal_core.compression import method_config
 from refusal_core.errors import InvalidArgumentError
 from refusal_core.evaluation.attacks import DecodingAttack, VanillaAttack
+from refusal_core.evaluation.engines import EngineName, VllmSettings, check_engine_name
 from refusal_core.evaluation.gcg import GcgAttack
 from refusal_core.selection import SelectionConfig
 
@@ -214,6 +215,10 @@ class StudyConfig:
     max_new_tokens: int = 24
     batch_size: int = 32
     seed: int = 0
+    #: who generates the evaluation's completions: "torch" (this package's loop) or "vllm" (each
+    #: variant saved as a checkpoint and served by vLLM); extraction, ablation and addition stay in torch
+    engine: EngineName = "torch"
+    vllm: VllmSettings = field(default_factory=VllmSettings)
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -240,6 +245,7 @@ class StudyConfig:
         from refusal_core.evaluation.judges import check_judge_spec
 
         check_judge_spec(self.judge)
+        check_engine_name(self.engine)
         if not isinstance(self.filter_prompts, bool):
             raise InvalidArgumentError(f"filter_prompts must be a bool, got {self.filter_prompts!r}")
         for name, cls in (
@@ -247,6 +253,7 @@ class StudyConfig:
             ("repair", RepairConfig),
             ("selection", SelectionConfig),
             ("attacks", AttackSettings),
+            ("vllm", VllmSettings),
         ):
             if not isinstance(getattr(self, name), cls):
                 raise InvalidArgumentError(f"{name} must be a {cls.__name__}, got {getattr(self, name)!r}")

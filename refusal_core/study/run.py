@@ -80,6 +80,7 @@ from refusal_core.evaluation.damage import (
     kl_divergence,
     next_token_logp,
 )
+from refusal_core.evaluation.engines import open_variant_engine
 from refusal_core.evaluation.gcg import GcgAttack
 from refusal_core.evaluation.generation import GenerationCache, generate, generate_ids
 from refusal_core.evaluation.judges import SubstringJudge, classify, is_degenerate, judge_from_spec
@@ -684,7 +685,36 @@ class _Run:
             attacks = self.attacks()
             # vanilla, system-prompt and the decoding grid: one prefill per prompt batch and system prompt,
             # the KV cache forked per sampling configuration (tokens identical to separate runs)
-            prefill_shared_generations(model, self.tokenizer, harmful, attacks, self.memo, progress=False)
+            # with engine "vllm" the variant is saved as a checkpoint and vLLM generates into the memo
+            # (same prompt ids, budget, stop ids and sampling settings); GCG's gradients stay in torch
+            engine = open_variant_engine(
+                c.engine,
+                c.vllm,
+                model,
+                self.tokenizer,
+                self.out / "checkpoints" / variant,
+                base_identity=self.identity,
+                variant=variant,
+                seed=c.seed,
+            )
+            try:
+                prefill_shared_generations(
+                    model, self.tokenizer, harmful, attacks, self.memo, progress=False, engine=engine
+                )
+                if engine is not None:  # over-refusal's greedy harmless completions too
+                    harmless_attack = VanillaAttack(max_new_tokens=c.max_new_tokens, batch_size=c.batch_size)
+                    prefill_shared_generations(
+                        model,
+                        self.tokenizer,
+                        self.prompts["harmless_test"],
+                        [harmless_attack],
+                        self.memo,
+                        progress=False,
+                        engine=engine,
+                    )
+            finally:
+                if engine is not None:
+                    engine.close()
             results = {
                 a.name: a.run(model, self.tokenizer, harmful, self.judge, progress=False, cache=self.memo)
                 for a in attacks
@@ -704,6 +734,7 @@ class _Run:
                 max_new_tokens=c.max_new_tokens,
                 batch_size=c.batch_size,
                 progress=False,
+                cache=self.memo,
             )
             refusal.save(d / "over_refusal.json")
             harmless = self.prompts["harmless_test"]
@@ -734,6 +765,8 @@ class _Run:
             "tasks": list(c.zero_shot_tasks),
             "judge": c.judge,
         }
+        if c.engine != "torch":  # sampled draws differ between engines; torch runs keep their old keys
+            settings["engine"] = {"name": c.engine, "dtype": c.vllm.dtype}
         return self.stage(
             f"eval/{variant}", settings, upstream, compute, lambda d: _read_json(d / "evaluation.json")
         )
