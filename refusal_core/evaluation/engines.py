@@ -251,6 +251,12 @@ class VllmEngine:
             raise InvalidArgumentError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
         # vLLM's CPU build sizes its KV cache from this variable when it starts.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kv_cache_gib))
+        import torch
+
+        if not torch.cuda.is_available():
+            # CPU: vLLM's engine core runs in this process instead of a spawned one, which would import
+            # vLLM and torch again (about 30 s here) and compete with this process for the cores
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
             from vllm import LLM
         except ImportError as exc:  # the default tier has no vLLM: say how to get it
