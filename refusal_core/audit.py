@@ -49,6 +49,7 @@ from torch import nn
 from refusal_core.aird import AirdConfig
 from refusal_core.artifacts import atomic_write_bytes, settings_key
 from refusal_core.errors import IncompatibleModelsError, InvalidArgumentError
+from refusal_core.evaluation.engines import EngineName, VllmSettings
 from refusal_core.model import get_layout, load_model, model_identity
 from refusal_core.selection import SelectionConfig
 from refusal_core.stats import finite_or_none, mcnemar
@@ -102,6 +103,9 @@ class AuditConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     #: token ids whose probability is the refusal score (None: the base's default)
     refusal_token_ids: tuple[int, ...] | None = None
+    #: who generates the evaluation's completions: "torch" or "vllm" (see StudyConfig.engine)
+    engine: EngineName = "torch"
+    vllm: VllmSettings = field(default_factory=VllmSettings)
 
     def __post_init__(self) -> None:
         for name in ("base", "compressed"):
@@ -139,6 +143,8 @@ class AuditConfig:
             batch_size=self.batch_size,
             seed=self.seed,
             judge=self.judge,
+            engine=self.engine,
+            vllm=self.vllm,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -323,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ASR judge: 'substring' (refusal phrases) or 'classifier:DIR' (a LlamaGuard-style model);"
         " over-refusal always counts refusal phrases",
     )
+    _add_engine_args(v)
     v.add_argument("--out", required=True, help="directory for the ASR and over-refusal results")
 
     _add_audit_parser(sub, common)
@@ -368,6 +369,7 @@ def _add_audit_parser(sub: Any, common: dict[str, Any]) -> None:
     u.add_argument(
         "--judge", type=_judge_spec, default=d.judge, help="ASR judge: 'substring' or 'classifier:DIR'"
     )
+    _add_engine_args(u)
     _add_progress(u)
     u.add_argument("--out", required=True, help="directory for audit.json, report.md (and repaired/)")
 
@@ -597,6 +599,82 @@ def _compress_in_memory_(model: Any, tok: Any, args: argparse.Namespace) -> Any:
         tok, load_prompts(args.calibration)[: args.n_calibration], require_post_instruction=True
     )
     return compress_(model, cfg, calib, batch_size=args.batch_size, progress=not args.no_progress)
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    """``--engine`` and the vLLM settings of the commands that evaluate (study: from StudyConfig)."""
+    from refusal_core.evaluation.engines import ENGINES, VllmSettings
+
+    d = VllmSettings()
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="torch",
+        help="who generates the completions (vllm: pip install vllm)",
+    )
+    p.add_argument(
+        "--vllm-tensor-parallel-size",
+        type=_count,
+        default=d.tensor_parallel_size,
+        help="GPUs per model (vllm)",
+    )
+    p.add_argument(
+        "--vllm-gpu-memory-utilization",
+        type=float,
+        default=d.gpu_memory_utilization,
+        help="share of each GPU's memory vLLM may take (the torch model needs the rest)",
+    )
+
+
+def _vllm_settings(args: argparse.Namespace) -> Any:
+    from refusal_core.evaluation.engines import VllmSettings
+
+    return VllmSettings(
+        tensor_parallel_size=args.vllm_tensor_parallel_size,
+        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+    )
+
+
+def _engine_memo(
+    args: argparse.Namespace, model: Any, tok: Any, prompt_sets: list[list[str]], attack: Any
+) -> Any:
+    """None with ``--engine torch``; else a generation memo that vLLM filled with ``attack``'s greedy
+    completions of each prompt set, served from ``--model`` itself when it is an unmodified checkpoint
+    directory, else from the loaded (and compressed) model saved to a temporary directory."""
+    if args.engine == "torch":
+        return None
+    import tempfile
+
+    from refusal_core.evaluation.attacks import prefill_shared_generations
+    from refusal_core.evaluation.engines import open_engine, open_variant_engine
+    from refusal_core.evaluation.generation import GenerationCache
+    from refusal_core.model import model_identity
+
+    memo, settings = GenerationCache(), _vllm_settings(args)
+    engine: Any
+    with tempfile.TemporaryDirectory(prefix="refusal_core_vllm_") as tmp:
+        if Path(args.model).is_dir() and not getattr(args, "method", None):
+            engine = open_engine(
+                args.engine, model, tok, checkpoint_dir=args.model, vllm=settings, seed=args.seed
+            )
+        else:
+            engine = open_variant_engine(
+                args.engine,
+                settings,
+                model,
+                tok,
+                Path(tmp) / "model",
+                base_identity=model_identity(model),
+                variant=getattr(args, "method", None) or "base",
+                seed=args.seed,
+            )
+        try:
+            for prompts in prompt_sets:
+                prefill_shared_generations(model, tok, prompts, [attack], memo, progress=False, engine=engine)
+        finally:
+            if engine is not None:
+                engine.close()
+    return memo
 
 
 def _load_variant(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -849,7 +927,8 @@ def _cmd_evaluate(args: argparse.Namespace, ours: list[Path]) -> int:
             )
         )
     progress = not args.no_progress
-    res = evaluate_asr(model, tok, harmful, attacks, judge, progress=progress)
+    memo = _engine_memo(args, model, tok, [harmful, harmless], attacks[0])  # GCG's gradients stay in torch
+    res = evaluate_asr(model, tok, harmful, attacks, judge, progress=progress, cache=memo)
     refusal_judge = SubstringJudge(min_words=1)
     refusal = over_refusal(
         model,
@@ -859,6 +938,7 @@ def _cmd_evaluate(args: argparse.Namespace, ours: list[Path]) -> int:
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         progress=progress,
+        cache=memo,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -895,6 +975,8 @@ def _cmd_audit(args: argparse.Namespace, ours: list[Path]) -> int:
         judge=args.judge,
         repair=args.repair or args.repair_gain is not None,
         repair_gain=args.repair_gain,
+        engine=args.engine,
+        vllm=_vllm_settings(args),
     )
     res = audit(cfg, args.out, progress=not args.no_progress)
     _print({"candidate": res.candidate, "out": str(Path(args.out) / "report.md")})

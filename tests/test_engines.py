@@ -1,6 +1,6 @@
 """The evaluation-engine seam (refusal_core.evaluation.engines) in the default tier, without vLLM.
 
-vLLM itself runs in tox -e vllm (tests/vllm/). Here a scripted engine stands in for it, to check
+vLLM itself runs in tox -e vllm (tests/vllm_tier/). Here a scripted engine stands in for it, to check
 what the seam promises whichever engine generates: the engine receives exactly the prompt ids of
 the chat template, the budget and the stop ids the torch path uses; its completions land in the
 generation memo under the keys the attacks look up, so every attack and over-refusal judge them and
@@ -312,3 +312,66 @@ def test_a_study_evaluation_generates_through_the_engine(
     rerun = study_run._Run(replace(_small_config("vllm")), tmp_path / "vllm", False)
     assert rerun.evaluate("base", rerun.model, [])[0] == ev_vllm, "resumed"
     assert len(opened) == 1, "a resumed evaluation opens no engine"
+
+
+def test_the_commands_that_evaluate_take_the_engine(tmp_path: Path) -> None:
+    from refusal_core.cli import build_parser, main
+
+    parser = build_parser()
+    for argv in (
+        ["evaluate", "--out", "x"],
+        ["audit", "--base", "toy", "--compressed", "toy", "--out", "x"],
+        ["study"],
+    ):
+        assert parser.parse_args(argv).__dict__.get("engine", "torch") == "torch", argv
+        args = parser.parse_args([*argv, "--engine", "vllm", "--vllm-tensor-parallel-size", "2"])
+        got = {k: v for k, v in vars(args).items() if "engine" in k or "tensor_parallel" in k}
+        assert "vllm" in got.values(), (argv, got)
+        assert 2 in got.values(), (argv, got)
+    # without vLLM installed (this tier) the vllm engine is refused in one line, before any output
+    import importlib.util
+
+    if importlib.util.find_spec("vllm.entrypoints") is None:
+        out = tmp_path / "eval"
+        code = main(["evaluate", "--engine", "vllm", "--n-test", "2", "--no-progress", "--out", str(out)])
+        assert code != 0
+        assert not out.exists(), "nothing written"
+
+
+def test_variant_evaluations_are_independent_stages_two_machines_can_share(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs on one run directory (two machines on a shared filesystem) each evaluate one variant;
+    a third finds both done, keyed by each variant's upstream (its checkpoint's) key."""
+    import copy
+
+    import torch
+
+    import refusal_core.study.run as study_run
+
+    opened: list[str] = []
+
+    def fake_open(
+        name: str, settings: VllmSettings, model: Any, tokenizer: Any, directory: Path, **kw: Any
+    ) -> Any:
+        opened.append(kw["variant"])
+        return ScriptedEngine()
+
+    monkeypatch.setattr(study_run, "open_variant_engine", fake_open)
+    shared = tmp_path / "shared-run"
+    machine_a = study_run._Run(_small_config("vllm"), shared, False)
+    ev_a, _ = machine_a.evaluate("base", machine_a.model, [])
+    machine_b = study_run._Run(_small_config("vllm"), shared, False)
+    variant = copy.deepcopy(machine_b.model)
+    with torch.no_grad():
+        next(variant.parameters()).mul_(0.5)
+    ev_b, _ = machine_b.evaluate("halved", variant, ["key-of-halved-checkpoint"])
+    assert opened == ["base", "halved"]
+    later = study_run._Run(_small_config("vllm"), shared, False)
+    assert later.store.is_done("eval/base", later.store.recorded_key("eval/base") or "")
+    assert later.evaluate("base", later.model, [])[0] == ev_a, "machine B's stage left machine A's intact"
+    assert later.evaluate("halved", variant, ["key-of-halved-checkpoint"])[0] == ev_b
+    assert opened == ["base", "halved"], "both resumed, nothing generated again"
+    # another checkpoint under the same name is another key: evaluated anew, not mistaken for the old one
+    later.evaluate("halved", variant, ["key-of-another-checkpoint"])
+    assert opened == ["base", "halved", "halved"]

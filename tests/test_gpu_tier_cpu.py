@@ -41,7 +41,7 @@ CPU_OVERRIDES: dict[str, Any] = {
     "repair.gains": (2.0,),
     # The tier files evaluate with vLLM (engine = "vllm"), which the default tier does not install:
     # here the torch engine generates, the [vllm] settings still reach the study and are checked like
-    # every other setting; the vLLM path of a tier file runs in tox -e vllm (tests/vllm/).
+    # every other setting; the vLLM path of a tier file runs in tox -e vllm (tests/vllm_tier/).
     "engine": "torch",
 }
 

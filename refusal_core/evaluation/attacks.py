@@ -431,8 +431,12 @@ def evaluate_asr(
     judge: Judge,
     *,
     progress: bool = True,
+    cache: GenerationCache | None = None,
 ) -> dict[str, AsrResult]:
-    """Run every attack on the harmful instructions; results keyed by attack name (names must be unique)."""
+    """Run every attack on the harmful instructions; results keyed by attack name (names must be unique).
+
+    ``cache``: a generation memo passed to the attacks of this module's template (e.g. filled by
+    another engine, :mod:`refusal_core.evaluation.engines`)."""
     items = check_instructions(harmful_instructions, "harmful_instructions")
     judge = check_judge(judge)
     if isinstance(attacks, Attack) or not isinstance(attacks, Sequence) or not attacks:
@@ -443,7 +447,13 @@ def evaluate_asr(
     names = [a.name for a in attacks]
     if len(set(names)) != len(names):
         raise InvalidArgumentError(f"attack names must be unique, got {names}")
-    return {a.name: a.run(model, tokenizer, items, judge, progress=progress) for a in attacks}
+    memo: dict[str, Any] = {"cache": cache} if cache is not None else {}
+    return {
+        a.name: a.run(
+            model, tokenizer, items, judge, progress=progress, **(memo if isinstance(a, JudgedAttack) else {})
+        )
+        for a in attacks
+    }
 
 
 def over_refusal(

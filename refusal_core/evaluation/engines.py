@@ -21,7 +21,7 @@ them: ``ignore_eos`` is set and the ids are passed as ``stop_token_ids``, so a
 model's eos that the torch path would not stop on does not stop vLLM either),
 and the sampling settings (temperature, top-p, top-k; greedy is temperature 0).
 Greedy decoding is the same computation, so its tokens agree wherever the
-arithmetic does (``tests/vllm/test_parity.py`` measures it). Sampled draws come
+arithmetic does (``tests/vllm_tier/test_parity.py`` measures it). Sampled draws come
 from vLLM's per-request seeded generator, a different random stream from the
 torch path's one generator per configuration: a sampled completion is
 reproducible per engine, not equal across engines. Each request's seed is

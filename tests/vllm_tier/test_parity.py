@@ -19,6 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("vllm.entrypoints.llm")
 import torch
 
 from refusal_core.evaluation.engines import (
