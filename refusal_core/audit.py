@@ -53,6 +53,7 @@ from refusal_core.artifacts import atomic_write_bytes, settings_key
 from refusal_core.bench import Analysis, BaseDirection, Bench, RepairPlan
 from refusal_core.checkpoint import save_checkpoint
 from refusal_core.errors import IncompatibleModelsError, InvalidArgumentError
+from refusal_core.evaluation.engines import EngineName, VllmSettings
 from refusal_core.evaluation.judges import check_judge_spec
 from refusal_core.model import get_layout, load_model, model_identity
 from refusal_core.report import markdown_table
@@ -111,6 +112,9 @@ class AuditConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     #: token ids whose probability is the refusal score (None: the base's default)
     refusal_token_ids: tuple[int, ...] | None = None
+    #: who generates the evaluation's completions: "torch" or "vllm" (see StudyConfig.engine)
+    engine: EngineName = "torch"
+    vllm: VllmSettings = field(default_factory=VllmSettings)
 
     def __post_init__(self) -> None:
         for name in ("base", "compressed"):
@@ -151,6 +155,8 @@ class AuditConfig:
             batch_size=self.batch_size,
             seed=self.seed,
             judge=self.judge,
+            engine=self.engine,
+            vllm=self.vllm,
         )
 
     def to_dict(self) -> dict[str, Any]:

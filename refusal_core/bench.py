@@ -78,9 +78,17 @@ from refusal_core.errors import (
     EmptyInputError,
     InvalidArgumentError,
     ShapeMismatchError,
+    UnsupportedModuleError,
 )
-from refusal_core.evaluation.attacks import build_attacks, over_refusal, run_attacks
+from refusal_core.evaluation.attacks import (
+    VanillaAttack,
+    build_attacks,
+    over_refusal,
+    prefill_shared_generations,
+    run_attacks,
+)
 from refusal_core.evaluation.damage import completion_cross_entropy, kl_divergence, next_token_logp
+from refusal_core.evaluation.engines import open_variant_engine
 from refusal_core.evaluation.generation import GenerationCache, generate, generate_ids
 from refusal_core.evaluation.judges import SubstringJudge, classify, is_degenerate, judge_from_spec
 from refusal_core.evaluation.scores import refusal_token_ids_for
@@ -88,7 +96,7 @@ from refusal_core.functional import compute_dtype, refusal_score
 from refusal_core.interventions import ablation_hooks, addition_hooks
 from refusal_core.model import encode_prompts, load_model, model_identity, pad_token_id
 from refusal_core.prompts import load_prompts
-from refusal_core.repair import repair_
+from refusal_core.repair import plan_repair, repair_
 from refusal_core.selection import (
     SelectionResult,
     filter_prompts_by_refusal,
@@ -118,6 +126,7 @@ __all__ = [
     "extract",
     "is_pruning",
     "mechanism",
+    "repair_refusal",
     "repaired",
     "select",
     "sweep",
@@ -701,6 +710,16 @@ class RepairPlan:
         return out
 
 
+def repair_refusal(model: nn.Module, layer: int, method: str | None) -> str | None:
+    """Why :func:`~refusal_core.repair.repair_` would refuse to repair ``model`` (made by ``method``) at
+    ``layer`` while keeping its storage, in one line; None when it can."""
+    try:
+        plan_repair(model, layer, method=method)
+    except UnsupportedModuleError as exc:
+        return str(exc)
+    return None
+
+
 def repaired(
     bench: Bench, model: nn.Module, r: torch.Tensor, plan: RepairPlan, *, method: str | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -1009,9 +1028,37 @@ def evaluate(
         planned = build_attacks(
             c.attacks, max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, seed=c.seed
         )
-        results = run_attacks(
-            model, bench.tokenizer, harmful, planned, bench.judge, bench.memo, progress=False
+        # with engine "vllm" the variant is saved as a checkpoint and vLLM generates into the memo
+        # (same prompt ids, budget, stop ids and sampling settings); GCG's gradients stay in torch
+        engine = open_variant_engine(
+            c.engine,
+            c.vllm,
+            model,
+            bench.tokenizer,
+            bench.out / "engine_checkpoints" / name,
+            base_identity=bench.identity,
+            variant=name,
+            seed=c.seed,
         )
+        try:
+            results = run_attacks(
+                model,
+                bench.tokenizer,
+                harmful,
+                planned,
+                bench.judge,
+                bench.memo,
+                progress=False,
+                engine=engine,
+            )
+            if engine is not None:  # over-refusal's greedy harmless completions too
+                vanilla = VanillaAttack(max_new_tokens=c.max_new_tokens, batch_size=c.batch_size)
+                prefill_shared_generations(
+                    model, bench.tokenizer, harmless, [vanilla], bench.memo, progress=False, engine=engine
+                )
+        finally:
+            if engine is not None:
+                engine.close()
         for attack, res in results.items():
             res.save(d / f"asr_{attack}.json")
         refusal = over_refusal(
@@ -1022,6 +1069,7 @@ def evaluate(
             max_new_tokens=c.max_new_tokens,
             batch_size=c.batch_size,
             progress=False,
+            cache=bench.memo,
         )
         refusal.save(d / "over_refusal.json")
         answers = [r.completions[0] for r in refusal.records]
@@ -1049,6 +1097,8 @@ def evaluate(
         "tasks": list(c.zero_shot_tasks),
         "judge": c.judge,
     }
+    if c.engine != "torch":  # sampled draws differ between engines; torch runs keep their old keys
+        settings["engine"] = {"name": c.engine, "dtype": c.vllm.dtype}
     return bench.stage(
         f"eval/{name}", settings, upstream, compute, lambda d: read_stage_json(d / "evaluation.json")
     )

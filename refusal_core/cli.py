@@ -569,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the format);"
         " over-refusal always counts refusal phrases",
     )
+    _add_engine_args(v)
     v.add_argument("--out", required=True, help="directory for the ASR and over-refusal results")
 
     _add_audit_parser(sub, common)
@@ -628,6 +629,7 @@ def _add_audit_parser(sub: Any, common: dict[str, Any]) -> None:
     u.add_argument(
         "--judge", type=_judge_spec, default=d.judge, help="ASR judge: 'substring' or 'classifier:DIR'"
     )
+    _add_engine_args(u)
     _add_progress(u)
     u.add_argument("--out", required=True, help="directory for audit.json, report.md (and repaired/)")
 
@@ -983,6 +985,82 @@ def _compress_in_memory_(model: Any, tok: Any, args: argparse.Namespace) -> Any:
     return compress_(model, cfg, calib, batch_size=args.batch_size, progress=not args.no_progress)
 
 
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    """``--engine`` and the vLLM settings of the commands that evaluate (study: from StudyConfig)."""
+    from refusal_core.evaluation.engines import ENGINES, VllmSettings
+
+    d = VllmSettings()
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="torch",
+        help="who generates the completions (vllm: pip install vllm)",
+    )
+    p.add_argument(
+        "--vllm-tensor-parallel-size",
+        type=_count,
+        default=d.tensor_parallel_size,
+        help="GPUs per model (vllm)",
+    )
+    p.add_argument(
+        "--vllm-gpu-memory-utilization",
+        type=float,
+        default=d.gpu_memory_utilization,
+        help="share of each GPU's memory vLLM may take (the torch model needs the rest)",
+    )
+
+
+def _vllm_settings(args: argparse.Namespace) -> Any:
+    from refusal_core.evaluation.engines import VllmSettings
+
+    return VllmSettings(
+        tensor_parallel_size=args.vllm_tensor_parallel_size,
+        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+    )
+
+
+def _engine_memo(
+    args: argparse.Namespace, model: Any, tok: Any, prompt_sets: list[list[str]], attack: Any
+) -> Any:
+    """None with ``--engine torch``; else a generation memo that vLLM filled with ``attack``'s greedy
+    completions of each prompt set, served from ``--model`` itself when it is an unmodified checkpoint
+    directory, else from the loaded (and compressed) model saved to a temporary directory."""
+    if args.engine == "torch":
+        return None
+    import tempfile
+
+    from refusal_core.evaluation.attacks import prefill_shared_generations
+    from refusal_core.evaluation.engines import open_engine, open_variant_engine
+    from refusal_core.evaluation.generation import GenerationCache
+    from refusal_core.model import model_identity
+
+    memo, settings = GenerationCache(), _vllm_settings(args)
+    engine: Any
+    with tempfile.TemporaryDirectory(prefix="refusal_core_vllm_") as tmp:
+        if Path(args.model).is_dir() and not getattr(args, "method", None):
+            engine = open_engine(
+                args.engine, model, tok, checkpoint_dir=args.model, vllm=settings, seed=args.seed
+            )
+        else:
+            engine = open_variant_engine(
+                args.engine,
+                settings,
+                model,
+                tok,
+                Path(tmp) / "model",
+                base_identity=model_identity(model),
+                variant=getattr(args, "method", None) or "base",
+                seed=args.seed,
+            )
+        try:
+            for prompts in prompt_sets:
+                prefill_shared_generations(model, tok, prompts, [attack], memo, progress=False, engine=engine)
+        finally:
+            if engine is not None:
+                engine.close()
+    return memo
+
+
 def _load_variant(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """``(model, tokenizer, compression record or None)``: ``--model``, compressed by ``--method``."""
     model, tok = _load(args)
@@ -1290,7 +1368,7 @@ def judge_from_spec(spec: str, args: argparse.Namespace | None = None) -> Any:
 
 def _cmd_evaluate(args: argparse.Namespace, ours: list[Path]) -> int:
     from refusal_core.artifacts import atomic_write_json, check_finite_model
-    from refusal_core.evaluation.attacks import build_attacks, over_refusal, run_attacks
+    from refusal_core.evaluation.attacks import VanillaAttack, build_attacks, over_refusal, run_attacks
     from refusal_core.evaluation.judges import SubstringJudge, classify
     from refusal_core.prompts import load_prompts
     from refusal_core.stats import rate, rate_of
@@ -1310,7 +1388,10 @@ def _cmd_evaluate(args: argparse.Namespace, ours: list[Path]) -> int:
         settings, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed
     )
     progress = not args.no_progress
-    res = run_attacks(model, tok, harmful, planned, judge, progress=progress)
+    # --engine vllm: greedy completions of both prompt sets from vLLM; GCG's gradients stay in torch
+    vanilla = VanillaAttack(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    memo = _engine_memo(args, model, tok, [harmful, harmless], vanilla)
+    res = run_attacks(model, tok, harmful, planned, judge, memo, progress=progress)
     refusal_judge = SubstringJudge(min_words=1)
     refusal = over_refusal(
         model,
@@ -1320,6 +1401,7 @@ def _cmd_evaluate(args: argparse.Namespace, ours: list[Path]) -> int:
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         progress=progress,
+        cache=memo,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1357,6 +1439,8 @@ def _cmd_audit(args: argparse.Namespace, ours: list[Path]) -> int:
         repair=args.repair or args.repair_gain is not None,
         repair_gain=args.repair_gain,
         repair_placements=args.repair_placements,
+        engine=args.engine,
+        vllm=_vllm_settings(args),
     )
     res = audit(cfg, args.out, progress=not args.no_progress)
     _print({"candidate": res.candidate, "out": str(Path(args.out) / "report.md")})

@@ -91,6 +91,13 @@ def test_moe_tier_config_runs_the_study_on_a_tiny_moe(tmp_path: Path) -> None:
         assert method in variants, f"{method} ran: {sorted(variants)}"
         rep = variants.get(f"{method}+aird")
         assert rep is not None, f"{method}+aird ran: {sorted(variants)}"
+        if method.startswith("awq"):
+            # AWQ keeps each expert's scales inside its weights: no edit can be put back on its grid,
+            # so the study refuses that repair in one line and edits nothing (repair.plan_repair).
+            assert rep["repair"]["how"].startswith("repair refused"), rep["repair"]
+            assert "Mixture-of-Experts" in rep["repair"]["how"], rep["repair"]
+            assert rep["repair"]["same_as"] == method, rep["repair"]
+            continue
         assert rep["repair"]["alphas"] == [written["aird.alpha_attn"], written["aird.alpha_mlp"]], rep[
             "repair"
         ]

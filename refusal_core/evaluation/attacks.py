@@ -397,6 +397,7 @@ def prefill_shared_generations(
     cache: GenerationCache,
     *,
     progress: bool = True,
+    engine: Any = None,
 ) -> int:
     """Generate into ``cache`` every completion the ``attacks`` will ask for, one prefill per group.
 
@@ -408,7 +409,9 @@ def prefill_shared_generations(
     ``attack.run(..., cache=cache)`` finds every generation in the memo, with
     results identical to a cold run. An attack whose ``prefill_plan()`` is None
     (or that has none) is left to generate by itself. Returns the number of
-    groups (= prefill passes over the prompt set).
+    groups (= prefill passes over the prompt set). ``engine``: an open evaluation engine (e.g. vLLM
+    serving this model's checkpoint, :mod:`refusal_core.evaluation.engines`) that generates instead of
+    the torch loop.
 
     Example:
         >>> from refusal_core.evaluation.generation import GenerationCache
@@ -447,6 +450,7 @@ def prefill_shared_generations(
             cache=cache,
             progress=progress,
             desc="shared prefill",
+            engine=engine,
         )
     return len(groups)
 
@@ -464,8 +468,12 @@ def evaluate_asr(
     judge: Judge,
     *,
     progress: bool = True,
+    cache: GenerationCache | None = None,
 ) -> dict[str, AsrResult]:
-    """Run every attack on the harmful instructions; results keyed by attack name (names must be unique)."""
+    """Run every attack on the harmful instructions; results keyed by attack name (names must be unique).
+
+    ``cache``: a generation memo passed to the attacks of this module's template (e.g. filled by
+    another engine, :mod:`refusal_core.evaluation.engines`)."""
     items = check_instructions(harmful_instructions, "harmful_instructions")
     judge = check_judge(judge)
     if isinstance(attacks, Attack) or not isinstance(attacks, Sequence) or not attacks:
@@ -476,7 +484,13 @@ def evaluate_asr(
     names = [a.name for a in attacks]
     if len(set(names)) != len(names):
         raise InvalidArgumentError(f"attack names must be unique, got {names}")
-    return {a.name: a.run(model, tokenizer, items, judge, progress=progress) for a in attacks}
+    memo: dict[str, Any] = {"cache": cache} if cache is not None else {}
+    return {
+        a.name: a.run(
+            model, tokenizer, items, judge, progress=progress, **(memo if isinstance(a, JudgedAttack) else {})
+        )
+        for a in attacks
+    }
 
 
 def over_refusal(
@@ -489,18 +503,19 @@ def over_refusal(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     progress: bool = True,
+    cache: GenerationCache | None = None,
 ) -> OverRefusalResult:
     """Greedy completions of harmless instructions; a prompt is refused when the judge says it did not comply.
 
     The records are those of :class:`VanillaAttack` on the same prompts. With
     :class:`~refusal_core.evaluation.judges.SubstringJudge`, its ``min_words``
     rule also counts very short answers as refused: use a small value (e.g. 1)
-    when harmless answers can legitimately be short.
+    when harmless answers can legitimately be short. ``cache``: a generation memo, as for the attacks.
     """
     items = check_instructions(harmless_instructions, "harmless_instructions")
     judge = check_judge(judge)
     attack = VanillaAttack(system=system, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    res = attack.run(model, tokenizer, items, judge, progress=progress)
+    res = attack.run(model, tokenizer, items, judge, progress=progress, cache=cache)
     return OverRefusalResult(
         judge=res.judge,
         records=res.records,
@@ -592,18 +607,20 @@ def run_attacks(
     cache: GenerationCache | None = None,
     *,
     progress: bool = True,
+    engine: Any = None,
 ) -> dict[str, AsrResult]:
     """Run every planned attack on the harmful instructions; results keyed by attack name, in order.
 
     Attacks that share a prefill are generated together first (one prefill per prompt batch,
-    forked per decoding configuration) and then read from ``cache`` (a fresh memo when None).
+    forked per decoding configuration; or by ``engine``, an open evaluation engine such as vLLM)
+    and then read from ``cache`` (a fresh memo when None).
     """
     items = check_instructions(harmful_instructions, "harmful_instructions")
     judge = check_judge(judge)
     memo = cache if cache is not None else GenerationCache()
     shared = [p.attack for p in planned if p.spec.shares_prefill and p.n_prompts is None]
     if shared:
-        prefill_shared_generations(model, tokenizer, items, shared, memo, progress=progress)
+        prefill_shared_generations(model, tokenizer, items, shared, memo, progress=progress, engine=engine)
     out: dict[str, AsrResult] = {}
     for p in planned:
         prompts = items[: p.n_prompts] if p.n_prompts is not None else items

@@ -471,6 +471,7 @@ def generate_ids_multi(
     model_key: str | None = None,
     progress: bool = True,
     desc: str = "generate",
+    engine: Any = None,
 ) -> list[list[list[int]]]:
     """``out[c][i]``: the new token ids of prompt ``i`` under ``samplings[c]`` seeded with ``seeds[c]``.
 
@@ -491,6 +492,11 @@ def generate_ids_multi(
         ...                          max_new_tokens=3, progress=False)
         >>> out[0] == generate_ids(model, tok, ids, max_new_tokens=3, progress=False)
         True
+
+    ``engine``: an open :class:`~refusal_core.evaluation.engines.Engine` (e.g.
+    vLLM serving this model's saved checkpoint) that decodes the configurations
+    not in the cache instead of this loop; the cache keys stay this model's, so
+    the attacks find those generations (see :mod:`refusal_core.evaluation.engines`).
     """
     max_new_tokens, batch_size = _check_generation_args(prompts, max_new_tokens, batch_size)
     if isinstance(samplings, (str, SamplingConfig)) or not isinstance(samplings, Sequence) or not samplings:
@@ -526,7 +532,15 @@ def generate_ids_multi(
             )
             results[c] = cache.get(keys[c])  # type: ignore[arg-type]
     todo = [c for c in range(len(samplings)) if results[c] is None]
-    if todo:
+    if todo and engine is not None:
+        computed = engine.complete(
+            prompts,
+            [samplings[c] for c in todo],
+            [seeds[c] for c in todo],
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=stops,
+        )
+    elif todo:
         computed = _generate_shared(
             model,
             prompts,
@@ -539,10 +553,12 @@ def generate_ids_multi(
             progress=progress,
             desc=desc,
         )
-        for c, out in zip(todo, computed):
-            results[c] = out
-            if cache is not None:
-                cache.put(keys[c], out)  # type: ignore[arg-type]
+    else:
+        computed = []
+    for c, out in zip(todo, computed):
+        results[c] = out
+        if cache is not None:
+            cache.put(keys[c], out)  # type: ignore[arg-type]
     return [r for r in results if r is not None]
 
 

@@ -19,6 +19,7 @@ from refusal_core.aird import AirdConfig
 from refusal_core.compression import method_config
 from refusal_core.errors import InvalidArgumentError
 from refusal_core.evaluation.attacks import DecodingAttack, check_attack_names
+from refusal_core.evaluation.engines import EngineName, VllmSettings, check_engine_name
 from refusal_core.evaluation.gcg import GcgAttack
 from refusal_core.evaluation.judges import check_judge_spec
 from refusal_core.model import DTYPES, check_device
@@ -245,6 +246,10 @@ class StudyConfig:
     #: save the paper-α and the chosen repaired variants as checkpoints that transformers'
     #: ``from_pretrained`` loads (``checkpoints/<variant>/`` in the run directory)
     save_checkpoints: bool = True
+    #: who generates the evaluation's completions: "torch" (this package's loop) or "vllm" (each
+    #: variant saved as a checkpoint and served by vLLM); extraction, ablation and addition stay in torch
+    engine: EngineName = "torch"
+    vllm: VllmSettings = field(default_factory=VllmSettings)
 
     def __post_init__(self) -> None:
         if not isinstance(self.save_checkpoints, bool):
@@ -269,6 +274,7 @@ class StudyConfig:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise InvalidArgumentError(f"dtype must be None or one of {sorted(DTYPES)}, got {self.dtype!r}")
         check_judge_spec(self.judge)
+        check_engine_name(self.engine)
         if not isinstance(self.filter_prompts, bool):
             raise InvalidArgumentError(f"filter_prompts must be a bool, got {self.filter_prompts!r}")
         for name, cls in (
@@ -276,6 +282,7 @@ class StudyConfig:
             ("repair", RepairConfig),
             ("selection", SelectionConfig),
             ("attacks", AttackSettings),
+            ("vllm", VllmSettings),
         ):
             if not isinstance(getattr(self, name), cls):
                 raise InvalidArgumentError(f"{name} must be a {cls.__name__}, got {getattr(self, name)!r}")

@@ -139,6 +139,12 @@ def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> S
         step(f"{method} compressed")
         own_layer = _measure_compressed(bench, base, compressed, measured)
         step(f"{method} analysed")
+        refusal = steps.repair_refusal(compressed.model, base.layer, method)
+        if refusal is not None:  # its storage cannot be kept through an edit: say so, edit nothing
+            summary = RepairSummary("paper", f"repair refused: {refusal}", None, None, same_as=method)
+            variant = VariantResult(f"{method}+aird", kind="repaired", method=method, repair=summary)
+            measured.variants.append(variant)
+            continue
         choices = _sweep_and_choose(bench, base, compressed, own_layer, base_val, measured)
         step(f"{method} swept")
         for name, arm, plan, how in _repair_plans(config, base, method, choices):
