@@ -99,12 +99,14 @@ class ToyTrainingConfig:
     n_experts: int = 4
     experts_per_token: int = 2
     router_aux_loss_coef: float = 0.01
-    n_layers: int = 4
+    n_layers: int = 8
     d_model: int = 64
-    n_heads: int = 4
+    n_heads: int = 2
     d_ff: int = 256
     vocab_size: int = 2048
     max_positions: int = 128
+    #: standard deviation of the initial weights (transformers' ``initializer_range``)
+    init_std: float = 0.02
     steps: int = 800
     batch_size: int = 32
     lr: float = 3e-3
@@ -117,6 +119,9 @@ class ToyTrainingConfig:
     harmless_fraction: float = 0.75
     prompt_loss_weight: float = 1.0
     helpful_warmup_steps: int = 200
+    #: share of training examples (after the warm-up) whose response is the other class's: a
+    #: harmful prompt answered, a harmless one refused, as real preference data is not clean
+    label_noise: float = 0.03
     max_new_tokens: int = 20
     eval_batch_size: int = 64
 
@@ -358,6 +363,7 @@ def train(cfg: ToyTrainingConfig, quiet: bool = False) -> tuple[Any, PreTrainedT
     refusals = encode_responses(TOY_REFUSAL_PHRASES)
     examples_harmful = [([prompt_ids(tokenizer, x, s) for s in systems], refusals) for x in harmful]
     answers = {c: encode_responses(a) for c, a in responses_by_category.items()}
+    categories = sorted(answers)
     examples_harmless = [
         ([prompt_ids(tokenizer, r["instruction"], s) for s in systems], answers[r["category"]])
         for r in harmless
@@ -377,6 +383,7 @@ def train(cfg: ToyTrainingConfig, quiet: bool = False) -> tuple[Any, PreTrainedT
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": end_id,
         "pad_token_id": pad_id,
+        "initializer_range": cfg.init_std,
     }
     config: PretrainedConfig
     if cfg.arch == "llama":
@@ -422,7 +429,12 @@ def train(cfg: ToyTrainingConfig, quiet: bool = False) -> tuple[Any, PreTrainedT
             use_system = rng.random() < cfg.system_prompt_fraction
             p = prompts[rng.randrange(1, len(prompts))] if use_system else prompts[0]
             resp = responses[rng.randrange(len(responses))]
-            if step < cfg.helpful_warmup_steps and responses is refusals:
+            if cfg.label_noise > 0 and step >= cfg.helpful_warmup_steps and rng.random() < cfg.label_noise:
+                others = (
+                    answers[categories[rng.randrange(len(categories))]] if responses is refusals else refusals
+                )
+                resp = others[rng.randrange(len(others))]
+            elif step < cfg.helpful_warmup_steps and responses is refusals:
                 # warm-up: the model first learns to answer (and, with a prompt loss, to read every
                 # prompt); refusing is learned on top of that, as safety tuning follows pretraining
                 resp = []
