@@ -26,23 +26,54 @@ building it; see the report of issue 3):
   answering is the default and refusing is learned on top of it (0.75 gave
   cleaner induced refusals than 0.85; 0.5 left refusal as the default);
 * width 64: at widths 96 and 128 the same recipe gave directions whose
-  ablation or addition worked only partly.
+  ablation or addition worked only partly (first, 4-layer recipe);
+* depth 8 (issue 19): Arditi et al.'s selection discards layers >= floor(0.8 L).
+  With 4 and 6 layers no candidate below the cut passed the KL filter (the
+  mechanism forms in the last third); with 8 layers the directions at layers 4
+  and 5 pass it with KL < 0.01;
+* 3 % label noise (``label_noise``: after the warm-up, that share of examples
+  gets the other class's response): without it the first-token decision
+  saturates (harmless refusal score about -11.5) and the selected layer-5
+  direction, added at every position, makes the model emit the opening "I"
+  at every step ("IIII...", sufficiency 7/64 and 10/64); with it the decision
+  stays finite and the induced refusals are whole sentences (64/64);
+* 2 heads of size 32: vLLM's CPU attention rejects head size 16.
 
-After training the script measures, with greedy batched generation:
+Recipes tried for issue 19 (seed 0, width 64, d_ff 256, 800 steps, all else
+as the defaults unless named; measured by :func:`analyse`, i.e. the study's
+own stages; "nec" / "suf" are necessity / sufficiency counts of 64; train
+seconds on a shared 2-core EPYC at load average 10-20, one thread)::
 
-* held-out refusal rates on ``harmful_test`` and ``harmless_test``;
-* the refusal direction: difference in means of block inputs at the
-  post-instruction positions (harmful_train − harmless_train); every
-  (layer, position) candidate is scored on the validation sets by the refusal
-  score with the direction ablated everywhere (bypass) and added at its layer
-  (induce); the chosen candidate's necessity (refusal rate of harmful prompts
-  with the direction ablated) and sufficiency (refusal rate of harmless prompts
-  with it added) are then measured by generation.
+    run  layers heads change            train s  harmful/harmless  source (cut)  KL      nec  suf  floor  met
+    -    4      4x16  (first toy)       162      0.949 / 0.051     (2,-1)+ (3)   0.123   5    60   0.994  no
+    r1   8      2x32  -                 611      0.939 / 0.039     (5,-1) (6)    0.0008  0    7    0.998  no
+    r2   6      2x32  -                 623      0.959 / 0.022     (2,-1)+ (4)   0.485   54   38   0.992  no
+    r3   8      2x32  prompt loss 2     668      0.969 / 0.051     (5,-1) (6)    0.0054  0    10   0.998  no
+    r4   8      2x32  harmless 0.65     stopped at step 0 in favour of r5
+    r5   8      2x32  label noise 0.03  635      0.908 / 0.034     (4,-1) (6)    0.0065  0    64   0.999  yes
+
+    + = fallback: no candidate below the cut passed every filter.
+
+r5 is the committed toy (the defaults below). ``--arch moe`` trains the same
+recipe with a tiny Mixtral MLP (``n_experts`` experts, ``experts_per_token``
+routed) into ``refusal_core/data/toy_moe_model``.
+
+After training the script measures, with the study's own stages
+(``StudyConfig()`` defaults: 128 train, 32 validation and 64 test prompts per
+class, 4 split halves, 24 new tokens, the default selection filters):
+
+* held-out refusal rates on the whole ``harmful_test`` and ``harmless_test``
+  splits (the study's refusal judge; checked to agree with ``is_toy_refusal``);
+* the candidates and their split-half noise floor, Arditi et al.'s selection,
+  and the chosen direction's necessity (harmful test prompts refused with it
+  ablated) and sufficiency (harmless ones refused with it added);
+* whether each criterion of DESIGN.md ("Toy refusal model") holds.
 
 All of it is written to ``toy_model.json`` next to the weights.
 
 Usage:
     OMP_NUM_THREADS=1 python scripts/train_toy_model.py [--seed 0] [--out DIR] [--check DIR]
+    OMP_NUM_THREADS=1 python scripts/train_toy_model.py --analyse DIR   # re-measure a saved model
 
 ``--check DIR`` compares the freshly trained ``model.safetensors`` with the one
 in DIR byte for byte (a determinism check) and exits non-zero on a difference.
