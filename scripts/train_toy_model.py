@@ -417,6 +417,7 @@ def train(cfg: ToyTrainingConfig, quiet: bool = False) -> tuple[Any, PreTrainedT
         "initializer_range": cfg.init_std,
     }
     config: PretrainedConfig
+    model_class: Any
     if cfg.arch == "llama":
         config, model_class = LlamaConfig(**common), LlamaForCausalLM
     elif cfg.arch == "moe":
@@ -579,7 +580,7 @@ def analyse(model: Any, tokenizer: Any, refusal_ids: list[int], quiet: bool = Fa
         r = cands.directions[layer, pos_i]
         mech, _ = run.mechanism("base", model, r, layer, [k_sel])
     n_layers = sel.bypass.shape[0]
-    direction = {
+    direction: dict[str, Any] = {
         "site": "block input (resid_pre), post-instruction positions indexed from the end",
         "layer": layer,
         "position": sel.positions[pos_i],
