@@ -573,8 +573,15 @@ def analyse(model: Any, tokenizer: Any, refusal_ids: list[int], quiet: bool = Fa
             raise SystemExit("is_toy_refusal and the study's judge disagree on a completion")
     results["heldout"] = heldout
     with tempfile.TemporaryDirectory() as tmp:
-        run = _Run(cfg, Path(tmp), progress=False, loaded=(model, tokenizer))
-        cands, noise, k_ext = run.extract_base()
+        try:
+            run = _Run(cfg, Path(tmp), progress=False, loaded=(model, tokenizer))
+            cands, noise, k_ext = run.extract_base()
+        except UnsupportedArchitectureError as exc:
+            # the study's stages need a layout for the architecture (MoE support is being added);
+            # the held-out rates stand, with the reason the mechanism could not be measured
+            results["analysis_unsupported"] = str(exc)
+            print(f"mechanism analysis skipped: {exc}", flush=True)
+            return results
         sel, k_sel = run.select("base", model, cands, [k_ext])
         layer, pos_i = sel.source
         r = cands.directions[layer, pos_i]
@@ -728,13 +735,7 @@ def main() -> None:
     if args.out is None:
         args.out = Path("refusal_core/data") / ("toy_moe_model" if cfg.arch == "moe" else "toy_model")
     if not args.no_analysis:
-        try:
-            record.update(analyse(model, tokenizer, refusal_ids))
-        except UnsupportedArchitectureError as exc:
-            # the study's stages need a layout for the architecture (MoE support is being added);
-            # the weights are still saved, with the reason the criteria could not be measured
-            record["analysis_unsupported"] = str(exc)
-            print(f"analysis skipped: {exc}", flush=True)
+        record.update(analyse(model, tokenizer, refusal_ids))
     save(model, tokenizer, args.out, record)
     print(f"saved to {args.out} (sha256 {record['model_safetensors_sha256']})")
     if args.check is not None:
