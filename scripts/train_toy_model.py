@@ -26,23 +26,54 @@ building it; see the report of issue 3):
   answering is the default and refusing is learned on top of it (0.75 gave
   cleaner induced refusals than 0.85; 0.5 left refusal as the default);
 * width 64: at widths 96 and 128 the same recipe gave directions whose
-  ablation or addition worked only partly.
+  ablation or addition worked only partly (first, 4-layer recipe);
+* depth 8 (issue 19): Arditi et al.'s selection discards layers >= floor(0.8 L).
+  With 4 and 6 layers no candidate below the cut passed the KL filter (the
+  mechanism forms in the last third); with 8 layers the directions at layers 4
+  and 5 pass it with KL < 0.01;
+* 3 % label noise (``label_noise``: after the warm-up, that share of examples
+  gets the other class's response): without it the first-token decision
+  saturates (harmless refusal score about -11.5) and the selected layer-5
+  direction, added at every position, makes the model emit the opening "I"
+  at every step ("IIII...", sufficiency 7/64 and 10/64); with it the decision
+  stays finite and the induced refusals are whole sentences (64/64);
+* 2 heads of size 32: vLLM's CPU attention rejects head size 16.
 
-After training the script measures, with greedy batched generation:
+Recipes tried for issue 19 (seed 0, width 64, d_ff 256, 800 steps, all else
+as the defaults unless named; measured by :func:`analyse`, i.e. the study's
+own stages; "nec" / "suf" are necessity / sufficiency counts of 64; train
+seconds on a shared 2-core EPYC at load average 10-20, one thread)::
 
-* held-out refusal rates on ``harmful_test`` and ``harmless_test``;
-* the refusal direction: difference in means of block inputs at the
-  post-instruction positions (harmful_train − harmless_train); every
-  (layer, position) candidate is scored on the validation sets by the refusal
-  score with the direction ablated everywhere (bypass) and added at its layer
-  (induce); the chosen candidate's necessity (refusal rate of harmful prompts
-  with the direction ablated) and sufficiency (refusal rate of harmless prompts
-  with it added) are then measured by generation.
+    run  layers heads change            train s  harmful/harmless  source (cut)  KL      nec  suf  floor  met
+    -    4      4x16  (first toy)       162      0.949 / 0.051     (2,-1)+ (3)   0.123   5    60   0.994  no
+    r1   8      2x32  -                 611      0.939 / 0.039     (5,-1) (6)    0.0008  0    7    0.998  no
+    r2   6      2x32  -                 623      0.959 / 0.022     (2,-1)+ (4)   0.485   54   38   0.992  no
+    r3   8      2x32  prompt loss 2     668      0.969 / 0.051     (5,-1) (6)    0.0054  0    10   0.998  no
+    r4   8      2x32  harmless 0.65     stopped at step 0 in favour of r5
+    r5   8      2x32  label noise 0.03  635      0.908 / 0.034     (4,-1) (6)    0.0065  0    64   0.999  yes
+
+    + = fallback: no candidate below the cut passed every filter.
+
+r5 is the committed toy (the defaults below). ``--arch moe`` trains the same
+recipe with a tiny Mixtral MLP (``n_experts`` experts, ``experts_per_token``
+routed) into ``refusal_core/data/toy_moe_model``.
+
+After training the script measures, with the study's own stages
+(``StudyConfig()`` defaults: 128 train, 32 validation and 64 test prompts per
+class, 4 split halves, 24 new tokens, the default selection filters):
+
+* held-out refusal rates on the whole ``harmful_test`` and ``harmless_test``
+  splits (the study's refusal judge; checked to agree with ``is_toy_refusal``);
+* the candidates and their split-half noise floor, Arditi et al.'s selection,
+  and the chosen direction's necessity (harmful test prompts refused with it
+  ablated) and sufficiency (harmless ones refused with it added);
+* whether each criterion of DESIGN.md ("Toy refusal model") holds.
 
 All of it is written to ``toy_model.json`` next to the weights.
 
 Usage:
     OMP_NUM_THREADS=1 python scripts/train_toy_model.py [--seed 0] [--out DIR] [--check DIR]
+    OMP_NUM_THREADS=1 python scripts/train_toy_model.py --analyse DIR   # re-measure a saved model
 
 ``--check DIR`` compares the freshly trained ``model.safetensors`` with the one
 in DIR byte for byte (a determinism check) and exits non-zero on a difference.
@@ -59,8 +90,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,10 +101,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+)
 
-from refusal_core.functional import ablate, add_direction, difference_in_means, refusal_score
+from refusal_core.errors import UnsupportedArchitectureError
 from refusal_core.model import post_instruction_tokens
 from refusal_core.prompts import load_prompt_records, load_prompts
 from refusal_core.toy import TOY_REFUSAL_PHRASES, is_toy_refusal
@@ -89,12 +125,19 @@ class ToyTrainingConfig:
     """Every setting that shapes the weights (all recorded in toy_model.json)."""
 
     seed: int = 0
-    n_layers: int = 4
+    #: "llama" (dense) or "moe" (a Mixtral sparse-MoE MLP in every block; attention as in llama)
+    arch: str = "llama"
+    n_experts: int = 4
+    experts_per_token: int = 2
+    router_aux_loss_coef: float = 0.01
+    n_layers: int = 8
     d_model: int = 64
-    n_heads: int = 4
+    n_heads: int = 2
     d_ff: int = 256
     vocab_size: int = 2048
     max_positions: int = 128
+    #: standard deviation of the initial weights (transformers' ``initializer_range``)
+    init_std: float = 0.02
     steps: int = 800
     batch_size: int = 32
     lr: float = 3e-3
@@ -107,6 +150,9 @@ class ToyTrainingConfig:
     harmless_fraction: float = 0.75
     prompt_loss_weight: float = 1.0
     helpful_warmup_steps: int = 200
+    #: share of training examples (after the warm-up) whose response is the other class's: a
+    #: harmful prompt answered, a harmless one refused, as real preference data is not clean
+    label_noise: float = 0.03
     max_new_tokens: int = 20
     eval_batch_size: int = 64
 
@@ -311,9 +357,7 @@ def lr_at(step: int, cfg: ToyTrainingConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train(
-    cfg: ToyTrainingConfig, quiet: bool = False
-) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, dict]:
+def train(cfg: ToyTrainingConfig, quiet: bool = False) -> tuple[Any, PreTrainedTokenizerFast, dict]:
     set_determinism(cfg.seed)
     check_texts()
     harmful = load_prompts("harmful_train")
@@ -350,28 +394,45 @@ def train(
     refusals = encode_responses(TOY_REFUSAL_PHRASES)
     examples_harmful = [([prompt_ids(tokenizer, x, s) for s in systems], refusals) for x in harmful]
     answers = {c: encode_responses(a) for c, a in responses_by_category.items()}
+    categories = sorted(answers)
     examples_harmless = [
         ([prompt_ids(tokenizer, r["instruction"], s) for s in systems], answers[r["category"]])
         for r in harmless
     ]
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_heads,
-        max_position_embeddings=cfg.max_positions,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        attention_dropout=cfg.attention_dropout,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=end_id,
-        pad_token_id=pad_id,
-    )
+    common = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_heads,
+        "max_position_embeddings": cfg.max_positions,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "attention_dropout": cfg.attention_dropout,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": end_id,
+        "pad_token_id": pad_id,
+        "initializer_range": cfg.init_std,
+    }
+    config: PretrainedConfig
+    model_class: Any
+    if cfg.arch == "llama":
+        config, model_class = LlamaConfig(**common), LlamaForCausalLM
+    elif cfg.arch == "moe":
+        config = MixtralConfig(
+            **common,
+            num_local_experts=cfg.n_experts,
+            num_experts_per_tok=cfg.experts_per_token,
+            router_aux_loss_coef=cfg.router_aux_loss_coef,
+            output_router_logits=False,
+        )
+        model_class = MixtralForCausalLM
+    else:
+        raise SystemExit(f"--arch must be llama or moe, got {cfg.arch!r}")
     torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM._from_config(config, attn_implementation="eager")
+    model = model_class._from_config(config, attn_implementation="eager")
     model.generation_config.pad_token_id = pad_id
     model.generation_config.eos_token_id = end_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -400,7 +461,12 @@ def train(
             use_system = rng.random() < cfg.system_prompt_fraction
             p = prompts[rng.randrange(1, len(prompts))] if use_system else prompts[0]
             resp = responses[rng.randrange(len(responses))]
-            if step < cfg.helpful_warmup_steps and responses is refusals:
+            if cfg.label_noise > 0 and step >= cfg.helpful_warmup_steps and rng.random() < cfg.label_noise:
+                others = (
+                    answers[categories[rng.randrange(len(categories))]] if responses is refusals else refusals
+                )
+                resp = others[rng.randrange(len(others))]
+            elif step < cfg.helpful_warmup_steps and responses is refusals:
                 # warm-up: the model first learns to answer (and, with a prompt loss, to read every
                 # prompt); refusing is learned on top of that, as safety tuning follows pretraining
                 resp = []
@@ -416,7 +482,11 @@ def train(
             is_response[i, n : len(s)] = True
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+        moe = cfg.arch == "moe"
+        out = model(
+            input_ids=input_ids, attention_mask=mask, **({"output_router_logits": True} if moe else {})
+        )
+        logits = out.logits[:, :-1]
         token_loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="none"
         ).view_as(input_ids[:, 1:])
@@ -426,6 +496,9 @@ def train(
         loss = token_loss[target_response].mean()
         if cfg.prompt_loss_weight > 0:
             loss = loss + cfg.prompt_loss_weight * token_loss[target_prompt].mean()
+        if moe:
+            # Mixtral's load-balancing loss (returned unscaled), so every expert gets tokens
+            loss = loss + cfg.router_aux_loss_coef * out.aux_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=False)
@@ -444,239 +517,144 @@ def train(
 
 
 # ----------------------------------------------------------------------------
-# evaluation: generation, activations, direction hooks
+# evaluation: the project's own study stages, so the record agrees with `refusal-core study`
 # ----------------------------------------------------------------------------
 
-
-def encode_batch(tokenizer: Any, instructions: Sequence[str]) -> dict[str, torch.Tensor]:
-    texts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": x}], tokenize=False, add_generation_prompt=True
-        )
-        for x in instructions
-    ]
-    tokenizer.padding_side = "left"
-    return dict(tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt"))
-
-
-@torch.no_grad()
-def generate(
-    model: Any, tokenizer: Any, instructions: Sequence[str], max_new_tokens: int, batch_size: int
-) -> list[str]:
-    """Greedy completions, batched with left padding."""
-    out: list[str] = []
-    for i in range(0, len(instructions), batch_size):
-        enc = encode_batch(tokenizer, instructions[i : i + batch_size])
-        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-        out.extend(tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
-    return out
+#: The criteria of DESIGN.md ("Toy refusal model"), fixed before any compression or repair
+#: result was looked at. A recipe is accepted only when every one holds.
+CRITERIA = {
+    "harmful_test_refusal_rate_min": 0.9,
+    "harmless_test_refusal_rate_max": 0.1,
+    "necessity_refusal_rate_max": 0.1,
+    "sufficiency_refusal_rate_min": 0.8,
+    "noise_floor_at_source_min": 0.95,
+}
 
 
-def refusal_rate(texts: Sequence[str]) -> float:
-    return sum(is_toy_refusal(t) for t in texts) / len(texts)
+def _rate(flags: Sequence[bool]) -> dict[str, Any]:
+    from refusal_core.stats import rate_of
+
+    r = rate_of(list(flags))
+    return {"rate": r.value, "k": r.k, "n": r.n, "ci95": [r.low, r.high]}
 
 
-def _layers(model: Any) -> list[nn.Module]:
-    return list(model.model.layers)
+def analyse(model: Any, tokenizer: Any, refusal_ids: list[int], quiet: bool = False) -> dict:
+    """Held-out refusal and the base mechanism, measured by the study's own stages.
 
+    The study's defaults (``StudyConfig()``: 128 train, 32 validation, 64 test prompts per class,
+    4 split halves, 24 new tokens, the default selection filters) run the study's base steps
+    (extraction with the split-half noise floor, Arditi et al.'s selection, necessity and
+    sufficiency by generation) on the freshly trained model, so what ``refusal-core study``
+    reports for the committed toy is what is recorded here. Held-out refusal is also measured on
+    the whole test splits with the study's refusal judge.
+    """
+    import tempfile
 
-def _replace_hidden(args: tuple, kwargs: dict, fn: Any) -> tuple[tuple, dict]:
-    if args:
-        return (fn(args[0]), *args[1:]), kwargs
-    kwargs = dict(kwargs)
-    kwargs["hidden_states"] = fn(kwargs["hidden_states"])
-    return args, kwargs
+    from refusal_core.evaluation.generation import generate
+    from refusal_core.evaluation.judges import SubstringJudge, classify
+    from refusal_core.selection import layer_cut
+    from refusal_core.study.config import StudyConfig
+    from refusal_core.study.run import _Run  # the study's stages themselves, not a second copy
 
-
-@contextmanager
-def ablation_hooks(model: Any, r: torch.Tensor) -> Iterator[None]:
-    """x − r̂r̂ᵀx at every block input and every attention / MLP output, all positions."""
-    handles = []
-    try:
-        for layer in _layers(model):
-            handles.append(
-                layer.register_forward_pre_hook(
-                    lambda m, a, k: _replace_hidden(a, k, lambda x: ablate(x, r)), with_kwargs=True
-                )
-            )
-            for writer in (layer.self_attn.o_proj, layer.mlp.down_proj):
-                handles.append(writer.register_forward_hook(lambda m, a, out: ablate(out, r)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextmanager
-def addition_hooks(model: Any, r: torch.Tensor, coeff: float, layer: int) -> Iterator[None]:
-    """x + coeff·r at the input of block ``layer``, all positions."""
-    handle = _layers(model)[layer].register_forward_pre_hook(
-        lambda m, a, k: _replace_hidden(a, k, lambda x: add_direction(x, r, coeff)), with_kwargs=True
-    )
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@torch.no_grad()
-def mean_block_inputs(
-    model: Any, tokenizer: Any, instructions: Sequence[str], n_pos: int, batch_size: int
-) -> torch.Tensor:
-    """Mean block input at the last ``n_pos`` positions: ``[n_layers, n_pos, d]`` float64."""
-    layers = _layers(model)
-    sums = torch.zeros(len(layers), n_pos, model.config.hidden_size, dtype=torch.float64)
-    captured: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def make_hook(idx: int) -> Any:
-        def hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else kwargs["hidden_states"]
-            captured[idx] = x[:, -n_pos:, :].detach().to(torch.float64)
-
-        return hook
-
-    try:
-        for idx, layer in enumerate(layers):
-            handles.append(layer.register_forward_pre_hook(make_hook(idx), with_kwargs=True))
-        for i in range(0, len(instructions), batch_size):
-            enc = encode_batch(tokenizer, instructions[i : i + batch_size])
-            model(**enc)
-            for idx in range(len(layers)):
-                sums[idx] += captured[idx].sum(0)
-    finally:
-        for h in handles:
-            h.remove()
-    return sums / len(instructions)
-
-
-@torch.no_grad()
-def last_logits(model: Any, tokenizer: Any, instructions: Sequence[str], batch_size: int) -> torch.Tensor:
-    rows = []
-    for i in range(0, len(instructions), batch_size):
-        enc = encode_batch(tokenizer, instructions[i : i + batch_size])
-        rows.append(model(**enc).logits[:, -1, :].to(torch.float64))
-    return torch.cat(rows)
-
-
-def analyse(
-    model: Any, tokenizer: Any, cfg: ToyTrainingConfig, refusal_ids: list[int], quiet: bool = False
-) -> dict:
-    """Held-out refusal rates and the refusal direction's necessity and sufficiency."""
-    bs, new = cfg.eval_batch_size, cfg.max_new_tokens
+    t0 = time.perf_counter()
+    cfg = StudyConfig(model="toy", refusal_token_ids=tuple(refusal_ids))
+    judge = SubstringJudge(min_words=1)  # the study's judge for refusal rates
     results: dict[str, Any] = {}
-    sets = {
-        name: load_prompts(name) for name in ("harmful_val", "harmless_val", "harmful_test", "harmless_test")
-    }
-    gens_test = {
-        name: generate(model, tokenizer, sets[name], new, bs) for name in ("harmful_test", "harmless_test")
-    }
-    results["heldout"] = {
-        "harmful_test_refusal_rate": refusal_rate(gens_test["harmful_test"]),
-        "harmless_test_refusal_rate": refusal_rate(gens_test["harmless_test"]),
-        "n_harmful_test": len(sets["harmful_test"]),
-        "n_harmless_test": len(sets["harmless_test"]),
-        "examples": {name: list(zip(sets[name][:3], gens[:3])) for name, gens in gens_test.items()},
-    }
-    if not quiet:
-        print(json.dumps(results["heldout"], indent=1), flush=True)
-
-    n_pos = len(post_instruction_tokens(tokenizer))
-    harmful_means = mean_block_inputs(model, tokenizer, load_prompts("harmful_train"), n_pos, bs)
-    harmless_means = mean_block_inputs(model, tokenizer, load_prompts("harmless_train"), n_pos, bs)
-    directions = difference_in_means(harmful_means.unsqueeze(0), harmless_means.unsqueeze(0))  # [L, P, d]
-    base_harmless = torch.log_softmax(last_logits(model, tokenizer, sets["harmless_val"], bs), -1)
-    candidates = []
-    n_layers = len(_layers(model))
-    for layer in range(n_layers):
-        for pos in range(n_pos):
-            r = directions[layer, pos].to(torch.float32)
-            # at block 0 the post-instruction inputs are the same template embeddings for every
-            # prompt, so their difference in means is exactly zero: no direction to test
-            if float(r.norm()) <= 1e-6:
-                continue
-            with ablation_hooks(model, r):
-                bypass = refusal_score(last_logits(model, tokenizer, sets["harmful_val"], bs), refusal_ids)
-                ablated_harmless = torch.log_softmax(
-                    last_logits(model, tokenizer, sets["harmless_val"], bs), -1
-                )
-            with addition_hooks(model, r, 1.0, layer):
-                induce = refusal_score(last_logits(model, tokenizer, sets["harmless_val"], bs), refusal_ids)
-            kl = (base_harmless.exp() * (base_harmless - ablated_harmless)).sum(-1).mean()
-            candidates.append(
-                {
-                    "layer": layer,
-                    "position": pos - n_pos,
-                    "norm": float(directions[layer, pos].norm()),
-                    "bypass_score": float(bypass.mean()),
-                    "induce_score": float(induce.mean()),
-                    "kl_score": float(kl),
-                }
-            )
-    base_harmful = refusal_score(last_logits(model, tokenizer, sets["harmful_val"], bs), refusal_ids)
-    base_harmless_score = refusal_score(base_harmless, refusal_ids)
-    # generation-based necessity / sufficiency of every candidate on the validation sets
-    for c in candidates:
-        r = directions[c["layer"], c["position"] + n_pos].to(torch.float32)
-        with ablation_hooks(model, r):
-            c["ablated_harmful_val_refusal_rate"] = refusal_rate(
-                generate(model, tokenizer, sets["harmful_val"], new, bs)
-            )
-        with addition_hooks(model, r, 1.0, c["layer"]):
-            c["added_harmless_val_refusal_rate"] = refusal_rate(
-                generate(model, tokenizer, sets["harmless_val"], new, bs)
-            )
-        if not quiet:
-            print(c, flush=True)
-    # the default filters of DESIGN.md (layer < 0.8 L, KL <= 0.1, induce > 0), then the lowest
-    # bypass score; when no candidate passes them all, the KL filter is the one relaxed (recorded)
-    in_layers = [c for c in candidates if c["layer"] < 0.8 * n_layers and c["induce_score"] > 0]
-    eligible = [c for c in in_layers if c["kl_score"] <= 0.1]
-    filters = (
-        "layer<0.8L, KL<=0.1, induce>0" if eligible else "layer<0.8L, induce>0 (no candidate had KL<=0.1)"
-    )
-    eligible = eligible or in_layers or candidates
-    chosen = min(eligible, key=lambda c: c["bypass_score"])
-    r = directions[chosen["layer"], chosen["position"] + n_pos].to(torch.float32)
-    with ablation_hooks(model, r):
-        nec = {
-            name: refusal_rate(generate(model, tokenizer, sets[name], new, bs))
-            for name in ("harmful_val", "harmful_test")
-        }
-        nec_examples = list(
-            zip(sets["harmful_val"][:3], generate(model, tokenizer, sets["harmful_val"][:3], new, bs))
+    heldout: dict[str, Any] = {}
+    for split in ("harmful_test", "harmless_test"):
+        prompts = load_prompts(split)
+        texts = generate(
+            model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=64, progress=False
         )
-    with addition_hooks(model, r, 1.0, chosen["layer"]):
-        suf = {
-            name: refusal_rate(generate(model, tokenizer, sets[name], new, bs))
-            for name in ("harmless_val", "harmless_test")
-        }
-        suf_examples = list(
-            zip(sets["harmless_val"][:3], generate(model, tokenizer, sets["harmless_val"][:3], new, bs))
-        )
-    results["direction"] = {
+        flags = [v == "refused" for v in classify(judge, prompts, texts)]
+        heldout[split] = _rate(flags)
+        heldout[f"{split}_examples"] = list(zip(prompts[:3], texts[:3]))
+        if any(is_toy_refusal(t) != f for t, f in zip(texts, flags)):
+            raise SystemExit("is_toy_refusal and the study's judge disagree on a completion")
+    results["heldout"] = heldout
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            run = _Run(cfg, Path(tmp), progress=False, loaded=(model, tokenizer))
+            cands, noise, k_ext = run.extract_base()
+        except UnsupportedArchitectureError as exc:
+            # the study's stages need a layout for the architecture (MoE support is being added);
+            # the held-out rates stand, with the reason the mechanism could not be measured
+            results["analysis_unsupported"] = str(exc)
+            print(f"mechanism analysis skipped: {exc}", flush=True)
+            return results
+        sel, k_sel = run.select("base", model, cands, [k_ext])
+        layer, pos_i = sel.source
+        r = cands.directions[layer, pos_i]
+        mech, _ = run.mechanism("base", model, r, layer, [k_sel])
+    n_layers = sel.bypass.shape[0]
+    direction: dict[str, Any] = {
         "site": "block input (resid_pre), post-instruction positions indexed from the end",
-        "layer": chosen["layer"],
-        "position": chosen["position"],
-        "norm": chosen["norm"],
-        "kl_score": chosen["kl_score"],
-        "bypass_score": chosen["bypass_score"],
-        "induce_score": chosen["induce_score"],
-        "selection_filters": filters,
-        "n_post_instruction_tokens": n_pos,
-        "base_refusal_score_harmful_val": float(base_harmful.mean()),
-        "base_refusal_score_harmless_val": float(base_harmless_score.mean()),
-        "necessity_refusal_rate": nec,
-        "sufficiency_refusal_rate": suf,
+        "layer": layer,
+        "position": sel.positions[pos_i],
+        "layer_cut": layer_cut(n_layers),
+        "filters_passed": sel.selected is not None,
+        "norm": float(r.norm()),
+        "bypass_score": float(sel.bypass[layer, pos_i]),
+        "induce_score": float(sel.induce[layer, pos_i]),
+        "kl_score": float(sel.kl[layer, pos_i]),
+        "noise_floor_at_source": float(noise[layer, pos_i]),
+        "base_refusal_score_harmful_val": sel.baseline_harmful,
+        "base_refusal_score_harmless_val": sel.baseline_harmless,
+        "study_refused_harmful_test": _rate(mech["refused_harmful"]),
+        "necessity_refusal_rate": _rate(mech["refused_ablated"]),
+        "sufficiency_refusal_rate": _rate(mech["refused_added"]),
         "addition_coeff": 1.0,
-        "examples_ablated_harmful": nec_examples,
-        "examples_added_harmless": suf_examples,
-        "candidates": candidates,
+        "study_settings": {
+            "n_train": cfg.n_train,
+            "n_val": cfg.n_val,
+            "n_test": cfg.n_test,
+            "noise_splits": cfg.noise_splits,
+            "max_new_tokens": cfg.max_new_tokens,
+            "selection": dataclasses.asdict(cfg.selection),
+        },
+        "candidates": [
+            {
+                "layer": lyr,
+                "position": sel.positions[i],
+                "norm": float(cands.directions[lyr, i].norm()),
+                "bypass_score": _finite(sel.bypass[lyr, i]),
+                "induce_score": _finite(sel.induce[lyr, i]),
+                "kl_score": _finite(sel.kl[lyr, i]),
+                "noise_floor": _finite(noise[lyr, i]),
+                "passed": bool(sel.passed[lyr, i]),
+            }
+            for lyr in range(n_layers)
+            for i in range(len(sel.positions))
+        ],
     }
+    results["direction"] = direction
+    h, s = heldout["harmful_test"]["rate"], heldout["harmless_test"]["rate"]
+    results["criteria"] = {
+        "thresholds": CRITERIA,
+        "heldout_harmful": h >= CRITERIA["harmful_test_refusal_rate_min"],
+        "heldout_harmless": s <= CRITERIA["harmless_test_refusal_rate_max"],
+        "selection_passes_below_cut": direction["filters_passed"] and layer < direction["layer_cut"],
+        "necessity": direction["necessity_refusal_rate"]["rate"] <= CRITERIA["necessity_refusal_rate_max"],
+        "sufficiency": direction["sufficiency_refusal_rate"]["rate"]
+        >= CRITERIA["sufficiency_refusal_rate_min"],
+        "noise_floor": direction["noise_floor_at_source"] >= CRITERIA["noise_floor_at_source_min"],
+    }
+    results["criteria"]["all_met"] = all(v for k, v in results["criteria"].items() if k != "thresholds")
+    results["analysis_seconds"] = round(time.perf_counter() - t0, 1)
     if not quiet:
-        summary = {k: v for k, v in results["direction"].items() if k != "candidates"}
-        print(json.dumps(summary, indent=1), flush=True)
+        summary = {k: v for k, v in direction.items() if k != "candidates"}
+        print(
+            json.dumps({"heldout": heldout, "direction": summary, "criteria": results["criteria"]}, indent=1)
+        )
+        for c in direction["candidates"]:
+            print(c, flush=True)
     return results
+
+
+def _finite(x: torch.Tensor) -> float | None:
+    """A score as a float, None where it was not computed (NaN beyond the layer cut): strict JSON."""
+    v = float(x)
+    return v if math.isfinite(v) else None
 
 
 # ----------------------------------------------------------------------------
@@ -712,7 +690,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("refusal_core/data/toy_model"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory (default refusal_core/data/toy_model, or toy_moe_model for --arch moe)",
+    )
     parser.add_argument("--check", type=Path, default=None, help="compare weights with this directory")
     parser.add_argument("--no-analysis", action="store_true", help="skip the held-out / direction analysis")
     for field in dataclasses.fields(ToyTrainingConfig):
@@ -720,7 +703,19 @@ def main() -> None:
             parser.add_argument(
                 f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default
             )
+    parser.add_argument(
+        "--analyse", type=Path, default=None, metavar="DIR", help="only analyse the model saved in DIR"
+    )
     args = parser.parse_args()
+    if args.analyse is not None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(args.analyse, attn_implementation="eager").eval()
+        tokenizer = AutoTokenizer.from_pretrained(args.analyse)
+        tokenizer.padding_side = "left"
+        ids = json.loads((args.analyse / "toy_model.json").read_text(encoding="utf-8"))["refusal_token_ids"]
+        analyse(model, tokenizer, ids)
+        return
     cfg = ToyTrainingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ToyTrainingConfig)})
     model, tokenizer, stats = train(cfg)
     refusal_ids = sorted(
@@ -737,8 +732,10 @@ def main() -> None:
         "system_prompts": list(SYSTEM_PROMPTS),
         "post_instruction_tokens": post_instruction_tokens(tokenizer),
     }
+    if args.out is None:
+        args.out = Path("refusal_core/data") / ("toy_moe_model" if cfg.arch == "moe" else "toy_model")
     if not args.no_analysis:
-        record.update(analyse(model, tokenizer, cfg, refusal_ids))
+        record.update(analyse(model, tokenizer, refusal_ids))
     save(model, tokenizer, args.out, record)
     print(f"saved to {args.out} (sha256 {record['model_safetensors_sha256']})")
     if args.check is not None:

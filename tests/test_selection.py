@@ -78,9 +78,12 @@ def test_batched_equals_naive_on_the_toy_model(toy: tuple, rows: int) -> None:
         fast = select_direction(model, tok, cands, hv, sv, ids, SelectionConfig(rows_per_forward=rows))
     slow = select_direction_naive(model, tok, cands, hv, sv, ids)
     _assert_same_scores(fast, slow, f"toy model, {rows} rows per forward")
-    assert bool(torch.isnan(fast.bypass[3:]).all()), (
-        "toy L = 4: layer 3 lies at the cut floor(3.2) and is unscored"
+    n_layers = model.config.num_hidden_layers
+    cut = (4 * n_layers) // 5  # floor(0.8 L), written out
+    assert bool(torch.isnan(fast.bypass[cut:]).all()), (
+        f"toy L = {n_layers}: layers from the cut floor(0.8 L) = {cut} on are unscored"
     )
+    assert not bool(torch.isnan(fast.bypass[1:cut]).any()), f"toy: a layer below the cut {cut} is unscored"
 
 
 @pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma"])

@@ -176,7 +176,7 @@ def test_audit_of_an_llmcompressor_checkpoint(llmc_checkpoint: dict[str, Any]) -
     assert (out / "report.md").read_text().startswith("# Audit:")
 
     comp = doc["compatibility"]
-    assert (comp["layout"], comp["n_layers"], comp["d_model"]) == ("llama", 4, 64), comp
+    assert (comp["layout"], comp["n_layers"], comp["d_model"]) == ("llama", 8, 64), comp  # the toy: 8 x 64
     assert doc["identities"]["candidate"]["name_or_path"] == str(llmc_checkpoint["candidate"].resolve())
     assert doc["identities"]["base"]["fingerprint"] != doc["identities"]["candidate"]["fingerprint"]
 
