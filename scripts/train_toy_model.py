@@ -550,11 +550,11 @@ def analyse(model: Any, tokenizer: Any, refusal_ids: list[int], quiet: bool = Fa
     """
     import tempfile
 
+    from refusal_core import bench as steps  # the study's own steps, not a second copy
     from refusal_core.evaluation.generation import generate
     from refusal_core.evaluation.judges import SubstringJudge, classify
     from refusal_core.selection import layer_cut
     from refusal_core.study.config import StudyConfig
-    from refusal_core.study.run import _Run  # the study's stages themselves, not a second copy
 
     t0 = time.perf_counter()
     cfg = StudyConfig(model="toy", refusal_token_ids=tuple(refusal_ids))
@@ -574,18 +574,18 @@ def analyse(model: Any, tokenizer: Any, refusal_ids: list[int], quiet: bool = Fa
     results["heldout"] = heldout
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            run = _Run(cfg, Path(tmp), progress=False, loaded=(model, tokenizer))
-            cands, noise, k_ext = run.extract_base()
+            bench = steps.Bench(cfg, Path(tmp), progress=False, loaded=(model, tokenizer))
+            base = steps.base_direction(bench)
         except UnsupportedArchitectureError as exc:
             # the study's stages need a layout for the architecture (MoE support is being added);
             # the held-out rates stand, with the reason the mechanism could not be measured
             results["analysis_unsupported"] = str(exc)
             print(f"mechanism analysis skipped: {exc}", flush=True)
             return results
-        sel, k_sel = run.select("base", model, cands, [k_ext])
+        cands, noise, sel = base.candidates, base.noise, base.selection
         layer, pos_i = sel.source
         r = cands.directions[layer, pos_i]
-        mech, _ = run.mechanism("base", model, r, layer, [k_sel])
+        mech, _ = steps.mechanism(bench, "base", model, r, layer, [base.key])
     n_layers = sel.bypass.shape[0]
     direction: dict[str, Any] = {
         "site": "block input (resid_pre), post-instruction positions indexed from the end",

@@ -378,9 +378,9 @@ def fake_methods():  # type: ignore[no-untyped-def]
 
 @pytest.mark.usefixtures("fake_methods")
 def test_one_registration_feeds_names_records_study_checkpoint_and_gpu_tier() -> None:
+    from refusal_core.bench import is_pruning as _is_pruning
     from refusal_core.checkpoint import _infer_format
     from refusal_core.compression import method_spec
-    from refusal_core.study.run import _is_pruning
     from refusal_core.testing.gpu_tier import quantized_8bit_methods
 
     assert METHODS["fake-q4"] == _FakeQuantConfig(4), "the CLI names come from the registration"

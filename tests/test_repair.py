@@ -505,6 +505,7 @@ def test_study_refuses_a_method_whose_extra_is_missing_before_any_work(
     monkeypatch.setattr(llmc, "llmc_available", lambda: False)
     monkeypatch.setattr(refusal_core.model, "load_model", no_load)
     monkeypatch.setattr("refusal_core.study.run.load_model", no_load, raising=False)
+    monkeypatch.setattr("refusal_core.bench.load_model", no_load, raising=False)
     config = StudyConfig(methods=("magnitude", "llmc-wanda"))  # a config may name it (run elsewhere)
     with pytest.raises(InvalidArgumentError, match="llmc-wanda needs the 'llmc' extra"):
         run_study(config, tmp_path / "study", progress=False)
