@@ -200,8 +200,8 @@ def verify_gguf(
 
 #: Compression methods of the full real-tier study (the study's defaults).
 REAL_METHODS = ("magnitude", "wanda", "wanda-2:4", "llm-int8", "awq-w8", "awq-w4")
-#: Candidate layers scored by the real tier's selection (every 2nd block of the middle of Qwen2.5-0.5B's 24).
-REAL_SELECTION_LAYERS = (10, 12, 14, 16)
+#: Candidate layers scored by the default real model's selection (every 2nd block of the middle).
+REAL_SELECTION_LAYERS = _DEFAULT.selection_layers
 #: Candidate positions scored by the real tier's selection: the last template token.
 REAL_SELECTION_POSITIONS = (-1,)
 
@@ -229,7 +229,11 @@ def real_study_dtype() -> str:
 
 
 def real_study_config(
-    model_path: Path | str, methods: tuple[str, ...] = REAL_METHODS, *, dtype: str | None = None
+    model_path: Path | str,
+    methods: tuple[str, ...] = REAL_METHODS,
+    *,
+    dtype: str | None = None,
+    key: str | None = None,
 ) -> Any:
     """The :class:`~refusal_core.study.StudyConfig` of the real-model tier, sized for a 2-core CPU.
 
@@ -254,7 +258,9 @@ def real_study_config(
         n_test=64,
         n_calibration=32,
         noise_splits=2,
-        selection=SelectionConfig(layers=REAL_SELECTION_LAYERS, positions=REAL_SELECTION_POSITIONS),
+        selection=SelectionConfig(
+            layers=real_model(key).selection_layers, positions=REAL_SELECTION_POSITIONS
+        ),
         repair=RepairConfig(generate=False),
         attacks=AttackSettings(
             decoding_temperatures=(1.0,),
