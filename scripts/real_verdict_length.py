@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=98, help="prompts per class (at most the test split's size)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--dtype", default=None, help="default: the real tier's (bfloat16 where native)")
+    parser.add_argument("--classes", default="harmful_test,harmless_test", help="prompt splits, in order")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_seconds": round(load_s, 1),
         "classes": {},
     }
-    for split in ("harmful_test", "harmless_test"):
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for split in [c.strip() for c in args.classes.split(",") if c.strip()]:
         instructions = load_prompts(split)[: args.n]
         ids = encode_prompts(tok, instructions)
         t0 = time.perf_counter()
@@ -94,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             ][:8],
         }
         print(split, {b: rows[str(b)]["refused"]["k"] for b in budgets}, f"{gen_s:.0f} s", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
+        # written after every class: a long run stopped part-way keeps what it measured
+        args.out.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
     print(args.out)
     return 0
 
