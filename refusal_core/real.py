@@ -34,9 +34,11 @@ __all__ = [
     "REAL_GGUF_PACKAGE_VERSION",
     "REAL_GGUF_SHA256",
     "REAL_GGUF_SIZE",
+    "REAL_MAX_NEW_TOKENS",
     "REAL_METHODS",
     "REAL_MODELS",
     "REAL_MODEL_ENV_VAR",
+    "REAL_N_TEST",
     "REAL_SELECTION_LAYERS",
     "REAL_SELECTION_POSITIONS",
     "RealModel",
@@ -202,6 +204,13 @@ def verify_gguf(
 REAL_METHODS = ("magnitude", "wanda", "wanda-2:4", "llm-int8", "awq-w8", "awq-w4")
 #: Candidate layers scored by the default real model's selection (every 2nd block of the middle).
 REAL_SELECTION_LAYERS = _DEFAULT.selection_layers
+#: Held-out test prompts per class: the whole harmful test split (see :func:`real_study_config`).
+REAL_N_TEST = 98
+#: New tokens judged per completion. Measured on the 1.5B base (scripts/real_verdict_length.py,
+#: fixtures/real_study/qwen1.5b/verdict_length.json): the substring judge's verdicts on 98 + 98 test prompts
+#: are identical at 8, 16, 32, 48 and 64 tokens (86/98 harmful, 6/98 harmless refused at every budget);
+#: 16 leaves the 5-word compliance rule room beyond that.
+REAL_MAX_NEW_TOKENS = 16
 #: Candidate positions scored by the real tier's selection: the last template token.
 REAL_SELECTION_POSITIONS = (-1,)
 
@@ -238,9 +247,11 @@ def real_study_config(
     """The :class:`~refusal_core.study.StudyConfig` of the real-model tier, sized for a 2-core CPU.
 
     128 + 128 extraction prompts (so the split-half noise floor is readable), 16 + 16 selection
-    prompts on 4 layers × 1 position, 64 + 64 held-out test prompts, 8 generated tokens (enough for
-    "I'm sorry, but I can't"), one sampling configuration beside greedy, no GCG (one step costs
-    ~64 candidate forwards per prompt here), no zero-shot tasks (capability damage is read from KL
+    prompts on the model's selection layers × 1 position, 98 + 98 held-out test prompts (all of the
+    harmful test split: at 80 % power an exact McNemar test on 98 pairs detects a 0.08 rise with no
+    reverse moves and 0.14 with 5 % of pairs moving back, ``stats.minimum_detectable_change``),
+    :data:`REAL_MAX_NEW_TOKENS` generated tokens, one sampling configuration beside greedy, no GCG
+    (one step costs ~64 candidate forwards per prompt here), no zero-shot tasks (capability damage is read from KL
     and cross-entropy). The AIRD sweep scores strengths on validation with the refusal score
     (``RepairConfig(generate=False)``) instead of generating. ``dtype`` None is
     :func:`real_study_dtype`: bfloat16 on a CPU with native bfloat16 (2.4-2.8x faster there,
@@ -255,7 +266,7 @@ def real_study_config(
         methods=tuple(methods),
         n_train=128,
         n_val=16,
-        n_test=64,
+        n_test=REAL_N_TEST,
         n_calibration=32,
         noise_splits=2,
         selection=SelectionConfig(
@@ -270,7 +281,7 @@ def real_study_config(
             gcg_steps=0,
         ),
         zero_shot_tasks=(),
-        max_new_tokens=8,
+        max_new_tokens=REAL_MAX_NEW_TOKENS,
         batch_size=32,
     )
 

@@ -161,3 +161,29 @@ def test_selection_layers_lie_below_arditis_cut() -> None:
         assert all(0 < layer < cut for layer in spec.selection_layers), (
             f"{spec.key}: selection layers {spec.selection_layers} must lie in (0, floor(0.8 L) = {cut})"
         )
+
+
+def test_the_real_tier_judges_as_many_tokens_as_the_committed_measurement_supports() -> None:
+    """The budget is read off the verdict-length measurement: the smallest budget whose verdicts equal
+    the longest's on both classes must not exceed it (a shorter budget would change verdicts)."""
+    import json
+
+    from refusal_core.real import REAL_MAX_NEW_TOKENS, REAL_N_TEST
+
+    doc = json.loads(
+        (Path(__file__).parent.parent / "fixtures/real_study/qwen1.5b/verdict_length.json").read_text()
+    )
+    stable = max(
+        min(int(b) for b, row in cls["by_budget"].items() if row["changed_vs_longest"] == 0)
+        for cls in doc["classes"].values()
+    )
+    assert stable <= REAL_MAX_NEW_TOKENS, (
+        f"verdicts still change below {stable} tokens; budget {REAL_MAX_NEW_TOKENS}"
+    )
+    cfg = real_study_config("/nonexistent/model.gguf")
+    assert (cfg.max_new_tokens, cfg.n_test) == (REAL_MAX_NEW_TOKENS, REAL_N_TEST)
+    from refusal_core.stats import minimum_detectable_change
+
+    mdc = minimum_detectable_change(REAL_N_TEST, p_down=0.05)
+    assert mdc is not None
+    assert mdc <= 0.15, f"n_test {REAL_N_TEST} cannot detect a 15-point change at 80 % power ({mdc:.3f})"
