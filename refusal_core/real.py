@@ -251,8 +251,8 @@ def real_study_config(
     harmful test split: at 80 % power an exact McNemar test on 98 pairs detects a 0.08 rise with no
     reverse moves and 0.14 with 5 % of pairs moving back, ``stats.minimum_detectable_change``),
     :data:`REAL_MAX_NEW_TOKENS` generated tokens, one sampling configuration beside greedy, no GCG
-    (one step costs ~64 candidate forwards per prompt here), no zero-shot tasks (capability damage is read from KL
-    and cross-entropy). The AIRD sweep scores strengths on validation with the refusal score
+    (one step costs ~64 candidate forwards per prompt here), no zero-shot tasks (capability damage
+    is read from KL and cross-entropy). The AIRD sweep scores strengths on validation with the refusal score
     (``RepairConfig(generate=False)``) instead of generating. ``dtype`` None is
     :func:`real_study_dtype`: bfloat16 on a CPU with native bfloat16 (2.4-2.8x faster there,
     measured), float32 elsewhere; compression itself always runs on float32 weights.
