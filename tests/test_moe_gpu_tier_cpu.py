@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from refusal_core import _cli_config as cc
 from refusal_core.errors import InvalidArgumentError
 from refusal_core.testing import gpu_tier
 from refusal_core.testing.tiny import MOE_SIZES, tiny_model, tiny_tokenizer
@@ -41,25 +40,8 @@ CPU_OVERRIDES: dict[str, Any] = {
 }
 
 
-def _file_values(path: Path) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-
-    def walk(table: dict[str, Any], prefix: str) -> None:
-        for k, v in table.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[prefix + k] = v
-
-    walk(cc.parse_toml(path.read_text(encoding="utf-8"), str(path)), "")
-    return flat
-
-
-def _setting(settings: dict[str, Any], key: str) -> Any:
-    value: Any = settings
-    for part in key.split("."):
-        value = value[part]
-    return value
+_file_values = gpu_tier.tier_file_values
+_setting = gpu_tier.setting_of
 
 
 def test_moe_tier_config_runs_the_study_on_a_tiny_moe(tmp_path: Path) -> None:

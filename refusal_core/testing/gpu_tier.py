@@ -44,7 +44,9 @@ __all__ = [
     "placeholders",
     "quantized_8bit_methods",
     "run_tier",
+    "setting_of",
     "tier",
+    "tier_file_values",
 ]
 
 _ROOT = Path(__file__).resolve().parents[2]
@@ -251,3 +253,26 @@ def tier(name: str) -> Tier:
     if name not in TIERS:
         raise InvalidArgumentError(f"unknown GPU tier {name!r}; valid: {', '.join(TIERS)}")
     return TIERS[name]
+
+
+def tier_file_values(path: Path) -> dict[str, Any]:
+    """``{dotted key: value}`` as written in a tier TOML (JSON-like: lists stay lists)."""
+    flat: dict[str, Any] = {}
+
+    def walk(table: Mapping[str, Any], prefix: str) -> None:
+        for k, v in table.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[prefix + k] = v
+
+    walk(cc.parse_toml(path.read_text(encoding="utf-8"), str(path)), "")
+    return flat
+
+
+def setting_of(settings: Mapping[str, Any], key: str) -> Any:
+    """The value at dotted ``key`` of a results.json ``settings`` tree (``aird.alpha_attn``)."""
+    value: Any = settings
+    for part in key.split("."):
+        value = value[part]
+    return value
