@@ -23,22 +23,8 @@ from refusal_core.testing.tiny import tiny_model, tiny_tokenizer
 
 CONFIG = gpu_tier.FIXTURE_DIR / "llama3-70b.toml"
 OVERRIDES: dict[str, Any] = {
-    "device": "cpu",
-    "harmful_test": "harmful_test",
-    "n_train": 8,
-    "n_val": 4,
-    "n_test": 4,
-    "n_calibration": 4,
-    "noise_splits": 2,
-    "max_new_tokens": 3,
-    "batch_size": 8,
-    "zero_shot_tasks": (),
+    **gpu_tier.CPU_OVERRIDES,
     "methods": ("magnitude",),
-    "attacks.decoding_temperatures": (1.0,),
-    "attacks.decoding_top_ps": (1.0,),
-    "attacks.decoding_top_ks": (0,),
-    "attacks.decoding_samples": 1,
-    "repair.gains": (2.0,),
     "engine": "torch",
 }
 

@@ -23,21 +23,7 @@ from refusal_core.testing.tiny import tiny_model, tiny_tokenizer
 
 #: What the CPU run changes: the model (set per test), the device, the AdvBench file and the sizes.
 CPU_OVERRIDES: dict[str, Any] = {
-    "device": "cpu",
-    "harmful_test": "harmful_test",
-    "n_train": 8,
-    "n_val": 4,
-    "n_test": 4,
-    "n_calibration": 4,
-    "noise_splits": 2,
-    "max_new_tokens": 3,
-    "batch_size": 8,
-    "zero_shot_tasks": (),
-    "attacks.decoding_temperatures": (1.0,),
-    "attacks.decoding_top_ps": (1.0,),
-    "attacks.decoding_top_ks": (0,),
-    "attacks.decoding_samples": 1,
-    "repair.gains": (2.0,),
+    **gpu_tier.CPU_OVERRIDES,
     # The tier files evaluate with vLLM (engine = "vllm"), which the default tier does not install:
     # here the torch engine generates, the [vllm] settings still reach the study and are checked like
     # every other setting; the vLLM path of a tier file runs in tox -e vllm (tests/vllm_tier/).

@@ -10,7 +10,6 @@ source layer: a key the study no longer knows, or an MoE path that breaks, fails
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,23 +20,7 @@ from refusal_core.testing.tiny import MOE_SIZES, tiny_model, tiny_tokenizer
 TOML = gpu_tier.FIXTURE_DIR / "qwen3_moe.toml"
 ENV = "REFUSAL_CORE_QWEN3_MOE_PATH"
 #: What the CPU run changes (as for the dense tiers): device, AdvBench file and sizes.
-CPU_OVERRIDES: dict[str, Any] = {
-    "device": "cpu",
-    "harmful_test": "harmful_test",
-    "n_train": 8,
-    "n_val": 4,
-    "n_test": 4,
-    "n_calibration": 4,
-    "noise_splits": 2,
-    "max_new_tokens": 3,
-    "batch_size": 8,
-    "zero_shot_tasks": (),
-    "attacks.decoding_temperatures": (1.0,),
-    "attacks.decoding_top_ps": (1.0,),
-    "attacks.decoding_top_ks": (0,),
-    "attacks.decoding_samples": 1,
-    "repair.gains": (2.0,),
-}
+CPU_OVERRIDES = gpu_tier.CPU_OVERRIDES
 
 
 _file_values = gpu_tier.tier_file_values

@@ -32,6 +32,7 @@ from refusal_core.errors import InvalidArgumentError
 __all__ = [
     "ADVBENCH_ENV",
     "BAND_KEYS",
+    "CPU_OVERRIDES",
     "EXPECTED_PATH",
     "FIXTURE_DIR",
     "TIERS",
@@ -276,3 +277,25 @@ def setting_of(settings: Mapping[str, Any], key: str) -> Any:
     for part in key.split("."):
         value = value[part]
     return value
+
+
+#: What a CPU run of a tier file changes (tests of the GPU configs on tiny models): the device, the
+#: AdvBench file and the sizes. The model is set per run; callers add what their file needs (the
+#: torch engine where the file asks for vLLM, which the default tier does not install).
+CPU_OVERRIDES: Mapping[str, Any] = {
+    "device": "cpu",
+    "harmful_test": "harmful_test",
+    "n_train": 8,
+    "n_val": 4,
+    "n_test": 4,
+    "n_calibration": 4,
+    "noise_splits": 2,
+    "max_new_tokens": 3,
+    "batch_size": 8,
+    "zero_shot_tasks": (),
+    "attacks.decoding_temperatures": (1.0,),
+    "attacks.decoding_top_ps": (1.0,),
+    "attacks.decoding_top_ks": (0,),
+    "attacks.decoding_samples": 1,
+    "repair.gains": (2.0,),
+}
