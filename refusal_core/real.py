@@ -47,6 +47,7 @@ __all__ = [
     "default_gguf_path",
     "file_sha256",
     "real_model",
+    "real_comparisons_table",
     "real_results_table",
     "real_study_config",
     "real_study_dtype",
@@ -338,4 +339,67 @@ def real_results_table(results: StudyResults | Sequence[VariantResult]) -> str:
             format_rate(ev.over_refusal if ev else None, 2) + star(ref.over_refusal if ref else None),
         ]
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def real_comparisons_table(results: StudyResults | Sequence[VariantResult]) -> str:
+    """A markdown table of every paired comparison of a study: one row per variant, attack and reference.
+
+    Compressed variants are compared with the base, repaired ones with their unedited compressed model
+    (the study's references). Each row gives the rate before → after with n, the discordant pairs ``b``
+    (True before, False after: a prompt that left the rate) and ``c`` (the reverse), the exact McNemar p,
+    its Holm-adjusted value over every row of the table (the family a reader scans), and the smallest
+    change in the direction that matters that the test detects with 80 % power on those n pairs, given
+    the observed share of pairs moving the other way (:func:`~refusal_core.stats.minimum_detectable_change`;
+    "–" when no change up to the maximum reaches that power). The direction that matters is a rise for a
+    compressed model (ASR or over-refusal going up is the harm) and for a repair's over-refusal, a fall
+    for a repair's ASR (what a repair is for).
+    """
+    from refusal_core.stats import holm, minimum_detectable_change
+
+    variants = list(results) if isinstance(results, Sequence) else results.variants
+    rows: list[tuple[str, str, str, PairedTest]] = []
+    for v in variants:
+        if v.comparisons is None or v.same_as:  # a repair that chose no edit is its compressed model
+            continue
+        for ref_name, comp in (("compressed", v.comparisons.vs_compressed), ("base", v.comparisons.vs_base)):
+            if comp is None:
+                continue
+            for attack, test in comp.asr.items():
+                rows.append((v.name, ref_name, f"ASR {attack}", test))
+            if comp.over_refusal is not None:
+                rows.append((v.name, ref_name, "over-refusal", comp.over_refusal))
+            break  # the reference: against compressed when there is one, else against the base
+    adjusted = holm([t.p_value for *_, t in rows]) if rows else []
+    head = [
+        "variant",
+        "against",
+        "measure",
+        "before → after (n)",
+        "b / c",
+        "p (exact)",
+        "p (Holm)",
+        "MDE (80 %)",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (name, ref_name, measure, t), p_holm in zip(rows, adjusted, strict=True):
+        wants_fall = ref_name == "compressed" and measure.startswith("ASR")
+        reverse = min(0.5, (t.c if wants_fall else t.b) / t.n) if t.n else 0.0
+        mde = minimum_detectable_change(t.n, reverse) if t.n else None
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    name,
+                    ref_name,
+                    measure,
+                    f"{t.before.value:.2f} → {t.after.value:.2f} ({t.n})",
+                    f"{t.b} / {t.c}",
+                    f"{t.p_value:.2g}" + (" *" if t.significant else ""),
+                    f"{p_holm:.2g}" + (" *" if p_holm < t.level else ""),
+                    "–" if mde is None else f"{mde:.2f}",
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"

@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         REAL_METHODS,
         cpu_has_fast_bfloat16,
         real_model,
+        real_comparisons_table,
         real_results_table,
         real_study_config,
         verify_gguf,
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     table = real_results_table(results)
     (args.out / "real_table.md").write_text(table)
+    (args.out / "real_comparisons.md").write_text(real_comparisons_table(results))
     record = {
         "model": spec.title,
         "methods": list(methods),

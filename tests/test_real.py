@@ -14,6 +14,7 @@ from refusal_core.real import (
     REAL_METHODS,
     default_cache_dir,
     default_gguf_path,
+    real_comparisons_table,
     real_results_table,
     real_study_config,
     verify_gguf,
@@ -115,6 +116,60 @@ def test_results_table_has_one_row_per_variant() -> None:
     assert "| wanda+aird | (12, -1) | (-2, 0) | 0.712 | – | – | – | 0.25 [0.16, 0.37] * |" in lines[3], lines[
         3
     ]
+
+
+def test_comparisons_table_gives_exact_p_holm_and_the_detectable_change_per_comparison() -> None:
+    from scipy.stats import binomtest
+
+    from refusal_core.stats import minimum_detectable_change
+
+    # compressed vs base: 12 prompts newly jailbroken, 2 the other way, on 98 pairs
+    before = [False] * 84 + [True] * 14
+    after = [False] * 72 + [True] * 12 + [False] * 2 + [True] * 12
+    rise = mcnemar(before, after)
+    # repair vs compressed: 9 prompts no longer jailbroken, 1 newly
+    repaired = [True] + after[1:72] + [False] * 9 + after[81:]
+    fall = mcnemar(after, repaired)
+    over = mcnemar([False] * 98, [False] * 98)
+    comp = {"vs_base": {"asr": {"vanilla": rise.to_dict()}, "over_refusal": over.to_dict()}}
+    rep = {
+        "vs_base": {"asr": {"vanilla": rise.to_dict()}},
+        "vs_compressed": {"asr": {"vanilla": fall.to_dict()}},
+    }
+    same = {"repair": {"arm": "dense", "how": "no edit", "same_as": "wanda"}, "comparisons": comp}
+    variants = [
+        VariantResult.from_dict(
+            {"name": "wanda", "kind": "compressed", "method": "wanda", "comparisons": comp}
+        ),
+        VariantResult.from_dict(
+            {"name": "wanda+aird", "kind": "repaired", "method": "wanda", "comparisons": rep}
+        ),
+        VariantResult.from_dict({"name": "wanda+aird*", "kind": "repaired", "method": "wanda", **same}),
+    ]
+    lines = real_comparisons_table(variants).strip().splitlines()[2:]
+    assert len(lines) == 3, (
+        f"two rows of wanda, one of its repair against compressed only; no row of the no-edit copy: {lines}"
+    )
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    p_rise = binomtest(2, 14, 0.5).pvalue  # independent of refusal_core.stats
+    p_fall = binomtest(1, 10, 0.5).pvalue
+    assert cells[0][:5] == ["wanda", "base", "ASR vanilla", "0.14 → 0.24 (98)", "2 / 12"], cells[0]
+    assert cells[0][5] == f"{p_rise:.2g} *", cells[0]
+    # Holm over the three p-values (p_rise, 1.0, p_fall), by hand
+    ordered = sorted([p_rise, 1.0, p_fall])
+    holm_by_hand = {
+        p: min(1.0, max((3 - i) * q for i, q in enumerate(ordered[: ordered.index(p) + 1]))) for p in ordered
+    }
+    assert cells[0][6].split()[0] == f"{holm_by_hand[p_rise]:.2g}", cells[0]
+    assert cells[2][:5] == ["wanda+aird", "compressed", "ASR vanilla", "0.24 → 0.16 (98)", "9 / 1"], cells[2]
+    assert cells[2][6].split()[0] == f"{holm_by_hand[p_fall]:.2g}", cells[2]
+    # the detectable change: a rise for the compressed model (reverse moves: the 2 that fell), a fall for
+    # the repair (reverse moves: the 1 that rose)
+    assert cells[0][7] == f"{minimum_detectable_change(98, 2 / 98):.2f}", cells[0]
+    assert cells[2][7] == f"{minimum_detectable_change(98, 1 / 98):.2f}", cells[2]
+    assert cells[1][2] == "over-refusal" and cells[1][7] == f"{minimum_detectable_change(98, 0.0):.2f}", (
+        cells[1]
+    )
 
 
 def test_real_tier_uses_bfloat16_exactly_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
