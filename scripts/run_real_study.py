@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from refusal_core.real import (
         REAL_METHODS,
         cpu_has_fast_bfloat16,
-        real_model,
         real_comparisons_table,
+        real_model,
         real_results_table,
         real_study_config,
         verify_gguf,

@@ -167,9 +167,8 @@ def test_comparisons_table_gives_exact_p_holm_and_the_detectable_change_per_comp
     # the repair (reverse moves: the 1 that rose)
     assert cells[0][7] == f"{minimum_detectable_change(98, 2 / 98):.2f}", cells[0]
     assert cells[2][7] == f"{minimum_detectable_change(98, 1 / 98):.2f}", cells[2]
-    assert cells[1][2] == "over-refusal" and cells[1][7] == f"{minimum_detectable_change(98, 0.0):.2f}", (
-        cells[1]
-    )
+    assert cells[1][2] == "over-refusal", cells[1]
+    assert cells[1][7] == f"{minimum_detectable_change(98, 0.0):.2f}", cells[1]
 
 
 def test_real_tier_uses_bfloat16_exactly_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
