@@ -76,3 +76,21 @@ def test_cast_floating_refuses_a_non_floating_dtype() -> None:
     with pytest.raises(InvalidArgumentError, match="floating"):
         cast_floating_(model, torch.int8)
     assert torch.equal(model.get_input_embeddings().weight, before)
+
+
+def test_a_low_precision_bench_keeps_no_float32_model_between_compressions(
+    tmp_path: Path,
+) -> None:
+    """Each compression gets a fresh float32 base it owns; none is kept (1.5B: 7 GB each)."""
+    cfg = StudyConfig(dtype="bfloat16", methods=("magnitude", "wanda"), n_calibration=8)
+    run = Bench(cfg, tmp_path / "run")
+    first = compress(run, "magnitude").model
+    second = compress(run, "wanda").model
+    assert first is not second
+    held = [v for v in [*vars(run).values(), *run._cached.values()] if isinstance(v, torch.nn.Module)]
+    dtypes = {str(next(m.parameters()).dtype) for m in held}
+    assert dtypes == {"torch.bfloat16"}, f"the bench holds models in {sorted(dtypes)} between compressions"
+    # the base the study evaluates is untouched by either compression
+    fresh, _ = load_model("toy", dtype="bfloat16")
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(run.model.state_dict()[name], tensor), f"compression modified the base's {name}"
