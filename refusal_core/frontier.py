@@ -84,6 +84,10 @@ class Level:
     intensity: float
 
 
+#: The mechanism rates a level reports, in plotting order.
+MECHANISM_KEYS = ("refusal_rate_harmful", "necessity", "sufficiency")
+
+
 def frontier_levels(method: str, levels: Sequence[str]) -> list[Level]:
     """The levels of ``method`` (labels as on the command line), ordered weakest to strongest.
 
@@ -245,8 +249,9 @@ def analyse_frontier(
         for attack in ev.asr:
             if attack not in cmp.asr:
                 untested[attack] = "no per-prompt paired test (e.g. one universal GCG suffix per model)"
-        mech = v.mechanism
+        mech, base_mech = v.mechanism, v.base_direction_mechanism
         mech_tests = (v.comparisons.mechanism_vs_base if v.comparisons else None) or {}
+        base_mech_tests = (v.comparisons.base_direction_mechanism_vs_base if v.comparisons else None) or {}
         rows.append(
             {
                 "label": lv.label,
@@ -258,6 +263,8 @@ def analyse_frontier(
                 "source_shift": v.source_shift,
                 "mechanism": None if mech is None else mech.to_dict(),
                 "mechanism_vs_base": {k: t.to_dict() for k, t in mech_tests.items()},
+                "base_direction_mechanism": None if base_mech is None else base_mech.to_dict(),
+                "base_direction_mechanism_vs_base": {k: t.to_dict() for k, t in base_mech_tests.items()},
                 "asr": {a: r.to_dict() for a, r in ev.asr.items()},
                 "over_refusal": ev.over_refusal.to_dict(),
                 "kl_mean": ev.damage.kl_mean,
@@ -371,13 +378,13 @@ def write_report(
         lines += [f"Without the Holm correction the frontier would be {unc['frontier']}.", ""]
     attacks = sorted(base["asr"])
     head = ["level", "cos@base src", "shift", *[f"ASR {a}" for a in attacks], "over-refusal", "necessity"]
-    head += ["sufficiency", "KL", "CE"]
+    head += ["sufficiency", "base dir. necessity", "base dir. sufficiency", "KL", "CE"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     nf = base["noise_floor_at_source"]
     base_row = ["base", f"1 (floor {_fmt_opt(nf)})", "0,0"] + [_fmt_rate(base["asr"][a]) for a in attacks]
     mech = base["mechanism"] or {}
     base_row += [_fmt_rate(base["over_refusal"])]
-    base_row += [
+    base_row += 2 * [  # the base's own direction IS the base direction
         _fmt_rate(mech["necessity"]) if mech else "n/a",
         _fmt_rate(mech["sufficiency"]) if mech else "n/a",
     ]
@@ -392,19 +399,16 @@ def write_report(
                 text if t is None else f"{text} p={t['p_holm']:.3g}{' **' if t['significant_holm'] else ''}"
             )
 
-        m = row["mechanism"] or {}
         cells = [row["label"], _fmt_opt(row["cosine_at_base_source"]), str(row["source_shift"])]
         cells += [mark(f"asr:{a}", _fmt_rate(row["asr"][a])) for a in attacks]
         cells += [mark(OVER_REFUSAL, _fmt_rate(row["over_refusal"]))]
-        mt = row["mechanism_vs_base"]
-
-        def mech(key: str, flag: str, m: Mapping[str, Any] = m, mt: Mapping[str, Any] = mt) -> str:
-            if not m:
-                return "n/a"
-            t = mt.get(flag)
-            return _fmt_rate(m[key]) + ("" if t is None else f" p₀={t['p_value']:.3g}")
-
-        cells += [mech("necessity", "refused_ablated"), mech("sufficiency", "refused_added")]
+        for which in ("mechanism", "base_direction_mechanism"):
+            m, mt = row.get(which) or {}, row.get(f"{which}_vs_base") or {}
+            for key, flag in (("necessity", "refused_ablated"), ("sufficiency", "refused_added")):
+                t = mt.get(flag)
+                cells.append(
+                    "n/a" if not m else _fmt_rate(m[key]) + ("" if t is None else f" p₀={t['p_value']:.3g}")
+                )
         cells += [_fmt_opt(row["kl_mean"]), _fmt_opt(row["ce_mean"])]
         lines.append("| " + " | ".join(cells) + " |")
     det = analysis["detectable_change"]
@@ -414,8 +418,10 @@ def write_report(
         f"{v['alpha']}. p₀ = exact McNemar p against the base, uncorrected (the mechanism is reported, "
         "not part of the rule). Rates: value [95 % Wilson interval] (n). Necessity = harmful prompts still "
         "refused with the level's own direction ablated (low: the direction is necessary); sufficiency = "
-        "harmless prompts refused with it added. Cosine of the level's direction with the base's at the "
-        "base source; the split-half noise floor there says what sampling alone gives.",
+        "harmless prompts refused with it added; base dir.: the same with the base model's direction at the "
+        "base source (the direction AIRD reinforces), n/a when not measured. Cosine of the level's "
+        "direction with the base's at the base source; the split-half noise floor there says what "
+        "sampling alone gives.",
         "",
         f"Smallest increase detectable with {det['power']:.0%} power at level {det['level']} "
         "(nominal α; Holm's strictest step α/m):",
@@ -490,17 +496,20 @@ def plot_frontier(out_dir: Path, analysis: Mapping[str, Any]) -> list[str]:
 
     if base["mechanism"]:
         fig, ax = plt.subplots(figsize=(7, 4))
-        for j, key in enumerate(("refusal_rate_harmful", "necessity", "sufficiency")):
+        series = [("mechanism", key, key.replace("_", " ")) for key in MECHANISM_KEYS]
+        if any(r.get("base_direction_mechanism") for r in analysis["rows"]):
+            series += [("base_direction_mechanism", k, f"{k} (base dir.)") for k in MECHANISM_KEYS[1:]]
+        for j, (which, key, label) in enumerate(series):
             rate_series(
                 ax,
-                lambda r, key=key: (
-                    base["mechanism"][key] if r is None else (r["mechanism"] or base["mechanism"])[key]
+                lambda r, which=which, key=key: (
+                    base["mechanism"][key] if r is None else (r.get(which) or base["mechanism"])[key]
                 ),
-                key.replace("_", " "),
-                0.06 * (j - 1),
+                label,
+                0.05 * (j - (len(series) - 1) / 2),
             )
         ax.set_ylim(-0.02, 1.02)
-        finish(ax, "Mechanism of each level's own direction (95 % Wilson intervals)", "rate")
+        finish(ax, "Mechanism of each level's own and the base direction (95 % Wilson intervals)", "rate")
         files.append("frontier_mechanism.png")
         fig.tight_layout()
         fig.savefig(out_dir / files[-1], dpi=110)
@@ -571,7 +580,9 @@ def run_frontier(
     if not isinstance(study, StudyConfig):
         raise InvalidArgumentError(f"study must be a StudyConfig, got {type(study).__name__}")
     plan = frontier_levels(method, levels)
-    config = dataclasses.replace(study, methods=tuple(lv.method for lv in plan))
+    config = dataclasses.replace(
+        study, methods=tuple(lv.method for lv in plan), base_direction_mechanism=True
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = run_study(config, out / "study", progress=progress)

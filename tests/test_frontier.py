@@ -157,6 +157,44 @@ def test_toy_frontier_end_to_end_small_counts(tmp_path: Path) -> None:
     for key in ("cosine_at_base_source", "source_shift", "mechanism", "asr", "over_refusal", "kl_mean"):
         assert key in row, f"frontier row lacks {key}"
     assert row["over_refusal"]["n"] == 12, "every rate carries its n"
+    _check_base_direction_mechanism(study, tmp_path, doc)
+
+
+def _check_base_direction_mechanism(study: StudyConfig, out: Path, doc: dict) -> None:
+    """Each level reports the base direction's necessity and sufficiency in the compressed model;
+    recomputed here at the strongest level with the public hooks, generation and judge."""
+    import dataclasses
+
+    from refusal_core import bench as steps
+    from refusal_core.evaluation.generation import generate
+    from refusal_core.evaluation.judges import classify
+    from refusal_core.interventions import ablation_hooks, addition_hooks
+
+    strongest = doc["rows"][-1]
+    mech, own = strongest["base_direction_mechanism"], strongest["mechanism"]
+    assert mech is not None, "the frontier measures the base direction's mechanism at every level"
+    assert mech["necessity"]["n"] == 12, "every rate carries its n"
+    # no intervention: the same model, the same greedy completions as its own mechanism's
+    assert mech["refusal_rate_harmful"] == own["refusal_rate_harmful"]
+    tests = strongest["base_direction_mechanism_vs_base"]
+    assert tests["refused_ablated"]["before"] == doc["base"]["mechanism"]["necessity"], (
+        "paired with the base's"
+    )
+    # resume the stages to get the base direction and the compressed model, then measure by hand
+    cfg = dataclasses.replace(study, methods=(strongest["method"],), base_direction_mechanism=True)
+    bench = steps.Bench(cfg, out / "study")
+    base = steps.base_direction(bench)
+    model = steps.compress(bench, strongest["method"]).model
+    harmful, harmless = bench.prompts["harmful_test"], bench.prompts["harmless_test"]
+
+    def refused(prompts: list[str]) -> float:
+        texts = generate(model, bench.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=16)
+        return sum(v == "refused" for v in classify(bench.refusal_judge, prompts, texts)) / len(prompts)
+
+    with ablation_hooks(model, base.r):
+        assert refused(harmful) == mech["necessity"]["value"], "necessity of the base direction"
+    with addition_hooks(model, base.r, 1.0, base.layer):
+        assert refused(harmless) == mech["sufficiency"]["value"], "sufficiency of the base direction"
 
 
 def test_calibration_comparison_on_the_toy(tmp_path: Path) -> None:

@@ -246,14 +246,19 @@ class StudyConfig:
     #: save the paper-α and the chosen repaired variants as checkpoints that transformers'
     #: ``from_pretrained`` loads (``checkpoints/<variant>/`` in the run directory)
     save_checkpoints: bool = True
+    #: also measure the BASE direction's necessity and sufficiency in each compressed model (stage
+    #: ``<method>/base-direction/mechanism``: is the direction AIRD reinforces still the one refusal runs through?);
+    #: the frontier turns it on
+    base_direction_mechanism: bool = False
     #: who generates the evaluation's completions: "torch" (this package's loop) or "vllm" (each
     #: variant saved as a checkpoint and served by vLLM); extraction, ablation and addition stay in torch
     engine: EngineName = "torch"
     vllm: VllmSettings = field(default_factory=VllmSettings)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.save_checkpoints, bool):
-            raise InvalidArgumentError(f"save_checkpoints must be a bool, got {self.save_checkpoints!r}")
+        for flag in ("save_checkpoints", "base_direction_mechanism"):
+            if not isinstance(getattr(self, flag), bool):
+                raise InvalidArgumentError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         if isinstance(self.methods, (str, bytes)) or not isinstance(self.methods, (tuple, list)):
             raise InvalidArgumentError(f"methods must be a tuple of method names, got {self.methods!r}")
         for m in self.methods:

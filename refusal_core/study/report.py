@@ -314,6 +314,40 @@ def _mechanism_rows(shown: Sequence[VariantResult]) -> list[list[str]]:
     return rows
 
 
+def _base_direction_parts(shown: Sequence[VariantResult]) -> list[str]:
+    """The base direction's mechanism in each compressed model (only when the study measured it)."""
+    rows = []
+    for v in shown:
+        m = v.base_direction_mechanism
+        if m is None:
+            continue
+        tests = (v.comparisons.base_direction_mechanism_vs_base if v.comparisons is not None else None) or {}
+        rows.append(
+            [
+                v.name,
+                format_rate(m.refusal_rate_harmful) + _mark(tests.get("refused_harmful")),
+                format_rate(m.necessity) + _mark(tests.get("refused_ablated")),
+                format_rate(m.sufficiency) + _mark(tests.get("refused_added")),
+            ]
+        )
+    if not rows:
+        return []
+    head = [
+        "variant",
+        "refusal (harmful)",
+        "refusal with the base direction ablated (necessity: low)",
+        "harmless refused with it added at the base source (sufficiency: high)",
+    ]
+    return [
+        "## Mechanism of the base direction in each compressed model (the direction AIRD reinforces)",
+        "",
+        markdown_table(head, rows),
+        "",
+        "`*`: exact McNemar against the base model's own (same prompts, same direction).",
+        "",
+    ]
+
+
 def _repair_rows(shown: Sequence[VariantResult], attacks: Sequence[str]) -> list[list[str]]:
     rows = []
     for v in shown:
@@ -472,6 +506,7 @@ def study_report_markdown(results: StudyResults, plots: Sequence[str] = ()) -> s
         "",
         markdown_table(mech_head, _mechanism_rows(shown)),
         "",
+        *_base_direction_parts(shown),
         "## Repair: AIRD against the unedited compressed model",
         "",
         markdown_table(repair_head, _repair_rows(shown, attacks)),

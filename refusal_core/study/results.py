@@ -218,6 +218,8 @@ class Comparisons:
     vs_compressed: Comparison | None = None
     mechanism_vs_base: dict[str, PairedTest] | None = None
     mechanism_vs_compressed: dict[str, PairedTest] | None = None
+    #: the base direction's mechanism flags in this model against the base's own (same prompts)
+    base_direction_mechanism_vs_base: dict[str, PairedTest] | None = None
 
     @property
     def reference(self) -> Comparison | None:
@@ -238,6 +240,10 @@ class Comparisons:
             out["mechanism_vs_compressed"] = {k: t.to_dict() for k, t in self.mechanism_vs_compressed.items()}
         if self.mechanism_vs_base is not None:
             out["mechanism_vs_base"] = {k: t.to_dict() for k, t in self.mechanism_vs_base.items()}
+        if self.base_direction_mechanism_vs_base is not None:
+            out["base_direction_mechanism_vs_base"] = {
+                k: t.to_dict() for k, t in self.base_direction_mechanism_vs_base.items()
+            }
         return out
 
     @classmethod
@@ -248,6 +254,11 @@ class Comparisons:
             mechanism_vs_base=_tests(d["mechanism_vs_base"]) if "mechanism_vs_base" in d else None,
             mechanism_vs_compressed=(
                 _tests(d["mechanism_vs_compressed"]) if "mechanism_vs_compressed" in d else None
+            ),
+            base_direction_mechanism_vs_base=(
+                _tests(d["base_direction_mechanism_vs_base"])
+                if "base_direction_mechanism_vs_base" in d
+                else None
             ),
         )
 
@@ -377,6 +388,8 @@ class VariantResult:
     filters_passed: bool | None = None
     sparsity: float | None = None
     mechanism: MechanismSummary | None = None
+    #: the base direction's mechanism in this (compressed) model (``base_direction_mechanism`` on)
+    base_direction_mechanism: MechanismSummary | None = None
     compression_config: dict[str, Any] | None = None
     quantization_error: dict[str, Any] | None = None
     repair: RepairSummary | None = None
@@ -405,6 +418,8 @@ class VariantResult:
             out["repair"] = self.repair.to_dict()
         if self.mechanism is not None:
             out["mechanism"] = self.mechanism.to_dict()
+        if self.base_direction_mechanism is not None:
+            out["base_direction_mechanism"] = self.base_direction_mechanism.to_dict()
         if self.evaluation is not None:
             out["evaluation"] = self.evaluation.to_dict()
             out["comparisons"] = (self.comparisons or Comparisons()).to_dict()
@@ -425,6 +440,11 @@ class VariantResult:
             filters_passed=d.get("filters_passed"),
             sparsity=d.get("sparsity"),
             mechanism=MechanismSummary.from_dict(d["mechanism"]) if "mechanism" in d else None,
+            base_direction_mechanism=(
+                MechanismSummary.from_dict(d["base_direction_mechanism"])
+                if "base_direction_mechanism" in d
+                else None
+            ),
             compression_config=d.get("compression_config"),
             quantization_error=d.get("quantization_error"),
             repair=RepairSummary.from_dict(d["repair"]) if "repair" in d else None,

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,8 @@ class _Measured:
     selections: dict[str, SelectionResult] = field(default_factory=dict)
     cosine_by_layer: dict[str, list[float]] = field(default_factory=dict)
     sweeps: dict[str, SweepSummary] = field(default_factory=dict)
+    #: the base direction's mechanism flags in each compressed model (``base_direction_mechanism``)
+    base_direction_flags: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def analysed(self, name: str, model: nn.Module, upstream: list[str], analysis: Analysis) -> None:
         self.models[name] = (model, upstream)
@@ -198,6 +201,13 @@ def _measure_compressed(bench: Bench, base: BaseDirection, c: Compressed, measur
     """A compressed variant re-extracted, compared and its mechanism measured; returns its source layer."""
     analysis = steps.analyse(bench, c.method, c.model, base, [c.key])
     measured.analysed(c.method, c.model, [c.key], analysis)
+    base_mech = None
+    if bench.config.base_direction_mechanism:
+        flags, _ = steps.mechanism(
+            bench, f"{c.method}/base-direction", c.model, base.r, base.layer, [c.key, base.key]
+        )
+        measured.base_direction_flags[c.method] = flags
+        base_mech = MechanismSummary.from_flags(flags)
     record = c.record.to_dict()
     measured.variants.append(
         VariantResult(
@@ -207,6 +217,7 @@ def _measure_compressed(bench: Bench, base: BaseDirection, c: Compressed, measur
             compression_config=record.get("config"),
             quantization_error=record.get("quantization_error") or None,
             sparsity=c.record.sparsity,
+            base_direction_mechanism=base_mech,
             **analysis.variant_fields(),
         )
     )
@@ -357,7 +368,9 @@ def _results(
             validation=base_val,
         ),
         noise_floor=[[finite_or_none(float(x)) for x in row] for row in base.noise],
-        variants=[_evaluated(v, evals, measured.flags) for v in measured.variants],
+        variants=[
+            _evaluated(v, evals, measured.flags, measured.base_direction_flags) for v in measured.variants
+        ],
         sweeps=measured.sweeps,
         saturated_attacks=_saturation(evals["base"]),
         untested_attacks=NOT_PAIRED_TESTABLE,
@@ -420,7 +433,10 @@ def _saturation(base_eval: dict[str, Any]) -> dict[str, str]:
 
 
 def _evaluated(
-    v: VariantResult, evals: dict[str, dict[str, Any]], flags: dict[str, dict[str, Any]]
+    v: VariantResult,
+    evals: dict[str, dict[str, Any]],
+    flags: dict[str, dict[str, Any]],
+    base_flags: Mapping[str, dict[str, Any]],
 ) -> VariantResult:
     """``v`` with its test-prompt evaluation and its paired comparisons (a variant that is its
     compressed model reads that model's evaluation)."""
@@ -443,8 +459,13 @@ def _evaluated(
         mech_vs_compressed = {
             key: mcnemar(flags[v.method][key], flags[v.name][key]) for key in MECHANISM_FLAGS
         }
+    base_dir_vs_base = None
     if v.kind == "compressed":
         mech_vs_base = {key: mcnemar(flags["base"][key], flags[v.name][key]) for key in MECHANISM_FLAGS}
+        if v.name in base_flags:
+            base_dir_vs_base = {
+                key: mcnemar(flags["base"][key], base_flags[v.name][key]) for key in MECHANISM_FLAGS
+            }
     return replace(
         v,
         evaluation=EvaluationSummary.from_evaluation(ev),
@@ -453,6 +474,7 @@ def _evaluated(
             vs_compressed=vs_compressed,
             mechanism_vs_base=mech_vs_base,
             mechanism_vs_compressed=mech_vs_compressed,
+            base_direction_mechanism_vs_base=base_dir_vs_base,
         ),
         headline=headline,
     )
