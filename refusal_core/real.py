@@ -41,6 +41,7 @@ __all__ = [
     "REAL_N_TEST",
     "REAL_SELECTION_LAYERS",
     "REAL_SELECTION_POSITIONS",
+    "REAL_SWEEP_GAINS",
     "RealModel",
     "cpu_has_fast_bfloat16",
     "default_cache_dir",
@@ -212,6 +213,12 @@ REAL_N_TEST = 98
 #: are identical at 8, 16, 32, 48 and 64 tokens (86/98 harmful, 6/98 harmless refused at every budget);
 #: 16 leaves the 5-word compliance rule room beyond that.
 REAL_MAX_NEW_TOKENS = 16
+#: AIRD gains the real tier's sweep tries: every other point of the study's default grid, the same range
+#: (1.5 to 15, the gains the paper's α reaches on real models). Measured on the 1.5B: one sweep point costs
+#: about three forwards of the 16 + 16 validation prompts (~30 s on 2 idle cores), so the default grid's
+#: 36 edits per pruned model were ~20 minutes of the study's time; this grid has 20. Chosen before any
+#: sweep result was read.
+REAL_SWEEP_GAINS = (1.5, 3.0, 8.0, 15.0)
 #: Candidate positions scored by the real tier's selection: the last template token.
 REAL_SELECTION_POSITIONS = (-1,)
 
@@ -254,7 +261,8 @@ def real_study_config(
     :data:`REAL_MAX_NEW_TOKENS` generated tokens, one sampling configuration beside greedy, no GCG
     (one step costs ~64 candidate forwards per prompt here), no zero-shot tasks (capability damage
     is read from KL and cross-entropy). The AIRD sweep scores strengths on validation with the refusal score
-    (``RepairConfig(generate=False)``) instead of generating. ``dtype`` None is
+    (``RepairConfig(generate=False)``) instead of generating, over :data:`REAL_SWEEP_GAINS` (with the
+    paper's α, both placements and both arms: 20 edits per pruned model). ``dtype`` None is
     :func:`real_study_dtype`: bfloat16 on a CPU with native bfloat16 (2.4-2.8x faster there,
     measured), float32 elsewhere; compression itself always runs on float32 weights.
     """
@@ -273,7 +281,7 @@ def real_study_config(
         selection=SelectionConfig(
             layers=real_model(key).selection_layers, positions=REAL_SELECTION_POSITIONS
         ),
-        repair=RepairConfig(generate=False),
+        repair=RepairConfig(generate=False, gains=REAL_SWEEP_GAINS),
         attacks=AttackSettings(
             decoding_temperatures=(1.0,),
             decoding_top_ps=(1.0,),

@@ -20,6 +20,7 @@ from refusal_core.real import (
     verify_gguf,
 )
 from refusal_core.stats import mcnemar
+from refusal_core.study.config import RepairConfig
 from refusal_core.study.results import VariantResult
 
 
@@ -60,6 +61,11 @@ def test_study_config_extracts_from_enough_prompts_for_a_readable_noise_floor() 
     cfg = real_study_config("/nonexistent/model.gguf")
     assert cfg.n_train >= 128, f"128 + 128 extraction prompts (issue 11), got {cfg.n_train}"
     assert cfg.repair.generate is False, "the real tier scores the AIRD sweep with the refusal score"
+    default = RepairConfig().gains
+    assert set(cfg.repair.gains) < set(default), "the real sweep's gains are points of the default grid"
+    assert max(cfg.repair.gains) == max(default), "up to the gain the paper's α reaches on real models"
+    assert cfg.repair.placements == RepairConfig().placements, "both placements"
+    assert cfg.repair.include_paper_alpha, "and the paper's α"
 
 
 def _rate(k: int, n: int) -> dict:
