@@ -50,7 +50,7 @@ from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteEr
 from refusal_core.functional import aird_update, check_tensor, unit_direction
 from refusal_core.interventions import check_directions, editable_writer_matrices
 from refusal_core.model import get_layout, model_identity
-from refusal_core.records import RECORD_KINDS, Record, load_record_as, write_record
+from refusal_core.saving import RECORD_KINDS, Record, load_record_as, write_record
 
 __all__ = [
     "AirdConfig",
@@ -289,7 +289,7 @@ class AirdRecord:
     repair: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The saved JSON object (see :mod:`refusal_core.records`; the model identity is ``model``)."""
+        """The saved JSON object (see :mod:`refusal_core.saving.records`; the model identity is ``model``)."""
         return {"kind": _RECORD_KIND, "version": _RECORD_VERSION, **asdict(self)}
 
     def save(self, path: str | Path) -> Path:

@@ -49,7 +49,6 @@ from torch import nn
 
 from refusal_core import bench as steps
 from refusal_core.aird import AirdConfig
-from refusal_core.artifacts import atomic_write_bytes, settings_key
 from refusal_core.bench import Analysis, BaseDirection, Bench, RepairPlan
 from refusal_core.checkpoint import save_checkpoint
 from refusal_core.errors import IncompatibleModelsError, InvalidArgumentError
@@ -57,6 +56,7 @@ from refusal_core.evaluation.engines import EngineName, VllmSettings
 from refusal_core.evaluation.judges import check_judge_spec
 from refusal_core.model import get_layout, load_model, model_identity
 from refusal_core.report import markdown_table
+from refusal_core.saving import atomic_write_bytes, settings_key
 from refusal_core.selection import SelectionConfig
 from refusal_core.stats import finite_or_none, mcnemar
 from refusal_core.study.config import AttackSettings, RepairConfig, StudyConfig

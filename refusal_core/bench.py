@@ -42,19 +42,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from refusal_core.aird import AirdConfig
-from refusal_core.artifacts import (
-    StageStore,
-    atomic_write_json,
-    check_finite_model,
-    save_model_weights,
-    settings_key,
-    stage_output_key,
-)
 from refusal_core.compression import (
     CompressionRecord,
     compress_,
@@ -97,6 +89,15 @@ from refusal_core.interventions import ablation_hooks, addition_hooks
 from refusal_core.model import encode_prompts, load_model, model_identity, pad_token_id
 from refusal_core.prompts import load_prompts
 from refusal_core.repair import plan_repair, repair_
+from refusal_core.saving import (
+    StageStore,
+    atomic_write_json,
+    atomic_write_tensors,
+    check_finite_model,
+    save_model_weights,
+    settings_key,
+    stage_output_key,
+)
 from refusal_core.selection import (
     SelectionResult,
     filter_prompts_by_refusal,
@@ -400,7 +401,7 @@ def base_direction(bench: Bench) -> BaseDirection:
             batch_size=c.batch_size,
             progress=bench.progress,
         )
-        save_file({"noise_floor": floor.contiguous()}, str(d / "noise.safetensors"))
+        atomic_write_tensors(d / "noise.safetensors", {"noise_floor": floor.contiguous()})
         cands.save(d / "candidates")
         return cands, floor
 

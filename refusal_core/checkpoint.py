@@ -5,7 +5,9 @@ and ``AutoTokenizer.from_pretrained(dir)`` load (``config.json``,
 ``model.safetensors``, the tokenizer files with its chat template,
 ``generation_config.json``) and ``refusal_core.json``, which says what the
 model is and vouches for every other file by its sha256.
-:func:`read_checkpoint_record` reads that record back and checks the hashes.
+:func:`read_checkpoint_record` reads that record back and checks the hashes (the record's
+format, its sealing and reading live in the saving layer, :mod:`refusal_core.saving.checkpoints`;
+this module decides what a model's modules are and how they are written).
 
 How each kind of model is stored (``format`` in the record):
 
@@ -24,8 +26,9 @@ format                      written as
                             transformers reloads it on CPU and CUDA, and a model it loaded saves again
 ==========================  ====================================================================
 
-The directory is built in a temporary sibling and renamed into place, so a
-killed process leaves the previous checkpoint or the new one, never a mix.
+The directory is built in a temporary sibling and renamed into place
+(:func:`~refusal_core.saving.files.staged_directory`), so a killed process leaves
+the previous checkpoint or the new one, never a mix.
 
 Example:
     >>> import tempfile
@@ -39,13 +42,8 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
@@ -57,15 +55,16 @@ from torch import nn
 
 from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError, UnsupportedModuleError
 from refusal_core.model import get_layout, model_identity
-from refusal_core.records import (
-    RECORD_KINDS,
-    Record,
-    file_sha256,
-    json_default,
-    read_json,
-    respect_umask_,
-    write_record,
+from refusal_core.saving.checkpoints import (
+    CHECKPOINT_FORMATS,
+    CHECKPOINT_KIND,
+    CHECKPOINT_RECORD,
+    CHECKPOINT_VERSION,
+    is_checkpoint_dir,
+    read_checkpoint_record,
+    seal_checkpoint_dir,
 )
+from refusal_core.saving.files import finite_or_null, json_default, staged_directory
 
 __all__ = [
     "CHECKPOINT_FORMATS",
@@ -76,17 +75,6 @@ __all__ = [
     "restore_checkpoint_modules_",
     "save_checkpoint",
 ]
-
-#: File name of the record inside a checkpoint directory.
-CHECKPOINT_RECORD = "refusal_core.json"
-#: ``kind`` of every record.
-CHECKPOINT_KIND = "refusal_core.checkpoint"
-#: Version of the record layout. Version 2 is the common :class:`~refusal_core.records.Record`
-#: layout: the method's record moved from ``record`` to ``settings`` and the file hashes from
-#: ``sha256`` to ``files``; version 1 records are read as version 2.
-CHECKPOINT_VERSION = RECORD_KINDS[CHECKPOINT_KIND].version
-#: The storage formats (see the module docstring).
-CHECKPOINT_FORMATS = ("dense", "bitsandbytes-int8", "bitsandbytes-nf4", "dequantized-simulation")
 
 
 def _package_versions(fmt: str) -> dict[str, str]:
@@ -107,21 +95,11 @@ def _json_record(record: object) -> dict[str, Any]:
     if not isinstance(record, Mapping):
         raise InvalidArgumentError(f"record must be a mapping, got {type(record).__name__}")
     try:
-        data = json.loads(json.dumps(_finite_or_null(dict(record)), allow_nan=False, default=json_default))
+        data = json.loads(json.dumps(finite_or_null(dict(record)), allow_nan=False, default=json_default))
     except (TypeError, ValueError) as exc:
         raise InvalidArgumentError(f"record is not JSON-serializable: {exc}") from None
     assert isinstance(data, dict)
     return data
-
-
-def _finite_or_null(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Mapping):
-        return {k: _finite_or_null(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_null(v) for v in obj]
-    return obj
 
 
 # ----------------------------------------------------------------------------
@@ -333,36 +311,11 @@ def _without_quantizer_load_conversions(model: nn.Module) -> Iterator[None]:
 def _check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise InvalidArgumentError(f"checkpoint target {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        record = out / CHECKPOINT_RECORD
-        is_previous = False
-        if record.is_file():
-            try:
-                doc = read_json(record, "checkpoint record")
-                is_previous = isinstance(doc, dict) and doc.get("kind") == CHECKPOINT_KIND
-            except ArtifactError:
-                is_previous = False
-        if not is_previous:
-            raise InvalidArgumentError(
-                f"checkpoint target {str(out)!r} is a non-empty directory that is not a refusal_core "
-                f"checkpoint; pass overwrite=True to replace it"
-            )
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``; a previous ``out`` is moved aside first, then deleted."""
-    old: Path | None = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-        os.replace(out, old / "previous")
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:  # put the previous checkpoint back
-            os.replace(old / "previous", out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if out.is_dir() and any(out.iterdir()) and not overwrite and not is_checkpoint_dir(out):
+        raise InvalidArgumentError(
+            f"checkpoint target {str(out)!r} is a non-empty directory that is not a refusal_core "
+            f"checkpoint; pass overwrite=True to replace it"
+        )
 
 
 def save_checkpoint(
@@ -431,9 +384,7 @@ def save_checkpoint(
         bool(quantization_config.pop("refusal_core_cpu_packing", False)) if quantization_config else False
     )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
-    try:
+    with staged_directory(out) as tmp:
         identity = model_identity(model)
         with _dequantized_simulations(model, kinds["int8-sim"]) as thresholds:
             config: Any = layout.model.config
@@ -455,7 +406,6 @@ def save_checkpoint(
             from transformers import GenerationConfig
 
             GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
         data: dict[str, Any] = {
             "format": fmt,
             "method": method,
@@ -471,20 +421,7 @@ def save_checkpoint(
                     "modules": sorted(thresholds),
                     "threshold": _one_threshold(thresholds),
                 }
-        unsealed = Record(
-            CHECKPOINT_KIND,
-            CHECKPOINT_VERSION,
-            identity=identity,
-            settings=rec,
-            files={p.relative_to(tmp).as_posix(): file_sha256(p) for p in files},
-            data=data,
-        )
-        sealed = {**unsealed.data, RECORD_DIGEST: record_digest(unsealed.to_dict())}
-        write_record(tmp / CHECKPOINT_RECORD, dataclasses.replace(unsealed, data=sealed))
-        _replace_dir(respect_umask_(tmp, recursive=True), out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        seal_checkpoint_dir(tmp, identity=identity, settings=rec, data=data)
     return out
 
 
@@ -495,68 +432,6 @@ def _one_threshold(thresholds: Mapping[str, float]) -> float | None:
         raise InvalidArgumentError(f"simulated int8 modules use several thresholds {sorted(values)}")
     (thr,) = values
     return None if math.isinf(thr) else thr
-
-
-def read_checkpoint_record(path: str | Path) -> dict[str, Any] | None:
-    """The ``refusal_core.json`` of checkpoint directory ``path``, with every file's sha256 checked.
-
-    None for a directory without ``refusal_core.json`` (any other Hugging Face
-    directory). Raises :class:`~refusal_core.errors.ArtifactError` when the
-    record is malformed, a recorded file is missing, or a hash does not match;
-    :class:`~refusal_core.errors.InvalidArgumentError` when ``path`` is not a directory.
-    """
-    root = Path(path)
-    if not root.is_dir():
-        raise InvalidArgumentError(f"checkpoint {str(root)!r} is not a directory")
-    record_path = root / CHECKPOINT_RECORD
-    if not record_path.is_file():
-        return None
-    raw = read_json(record_path, "checkpoint record")
-    if isinstance(raw, dict) and raw.get("kind") == CHECKPOINT_KIND and raw.get("version") == 1:
-        raw = _upgrade_v1(raw)
-    rec = Record.from_dict(raw, CHECKPOINT_KIND, versions=(CHECKPOINT_VERSION,), where=repr(str(record_path)))
-    doc = rec.to_dict()
-    # The record vouches for the files; its own digest vouches for the record (a hand-edited
-    # "format" used to load a simulated int8 model as a plain float one). Records written before
-    # the digest existed have none and are read as before.
-    if RECORD_DIGEST in doc and doc[RECORD_DIGEST] != record_digest(doc):
-        raise ArtifactError(
-            f"{str(record_path)!r} was edited after saving: its content does not match its "
-            f"{RECORD_DIGEST} (restore the file or save the checkpoint again)"
-        )
-    if doc.get("format") not in CHECKPOINT_FORMATS:
-        raise ArtifactError(f"{str(record_path)!r}: unknown format {doc.get('format')!r}")
-    if not rec.files:
-        raise ArtifactError(f"{str(record_path)!r} records no file hashes")
-    for rel, expected in sorted(rec.files.items()):
-        file = root / rel
-        if not file.is_file():
-            raise ArtifactError(f"checkpoint {str(root)!r}: recorded file {rel!r} is missing")
-        actual = file_sha256(file)
-        if actual != expected:
-            raise ArtifactError(
-                f"checkpoint {str(root)!r}: {rel!r} has sha256 {actual}, the record says {expected} "
-                "(the file was changed or corrupted after saving)"
-            )
-    return doc
-
-
-#: Key of the checkpoint record's digest of its own content.
-RECORD_DIGEST = "record_sha256"
-
-
-def record_digest(doc: Mapping[str, Any]) -> str:
-    """SHA-256 of a record's content (every key but :data:`RECORD_DIGEST`) as canonical JSON."""
-    body = {k: v for k, v in doc.items() if k != RECORD_DIGEST}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _upgrade_v1(doc: dict[str, Any]) -> dict[str, Any]:
-    """A version-1 record in the version-2 layout (``record`` → ``settings``, ``sha256`` → ``files``)."""
-    out = {k: v for k, v in doc.items() if k not in ("record", "sha256")}
-    out.update(version=CHECKPOINT_VERSION, settings=doc.get("record", {}), files=doc.get("sha256", {}))
-    return out
 
 
 def restore_checkpoint_modules_(model: nn.Module, doc: Mapping[str, Any]) -> None:

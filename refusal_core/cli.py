@@ -822,7 +822,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _print(obj: Any) -> None:
     """``obj`` as strict JSON on stdout: undefined values (NaN, ±inf) are null, as in every file."""
-    from refusal_core.records import finite_or_null
+    from refusal_core.saving import finite_or_null
 
     print(json.dumps(finite_or_null(obj), indent=2, sort_keys=True, default=str, allow_nan=False))
 
@@ -895,7 +895,7 @@ def example_config_text() -> str:
 
 def write_example_config(path: str | Path) -> Path:
     """Write :func:`example_config_text` to ``path`` (the repository's ``study.toml``)."""
-    from refusal_core.records import atomic_write_bytes
+    from refusal_core.saving import atomic_write_bytes
 
     return atomic_write_bytes(path, example_config_text().encode("utf-8"))
 
@@ -913,7 +913,7 @@ def check_methods_available(methods: Sequence[str]) -> None:
 
 
 def _cmd_study(args: argparse.Namespace, ours: list[Path]) -> int:
-    from refusal_core.artifacts import atomic_write_bytes
+    from refusal_core.saving import atomic_write_bytes
     from refusal_core.study import run_study
 
     cfg = resolve_study_config(args.config, cc.cli_overrides(args))
@@ -1092,16 +1092,10 @@ def _refusal_ids(spec: str, tok: Any) -> list[int]:
 
 def _check_checkpoint_target(out: str | Path) -> None:
     """Refuse, before any work, an ``--out`` that ``save_checkpoint`` would refuse after it."""
-    from refusal_core.checkpoint import CHECKPOINT_KIND, CHECKPOINT_RECORD
+    from refusal_core.saving import is_checkpoint_dir
 
     p = Path(out)
-    if not p.is_dir() or not any(p.iterdir()):
-        return
-    try:
-        kind = json.loads((p / CHECKPOINT_RECORD).read_text(encoding="utf-8")).get("kind")
-    except (OSError, ValueError, AttributeError):
-        kind = None
-    if kind != CHECKPOINT_KIND:
+    if p.is_dir() and any(p.iterdir()) and not is_checkpoint_dir(p):
         raise InvalidArgumentError(
             f"--out {str(out)!r} is a non-empty directory that is not a refusal_core checkpoint"
         )
@@ -1367,10 +1361,10 @@ def judge_from_spec(spec: str, args: argparse.Namespace | None = None) -> Any:
 
 
 def _cmd_evaluate(args: argparse.Namespace, ours: list[Path]) -> int:
-    from refusal_core.artifacts import atomic_write_json, check_finite_model
     from refusal_core.evaluation.attacks import VanillaAttack, build_attacks, over_refusal, run_attacks
     from refusal_core.evaluation.judges import SubstringJudge, classify
     from refusal_core.prompts import load_prompts
+    from refusal_core.saving import atomic_write_json, check_finite_model
     from refusal_core.stats import rate, rate_of
     from refusal_core.study import AttackSettings
 

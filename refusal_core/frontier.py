@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_core.errors import InvalidArgumentError
-from refusal_core.records import atomic_write_bytes, atomic_write_json
+from refusal_core.saving import atomic_write_bytes, atomic_write_json
 from refusal_core.stats import PairedTest, Rate, holm, minimum_detectable_change
 
 __all__ = [

@@ -58,7 +58,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from refusal_core.activations import block_input
-from refusal_core.artifacts import load_artifact, save_artifact
 from refusal_core.directions import DirectionCandidates
 from refusal_core.errors import EmptyInputError, InvalidArgumentError, RefusalCoreError
 from refusal_core.evaluation.generation import forward_last_logits
@@ -72,7 +71,7 @@ from refusal_core.model import (
     model_identity,
     pad_token_id,
 )
-from refusal_core.records import finite_or_null
+from refusal_core.saving import finite_or_null, load_artifact, save_artifact
 
 __all__ = [
     "SCORE_KEYS",

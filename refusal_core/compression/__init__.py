@@ -42,8 +42,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from refusal_core.artifacts import load_artifact, save_artifact
-
 # bnb and llmc register their methods on import (their libraries are imported only when one runs);
 # like every handler they register through _registry, so importing them needs nothing from here.
 from refusal_core.compression import bnb, llmc  # noqa: F401
@@ -82,6 +80,7 @@ from refusal_core.compression.quantization import (
 )
 from refusal_core.errors import ArtifactError, NonFiniteError
 from refusal_core.model import get_layout, model_identity
+from refusal_core.saving import load_artifact, save_artifact
 
 __all__ = [
     "METHODS",

@@ -25,7 +25,7 @@ from torch import nn
 
 from refusal_core.errors import ArtifactError, RefusalCoreError
 from refusal_core.model import model_identity
-from refusal_core.records import atomic_write_json, read_json
+from refusal_core.saving import atomic_write_json, read_json
 
 __all__ = ["AsrResult", "AttackResult", "Attempt", "OverRefusalResult", "result_model_identity"]
 
@@ -96,12 +96,6 @@ def _records_from_json(items: Any) -> list[AttackResult]:
     ]
 
 
-def _write_json_atomic(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
-    out = Path(path)
-    atomic_write_json(out, payload)
-    return out
-
-
 def _read_json(path: str | os.PathLike[str], kind: str) -> dict[str, Any]:
     p = Path(path)
     data = read_json(p, f"{kind} file")
@@ -124,7 +118,7 @@ class _ResultFile:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write JSON atomically; returns the path."""
-        return _write_json_atomic(path, self.to_dict())
+        return atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Self:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from torch import nn
 
 from refusal_core.errors import InvalidArgumentError, ModelNotFoundError, RefusalCoreError
 from refusal_core.model.layout import get_layout
-from refusal_core.records import respect_umask_
+from refusal_core.saving import file_sha256, respect_umask_
 
 __all__ = [
     "CACHE_ENV_VAR",
@@ -181,14 +180,6 @@ def gguf_cache_root() -> Path:
     return base / "gguf"
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_gguf(path: Path) -> tuple[Any, Any]:
     """``(model, tokenizer)`` dequantized from a GGUF file by transformers, in float32 (slow: minutes)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -216,7 +207,7 @@ def gguf_cached_dir(path: str | os.PathLike[str]) -> Path:
     with open(src, "rb") as fh:  # every GGUF file starts with these 4 bytes; a renamed text file not
         if fh.read(4) != _GGUF_MAGIC:
             raise InvalidArgumentError(f"{str(src)!r} is not a GGUF file (it does not start with 'GGUF')")
-    digest = _file_sha256(src)
+    digest = file_sha256(src)
     root = gguf_cache_root()
     target = root / digest
     if (target / _GGUF_RECORD).is_file():
