@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from refusal_core.compression._transaction import check_model_finite
+from refusal_core.compression import check_model_finite
 from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError, ZeroDirectionError
 from refusal_core.functional import aird_update, check_tensor, unit_direction
 from refusal_core.interventions import check_directions, editable_writer_matrices

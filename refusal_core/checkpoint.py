@@ -53,8 +53,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError, UnsupportedModuleError
+from refusal_core.compression import effective_weight, spec_of_recorded_method
+from refusal_core.compression.bnb import four_bit_settings, is_bnb_4bit, is_bnb_int8
+from refusal_core.compression.quantization import Int8ExpertsSim
+from refusal_core.errors import InvalidArgumentError, NonFiniteError, UnsupportedModuleError
 from refusal_core.model import get_layout, model_identity
+from refusal_core.model.simulated import Int8LinearSim, restore_checkpoint_modules_
 from refusal_core.saving.checkpoints import (
     CHECKPOINT_FORMATS,
     CHECKPOINT_KIND,
@@ -109,10 +113,6 @@ def _json_record(record: object) -> dict[str, Any]:
 
 def _module_kinds(model: nn.Module) -> dict[str, list[str]]:
     """Full names of the bitsandbytes int8 / 4-bit and simulated int8 modules of ``model``."""
-    from refusal_core.compression._experts import Int8ExpertsSim
-    from refusal_core.compression.bnb import is_bnb_4bit, is_bnb_int8
-    from refusal_core.compression.quantization import Int8LinearSim
-
     kinds: dict[str, list[str]] = {"bnb-int8": [], "bnb-4bit": [], "int8-sim": []}
     for name, module in model.named_modules():
         if isinstance(module, Int8ExpertsSim):  # its per-expert linears have no fused form to write back
@@ -131,8 +131,6 @@ def _module_kinds(model: nn.Module) -> dict[str, list[str]]:
 
 def _recorded_storage(method: object) -> str | None:
     """The storage format the method table gives the compression a recorded ``method`` names."""
-    from refusal_core.compression._registry import spec_of_recorded_method
-
     spec = spec_of_recorded_method(method)
     return None if spec is None else spec.storage
 
@@ -168,9 +166,6 @@ def _infer_format(kinds: Mapping[str, list[str]], method: object, declared: obje
 
 def _check_finite(model: nn.Module) -> None:
     """Raise :class:`NonFiniteError` naming the first non-finite float weight (also dequantized ones)."""
-    from refusal_core.compression._common import effective_weight
-    from refusal_core.compression.bnb import is_bnb_4bit, is_bnb_int8
-
     for name, module in model.named_modules():
         # bitsandbytes keeps integer codes and scales in its own objects: check what it computes with.
         # Everything else (Int8LinearSim included: q, scale, bias) is checked tensor by tensor.
@@ -217,9 +212,7 @@ def _bnb_quantization_config(model: nn.Module, fmt: str, kinds: Mapping[str, lis
             "llm_int8_has_fp16_weight": False,
         }
     names = kinds["bnb-4bit"]
-    from refusal_core.compression import _bnb_modules
-
-    settings = [_bnb_modules.four_bit_settings(model.get_submodule(n)) for n in names]
+    settings = [four_bit_settings(model.get_submodule(n)) for n in names]
     s0 = settings[0]
     for key in ("quant_type", "compress_statistics", "compute_dtype", "quant_storage"):
         if any(s[key] != s0[key] for s in settings):
@@ -432,39 +425,3 @@ def _one_threshold(thresholds: Mapping[str, float]) -> float | None:
         raise InvalidArgumentError(f"simulated int8 modules use several thresholds {sorted(values)}")
     (thr,) = values
     return None if math.isinf(thr) else thr
-
-
-def restore_checkpoint_modules_(model: nn.Module, doc: Mapping[str, Any]) -> None:
-    """Re-create in place what plain transformers does not rebuild from a checkpoint's files.
-
-    - ``dequantized-simulation`` of LLM.int8: every module listed in
-      ``doc["int8_simulation"]`` becomes an ``Int8LinearSim`` again (per-row
-      absmax int8 quantization of ``q · scale`` gives back ``q`` and ``scale``
-      exactly, so the model computes what the saved one did, bit for bit).
-    - ``bitsandbytes-nf4`` saved without CPU packing: transformers' ``Linear4bit``
-      would repack the weight for the AVX512-BF16 CPU kernel at its first forward
-      (rounding the block scales to bfloat16); that is switched off, as it was.
-
-    Other formats are left as transformers loaded them.
-    """
-    fmt = doc.get("format")
-    sim = doc.get("int8_simulation")
-    if fmt == "dequantized-simulation" and isinstance(sim, Mapping):
-        from refusal_core.compression.quantization import Int8LinearSim
-
-        thr = sim.get("threshold")
-        threshold = math.inf if thr is None else float(thr)
-        with torch.no_grad():
-            for name in sim.get("modules", []):
-                parent_name, _, attr = str(name).rpartition(".")
-                parent = model.get_submodule(parent_name)
-                linear = getattr(parent, attr)
-                if not isinstance(linear, nn.Linear):
-                    raise ArtifactError(
-                        f"checkpoint lists {name!r} as simulated int8 but it loaded as {linear}"
-                    )
-                setattr(parent, attr, Int8LinearSim.from_linear(linear, threshold).to(linear.weight.device))
-    elif fmt == "bitsandbytes-nf4" and not doc.get("bitsandbytes_cpu_packing", False):
-        four_bit: list[Any] = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
-        for module in four_bit:
-            module.support_avx512bf16_for_cpu = False

@@ -1261,8 +1261,7 @@ def _cmd_compare(args: argparse.Namespace, ours: list[Path]) -> int:
 def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
     from refusal_core.aird import AirdConfig
     from refusal_core.bench import REPAIR_PATHS, RepairPlan
-    from refusal_core.compression import config_from_dict
-    from refusal_core.compression._registry import spec_of_recorded_method
+    from refusal_core.compression import config_from_dict, spec_of_recorded_method
     from refusal_core.directions import DirectionCandidates, check_direction_origin
     from refusal_core.errors import ForeignDirectionError
     from refusal_core.model import model_identity

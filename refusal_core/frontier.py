@@ -620,8 +620,14 @@ def compare_calibrations(
     """
     import copy
 
-    from refusal_core.compression import AwqConfig, CompressionConfig, compress_, method_config, quantize_awq_
-    from refusal_core.compression._registry import method_for
+    from refusal_core.compression import (
+        AwqConfig,
+        CompressionConfig,
+        compress_,
+        method_config,
+        method_for,
+        quantize_awq_,
+    )
     from refusal_core.compression.calibration_sets import (
         calibration_token_ids,
         check_calibration_spec,

@@ -65,9 +65,13 @@ import torch
 from torch import nn
 
 from refusal_core.aird import AirdConfig, AirdRecord, apply_aird_
-from refusal_core.compression import CompressionConfig, method_config, method_spec
-from refusal_core.compression._registry import MethodSpec
-from refusal_core.compression._transaction import model_transaction
+from refusal_core.compression import (
+    CompressionConfig,
+    MethodSpec,
+    method_config,
+    method_spec,
+    model_transaction,
+)
 from refusal_core.compression.quantization import Int8LinearSim
 from refusal_core.compression.schemes import scheme_of
 from refusal_core.errors import InvalidArgumentError, RefusalCoreError, UnsupportedModuleError

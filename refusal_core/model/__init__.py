@@ -12,6 +12,9 @@ module              what it holds
 ``identity``        :func:`model_identity`, recorded in every artifact
 ``loading``         :func:`load_model` (toy, directory, checkpoint, GGUF, cached hub id), dtype
                     and device resolution, the GGUF conversion cache
+``simulated``       the modules refusal_core puts into a model that transformers does not know
+                    (``Int8LinearSim``) and how a checkpoint's record rebuilds them on load; here,
+                    below compression, so that loading never imports compression
 ==================  ==========================================================================
 
 Example:

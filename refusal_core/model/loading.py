@@ -25,7 +25,9 @@ from torch import nn
 
 from refusal_core.errors import InvalidArgumentError, ModelNotFoundError, RefusalCoreError
 from refusal_core.model.layout import get_layout
-from refusal_core.saving import file_sha256, respect_umask_
+from refusal_core.model.simulated import restore_checkpoint_modules_
+from refusal_core.saving import file_sha256, read_checkpoint_record, respect_umask_
+from refusal_core.toy import load_toy_model
 
 __all__ = [
     "CACHE_ENV_VAR",
@@ -289,12 +291,11 @@ def _load_directory(path: Path, *, dtype: torch.dtype | str, device: str) -> tup
     """Model and tokenizer from a local Hugging Face directory, placed on ``device`` while loading.
 
     A directory written by :func:`~refusal_core.checkpoint.save_checkpoint` has its
-    file hashes checked first, and after loading gets back what transformers does
-    not rebuild (:func:`~refusal_core.checkpoint.restore_checkpoint_modules_`).
+    file hashes checked first (:func:`~refusal_core.saving.read_checkpoint_record`), and
+    after loading gets back what transformers does not rebuild
+    (:func:`~refusal_core.model.simulated.restore_checkpoint_modules_`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from refusal_core.checkpoint import read_checkpoint_record, restore_checkpoint_modules_
 
     if not (path / "config.json").is_file():  # the cause, before transformers' tokenizer guesswork
         raise InvalidArgumentError(
@@ -477,8 +478,6 @@ def load_model(
     load_dtype = resolve_dtype(dtype, device)
     template = None if chat_template is None else read_chat_template(chat_template)
     if spec == "toy":
-        from refusal_core.toy import load_toy_model
-
         model, tokenizer = load_toy_model(
             dtype=load_dtype if isinstance(load_dtype, torch.dtype) else torch.float32
         )
