@@ -58,6 +58,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,9 +69,11 @@ from refusal_core.aird import AirdConfig, AirdRecord, apply_aird_
 from refusal_core.compression import (
     CompressionConfig,
     MethodSpec,
+    config_from_dict,
     method_config,
     method_spec,
     model_transaction,
+    spec_of_recorded_method,
 )
 from refusal_core.compression.quantization import Int8LinearSim
 from refusal_core.compression.schemes import scheme_of
@@ -80,7 +83,7 @@ from refusal_core.interventions import check_directions
 from refusal_core.model import ModelLayout, get_layout, model_identity
 from refusal_core.quantized_edit import apply_aird_quantized_, dequantize_module, edit_outcome
 
-__all__ = ["RepairPlan", "group_levels", "plan_repair", "repair_"]
+__all__ = ["RepairPlan", "group_levels", "plan_repair", "recorded_compression", "repair_"]
 
 #: The block layout :func:`~refusal_core.quantized_edit.apply_aird_quantized_` re-quantizes.
 _QUANTIZED_WRITERS = ("o_proj", "down_proj")
@@ -120,6 +123,23 @@ class RepairPlan:
             "schemes": dict(self.schemes),
             "qtype": self.qtype,
         }
+
+
+def recorded_compression(record: Mapping[str, Any] | None) -> tuple[str | None, CompressionConfig | None]:
+    """``(method, config)`` of the compression that made a checkpointed model, from its record.
+
+    ``record`` is :func:`~refusal_core.saving.read_checkpoint_record`'s (None: no record).
+    The method is the one :func:`repair_` keeps the storage of: a repaired model's
+    ``"awq-w4+aird"`` is ``"awq-w4"``; None when no compression made the model (the base,
+    ``"aird"`` on a float model, an unknown name). The config is the exact one the record
+    keeps (``settings.compression.config``), None when it keeps none (the name's default).
+    Every route that repairs a saved model (``refusal-core aird``, the audit) reads it here.
+    """
+    if record is None or spec_of_recorded_method(record.get("method")) is None:
+        return None, None
+    method = str(record["method"]).partition("+")[0]
+    stored = ((record.get("settings") or {}).get("compression") or {}).get("config")
+    return method, config_from_dict(stored) if isinstance(stored, Mapping) else None
 
 
 def _schemes(layout: ModelLayout, layer: int) -> dict[str, str]:

@@ -58,6 +58,7 @@ from refusal_core.model.loading import (
     gguf_cached_dir,
     hub_cache_dir,
     load_model,
+    model_record,
     read_chat_template,
     resolve_dtype,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "load_model",
     "model_device",
     "model_identity",
+    "model_record",
     "pad_token_id",
     "positions",
     "post_instruction_tokens",

@@ -37,6 +37,7 @@ __all__ = [
     "gguf_cached_dir",
     "hub_cache_dir",
     "load_model",
+    "model_record",
     "read_chat_template",
     "resolve_dtype",
 ]
@@ -521,6 +522,19 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return model, tokenizer
+
+
+def model_record(spec: str) -> dict[str, Any] | None:
+    """The refusal_core record (hash-checked) of the model :func:`load_model` loads for ``spec``.
+
+    It says what made the model (the compression method and its config, a repair) and names its
+    base's identity. None for ``"toy"``, a GGUF file, a hub id and any directory that is not a
+    checkpoint this tool wrote. Raises as :func:`~refusal_core.saving.read_checkpoint_record`
+    does for a record that does not verify.
+    """
+    if spec == "toy" or not Path(spec).is_dir():
+        return None
+    return read_checkpoint_record(Path(spec))
 
 
 def _move(model: nn.Module, device: str) -> None:
