@@ -209,3 +209,20 @@ def test_no_import_cycle_inside_the_named_layers() -> None:
     assert not found, "import cycles among saving/model/compression/checkpoint modules:\n  " + "\n  ".join(
         " <-> ".join(c) for c in found
     )
+
+
+#: The one cycle left in the package, outside the named layers: ``refusal_core.study`` re-exports
+#: ``run_study`` (and two helpers) from its ``run`` module on first use (``__getattr__``), and that
+#: module is built on :mod:`refusal_core.bench`, which reads the study's config, results and
+#: schemas. Importing ``refusal_core.study`` therefore never runs the bench, and the import paths
+#: the README and the tests use keep working.
+KNOWN_CYCLES = [["refusal_core.bench", "refusal_core.study", "refusal_core.study.run"]]
+
+
+def test_no_new_import_cycle_anywhere_in_the_package() -> None:
+    graph = import_graph()
+    found = cycles(graph, graph)
+    assert found == KNOWN_CYCLES, (
+        "import cycles in refusal_core (beside the documented one):\n  "
+        + "\n  ".join(" <-> ".join(c) for c in found if c not in KNOWN_CYCLES)
+    )

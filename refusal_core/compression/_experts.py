@@ -15,7 +15,7 @@ the expert's down-projection input ``act(gate) · up`` from its own weights.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -55,6 +55,15 @@ class ExpertMatrix:
         return getattr(self.module, self.name)[self.expert]
 
 
+def _experts_modules(layout: ModelLayout) -> Iterator[tuple[int, nn.Module, str]]:
+    """``(layer, fused experts module, its full name)`` of every MoE block, in block order."""
+    names = {id(m): n for n, m in layout.model.named_modules()}
+    for layer in range(layout.n_layers):
+        if layout.spec.moe is not None and layout.is_moe(layer):
+            experts = layout.experts(layer)
+            yield layer, experts, names.get(id(experts), f"layers.{layer}.mlp.experts")
+
+
 def expert_matrices(layout: ModelLayout, operation: str | None = None) -> list[ExpertMatrix]:
     """Every routed expert matrix of every MoE block, in block, then matrix, then expert order.
 
@@ -63,13 +72,8 @@ def expert_matrices(layout: ModelLayout, operation: str | None = None) -> list[E
     (:class:`UnsupportedModuleError` / :class:`NonFiniteError` naming it) before
     anything is returned. Empty for dense and Mamba models.
     """
-    names = {id(m): n for n, m in layout.model.named_modules()}
     out: list[ExpertMatrix] = []
-    for layer in range(layout.n_layers):
-        if layout.spec.moe is None or not layout.is_moe(layer):
-            continue
-        experts = layout.experts(layer)
-        prefix = names.get(id(experts), f"layers.{layer}.mlp.experts")
+    for layer, experts, prefix in _experts_modules(layout):
         for name in EXPERT_MATRICES:
             param = getattr(experts, name, None)
             if operation is not None:
@@ -90,13 +94,8 @@ def expert_matrices(layout: ModelLayout, operation: str | None = None) -> list[E
 def expert_effective_weights(layout: ModelLayout) -> list[tuple[str, torch.Tensor]]:
     """``(full name, W_e)`` of every routed expert matrix as it computes: float slices, or dequantized
     LLM.int8 simulations (:class:`~refusal_core.compression.quantization.Int8ExpertsSim`)."""
-    names = {id(m): n for n, m in layout.model.named_modules()}
     out: list[tuple[str, torch.Tensor]] = []
-    for layer in range(layout.n_layers):
-        if layout.spec.moe is None or not layout.is_moe(layer):
-            continue
-        experts = layout.experts(layer)
-        prefix = names.get(id(experts), f"layers.{layer}.mlp.experts")
+    for _, experts, prefix in _experts_modules(layout):
         for name in EXPERT_MATRICES:
             p = getattr(experts, name)
             for e in range(len(p)):

@@ -35,7 +35,7 @@ from refusal_core.compression._experts import (
     routed_inputs,
 )
 from refusal_core.compression._transaction import transactional
-from refusal_core.compression.calibration import Calibration, SequentialBlocks, prepare_calibration
+from refusal_core.compression.calibration import Calibration, SequentialBlocks
 from refusal_core.compression.config import check_n_m, check_sparsity
 from refusal_core.errors import InvalidArgumentError
 from refusal_core.functional import check_tensor, magnitude_mask
@@ -176,13 +176,7 @@ def prune_wanda_(
                 raise InvalidArgumentError(
                     f"n_m = {nm}: m = {nm[1]} does not divide the input width {width} of {full_name}"
                 )
-    batches = prepare_calibration(
-        calibration,
-        vocab_size=int(layout.embedding.weight.shape[0]),
-        batch_size=batch_size,
-        device=layout.embedding.weight.device,
-    )
-    runner = SequentialBlocks(layout, batches, progress=progress)
+    runner = SequentialBlocks.from_calibration(layout, calibration, batch_size=batch_size, progress=progress)
     by_layer: dict[int, dict[str, torch.nn.Linear]] = {}
     full_names: dict[tuple[int, str], str] = {}
     for bl in block_linears(layout):

@@ -50,7 +50,6 @@ from refusal_core.compression.calibration import (
     Calibration,
     RecordedCall,
     SequentialBlocks,
-    prepare_calibration,
 )
 from refusal_core.compression.config import AwqConfig
 from refusal_core.errors import (
@@ -787,13 +786,7 @@ def apply_awq_(
             raise InvalidArgumentError(
                 f"group_size {group_size} does not divide the input width {width} of {em.full_name}"
             )
-    batches = prepare_calibration(
-        calibration,
-        vocab_size=int(layout.embedding.weight.shape[0]),
-        batch_size=batch_size,
-        device=layout.embedding.weight.device,
-    )
-    runner = SequentialBlocks(layout, batches, progress=progress)
+    runner = SequentialBlocks.from_calibration(layout, calibration, batch_size=batch_size, progress=progress)
     full_names = {(bl.layer, bl.name): bl.full_name for bl in linears}
     offset = float(layout.spec.norm_offset)
     # Without a second candidate nothing is scored, so there is nothing to record.

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_core.errors import ArtifactError, InvalidArgumentError
-from refusal_core.saving.files import file_sha256, json_sha256, read_json
+from refusal_core.saving.files import file_sha256, first_changed_file, json_sha256, read_json
 from refusal_core.saving.records import RECORD_KINDS, Record, write_record
 
 __all__ = [
@@ -131,16 +131,15 @@ def read_checkpoint_record(path: str | Path) -> dict[str, Any] | None:
         raise ArtifactError(f"{str(record_path)!r}: unknown format {doc.get('format')!r}")
     if not rec.files:
         raise ArtifactError(f"{str(record_path)!r} records no file hashes")
-    for rel, expected in sorted(rec.files.items()):
-        file = root / rel
-        if not file.is_file():
+    changed = first_changed_file(root, rec.files)
+    if changed is not None:
+        rel, actual = changed
+        if actual is None:
             raise ArtifactError(f"checkpoint {str(root)!r}: recorded file {rel!r} is missing")
-        actual = file_sha256(file)
-        if actual != expected:
-            raise ArtifactError(
-                f"checkpoint {str(root)!r}: {rel!r} has sha256 {actual}, the record says {expected} "
-                "(the file was changed or corrupted after saving)"
-            )
+        raise ArtifactError(
+            f"checkpoint {str(root)!r}: {rel!r} has sha256 {actual}, the record says {rec.files[rel]} "
+            "(the file was changed or corrupted after saving)"
+        )
     return doc
 
 

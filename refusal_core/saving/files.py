@@ -51,6 +51,7 @@ __all__ = [
     "current_umask",
     "file_sha256",
     "finite_or_null",
+    "first_changed_file",
     "json_default",
     "json_sha256",
     "json_text",
@@ -128,6 +129,20 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def first_changed_file(root: Path, files: Mapping[str, str]) -> tuple[str, str | None] | None:
+    """The first of ``files`` (``{name under root: recorded sha256}``, in name order) that is missing
+    (``(name, None)``) or whose SHA-256 is not the recorded one (``(name, actual sha256)``); None when
+    every file is as recorded. The one check behind every record that vouches for files."""
+    for name, expected in sorted(files.items()):
+        path = root / name
+        if not path.is_file():
+            return name, None
+        actual = file_sha256(path)
+        if actual != expected:
+            return name, actual
+    return None
 
 
 # ----------------------------------------------------------------------------

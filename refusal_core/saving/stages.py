@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from refusal_core.errors import ArtifactError
-from refusal_core.saving.files import atomic_write_json, file_sha256, json_default, read_json
+from refusal_core.saving.files import (
+    atomic_write_json,
+    file_sha256,
+    first_changed_file,
+    json_default,
+    read_json,
+)
 from refusal_core.saving.schemas import JsonSchema, dict_of, validate_json
 
 __all__ = ["FileStamps", "StageStore", "settings_key", "stage_output_key"]
@@ -101,16 +107,15 @@ class StageStore:
         if key is not None and doc["key"] != key:
             raise ArtifactError(f"stage {stage} was completed with key {doc['key']}, not {key}")
         files: dict[str, str] = doc["files"]
-        for name, expected in sorted(files.items()):
-            path = d / name
-            if not path.is_file():
-                raise ArtifactError(f"stage {stage}: file {path} is missing")
-            got = file_sha256(path)
-            if got != expected:
-                raise ArtifactError(
-                    f"stage {stage}: file {path} was modified or corrupted (sha256 {got[:12]}…, "
-                    f"recorded {expected[:12]}…)"
-                )
+        changed = first_changed_file(d, files)
+        if changed is not None:
+            name, got = changed
+            if got is None:
+                raise ArtifactError(f"stage {stage}: file {d / name} is missing")
+            raise ArtifactError(
+                f"stage {stage}: file {d / name} was modified or corrupted (sha256 {got[:12]}…, "
+                f"recorded {files[name][:12]}…)"
+            )
         return files
 
     def is_done(self, stage: str, key: str) -> bool:
