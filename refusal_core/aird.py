@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from refusal_core.compression import check_model_finite
+from refusal_core.directions import check_direction_origin
 from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError, ZeroDirectionError
 from refusal_core.functional import aird_update, check_tensor, unit_direction
 from refusal_core.interventions import check_directions, editable_writer_matrices
@@ -372,8 +373,6 @@ def apply_aird_(
     :func:`~refusal_core.directions.check_direction_origin`).
     """
     if direction_identity is not None:  # None: a raw tensor of unknown origin, used as given
-        from refusal_core.directions import check_direction_origin
-
         check_direction_origin(direction_identity, model, model_record=model_record)
     if not isinstance(config, AirdConfig):
         raise InvalidArgumentError(f"config must be an AirdConfig, got {type(config).__name__}")

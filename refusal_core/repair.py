@@ -75,6 +75,7 @@ from refusal_core.compression import (
     model_transaction,
     spec_of_recorded_method,
 )
+from refusal_core.compression.gguf import GGUF_BITS, GGUF_BLOCK_SIZE, gguf_dequantized
 from refusal_core.compression.quantization import Int8LinearSim
 from refusal_core.compression.schemes import scheme_of
 from refusal_core.errors import InvalidArgumentError, RefusalCoreError, UnsupportedModuleError
@@ -431,8 +432,6 @@ def _gguf_requantize_(
     layout: ModelLayout, layer: int, plan: RepairPlan, before: dict[str, torch.Tensor]
 ) -> dict[str, dict[str, Any]]:
     """Quantize both edited writers again to the plan's llama.cpp block type; returns each outcome."""
-    from refusal_core.compression.gguf import GGUF_BLOCK_SIZE, gguf_dequantized
-
     assert plan.qtype is not None
     out: dict[str, dict[str, Any]] = {}
     with torch.no_grad():
@@ -479,8 +478,6 @@ def _check_storage(
                 raise RefusalCoreError(f"{where}: {levels} distinct values in a group of {gs} (> 2^{w_bit})")
             modules[name]["max_levels"] = 2**w_bit
         elif plan.rule == "gguf-blocks":
-            from refusal_core.compression.gguf import GGUF_BITS, GGUF_BLOCK_SIZE
-
             assert plan.qtype is not None
             bits = GGUF_BITS[plan.qtype]
             levels = group_levels(matrix, GGUF_BLOCK_SIZE)
