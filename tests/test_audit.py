@@ -31,6 +31,7 @@ from refusal_core.interventions import ablation_hooks, addition_hooks
 from refusal_core.model import get_layout, load_model, model_identity
 from refusal_core.prompts import load_prompts
 from refusal_core.selection import SelectionConfig, SelectionResult
+from refusal_core.study import DEFAULT_METHODS
 from refusal_core.toy import toy_refusal_token_ids
 
 SMALL = ["--n-train", "32", "--n-val", "8", "--n-test", "8", "--max-new-tokens", "12", "--no-progress"]
@@ -338,3 +339,47 @@ def test_study_takes_a_judge_and_refuses_a_bad_one(tmp_path: Path, capsys: Any) 
     assert rc == 2
     assert "is not a model directory" in capsys.readouterr().err
     assert not out.exists(), "a refused study left its run directory behind"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", DEFAULT_METHODS)
+def test_audit_repair_keeps_every_default_methods_storage(method: str, tmp_path: Path) -> None:
+    """``audit --repair-gain`` on a checkpoint of each default method keeps that method's storage:
+    the zeros of a pruned candidate, the group grid of an AWQ one, the int8 modules of LLM.int8
+    (the per-method checks of the one repair step are tests/test_repair.py's; this is the audit's
+    route to it, through the candidate's checkpoint record). About 30 s a method on a CPU."""
+    from refusal_core.compression import method_config, method_spec
+    from refusal_core.model.simulated import Int8LinearSim
+    from refusal_core.repair import group_levels
+
+    ckpt = str(tmp_path / method)
+    assert main(["compress", "--model", "toy", "--method", method, "--out", ckpt, "--no-progress"]) == 0
+    argv = [
+        "audit",
+        "--base",
+        "toy",
+        "--compressed",
+        ckpt,
+        "--repair-gain",
+        "2",
+        "--out",
+        str(tmp_path / "a"),
+    ]
+    assert main([*argv, *SMALL]) == 0, f"audit --repair-gain of a {method} checkpoint failed"
+    rep = _strict_json(tmp_path / "a" / AUDIT_FILE)["repair"]
+    assert rep["method"] == method, f"the repair did not read the candidate's method: {rep['method']!r}"
+    repaired, _ = load_model(rep["checkpoint"])
+    candidate, _ = load_model(ckpt)
+    lr, lc = get_layout(repaired), get_layout(candidate)
+    spec, config = method_spec(method), method_config(method)
+    for name in ("o_proj", "down_proj"):
+        after, before = lr.linears(rep["layer"])[name], lc.linears(rep["layer"])[name]
+        if spec.prunes:
+            assert torch.equal(after.weight == 0, before.weight == 0), f"{method}: {name} lost its zeros"
+        elif isinstance(before, Int8LinearSim):
+            assert isinstance(after, Int8LinearSim), f"{method}: {name} is {type(after).__name__} after"
+            assert not torch.equal(after.q, before.q), f"{method}: {name}'s int8 codes were not edited"
+        else:
+            w_bit, group = int(config.w_bit), int(config.group_size)
+            levels = group_levels(after.weight, min(group, int(after.weight.shape[1])))
+            assert levels <= 2**w_bit, f"{method}: {name} has {levels} values in a group (> 2^{w_bit})"
