@@ -45,12 +45,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from refusal_core.compression._transaction import check_model_finite
+from refusal_core.compression import check_model_finite
+from refusal_core.directions import check_direction_origin
 from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError, ZeroDirectionError
 from refusal_core.functional import aird_update, check_tensor, unit_direction
 from refusal_core.interventions import check_directions, editable_writer_matrices
 from refusal_core.model import get_layout, model_identity
-from refusal_core.records import RECORD_KINDS, Record, load_record_as, write_record
+from refusal_core.saving import RECORD_KINDS, Record, load_record_as, write_record
 
 __all__ = [
     "AirdConfig",
@@ -289,7 +290,7 @@ class AirdRecord:
     repair: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The saved JSON object (see :mod:`refusal_core.records`; the model identity is ``model``)."""
+        """The saved JSON object (see :mod:`refusal_core.saving.records`; the model identity is ``model``)."""
         return {"kind": _RECORD_KIND, "version": _RECORD_VERSION, **asdict(self)}
 
     def save(self, path: str | Path) -> Path:
@@ -372,8 +373,6 @@ def apply_aird_(
     :func:`~refusal_core.directions.check_direction_origin`).
     """
     if direction_identity is not None:  # None: a raw tensor of unknown origin, used as given
-        from refusal_core.directions import check_direction_origin
-
         check_direction_origin(direction_identity, model, model_record=model_record)
     if not isinstance(config, AirdConfig):
         raise InvalidArgumentError(f"config must be an AirdConfig, got {type(config).__name__}")

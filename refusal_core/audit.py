@@ -23,6 +23,10 @@ written, and then measures, on the study's stages (so a killed audit resumes):
   base source layer — the strength given (``repair_gain``), else chosen by the
   study's sweep and rule on validation prompts, else (nothing qualifies) the
   paper's α — saved as a checkpoint (``repaired/``) and evaluated the same way.
+  The repair keeps the candidate's storage (:func:`~refusal_core.repair.repair_`
+  with the compression its checkpoint record names): a pruned candidate keeps its
+  zeros (its sweep is the sparsity-preserving arm), a quantized one is put back on
+  its grid; a storage that cannot be written again is refused before any work.
 
 It writes ``audit.json`` (strict JSON: no NaN, null instead) and ``report.md``.
 
@@ -40,7 +44,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +53,16 @@ from torch import nn
 
 from refusal_core import bench as steps
 from refusal_core.aird import AirdConfig
-from refusal_core.artifacts import atomic_write_bytes, settings_key
 from refusal_core.bench import Analysis, BaseDirection, Bench, RepairPlan
 from refusal_core.checkpoint import save_checkpoint
+from refusal_core.compression import CompressionConfig, method_spec
 from refusal_core.errors import IncompatibleModelsError, InvalidArgumentError
 from refusal_core.evaluation.engines import EngineName, VllmSettings
 from refusal_core.evaluation.judges import check_judge_spec
-from refusal_core.model import get_layout, load_model, model_identity
+from refusal_core.model import get_layout, load_model, model_identity, model_record
+from refusal_core.repair import recorded_compression
 from refusal_core.report import markdown_table
+from refusal_core.saving import atomic_write_bytes, settings_key
 from refusal_core.selection import SelectionConfig
 from refusal_core.stats import finite_or_none, mcnemar
 from refusal_core.study.config import AttackSettings, RepairConfig, StudyConfig
@@ -274,20 +280,45 @@ def _sha(text: str | None) -> str | None:
 # ----------------------------------------------------------------------------
 
 
-def _load_pair(config: AuditConfig) -> tuple[tuple[nn.Module, Any], tuple[nn.Module, Any], dict[str, Any]]:
+@dataclass(frozen=True)
+class _Candidate:
+    """The candidate model, its identity and stage key, and the compression its record names."""
+
+    model: nn.Module
+    identity: dict[str, Any]
+    key: str
+    record: dict[str, Any] | None
+    method: str | None
+    compression: CompressionConfig | None
+
+    @property
+    def prunes(self) -> bool:
+        """Whether its method prunes: its repair keeps the zeros (the sweep's sparse arm)."""
+        return self.method is not None and method_spec(self.method).prunes
+
+
+def _load_pair(config: AuditConfig) -> tuple[tuple[nn.Module, Any], _Candidate, dict[str, Any]]:
     """Base and candidate loaded and checked compatible (and repairable, with ``repair``)."""
     torch.manual_seed(config.seed)
     base = load_model(config.base, device=config.device, dtype=config.dtype)
-    cand = load_model(config.compressed, device=config.device, dtype=config.dtype)
-    compatibility = check_compatible(base, cand)
-    if config.repair and getattr(cand[0], "hf_quantizer", None) is not None:
+    cand_model, cand_tok = load_model(config.compressed, device=config.device, dtype=config.dtype)
+    compatibility = check_compatible(base, (cand_model, cand_tok))
+    record = model_record(config.compressed)
+    method, compression = recorded_compression(record)
+    ident = model_identity(cand_model)
+    cand = _Candidate(cand_model, ident, settings_key({"candidate": ident}), record, method, compression)
+    if config.repair and getattr(cand_model, "hf_quantizer", None) is not None:
         # transformers 5 cannot save a model it loaded through a quantizer again (save_pretrained
         # raises NotImplementedError in the weight conversion), so the repair could not be written.
         raise InvalidArgumentError(
             f"repair: the candidate {config.compressed!r} was loaded through transformers' "
-            f"{type(cand[0].hf_quantizer).__name__}, and transformers cannot save such a model again; "
+            f"{type(cand_model.hf_quantizer).__name__}, and transformers cannot save such a model again; "
             "audit it without repair, or repair the float model it was quantized from"
         )
+    if config.repair:  # a storage that cannot be written again is refused now, in one line
+        refusal = steps.repair_refusal(cand_model, 0, method, compression)
+        if refusal is not None:
+            raise InvalidArgumentError(f"repair: the candidate {config.compressed!r}: {refusal}")
     return base, cand, compatibility
 
 
@@ -309,19 +340,33 @@ def _candidate_info(base: BaseDirection, analysis: Analysis) -> dict[str, Any]:
 
 
 def _repair_plan(
-    bench: Bench, config: AuditConfig, base: BaseDirection, cand: nn.Module, k_cand: str
+    bench: Bench, config: AuditConfig, base: BaseDirection, cand: _Candidate
 ) -> tuple[RepairPlan, str, dict[str, Any] | None]:
-    """(plan, how, choice): the given gain, else the sweep's choice, else (none qualified) the paper's α."""
+    """(plan, how, choice): the given gain, else the sweep's choice, else (none qualified) the paper's α.
+
+    A pruned candidate keeps its zeros: every strength is the sparsity-preserving edit.
+    """
+    paper = replace(config.aird, preserve_sparsity=cand.prunes)
     if config.repair_gain is not None:
         g = float(config.repair_gain)
-        cfg = AirdConfig(gain_attn=g, gain_mlp=g, normalize=config.aird.normalize)
+        cfg = AirdConfig(gain_attn=g, gain_mlp=g, normalize=paper.normalize, preserve_sparsity=cand.prunes)
         return RepairPlan(cfg, (base.layer,)), f"the given gain {g:g}", None
     base_val = steps.validation(bench, "base", bench.model, [])
-    points = steps.sweep(bench, "candidate", cand, base, base.layer, [k_cand, base.key], sparse_arm=False)
-    choice = steps.choose(bench.config, points, base_val)["dense"]
+    points = steps.sweep(
+        bench,
+        "candidate",
+        cand.model,
+        base,
+        base.layer,
+        [cand.key, base.key],
+        sparse_arm=cand.prunes,
+        method=cand.method,
+        compression=cand.compression,
+    )
+    choice = steps.choose(bench.config, points, base_val)["sparse" if cand.prunes else "dense"]
     if choice.point.strength == "identity":
         how = "the paper's α (no strength of the sweep qualified under the rule)"
-        return RepairPlan(config.aird, (base.layer,)), how, choice.to_dict()
+        return RepairPlan(paper, (base.layer,)), how, choice.to_dict()
     plan = steps.point_plan(choice.point, config.aird)
     return plan, f"chosen on validation: {choice.point.label}", choice.to_dict()
 
@@ -330,26 +375,34 @@ def _repair(
     bench: Bench,
     config: AuditConfig,
     base: BaseDirection,
-    cand: tuple[nn.Module, dict[str, Any], str],
+    cand: _Candidate,
     measured: dict[str, tuple[dict[str, Any], dict[str, Any]]],
 ) -> dict[str, Any]:
-    """AIRD of the candidate with the base direction, measured, evaluated and saved as ``repaired/``."""
-    cand_model, cand_ident, k_cand = cand
-    plan, how, choice = _repair_plan(bench, config, base, cand_model, k_cand)
-    repaired, aird_record = steps.repaired(bench, cand_model, base.r, plan)
-    k_rep = settings_key(plan.key_settings(), k_cand, base.key)
+    """AIRD of the candidate with the base direction, keeping the candidate's storage, measured,
+    evaluated and saved as ``repaired/``."""
+    plan, how, choice = _repair_plan(bench, config, base, cand)
+    repaired, aird_record = steps.repaired(
+        bench, cand.model, base.r, plan, method=cand.method, compression=cand.compression
+    )
+    k_rep = settings_key(plan.key_settings(), cand.key, base.key)
     rep_mech, _ = steps.mechanism(bench, "repaired", repaired, base.r, base.layer, [k_rep])
     ev_rep, _ = steps.evaluate(bench, "repaired", repaired, [k_rep])
-    record = {
+    storage = {edit["repair"]["storage"] for edit in aird_record["edits"]}
+    record: dict[str, Any] = {
         "operation": "audit --repair",
-        "method": "aird",
+        "method": f"{cand.method}+aird" if cand.method else "aird",
         "aird": aird_record,
         "source": [base.layer, base.position],
         "candidate": config.compressed,
-        "candidate_identity": cand_ident,
+        "candidate_identity": cand.identity,
         "source_model": config.base,
         "refusal_token_ids": bench.refusal_ids,
     }
+    compression = ((cand.record or {}).get("settings") or {}).get("compression")
+    if compression:  # the exact config, for a later repair of this checkpoint
+        record["compression"] = compression
+    if storage == {"dequantized-simulation"}:
+        record["format"] = "dequantized-simulation"  # float weights on a simulation's grid
     ckpt = save_checkpoint(
         repaired,
         bench.tokenizer,
@@ -361,6 +414,8 @@ def _repair(
     ev_base, (cand_mech, ev_cand) = measured["base"][1], measured["candidate"]
     return {
         "how": how,
+        "method": cand.method,
+        "rules": sorted({edit["repair"]["rule"] for edit in aird_record["edits"]}),
         "layer": base.layer,
         "placement": plan.placement,
         "edited_blocks": list(plan.edit_blocks),
@@ -395,12 +450,11 @@ def audit(config: AuditConfig, out_dir: str | Path, *, progress: bool = True) ->
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InvalidArgumentError(f"out_dir {str(out)!r} exists and is not a directory")
-    base_pair, (cand_model, _), compatibility = _load_pair(config)
+    base_pair, cand, compatibility = _load_pair(config)
     t_load = time.perf_counter() - t0
 
     bench = Bench(config.study_config(), out, progress=progress, loaded=base_pair)
-    cand_ident = model_identity(cand_model)
-    k_cand = settings_key({"candidate": cand_ident})
+    cand_model, k_cand = cand.model, cand.key
     # the base direction with its noise floor and mechanism; the candidate's own direction against it
     base = steps.base_direction(bench)
     if base.selection.selected is None:  # the audit's whole comparison rests on this direction: say so
@@ -417,13 +471,11 @@ def audit(config: AuditConfig, out_dir: str | Path, *, progress: bool = True) ->
     ev_base, _ = steps.evaluate(bench, "base", bench.model, [])
     ev_cand, _ = steps.evaluate(bench, "candidate", cand_model, [k_cand])
     measured = {"base": (base_mech, ev_base), "candidate": (cand_mech, ev_cand)}
-    repair_info = (
-        _repair(bench, config, base, (cand_model, cand_ident, k_cand), measured) if config.repair else None
-    )
+    repair_info = _repair(bench, config, base, cand, measured) if config.repair else None
 
     result = AuditResult(
         config=config,
-        identities={"base": bench.identity, "candidate": cand_ident},
+        identities={"base": bench.identity, "candidate": cand.identity},
         compatibility=compatibility,
         base={
             "source": [base.layer, base.position],

@@ -43,20 +43,13 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from refusal_core.aird import AirdConfig
-from refusal_core.artifacts import (
-    StageStore,
-    atomic_write_json,
-    check_finite_model,
-    save_model_weights,
-    settings_key,
-    stage_output_key,
-)
 from refusal_core.compression import (
+    CompressionConfig,
     CompressionRecord,
     compress_,
     method_config,
@@ -96,9 +89,18 @@ from refusal_core.evaluation.judges import SubstringJudge, classify, is_degenera
 from refusal_core.evaluation.scores import refusal_token_ids_for
 from refusal_core.functional import compute_dtype, refusal_score
 from refusal_core.interventions import ablation_hooks, addition_hooks
-from refusal_core.model import encode_prompts, load_model, model_identity, pad_token_id
+from refusal_core.model import encode_prompts, load_model, model_identity, pad_token_id, read_chat_template
 from refusal_core.prompts import load_prompts
 from refusal_core.repair import plan_repair, repair_
+from refusal_core.saving import (
+    StageStore,
+    atomic_write_json,
+    atomic_write_tensors,
+    check_finite_model,
+    save_model_weights,
+    settings_key,
+    stage_output_key,
+)
 from refusal_core.selection import (
     SelectionResult,
     filter_prompts_by_refusal,
@@ -166,7 +168,10 @@ class Bench:
     """The base model, prompts, settings, judges and stage store every step shares.
 
     ``loaded``: the base ``(model, tokenizer)`` already loaded from ``config.model`` (the audit
-    loads it first, to check it against the candidate before anything is written).
+    loads it first, to check it against the candidate before anything is written), or a function
+    that loads it, called after the prompts are read (the command line's loader, with its
+    options). ``chat_template`` (a Jinja file or text): the template the model is loaded with
+    instead of its tokenizer's own; it becomes part of every stage's key.
     """
 
     def __init__(
@@ -175,7 +180,8 @@ class Bench:
         out_dir: str | Path,
         *,
         progress: bool = False,
-        loaded: tuple[nn.Module, Any] | None = None,
+        loaded: tuple[nn.Module, Any] | Callable[[], tuple[nn.Module, Any]] | None = None,
+        chat_template: str | Path | None = None,
     ) -> None:
         if not isinstance(config, StudyConfig):
             raise InvalidArgumentError(f"config must be a StudyConfig, got {type(config).__name__}")
@@ -190,9 +196,9 @@ class Bench:
         # harmless / harmful / mix / a prompt file / text:FILE (compression.calibration_sets); checked here
         calibration_prompts(c.calibration, c.n_calibration)
         torch.manual_seed(c.seed)
-        self.model, self.tokenizer = (
-            loaded if loaded is not None else load_model(c.model, device=c.device, dtype=c.dtype)
-        )
+        if loaded is None:
+            loaded = load_model(c.model, device=c.device, dtype=c.dtype, chat_template=chat_template)
+        self.model, self.tokenizer = loaded() if callable(loaded) else loaded
         self.identity = model_identity(self.model)
         self.model_dtype = next(self.model.parameters()).dtype
         # the weights' dtype compression needs (functional.compute_dtype: float64 stays, the rest float32)
@@ -208,14 +214,15 @@ class Bench:
         # Refusal rates (over-refusal, necessity, sufficiency) count refusals, so a short but
         # compliant answer must not count as one: no minimum length there.
         self.refusal_judge = SubstringJudge(min_words=1)
-        self.root_key = settings_key(
-            {
-                "identity": self.identity,
-                "prompts": self.prompts,
-                "seed": c.seed,
-                "refusal_ids": self.refusal_ids,
-            }
-        )
+        root: dict[str, Any] = {
+            "identity": self.identity,
+            "prompts": self.prompts,
+            "seed": c.seed,
+            "refusal_ids": self.refusal_ids,
+        }
+        if chat_template is not None:  # the prompts are encoded with it: a different one is another run
+            root["chat_template"] = read_chat_template(chat_template)
+        self.root_key = settings_key(root)
         self.pad = pad_token_id(self.tokenizer)
         self._encoded: dict[str, list[list[int]]] = {}
         self._cached: dict[str, Any] = {}
@@ -408,7 +415,7 @@ def base_direction(bench: Bench) -> BaseDirection:
             batch_size=c.batch_size,
             progress=bench.progress,
         )
-        save_file({"noise_floor": floor.contiguous()}, str(d / "noise.safetensors"))
+        atomic_write_tensors(d / "noise.safetensors", {"noise_floor": floor.contiguous()})
         cands.save(d / "candidates")
         return cands, floor
 
@@ -667,13 +674,15 @@ def apply_repair_(
     *,
     base_identity: Mapping[str, Any] | None = None,
     method: str | None = None,
+    compression: CompressionConfig | None = None,
 ) -> dict[str, Any]:
     """AIRD with ``r`` on block ``block``'s writers of ``model``, in place: the ONE place an edit is applied.
 
     The edit goes through :func:`~refusal_core.repair.repair_`, which keeps the storage of the
     compression ``method`` that made ``model`` (zeros of a pruned model unless ``config`` is the dense
     arm, i.e. ``preserve_sparsity`` False; quantized modules re-quantized by their scheme; AWQ / GGUF
-    weights put back on their grid); ``method`` None: the writers' modules decide. With
+    weights put back on their grid), ``compression`` its exact config when not the name's default;
+    ``method`` None: the writers' modules decide. With
     ``base_identity`` the direction's origin is checked first: ``r`` must come from that base (AIRD's
     recipe). Which block to edit (the placement) is the caller's decision. Returns the edit's record
     as a JSON-able dict with ``path`` saying how the weights were written.
@@ -683,7 +692,7 @@ def apply_repair_(
             dict(base_identity), model, model_record={"base_identity": dict(base_identity)}
         )
     dense = method is not None and method_spec(method).prunes and not config.preserve_sparsity
-    rec = repair_(model, r, block, config, method=method, dense=dense)
+    rec = repair_(model, r, block, config, method=method, dense=dense, compression=compression)
     rule = rec.repair["rule"] if rec.repair is not None else "float"
     return {**rec.to_dict(), "path": REPAIR_PATHS[rule]}
 
@@ -735,24 +744,35 @@ class RepairPlan:
         return out
 
 
-def repair_refusal(model: nn.Module, layer: int, method: str | None) -> str | None:
-    """Why :func:`~refusal_core.repair.repair_` would refuse to repair ``model`` (made by ``method``) at
-    ``layer`` while keeping its storage, in one line; None when it can."""
+def repair_refusal(
+    model: nn.Module, layer: int, method: str | None, compression: CompressionConfig | None = None
+) -> str | None:
+    """Why :func:`~refusal_core.repair.repair_` would refuse to repair ``model`` (made by ``method``, with
+    config ``compression``) at ``layer`` while keeping its storage, in one line; None when it can."""
     try:
-        plan_repair(model, layer, method=method)
+        plan_repair(model, layer, method=method, compression=compression)
     except UnsupportedModuleError as exc:
         return str(exc)
     return None
 
 
 def repaired(
-    bench: Bench, model: nn.Module, r: torch.Tensor, plan: RepairPlan, *, method: str | None = None
+    bench: Bench,
+    model: nn.Module,
+    r: torch.Tensor,
+    plan: RepairPlan,
+    *,
+    method: str | None = None,
+    compression: CompressionConfig | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """A copy of ``model`` (made by compression ``method``) repaired by ``plan`` with the BASE direction
-    ``r`` (origin checked), keeping the method's storage."""
+    """A copy of ``model`` (made by compression ``method``, with config ``compression`` when not the
+    name's default) repaired by ``plan`` with the BASE direction ``r`` (origin checked), keeping the
+    method's storage."""
     out = copy.deepcopy(model)
     records = [
-        apply_repair_(out, r, b, plan.config, base_identity=bench.identity, method=method)
+        apply_repair_(
+            out, r, b, plan.config, base_identity=bench.identity, method=method, compression=compression
+        )
         for b in plan.edit_blocks
     ]
     rec: dict[str, Any] = {"layers": list(plan.edit_blocks), "edits": records}
@@ -893,10 +913,12 @@ def sweep(
     *,
     sparse_arm: bool,
     method: str | None = None,
+    compression: CompressionConfig | None = None,
 ) -> list[SweepPoint]:
     """Every AIRD strength × layer choice × placement of the sweep, scored on validation prompts
     (stage ``name/sweep``); the unedited model is the first point. ``sparse_arm`` adds the
-    sparsity-preserving edits (for pruned models)."""
+    sparsity-preserving edits (for pruned models). Every edit keeps the storage of ``method``
+    (config ``compression``), as :func:`repaired` does."""
     arms = (False, True) if sparse_arm else (False,)
     c = bench.config
 
@@ -908,7 +930,7 @@ def sweep(
         for sparse, strength, choice, plan in tqdm(
             todo, desc=f"{name} sweep", disable=not bench.progress, leave=False
         ):
-            edited, _ = repaired(bench, model, base.r, plan, method=method)
+            edited, _ = repaired(bench, model, base.r, plan, method=method, compression=compression)
             points.append(
                 SweepPoint(
                     strength=strength,

@@ -5,7 +5,9 @@ and ``AutoTokenizer.from_pretrained(dir)`` load (``config.json``,
 ``model.safetensors``, the tokenizer files with its chat template,
 ``generation_config.json``) and ``refusal_core.json``, which says what the
 model is and vouches for every other file by its sha256.
-:func:`read_checkpoint_record` reads that record back and checks the hashes.
+:func:`read_checkpoint_record` reads that record back and checks the hashes (the record's
+format, its sealing and reading live in the saving layer, :mod:`refusal_core.saving.checkpoints`;
+this module decides what a model's modules are and how they are written).
 
 How each kind of model is stored (``format`` in the record):
 
@@ -24,8 +26,9 @@ format                      written as
                             transformers reloads it on CPU and CUDA, and a model it loaded saves again
 ==========================  ====================================================================
 
-The directory is built in a temporary sibling and renamed into place, so a
-killed process leaves the previous checkpoint or the new one, never a mix.
+The directory is built in a temporary sibling and renamed into place
+(:func:`~refusal_core.saving.files.staged_directory`), so a killed process leaves
+the previous checkpoint or the new one, never a mix.
 
 Example:
     >>> import tempfile
@@ -39,13 +42,8 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
@@ -55,17 +53,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError, UnsupportedModuleError
+from refusal_core.compression import effective_weight, spec_of_recorded_method
+from refusal_core.compression.bnb import four_bit_settings, is_bnb_4bit, is_bnb_int8
+from refusal_core.compression.quantization import Int8ExpertsSim
+from refusal_core.errors import InvalidArgumentError, NonFiniteError, UnsupportedModuleError
 from refusal_core.model import get_layout, model_identity
-from refusal_core.records import (
-    RECORD_KINDS,
-    Record,
-    file_sha256,
-    json_default,
-    read_json,
-    respect_umask_,
-    write_record,
+from refusal_core.model.simulated import Int8LinearSim, restore_checkpoint_modules_
+from refusal_core.saving.checkpoints import (
+    CHECKPOINT_FORMATS,
+    CHECKPOINT_KIND,
+    CHECKPOINT_RECORD,
+    CHECKPOINT_VERSION,
+    is_checkpoint_dir,
+    read_checkpoint_record,
+    seal_checkpoint_dir,
 )
+from refusal_core.saving.files import finite_or_null, json_default, staged_directory
 
 __all__ = [
     "CHECKPOINT_FORMATS",
@@ -76,17 +79,6 @@ __all__ = [
     "restore_checkpoint_modules_",
     "save_checkpoint",
 ]
-
-#: File name of the record inside a checkpoint directory.
-CHECKPOINT_RECORD = "refusal_core.json"
-#: ``kind`` of every record.
-CHECKPOINT_KIND = "refusal_core.checkpoint"
-#: Version of the record layout. Version 2 is the common :class:`~refusal_core.records.Record`
-#: layout: the method's record moved from ``record`` to ``settings`` and the file hashes from
-#: ``sha256`` to ``files``; version 1 records are read as version 2.
-CHECKPOINT_VERSION = RECORD_KINDS[CHECKPOINT_KIND].version
-#: The storage formats (see the module docstring).
-CHECKPOINT_FORMATS = ("dense", "bitsandbytes-int8", "bitsandbytes-nf4", "dequantized-simulation")
 
 
 def _package_versions(fmt: str) -> dict[str, str]:
@@ -107,21 +99,11 @@ def _json_record(record: object) -> dict[str, Any]:
     if not isinstance(record, Mapping):
         raise InvalidArgumentError(f"record must be a mapping, got {type(record).__name__}")
     try:
-        data = json.loads(json.dumps(_finite_or_null(dict(record)), allow_nan=False, default=json_default))
+        data = json.loads(json.dumps(finite_or_null(dict(record)), allow_nan=False, default=json_default))
     except (TypeError, ValueError) as exc:
         raise InvalidArgumentError(f"record is not JSON-serializable: {exc}") from None
     assert isinstance(data, dict)
     return data
-
-
-def _finite_or_null(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Mapping):
-        return {k: _finite_or_null(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_null(v) for v in obj]
-    return obj
 
 
 # ----------------------------------------------------------------------------
@@ -131,10 +113,6 @@ def _finite_or_null(obj: Any) -> Any:
 
 def _module_kinds(model: nn.Module) -> dict[str, list[str]]:
     """Full names of the bitsandbytes int8 / 4-bit and simulated int8 modules of ``model``."""
-    from refusal_core.compression._experts import Int8ExpertsSim
-    from refusal_core.compression.bnb import is_bnb_4bit, is_bnb_int8
-    from refusal_core.compression.quantization import Int8LinearSim
-
     kinds: dict[str, list[str]] = {"bnb-int8": [], "bnb-4bit": [], "int8-sim": []}
     for name, module in model.named_modules():
         if isinstance(module, Int8ExpertsSim):  # its per-expert linears have no fused form to write back
@@ -153,8 +131,6 @@ def _module_kinds(model: nn.Module) -> dict[str, list[str]]:
 
 def _recorded_storage(method: object) -> str | None:
     """The storage format the method table gives the compression a recorded ``method`` names."""
-    from refusal_core.compression._registry import spec_of_recorded_method
-
     spec = spec_of_recorded_method(method)
     return None if spec is None else spec.storage
 
@@ -190,9 +166,6 @@ def _infer_format(kinds: Mapping[str, list[str]], method: object, declared: obje
 
 def _check_finite(model: nn.Module) -> None:
     """Raise :class:`NonFiniteError` naming the first non-finite float weight (also dequantized ones)."""
-    from refusal_core.compression._common import effective_weight
-    from refusal_core.compression.bnb import is_bnb_4bit, is_bnb_int8
-
     for name, module in model.named_modules():
         # bitsandbytes keeps integer codes and scales in its own objects: check what it computes with.
         # Everything else (Int8LinearSim included: q, scale, bias) is checked tensor by tensor.
@@ -239,9 +212,7 @@ def _bnb_quantization_config(model: nn.Module, fmt: str, kinds: Mapping[str, lis
             "llm_int8_has_fp16_weight": False,
         }
     names = kinds["bnb-4bit"]
-    from refusal_core.compression import _bnb_modules
-
-    settings = [_bnb_modules.four_bit_settings(model.get_submodule(n)) for n in names]
+    settings = [four_bit_settings(model.get_submodule(n)) for n in names]
     s0 = settings[0]
     for key in ("quant_type", "compress_statistics", "compute_dtype", "quant_storage"):
         if any(s[key] != s0[key] for s in settings):
@@ -333,36 +304,11 @@ def _without_quantizer_load_conversions(model: nn.Module) -> Iterator[None]:
 def _check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise InvalidArgumentError(f"checkpoint target {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        record = out / CHECKPOINT_RECORD
-        is_previous = False
-        if record.is_file():
-            try:
-                doc = read_json(record, "checkpoint record")
-                is_previous = isinstance(doc, dict) and doc.get("kind") == CHECKPOINT_KIND
-            except ArtifactError:
-                is_previous = False
-        if not is_previous:
-            raise InvalidArgumentError(
-                f"checkpoint target {str(out)!r} is a non-empty directory that is not a refusal_core "
-                f"checkpoint; pass overwrite=True to replace it"
-            )
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``; a previous ``out`` is moved aside first, then deleted."""
-    old: Path | None = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-        os.replace(out, old / "previous")
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:  # put the previous checkpoint back
-            os.replace(old / "previous", out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if out.is_dir() and any(out.iterdir()) and not overwrite and not is_checkpoint_dir(out):
+        raise InvalidArgumentError(
+            f"checkpoint target {str(out)!r} is a non-empty directory that is not a refusal_core "
+            f"checkpoint; pass overwrite=True to replace it"
+        )
 
 
 def save_checkpoint(
@@ -431,9 +377,7 @@ def save_checkpoint(
         bool(quantization_config.pop("refusal_core_cpu_packing", False)) if quantization_config else False
     )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
-    try:
+    with staged_directory(out) as tmp:
         identity = model_identity(model)
         with _dequantized_simulations(model, kinds["int8-sim"]) as thresholds:
             config: Any = layout.model.config
@@ -455,7 +399,6 @@ def save_checkpoint(
             from transformers import GenerationConfig
 
             GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
         data: dict[str, Any] = {
             "format": fmt,
             "method": method,
@@ -471,20 +414,7 @@ def save_checkpoint(
                     "modules": sorted(thresholds),
                     "threshold": _one_threshold(thresholds),
                 }
-        unsealed = Record(
-            CHECKPOINT_KIND,
-            CHECKPOINT_VERSION,
-            identity=identity,
-            settings=rec,
-            files={p.relative_to(tmp).as_posix(): file_sha256(p) for p in files},
-            data=data,
-        )
-        sealed = {**unsealed.data, RECORD_DIGEST: record_digest(unsealed.to_dict())}
-        write_record(tmp / CHECKPOINT_RECORD, dataclasses.replace(unsealed, data=sealed))
-        _replace_dir(respect_umask_(tmp, recursive=True), out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        seal_checkpoint_dir(tmp, identity=identity, settings=rec, data=data)
     return out
 
 
@@ -495,101 +425,3 @@ def _one_threshold(thresholds: Mapping[str, float]) -> float | None:
         raise InvalidArgumentError(f"simulated int8 modules use several thresholds {sorted(values)}")
     (thr,) = values
     return None if math.isinf(thr) else thr
-
-
-def read_checkpoint_record(path: str | Path) -> dict[str, Any] | None:
-    """The ``refusal_core.json`` of checkpoint directory ``path``, with every file's sha256 checked.
-
-    None for a directory without ``refusal_core.json`` (any other Hugging Face
-    directory). Raises :class:`~refusal_core.errors.ArtifactError` when the
-    record is malformed, a recorded file is missing, or a hash does not match;
-    :class:`~refusal_core.errors.InvalidArgumentError` when ``path`` is not a directory.
-    """
-    root = Path(path)
-    if not root.is_dir():
-        raise InvalidArgumentError(f"checkpoint {str(root)!r} is not a directory")
-    record_path = root / CHECKPOINT_RECORD
-    if not record_path.is_file():
-        return None
-    raw = read_json(record_path, "checkpoint record")
-    if isinstance(raw, dict) and raw.get("kind") == CHECKPOINT_KIND and raw.get("version") == 1:
-        raw = _upgrade_v1(raw)
-    rec = Record.from_dict(raw, CHECKPOINT_KIND, versions=(CHECKPOINT_VERSION,), where=repr(str(record_path)))
-    doc = rec.to_dict()
-    # The record vouches for the files; its own digest vouches for the record (a hand-edited
-    # "format" used to load a simulated int8 model as a plain float one). Records written before
-    # the digest existed have none and are read as before.
-    if RECORD_DIGEST in doc and doc[RECORD_DIGEST] != record_digest(doc):
-        raise ArtifactError(
-            f"{str(record_path)!r} was edited after saving: its content does not match its "
-            f"{RECORD_DIGEST} (restore the file or save the checkpoint again)"
-        )
-    if doc.get("format") not in CHECKPOINT_FORMATS:
-        raise ArtifactError(f"{str(record_path)!r}: unknown format {doc.get('format')!r}")
-    if not rec.files:
-        raise ArtifactError(f"{str(record_path)!r} records no file hashes")
-    for rel, expected in sorted(rec.files.items()):
-        file = root / rel
-        if not file.is_file():
-            raise ArtifactError(f"checkpoint {str(root)!r}: recorded file {rel!r} is missing")
-        actual = file_sha256(file)
-        if actual != expected:
-            raise ArtifactError(
-                f"checkpoint {str(root)!r}: {rel!r} has sha256 {actual}, the record says {expected} "
-                "(the file was changed or corrupted after saving)"
-            )
-    return doc
-
-
-#: Key of the checkpoint record's digest of its own content.
-RECORD_DIGEST = "record_sha256"
-
-
-def record_digest(doc: Mapping[str, Any]) -> str:
-    """SHA-256 of a record's content (every key but :data:`RECORD_DIGEST`) as canonical JSON."""
-    body = {k: v for k, v in doc.items() if k != RECORD_DIGEST}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _upgrade_v1(doc: dict[str, Any]) -> dict[str, Any]:
-    """A version-1 record in the version-2 layout (``record`` → ``settings``, ``sha256`` → ``files``)."""
-    out = {k: v for k, v in doc.items() if k not in ("record", "sha256")}
-    out.update(version=CHECKPOINT_VERSION, settings=doc.get("record", {}), files=doc.get("sha256", {}))
-    return out
-
-
-def restore_checkpoint_modules_(model: nn.Module, doc: Mapping[str, Any]) -> None:
-    """Re-create in place what plain transformers does not rebuild from a checkpoint's files.
-
-    - ``dequantized-simulation`` of LLM.int8: every module listed in
-      ``doc["int8_simulation"]`` becomes an ``Int8LinearSim`` again (per-row
-      absmax int8 quantization of ``q · scale`` gives back ``q`` and ``scale``
-      exactly, so the model computes what the saved one did, bit for bit).
-    - ``bitsandbytes-nf4`` saved without CPU packing: transformers' ``Linear4bit``
-      would repack the weight for the AVX512-BF16 CPU kernel at its first forward
-      (rounding the block scales to bfloat16); that is switched off, as it was.
-
-    Other formats are left as transformers loaded them.
-    """
-    fmt = doc.get("format")
-    sim = doc.get("int8_simulation")
-    if fmt == "dequantized-simulation" and isinstance(sim, Mapping):
-        from refusal_core.compression.quantization import Int8LinearSim
-
-        thr = sim.get("threshold")
-        threshold = math.inf if thr is None else float(thr)
-        with torch.no_grad():
-            for name in sim.get("modules", []):
-                parent_name, _, attr = str(name).rpartition(".")
-                parent = model.get_submodule(parent_name)
-                linear = getattr(parent, attr)
-                if not isinstance(linear, nn.Linear):
-                    raise ArtifactError(
-                        f"checkpoint lists {name!r} as simulated int8 but it loaded as {linear}"
-                    )
-                setattr(parent, attr, Int8LinearSim.from_linear(linear, threshold).to(linear.weight.device))
-    elif fmt == "bitsandbytes-nf4" and not doc.get("bitsandbytes_cpu_packing", False):
-        four_bit: list[Any] = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
-        for module in four_bit:
-            module.support_avx512bf16_for_cpu = False

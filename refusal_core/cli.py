@@ -436,17 +436,28 @@ def build_command_list_parser() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``refusal-core`` parser; config options are generated from the config dataclasses."""
-    from refusal_core.evaluation.attacks import ATTACKS
     from refusal_core.study import StudyConfig
-    from refusal_core.study.config import PLACEMENTS
 
     d = StudyConfig()
-    common = _COMMON
     top, sub = _top_parser()
-
     options = _study_options()
     _add_study_parser(sub, options)
+    _add_frontier_parser(sub, options)
+    _add_extract_parser(sub, d)
+    _add_model_file_parsers(sub)
+    _add_aird_parser(sub)
+    _add_evaluate_parser(sub, d)
+    _add_audit_parser(sub, _COMMON)
+    _add_oracle_parser(sub)
+    for name, command_parser in sub.choices.items():
+        if name != "oracle":  # its -v goes to pytest
+            _add_verbosity(command_parser, top=False)
+    return top
 
+
+def _add_frontier_parser(sub: Any, options: Sequence[cc.ConfigOption]) -> None:
+    """``frontier``: one method at several levels; the study's settings apply to every level."""
+    common = _COMMON
     f = sub.add_parser(
         "frontier", help="run one method at several levels and find the safe compression frontier", **common
     )
@@ -471,6 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     f_aliases = {k: tuple(x for x in v if x not in f_taken) for k, v in STUDY_ALIASES.items()}
     cc.add_config_options(f, f_options, aliases=f_aliases, title="study settings (StudyConfig)")
 
+
+def _add_extract_parser(sub: Any, d: Any) -> None:
+    """``extract``: candidates (and with ``--select`` the selected direction) of a model."""
+    common = _COMMON
     e = sub.add_parser("extract", help="candidate directions (and the selected one) of a model", **common)
     _add_load_args(e, method="optional")
     e.add_argument("--harmful", default=d.harmful_train, help="harmful prompts (built-in split or file)")
@@ -486,6 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--out", required=True, help="directory for candidates (and selection) artifacts")
 
+
+def _add_model_file_parsers(sub: Any) -> None:
+    """``compress``, ``export`` and ``compare``: a model or candidate set in, a file out."""
+    common = _COMMON
     c = sub.add_parser("compress", help="compress a model and save it as a checkpoint directory", **common)
     _add_load_args(c, method="required")
     _add_calibration_args(c)
@@ -512,6 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--base", required=True, help="directory written by 'extract --select' for the base model")
     m.add_argument("--other", required=True, help="directory written by 'extract' for the other model")
 
+
+def _add_aird_parser(sub: Any) -> None:
+    """``aird``: AIRD with a saved direction, keeping the model's storage; a checkpoint out."""
+    from refusal_core.study.config import PLACEMENTS
+
+    common = _COMMON
     a = sub.add_parser(
         "aird", help="apply AIRD with a saved direction and save the repaired checkpoint", **common
     )
@@ -540,6 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--out", required=True, help="checkpoint directory to write")
 
+
+def _add_evaluate_parser(sub: Any, d: Any) -> None:
+    """``evaluate``: ASR per registered attack and over-refusal of one model."""
+    from refusal_core.evaluation.attacks import ATTACKS
+
+    common = _COMMON
     v = sub.add_parser("evaluate", help="ASR per attack and over-refusal of a model", **common)
     _add_load_args(v, method="optional")
     _add_calibration_args(v)
@@ -572,7 +603,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(v)
     v.add_argument("--out", required=True, help="directory for the ASR and over-refusal results")
 
-    _add_audit_parser(sub, common)
+
+def _add_oracle_parser(sub: Any) -> None:
+    """``oracle``: the property suite against an outside implementation."""
+    common = _COMMON
     o = sub.add_parser(
         "oracle",
         help="run the property suite against your implementation module (exit code: pytest's)",
@@ -580,10 +614,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("module", help="the module under test, e.g. mypkg.refusal_ops (comma-separated: several)")
     o.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed on to pytest (e.g. -k ablate -x)")
-    for name, command_parser in sub.choices.items():
-        if name != "oracle":  # its -v goes to pytest
-            _add_verbosity(command_parser, top=False)
-    return top
 
 
 def _add_audit_parser(sub: Any, common: dict[str, Any]) -> None:
@@ -822,7 +852,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _print(obj: Any) -> None:
     """``obj`` as strict JSON on stdout: undefined values (NaN, ±inf) are null, as in every file."""
-    from refusal_core.records import finite_or_null
+    from refusal_core.saving import finite_or_null
 
     print(json.dumps(finite_or_null(obj), indent=2, sort_keys=True, default=str, allow_nan=False))
 
@@ -895,7 +925,7 @@ def example_config_text() -> str:
 
 def write_example_config(path: str | Path) -> Path:
     """Write :func:`example_config_text` to ``path`` (the repository's ``study.toml``)."""
-    from refusal_core.records import atomic_write_bytes
+    from refusal_core.saving import atomic_write_bytes
 
     return atomic_write_bytes(path, example_config_text().encode("utf-8"))
 
@@ -913,7 +943,7 @@ def check_methods_available(methods: Sequence[str]) -> None:
 
 
 def _cmd_study(args: argparse.Namespace, ours: list[Path]) -> int:
-    from refusal_core.artifacts import atomic_write_bytes
+    from refusal_core.saving import atomic_write_bytes
     from refusal_core.study import run_study
 
     cfg = resolve_study_config(args.config, cc.cli_overrides(args))
@@ -1070,11 +1100,9 @@ def _load_variant(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 def _checkpoint_record(spec: str) -> dict[str, Any] | None:
     """The (hash-checked) refusal_core record of a checkpoint directory, else None."""
-    if spec == "toy" or not Path(spec).is_dir():
-        return None
-    from refusal_core.checkpoint import read_checkpoint_record
+    from refusal_core.model import model_record
 
-    return read_checkpoint_record(Path(spec))
+    return model_record(spec)
 
 
 def _refusal_ids(spec: str, tok: Any) -> list[int]:
@@ -1083,25 +1111,24 @@ def _refusal_ids(spec: str, tok: Any) -> list[int]:
     first tokens of the standard refusal phrases in this tokenizer)."""
     from refusal_core.study import default_refusal_token_ids
 
+    return _recorded_refusal_ids(spec) or default_refusal_token_ids(spec, tok)
+
+
+def _recorded_refusal_ids(spec: str) -> list[int] | None:
+    """The refusal token ids the checkpoint record of ``spec`` names, else None."""
     record = _checkpoint_record(spec)
     ids = (record.get("settings") or {}).get("refusal_token_ids") if record else None
     if isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids):
         return list(ids)
-    return default_refusal_token_ids(spec, tok)
+    return None
 
 
 def _check_checkpoint_target(out: str | Path) -> None:
     """Refuse, before any work, an ``--out`` that ``save_checkpoint`` would refuse after it."""
-    from refusal_core.checkpoint import CHECKPOINT_KIND, CHECKPOINT_RECORD
+    from refusal_core.saving import is_checkpoint_dir
 
     p = Path(out)
-    if not p.is_dir() or not any(p.iterdir()):
-        return
-    try:
-        kind = json.loads((p / CHECKPOINT_RECORD).read_text(encoding="utf-8")).get("kind")
-    except (OSError, ValueError, AttributeError):
-        kind = None
-    if kind != CHECKPOINT_KIND:
+    if p.is_dir() and any(p.iterdir()) and not is_checkpoint_dir(p):
         raise InvalidArgumentError(
             f"--out {str(out)!r} is a non-empty directory that is not a refusal_core checkpoint"
         )
@@ -1116,42 +1143,54 @@ def _save_checkpoint(
 
 
 def _cmd_extract(args: argparse.Namespace, ours: list[Path]) -> int:
-    from refusal_core.directions import extract_candidates
-    from refusal_core.prompts import load_prompts
+    from refusal_core import bench as steps
     from refusal_core.selection import SelectionConfig
+    from refusal_core.study import StudyConfig
 
-    # Prompts and settings first: a bad file or value fails before the model is loaded.
-    harmful, harmless = load_prompts(args.harmful)[: args.n], load_prompts(args.harmless)[: args.n]
-    sel_cfg = None
-    if args.select:
-        sel_over = {k.partition(".")[2]: v for k, v in cc.cli_overrides(args).items()}
-        sel_cfg = cc.build_config(SelectionConfig, sel_over)
-        harmful_val = load_prompts(args.harmful_val)[: args.n_val]
-        harmless_val = load_prompts(args.harmless_val)[: args.n_val]
-    elif cc.cli_overrides(args):
-        given = ", ".join("--" + k.replace(".", "-").replace("_", "-") for k in cc.cli_overrides(args))
+    # Settings first: a bad value fails before anything is read; the bench reads the prompts
+    # before it loads the model.
+    overrides = cc.cli_overrides(args)
+    if overrides and not args.select:
+        given = ", ".join("--" + k.replace(".", "-").replace("_", "-") for k in overrides)
         raise InvalidArgumentError(f"{given} only apply with --select")
-    model, tok, _ = _load_variant(args)
-    cands = extract_candidates(
-        model, tok, harmful, harmless, batch_size=args.batch_size, progress=not args.no_progress
+    ids = _recorded_refusal_ids(args.model)
+    config = StudyConfig(
+        model=args.model,
+        device=args.device,
+        dtype=_dtype(args.dtype),
+        methods=(),
+        harmful_train=args.harmful,
+        harmless_train=args.harmless,
+        n_train=args.n,
+        harmful_val=args.harmful_val,
+        harmless_val=args.harmless_val,
+        n_val=args.n_val,
+        calibration=args.calibration,
+        n_calibration=args.n_calibration,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        selection=cc.build_config(SelectionConfig, {k.partition(".")[2]: v for k, v in overrides.items()}),
+        zero_shot_tasks=(),
+        refusal_token_ids=None if ids is None else tuple(ids),
     )
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # The study's own steps, resumable in out/stages: a rerun with the same settings reloads them.
+    bench = steps.Bench(
+        config,
+        out,
+        progress=not args.no_progress,
+        loaded=lambda: _load(args),
+        chat_template=args.chat_template,
+    )
+    name, model, upstream = "model", bench.model, []
+    if args.method:
+        compressed = steps.compress(bench, args.method)
+        name, model, upstream = args.method, compressed.model, [compressed.key]
+    cands, key = steps.extract(bench, name, model, upstream)
     cands.save(out / "candidates")
     summary: dict[str, Any] = {"candidates": str(out / "candidates"), "shape": list(cands.directions.shape)}
-    if sel_cfg is not None:
-        from refusal_core.selection import select_direction
-
-        sel = select_direction(
-            model,
-            tok,
-            cands,
-            harmful_val,
-            harmless_val,
-            _refusal_ids(args.model, tok),
-            sel_cfg,
-            progress=not args.no_progress,
-        )
+    if args.select:
+        sel, _ = steps.select(bench, name, model, cands, [key])
         sel.save(out / "selection")
         # Sites as (layer, position -P..-1), as every other output writes them.
         summary |= {
@@ -1267,12 +1306,11 @@ def _cmd_compare(args: argparse.Namespace, ours: list[Path]) -> int:
 def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
     from refusal_core.aird import AirdConfig
     from refusal_core.bench import REPAIR_PATHS, RepairPlan
-    from refusal_core.compression import config_from_dict
-    from refusal_core.compression._registry import spec_of_recorded_method
+    from refusal_core.compression import spec_of_recorded_method
     from refusal_core.directions import DirectionCandidates, check_direction_origin
     from refusal_core.errors import ForeignDirectionError
     from refusal_core.model import model_identity
-    from refusal_core.repair import plan_repair, repair_
+    from refusal_core.repair import plan_repair, recorded_compression, repair_
     from refusal_core.selection import SelectionResult
 
     # The direction and the settings first: a bad one fails before the model is loaded.
@@ -1285,10 +1323,13 @@ def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
     _note_fallback(sel)
     _check_checkpoint_target(args.out)
     source_record = _checkpoint_record(args.model)
-    # The compression this model carries: --method (applied here), else the one its record names.
-    recorded = source_record.get("method") if source_record else None
-    spec = spec_of_recorded_method(args.method or recorded)
-    method = args.method or (str(recorded).partition("+")[0] if spec is not None else None)
+    # The compression this model carries: --method (applied here), else the one its record names
+    # (with its exact config).
+    recorded, compression = recorded_compression(source_record)
+    if args.method:
+        compression = None
+    method = args.method or recorded
+    spec = spec_of_recorded_method(method)
     if args.dense and (spec is None or not spec.prunes):
         raise InvalidArgumentError(
             f"--dense is the paper's dense edit of a pruned model; {args.model!r} is not one"
@@ -1309,10 +1350,6 @@ def _cmd_aird(args: argparse.Namespace, ours: list[Path]) -> int:
         )
     except ForeignDirectionError as exc:
         raise ForeignDirectionError(f"{exc} (command line: --allow-foreign-direction)") from None
-    compression = None
-    if method is not None and not args.method and source_record is not None:
-        stored = ((source_record.get("settings") or {}).get("compression") or {}).get("config")
-        compression = config_from_dict(stored) if isinstance(stored, dict) else None
     # Every refusal (a storage that cannot be written again, a model that is not its method's) comes
     # from the plan, before any work: on the loaded model, and again after --method compressed it.
     plan = plan_repair(
@@ -1367,10 +1404,10 @@ def judge_from_spec(spec: str, args: argparse.Namespace | None = None) -> Any:
 
 
 def _cmd_evaluate(args: argparse.Namespace, ours: list[Path]) -> int:
-    from refusal_core.artifacts import atomic_write_json, check_finite_model
     from refusal_core.evaluation.attacks import VanillaAttack, build_attacks, over_refusal, run_attacks
     from refusal_core.evaluation.judges import SubstringJudge, classify
     from refusal_core.prompts import load_prompts
+    from refusal_core.saving import atomic_write_json, check_finite_model
     from refusal_core.stats import rate, rate_of
     from refusal_core.study import AttackSettings
 

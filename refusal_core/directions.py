@@ -9,7 +9,7 @@ shift), and against a split-half noise floor: the cosine between directions
 from two random halves of the same prompts, i.e. what sampling alone gives.
 
 Results save as ``PATH.safetensors`` + ``PATH.json`` (written atomically by
-:mod:`refusal_core.artifacts`, with the model identity, the settings and a
+:mod:`refusal_core.saving.artifacts`, with the model identity, the settings and a
 SHA-256 of the tensor contents) and load with verification.
 
 Example:
@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from refusal_core.activations import mean_activations
-from refusal_core.artifacts import Artifact, load_artifact, save_artifact
 from refusal_core.errors import (
     ArtifactError,
     EmptyInputError,
@@ -44,6 +43,7 @@ from refusal_core.errors import (
 )
 from refusal_core.functional import MIN_DIRECTION_NORM, check_tensor, difference_in_means
 from refusal_core.model import check_instructions, model_identity, post_instruction_tokens
+from refusal_core.saving import Artifact, load_artifact, save_artifact
 
 __all__ = [
     "Direction",
@@ -84,7 +84,7 @@ def _write_artifact(
     identity: Mapping[str, Any] | None = None,
     settings: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``path.safetensors`` + ``path.json`` atomically (via :mod:`refusal_core.artifacts`)."""
+    """Write ``path.safetensors`` + ``path.json`` atomically (via :mod:`refusal_core.saving.artifacts`)."""
     base = Path(path)
     base.parent.mkdir(parents=True, exist_ok=True)
     doc = {"kind": kind, "version": _FORMAT_VERSION, "sha256": _tensor_digest(tensors), **meta}

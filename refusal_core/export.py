@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +64,7 @@ from refusal_core.errors import (
     UnsupportedModuleError,
 )
 from refusal_core.model import get_layout
+from refusal_core.saving import atomic_write_with
 
 __all__ = ["EXPORT_TYPES", "GGUF_ARCHITECTURES", "export_gguf", "gguf_tensor_name", "llama_rotary_permute"]
 
@@ -312,10 +312,8 @@ def export_gguf(
                 raise ShapeMismatchError(
                     f"GGUF {qname} quantizes rows in blocks of 32; {gname} has rows of {array.shape[1]}"
                 )
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+
+    def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_name(name or str(getattr(config, "_name_or_path", "") or arch))
         writer.add_file_type(file_type)
@@ -334,7 +332,6 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write_with(out, write)
     return out

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_core.errors import InvalidArgumentError
-from refusal_core.records import atomic_write_bytes, atomic_write_json
+from refusal_core.saving import atomic_write_bytes, atomic_write_json
 from refusal_core.stats import PairedTest, Rate, holm, minimum_detectable_change
 
 __all__ = [
@@ -631,8 +631,14 @@ def compare_calibrations(
     """
     import copy
 
-    from refusal_core.compression import AwqConfig, CompressionConfig, compress_, method_config, quantize_awq_
-    from refusal_core.compression._registry import method_for
+    from refusal_core.compression import (
+        AwqConfig,
+        CompressionConfig,
+        compress_,
+        method_config,
+        method_for,
+        quantize_awq_,
+    )
     from refusal_core.compression.calibration_sets import (
         calibration_token_ids,
         check_calibration_spec,

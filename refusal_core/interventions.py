@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from refusal_core.compression._transaction import check_model_finite
+from refusal_core.compression import check_model_finite
 from refusal_core.errors import (
     InvalidArgumentError,
     NonFiniteError,

@@ -62,7 +62,7 @@ from refusal_core.errors import (
 from refusal_core.functional import compute_dtype
 from refusal_core.interventions import check_directions, check_editable_linear, orthogonalize_model_
 from refusal_core.model import ModelLayout, get_layout, model_identity, replace_module_
-from refusal_core.records import RECORD_KINDS, Record, load_record_as, write_record
+from refusal_core.saving import RECORD_KINDS, Record, load_record_as, write_record
 
 __all__ = [
     "QUANTIZED_SCHEMES",
@@ -139,7 +139,7 @@ class QuantizedEditRecord:
     model: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """The saved JSON object (see :mod:`refusal_core.records`; the model identity is ``model``)."""
+        """The saved JSON object (see :mod:`refusal_core.saving.records`; the model identity is ``model``)."""
         return {
             "kind": _RECORD_KIND,
             "version": RECORD_KINDS[_RECORD_KIND].version,

@@ -58,6 +58,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,9 +66,16 @@ import torch
 from torch import nn
 
 from refusal_core.aird import AirdConfig, AirdRecord, apply_aird_
-from refusal_core.compression import CompressionConfig, method_config, method_spec
-from refusal_core.compression._registry import MethodSpec
-from refusal_core.compression._transaction import model_transaction
+from refusal_core.compression import (
+    CompressionConfig,
+    MethodSpec,
+    config_from_dict,
+    method_config,
+    method_spec,
+    model_transaction,
+    spec_of_recorded_method,
+)
+from refusal_core.compression.gguf import GGUF_BITS, GGUF_BLOCK_SIZE, gguf_dequantized
 from refusal_core.compression.quantization import Int8LinearSim
 from refusal_core.compression.schemes import scheme_of
 from refusal_core.errors import InvalidArgumentError, RefusalCoreError, UnsupportedModuleError
@@ -76,7 +84,7 @@ from refusal_core.interventions import check_directions
 from refusal_core.model import ModelLayout, get_layout, model_identity
 from refusal_core.quantized_edit import apply_aird_quantized_, dequantize_module, edit_outcome
 
-__all__ = ["RepairPlan", "group_levels", "plan_repair", "repair_"]
+__all__ = ["RepairPlan", "group_levels", "plan_repair", "recorded_compression", "repair_"]
 
 #: The block layout :func:`~refusal_core.quantized_edit.apply_aird_quantized_` re-quantizes.
 _QUANTIZED_WRITERS = ("o_proj", "down_proj")
@@ -116,6 +124,23 @@ class RepairPlan:
             "schemes": dict(self.schemes),
             "qtype": self.qtype,
         }
+
+
+def recorded_compression(record: Mapping[str, Any] | None) -> tuple[str | None, CompressionConfig | None]:
+    """``(method, config)`` of the compression that made a checkpointed model, from its record.
+
+    ``record`` is :func:`~refusal_core.saving.read_checkpoint_record`'s (None: no record).
+    The method is the one :func:`repair_` keeps the storage of: a repaired model's
+    ``"awq-w4+aird"`` is ``"awq-w4"``; None when no compression made the model (the base,
+    ``"aird"`` on a float model, an unknown name). The config is the exact one the record
+    keeps (``settings.compression.config``), None when it keeps none (the name's default).
+    Every route that repairs a saved model (``refusal-core aird``, the audit) reads it here.
+    """
+    if record is None or spec_of_recorded_method(record.get("method")) is None:
+        return None, None
+    method = str(record["method"]).partition("+")[0]
+    stored = ((record.get("settings") or {}).get("compression") or {}).get("config")
+    return method, config_from_dict(stored) if isinstance(stored, Mapping) else None
 
 
 def _schemes(layout: ModelLayout, layer: int) -> dict[str, str]:
@@ -407,8 +432,6 @@ def _gguf_requantize_(
     layout: ModelLayout, layer: int, plan: RepairPlan, before: dict[str, torch.Tensor]
 ) -> dict[str, dict[str, Any]]:
     """Quantize both edited writers again to the plan's llama.cpp block type; returns each outcome."""
-    from refusal_core.compression.gguf import GGUF_BLOCK_SIZE, gguf_dequantized
-
     assert plan.qtype is not None
     out: dict[str, dict[str, Any]] = {}
     with torch.no_grad():
@@ -455,8 +478,6 @@ def _check_storage(
                 raise RefusalCoreError(f"{where}: {levels} distinct values in a group of {gs} (> 2^{w_bit})")
             modules[name]["max_levels"] = 2**w_bit
         elif plan.rule == "gguf-blocks":
-            from refusal_core.compression.gguf import GGUF_BITS, GGUF_BLOCK_SIZE
-
             assert plan.qtype is not None
             bits = GGUF_BITS[plan.qtype]
             levels = group_levels(matrix, GGUF_BLOCK_SIZE)

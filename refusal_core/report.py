@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
-from refusal_core.artifacts import atomic_write_bytes
+from refusal_core.saving import atomic_write_bytes
 
 __all__ = [
     "format_value",

@@ -58,10 +58,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from refusal_core.activations import block_input
-from refusal_core.artifacts import load_artifact, save_artifact
-from refusal_core.directions import DirectionCandidates
+from refusal_core.directions import DirectionCandidates, check_direction_origin
 from refusal_core.errors import EmptyInputError, InvalidArgumentError, RefusalCoreError
 from refusal_core.evaluation.generation import forward_last_logits
+from refusal_core.evaluation.scores import refusal_scores
 from refusal_core.functional import MIN_DIRECTION_NORM, check_refusal_ids, check_tensor, refusal_score
 from refusal_core.interventions import ablation_hooks, addition_hooks
 from refusal_core.model import (
@@ -72,7 +72,7 @@ from refusal_core.model import (
     model_identity,
     pad_token_id,
 )
-from refusal_core.records import finite_or_null
+from refusal_core.saving import finite_or_null, load_artifact, save_artifact
 
 __all__ = [
     "SCORE_KEYS",
@@ -674,8 +674,6 @@ def filter_prompts_by_refusal(
     error. Raises before any forward pass for empty or non-str prompt lists,
     empty refusal ids or a bad ``batch_size``.
     """
-    from refusal_core.evaluation.scores import refusal_scores
-
     harm = check_instructions(harmful, "harmful")
     safe = check_instructions(harmless, "harmless")
     if len(list(refusal_token_ids)) == 0:
@@ -724,8 +722,6 @@ def _check_model_matches(
     ``model`` itself, or from the base that ``model_record["base_identity"]`` names, unless
     ``allow_foreign`` (:func:`~refusal_core.directions.check_direction_origin`).
     """
-    from refusal_core.directions import check_direction_origin
-
     layout = get_layout(model)
     n_layers, n_pos, d = candidates.directions.shape
     if n_layers != layout.n_layers or d != layout.d_model:

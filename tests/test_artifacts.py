@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import refusal_core.artifacts as artifacts
-import refusal_core.records as records
+import refusal_core.saving.artifacts as saving_artifacts
+import refusal_core.saving.files as files
 from refusal_core.artifacts import (
     NUMBER,
     StageStore,
@@ -117,7 +118,7 @@ def test_crash_between_tensors_and_json_leaves_no_silent_mix(
     def killed(path: Path, obj: object) -> None:
         raise KeyboardInterrupt("killed between the tensor file and its JSON")
 
-    monkeypatch.setattr(artifacts, "atomic_write_json", killed)
+    monkeypatch.setattr(saving_artifacts, "atomic_write_json", killed)
     with pytest.raises(KeyboardInterrupt):
         save_artifact(tmp_path / "x", tensors={"a": torch.zeros(3)}, meta={"version": "new"})
     monkeypatch.undo()
@@ -136,7 +137,7 @@ def test_tensors_are_moved_into_place_before_their_json(
         order.append(Path(dst).name)
         real(src, dst)
 
-    monkeypatch.setattr(records.os, "replace", recording)
+    monkeypatch.setattr(files.os, "replace", recording)
     save_artifact(tmp_path / "x", tensors={"a": torch.ones(3)}, meta={})
     assert order == ["x.safetensors", "x.json"], f"files moved into place in this order: {order}"
 

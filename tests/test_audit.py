@@ -31,6 +31,7 @@ from refusal_core.interventions import ablation_hooks, addition_hooks
 from refusal_core.model import get_layout, load_model, model_identity
 from refusal_core.prompts import load_prompts
 from refusal_core.selection import SelectionConfig, SelectionResult
+from refusal_core.study import DEFAULT_METHODS
 from refusal_core.toy import toy_refusal_token_ids
 
 SMALL = ["--n-train", "32", "--n-val", "8", "--n-test", "8", "--max-new-tokens", "12", "--no-progress"]
@@ -120,16 +121,17 @@ def test_repair_is_aird_with_the_base_direction_saved_as_a_loadable_checkpoint(w
     candidate, _ = load_model(doc["settings"]["compressed"])
     lr, lc = get_layout(repaired), get_layout(candidate)
     u = (r / r.norm()).to(torch.float64)
-    for name, get in (("o_proj", lr.attn_out), ("down_proj", lr.mlp_out)):
-        delta = (
-            get(layer).weight.detach().double()
-            - (lc.attn_out if name == "o_proj" else lc.mlp_out)(layer).weight.detach().double()
-        )
+    for i, (name, get) in enumerate((("o_proj", lr.attn_out), ("down_proj", lr.mlp_out))):
+        w = (lc.attn_out if name == "o_proj" else lc.mlp_out)(layer).weight.detach().double()
+        delta = get(layer).weight.detach().double() - w
         assert delta.norm() > 0, f"the repair left {name} of layer {layer} unchanged"
-        off = delta - torch.outer(u, u @ delta)
-        # float32 storage rounds W' at ~1e-7 of ||W||; another direction (cosine 0.93) leaves ~0.4
+        # AIRD with the base direction, W + (g - 1) u uᵀ W, on the candidate's nonzero entries only
+        # (a Wanda candidate keeps its zeros); float32 storage rounds W' at ~1e-7 of ||W||, another
+        # direction (cosine 0.93) leaves ~0.4
+        expected = (rep["gains"][i] - 1.0) * torch.outer(u, u @ w) * (w != 0)
+        off = delta - expected
         assert off.norm() <= 1e-3 * delta.norm(), (
-            f"{name} update has a component outside span(r_base): "
+            f"{name} update is not the base direction's AIRD on the kept entries: "
             f"{float(off.norm()):.3g} of {float(delta.norm()):.3g}"
         )
     for other in range(lr.n_layers):
@@ -137,6 +139,70 @@ def test_repair_is_aird_with_the_base_direction_saved_as_a_loadable_checkpoint(w
             assert torch.equal(lr.attn_out(other).weight, lc.attn_out(other).weight), f"layer {other} edited"
     _check_rate(rep["evaluation"]["over_refusal"], 8, "over-refusal of the repaired model")
     assert set(rep["comparisons"]["vs_candidate"]["asr"]) == {"vanilla", "vanilla_system", "decoding"}
+
+
+def test_repair_keeps_the_wanda_candidates_zeros_and_records_its_method(wanda_audit: Path) -> None:
+    """``audit --repair`` repairs through the one repair step with the method the candidate's record
+    names: a pruned candidate keeps its zero pattern (the repair used to be the plain dense edit,
+    method None, which filled the source layer's zeros)."""
+    from refusal_core.saving import read_checkpoint_record
+
+    doc = _strict_json(wanda_audit / AUDIT_FILE)
+    rep = doc["repair"]
+    repaired, _ = load_model(rep["checkpoint"])
+    candidate, _ = load_model(doc["settings"]["compressed"])
+    lr, lc = get_layout(repaired), get_layout(candidate)
+    for layer in range(lc.n_layers):
+        for name, w in lc.linears(layer).items():
+            kept = lr.linears(layer)[name].weight == 0
+            before = int((w.weight == 0).sum())
+            assert torch.equal(kept, w.weight == 0), (
+                f"layers.{layer}.{name}: zeros {int(kept.sum())} after the repair, {before} before "
+                "(the repair must keep the Wanda candidate's zero pattern)"
+            )
+    assert (rep["method"], rep["rules"]) == ("wanda", ["keep-zeros"]), (
+        f"the repair's method and rule: {rep['method']!r}, {rep['rules']}"
+    )
+    chosen = (rep["choice"] or {}).get("chosen", {"strength": "identity"})
+    assert chosen["strength"] == "identity" or chosen["sparse"], f"a dense-arm strength was chosen: {chosen}"
+    record = read_checkpoint_record(rep["checkpoint"])
+    assert record is not None, "the repaired checkpoint has no record"
+    assert record["method"] == "wanda+aird", f"recorded method {record['method']!r}"
+    assert record["settings"]["compression"]["config"]["sparsity"] == 0.5, "the candidate's exact config"
+
+
+def test_repair_of_an_awq_candidate_stays_on_its_grid(tmp_path: Path) -> None:
+    """An AWQ-w4 candidate repaired by ``audit --repair-gain`` is put back on its 4-bit group grid
+    (at most 16 values per group of 128 inputs in the edited writers) and saved as what it is, a
+    dequantized simulation (the repair used to be the plain dense edit: up to 128 values a group)."""
+    from refusal_core.repair import group_levels
+    from refusal_core.saving import read_checkpoint_record
+
+    ckpt = str(tmp_path / "awq")
+    assert main(["compress", "--model", "toy", "--method", "awq-w4", "--out", ckpt, "--no-progress"]) == 0
+    argv = [
+        "audit",
+        "--base",
+        "toy",
+        "--compressed",
+        ckpt,
+        "--repair-gain",
+        "3",
+        "--out",
+        str(tmp_path / "a"),
+    ]
+    assert main([*argv, *SMALL]) == 0, "audit --repair-gain of an AWQ checkpoint failed"
+    rep = _strict_json(tmp_path / "a" / AUDIT_FILE)["repair"]
+    repaired, _ = load_model(rep["checkpoint"])
+    layout = get_layout(repaired)
+    for name, get in (("o_proj", layout.attn_out), ("down_proj", layout.mlp_out)):
+        w = get(rep["layer"]).weight
+        levels = group_levels(w, min(128, int(w.shape[1])))
+        assert levels <= 16, f"{name} of layer {rep['layer']}: {levels} values in a group, the grid has 16"
+    assert (rep["method"], rep["rules"]) == ("awq-w4", ["weight-groups"]), (rep["method"], rep["rules"])
+    record = read_checkpoint_record(rep["checkpoint"])
+    assert record is not None, "the repaired checkpoint has no record"
+    assert (record["format"], record["method"]) == ("dequantized-simulation", "awq-w4+aird"), record
 
 
 def test_audit_measures_the_base_direction_on_the_candidate(wanda_audit: Path, tmp_path: Path) -> None:
@@ -273,3 +339,47 @@ def test_study_takes_a_judge_and_refuses_a_bad_one(tmp_path: Path, capsys: Any) 
     assert rc == 2
     assert "is not a model directory" in capsys.readouterr().err
     assert not out.exists(), "a refused study left its run directory behind"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", DEFAULT_METHODS)
+def test_audit_repair_keeps_every_default_methods_storage(method: str, tmp_path: Path) -> None:
+    """``audit --repair-gain`` on a checkpoint of each default method keeps that method's storage:
+    the zeros of a pruned candidate, the group grid of an AWQ one, the int8 modules of LLM.int8
+    (the per-method checks of the one repair step are tests/test_repair.py's; this is the audit's
+    route to it, through the candidate's checkpoint record). About 30 s a method on a CPU."""
+    from refusal_core.compression import method_config, method_spec
+    from refusal_core.model.simulated import Int8LinearSim
+    from refusal_core.repair import group_levels
+
+    ckpt = str(tmp_path / method)
+    assert main(["compress", "--model", "toy", "--method", method, "--out", ckpt, "--no-progress"]) == 0
+    argv = [
+        "audit",
+        "--base",
+        "toy",
+        "--compressed",
+        ckpt,
+        "--repair-gain",
+        "2",
+        "--out",
+        str(tmp_path / "a"),
+    ]
+    assert main([*argv, *SMALL]) == 0, f"audit --repair-gain of a {method} checkpoint failed"
+    rep = _strict_json(tmp_path / "a" / AUDIT_FILE)["repair"]
+    assert rep["method"] == method, f"the repair did not read the candidate's method: {rep['method']!r}"
+    repaired, _ = load_model(rep["checkpoint"])
+    candidate, _ = load_model(ckpt)
+    lr, lc = get_layout(repaired), get_layout(candidate)
+    spec, config = method_spec(method), method_config(method)
+    for name in ("o_proj", "down_proj"):
+        after, before = lr.linears(rep["layer"])[name], lc.linears(rep["layer"])[name]
+        if spec.prunes:
+            assert torch.equal(after.weight == 0, before.weight == 0), f"{method}: {name} lost its zeros"
+        elif isinstance(before, Int8LinearSim):
+            assert isinstance(after, Int8LinearSim), f"{method}: {name} is {type(after).__name__} after"
+            assert not torch.equal(after.q, before.q), f"{method}: {name}'s int8 codes were not edited"
+        else:
+            w_bit, group = int(config.w_bit), int(config.group_size)
+            levels = group_levels(after.weight, min(group, int(after.weight.shape[1])))
+            assert levels <= 2**w_bit, f"{method}: {name} has {levels} values in a group (> 2^{w_bit})"

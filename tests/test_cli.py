@@ -372,9 +372,9 @@ def test_chat_template_reaches_load_model(
 def test_select_uses_n_val_and_the_selection_options(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import refusal_core.selection
+    import refusal_core.bench
 
-    real = refusal_core.selection.select_direction
+    real = refusal_core.bench.select_direction
     seen: list[tuple[int, int, Any]] = []
 
     def spy(
@@ -383,7 +383,7 @@ def test_select_uses_n_val_and_the_selection_options(
         seen.append((len(harmful), len(harmless), config))
         return real(model, tok, cands, harmful, harmless, ids, config, **kw)
 
-    monkeypatch.setattr(refusal_core.selection, "select_direction", spy)
+    monkeypatch.setattr(refusal_core.bench, "select_direction", spy)  # the select step's selection
     argv = ["extract", "--n", "4", "--select", "--n-val", "3", "--selection-kl-threshold", "0.5"]
     assert main([*argv, "--selection-layers", "0,1", "--no-progress", "--out", str(tmp_path / "d")]) == 0
     capsys.readouterr()
@@ -391,6 +391,40 @@ def test_select_uses_n_val_and_the_selection_options(
     assert (n_harmful, n_harmless) == (3, 3), "--n-val sets the validation prompts per class"
     assert config.kl_threshold == 0.5, "--selection-kl-threshold reaches SelectionConfig"
     assert config.layers == (0, 1), "--selection-layers reaches SelectionConfig"
+
+
+def test_extract_runs_the_benchs_steps_and_a_rerun_reloads_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``extract`` is the study's extract and select steps on a Bench (it used to call the direction
+    functions itself): the same stages, so a rerun with the same settings computes nothing again."""
+    import refusal_core.bench as steps
+
+    calls: list[str] = []
+    for name in ("extract", "select", "extract_candidates"):
+        real = getattr(steps, name)
+
+        def spy(*args: Any, _name: str = name, _real: Callable[..., Any] = real, **kwargs: Any) -> Any:
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(steps, name, spy)
+    out = tmp_path / "d"
+    argv = ["extract", "--n", "4", "--select", "--n-val", "3", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    first = {p.name: p.read_bytes() for p in out.glob("*.*")}
+    assert calls == ["extract", "extract_candidates", "select"], f"extract ran {calls}, not the bench's steps"
+    assert (out / "stages" / "model" / "extract" / "stage.json").is_file(), "no stage store under --out"
+    assert main(argv) == 0, capsys.readouterr().err
+    assert calls[3:] == ["extract", "select"], f"the rerun recomputed: {calls[3:]}"
+    again = {p.name: p.read_bytes() for p in out.glob("*.*")}
+    assert set(first) == {
+        "candidates.json",
+        "candidates.safetensors",
+        "selection.json",
+        "selection.safetensors",
+    }
+    assert again == first, "the rerun wrote other candidates or another selection"
 
 
 def test_classifier_judge_from_a_model_directory(

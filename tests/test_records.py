@@ -1,4 +1,5 @@
-"""The one record type, the one atomic writer and the one JSON reader (refusal_core.records)."""
+"""The one record type, the one atomic writer and the one JSON reader (refusal_core.saving; the
+older path refusal_core.records names the same objects)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import refusal_core.records as records
+import refusal_core.saving.files as files
 from refusal_core.errors import ArtifactError
 from refusal_core.records import (
     Record,
@@ -141,7 +142,7 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails_midway(tmp_path: P
 
 def test_atomic_write_fsyncs_before_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     events: list[str] = []
-    real_fsync, real_replace = records.os.fsync, records.os.replace
+    real_fsync, real_replace = files.os.fsync, files.os.replace
 
     def fsync(fd: int) -> None:
         events.append("fsync")
@@ -151,8 +152,8 @@ def test_atomic_write_fsyncs_before_the_rename(tmp_path: Path, monkeypatch: pyte
         events.append("replace")
         real_replace(src, dst)
 
-    monkeypatch.setattr(records.os, "fsync", fsync)
-    monkeypatch.setattr(records.os, "replace", replace)
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", replace)
     atomic_write_bytes(tmp_path / "x", b"data")
     assert events == ["fsync", "replace"], f"write order {events}"
 

@@ -42,12 +42,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from refusal_core.artifacts import load_artifact, save_artifact
-
 # bnb and llmc register their methods on import (their libraries are imported only when one runs);
 # like every handler they register through _registry, so importing them needs nothing from here.
 from refusal_core.compression import bnb, llmc  # noqa: F401
-from refusal_core.compression._common import block_linears, effective_weight, model_sparsity
+from refusal_core.compression._common import block_linears, effective_weight
 from refusal_core.compression._registry import (
     METHODS,
     REGISTRY,
@@ -59,6 +57,7 @@ from refusal_core.compression._registry import (
     named_config,
     register_method,
     required_calibration,
+    spec_of_recorded_method,
 )
 from refusal_core.compression._transaction import check_model_finite, check_tensors_finite, model_transaction
 from refusal_core.compression.calibration import Calibration, CalibrationBatch, prepare_calibration
@@ -71,7 +70,7 @@ from refusal_core.compression.config import (
     config_from_dict,
     config_to_dict,
 )
-from refusal_core.compression.pruning import prune_magnitude_, prune_wanda_
+from refusal_core.compression.pruning import model_sparsity, prune_magnitude_, prune_wanda_
 from refusal_core.compression.quantization import (
     Int8LinearSim,
     apply_awq_,
@@ -82,6 +81,7 @@ from refusal_core.compression.quantization import (
 )
 from refusal_core.errors import ArtifactError, NonFiniteError
 from refusal_core.model import get_layout, model_identity
+from refusal_core.saving import load_artifact, save_artifact
 
 __all__ = [
     "METHODS",
@@ -99,19 +99,24 @@ __all__ = [
     "apply_awq_scale_",
     "awq_scale_groups",
     "check_methods_available",
+    "check_model_finite",
     "compress_",
     "config_from_dict",
     "config_to_dict",
+    "effective_weight",
     "method_config",
+    "method_for",
     "method_spec",
     "method_specs",
     "model_sparsity_of",
+    "model_transaction",
     "prepare_calibration",
     "prune_magnitude_",
     "prune_wanda_",
     "quantize_awq_",
     "quantize_llm_int8_",
     "register_method",
+    "spec_of_recorded_method",
 ]
 
 

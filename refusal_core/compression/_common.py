@@ -78,21 +78,6 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
     return w.detach()
 
 
-def model_sparsity(layout: ModelLayout) -> tuple[float, dict[str, float]]:
-    """Fraction of exact zeros over all block linears and routed expert matrices, and per module."""
-    per: dict[str, float] = {}
-    zeros = total = 0
-    from refusal_core.compression._experts import expert_effective_weights
-
-    weights = [(bl.full_name, effective_weight(bl.module)) for bl in block_linears(layout)]
-    for full_name, w in weights + expert_effective_weights(layout):  # MoE: each routed expert matrix too
-        z = int((w == 0).sum())
-        per[full_name] = z / w.numel()
-        zeros += z
-        total += w.numel()
-    return (zeros / total if total else 0.0), per
-
-
 def relative_error(new: torch.Tensor, old: torch.Tensor) -> float:
     """``‖new − old‖_F / ‖old‖_F`` in float64 (0 for an all-zero ``old`` equal to ``new``)."""
     old64, new64 = old.detach().to(torch.float64), new.detach().to(torch.float64)

@@ -15,7 +15,7 @@ the expert's down-projection input ``act(gate) · up`` from its own weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -29,12 +29,9 @@ from refusal_core.model import ModelLayout
 __all__ = [
     "EXPERT_MATRICES",
     "ExpertMatrix",
-    "Int8ExpertsSim",
     "RoutedInputs",
-    "awq_effective_",
     "expert_effective_weights",
     "expert_matrices",
-    "quantize_experts_int8_",
     "routed_inputs",
 ]
 
@@ -58,6 +55,15 @@ class ExpertMatrix:
         return getattr(self.module, self.name)[self.expert]
 
 
+def _experts_modules(layout: ModelLayout) -> Iterator[tuple[int, nn.Module, str]]:
+    """``(layer, fused experts module, its full name)`` of every MoE block, in block order."""
+    names = {id(m): n for n, m in layout.model.named_modules()}
+    for layer in range(layout.n_layers):
+        if layout.spec.moe is not None and layout.is_moe(layer):
+            experts = layout.experts(layer)
+            yield layer, experts, names.get(id(experts), f"layers.{layer}.mlp.experts")
+
+
 def expert_matrices(layout: ModelLayout, operation: str | None = None) -> list[ExpertMatrix]:
     """Every routed expert matrix of every MoE block, in block, then matrix, then expert order.
 
@@ -66,13 +72,8 @@ def expert_matrices(layout: ModelLayout, operation: str | None = None) -> list[E
     (:class:`UnsupportedModuleError` / :class:`NonFiniteError` naming it) before
     anything is returned. Empty for dense and Mamba models.
     """
-    names = {id(m): n for n, m in layout.model.named_modules()}
     out: list[ExpertMatrix] = []
-    for layer in range(layout.n_layers):
-        if layout.spec.moe is None or not layout.is_moe(layer):
-            continue
-        experts = layout.experts(layer)
-        prefix = names.get(id(experts), f"layers.{layer}.mlp.experts")
+    for layer, experts, prefix in _experts_modules(layout):
         for name in EXPERT_MATRICES:
             param = getattr(experts, name, None)
             if operation is not None:
@@ -92,14 +93,9 @@ def expert_matrices(layout: ModelLayout, operation: str | None = None) -> list[E
 
 def expert_effective_weights(layout: ModelLayout) -> list[tuple[str, torch.Tensor]]:
     """``(full name, W_e)`` of every routed expert matrix as it computes: float slices, or dequantized
-    LLM.int8 simulations (:class:`Int8ExpertsSim`)."""
-    names = {id(m): n for n, m in layout.model.named_modules()}
+    LLM.int8 simulations (:class:`~refusal_core.compression.quantization.Int8ExpertsSim`)."""
     out: list[tuple[str, torch.Tensor]] = []
-    for layer in range(layout.n_layers):
-        if layout.spec.moe is None or not layout.is_moe(layer):
-            continue
-        experts = layout.experts(layer)
-        prefix = names.get(id(experts), f"layers.{layer}.mlp.experts")
+    for _, experts, prefix in _experts_modules(layout):
         for name in EXPERT_MATRICES:
             p = getattr(experts, name)
             for e in range(len(p)):
@@ -156,122 +152,3 @@ def routed_inputs(experts: nn.Module, calls: Sequence[RecordedCall]) -> list[Rou
                 xs[e].append(xe)
                 hs[e].append(_expert_hidden(experts, e, xe))
     return [RoutedInputs(torch.cat(x), torch.cat(h)) for x, h in zip(xs, hs)]
-
-
-# ----------------------------------------------------------------------------
-# Quantization per expert
-# ----------------------------------------------------------------------------
-
-
-class Int8ExpertsSim(nn.Module):
-    """A fused experts module with every expert's two matrices as :class:`Int8LinearSim` (LLM.int8).
-
-    Called like the transformers experts module it replaces,
-    ``(hidden [N, d], top_k_index [N, k], top_k_weights [N, k]) → [N, d]``: each
-    expert runs ``down(act(gate) · up)`` on the tokens routed to it, through
-    LLM.int8 linears, so the outlier columns of ``x`` are those of its routed
-    tokens (as a per-expert bitsandbytes linear would see them). ``gate_up_proj``
-    and ``down_proj`` are ``nn.ModuleList`` of one simulation per expert; there is
-    no float weight to edit (weight edits must refuse it, as for ``Int8LinearSim``).
-    """
-
-    gate_up_proj: nn.ModuleList
-    down_proj: nn.ModuleList
-
-    def __init__(self, experts: nn.Module, threshold: float) -> None:
-        super().__init__()
-        from refusal_core.compression.quantization import Int8LinearSim
-
-        gate_up = cast(torch.Tensor, experts.gate_up_proj).detach()
-        down = cast(torch.Tensor, experts.down_proj).detach()
-        self.num_experts = int(down.shape[0])
-        self.act_fn = cast(Callable[[torch.Tensor], torch.Tensor], experts.act_fn)
-        self.gate_up_proj = nn.ModuleList(
-            Int8LinearSim.from_linear(_as_linear(gate_up[e]), threshold) for e in range(self.num_experts)
-        )
-        self.down_proj = nn.ModuleList(
-            Int8LinearSim.from_linear(_as_linear(down[e]), threshold) for e in range(self.num_experts)
-        )
-
-    def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
-        out = torch.zeros_like(hidden_states)
-        for e in range(self.num_experts):
-            token_idx, slot = torch.where(top_k_index == e)
-            if token_idx.numel() == 0:
-                continue
-            gate, up = self.gate_up_proj[e](hidden_states[token_idx]).chunk(2, dim=-1)
-            y = self.down_proj[e](self.act_fn(gate) * up) * top_k_weights[token_idx, slot, None]
-            out.index_add_(0, token_idx, y.to(out.dtype))
-        return out
-
-
-def _as_linear(w: torch.Tensor) -> nn.Linear:
-    """A bias-free ``nn.Linear`` holding ``w [out, in]`` (a copy), to quantize like any block linear."""
-    lin = nn.Linear(int(w.shape[1]), int(w.shape[0]), bias=False, dtype=w.dtype, device=w.device)
-    with torch.no_grad():
-        lin.weight.copy_(w)
-    return lin
-
-
-def quantize_experts_int8_(layout: ModelLayout, threshold: float) -> dict[str, float]:
-    """Replace every MoE block's fused experts by an :class:`Int8ExpertsSim`, in place.
-
-    Returns ``‖W_int8 − W‖/‖W‖`` per expert matrix (full names as in
-    :func:`expert_matrices`). The router and any shared expert's gate stay float.
-    """
-    from refusal_core.compression._common import relative_error
-    from refusal_core.model import replace_module_
-
-    errors: dict[str, float] = {}
-    sims: dict[int, Int8ExpertsSim] = {}
-    for em in expert_matrices(layout, "LLM.int8 quantization"):
-        if em.layer not in sims:
-            sims[em.layer] = Int8ExpertsSim(em.module, threshold)
-        sim = sims[em.layer]
-        q = (sim.gate_up_proj if em.name == "gate_up_proj" else sim.down_proj)[em.expert]
-        dequantize = cast(Callable[[], torch.Tensor], q.dequantize)
-        errors[em.full_name] = relative_error(dequantize(), em.weight)
-    for layer, sim in sims.items():
-        assert layout.spec.moe is not None
-        replace_module_(layout.mlp(layer), layout.spec.moe.experts, sim)
-    return errors
-
-
-def awq_effective_(
-    weights: Sequence[torch.Tensor],
-    x: torch.Tensor,
-    w_bit: int,
-    group_size: int,
-    grid: int,
-    zero_point: bool,
-) -> list[float]:
-    """AWQ without a fold: each ``W`` (sharing input ``x [n, in]``) becomes ``Q(W·s)/s``, in place.
-
-    ``s`` is :func:`~refusal_core.functional.awq_scales`' choice for the
-    stacked ``W`` on ``x`` (bit for bit, the fast search of the dense path), or
-    ones (plain round to nearest) when ``x`` holds no token. Used where the
-    scale cannot be folded into a preceding op that only these weights read:
-    the MLP input norm of an MoE block also feeds the router and every expert,
-    each of which would want its own scale. Returns ``‖W_new − W‖/‖W‖`` per
-    weight.
-    """
-    from refusal_core.compression._common import relative_error
-    from refusal_core.compression.quantization import _awq_linear_scales
-    from refusal_core.functional import pseudo_quantize
-
-    in_f = int(weights[0].shape[1])
-    gs = min(group_size, in_f)
-    with torch.no_grad():
-        if x.shape[0] == 0:
-            s64 = torch.ones(in_f, dtype=torch.float64, device=weights[0].device)
-        else:
-            w_cat = torch.cat([w.detach() for w in weights])
-            s64 = _awq_linear_scales(w_cat, x, w_bit, gs, grid).to(torch.float64)
-        errors = []
-        for w in weights:
-            old = w.detach().clone()
-            w.copy_(pseudo_quantize(w.to(torch.float64) * s64, w_bit, gs, zero_point) / s64)
-            errors.append(relative_error(w, old))
-    return errors

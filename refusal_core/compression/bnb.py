@@ -71,6 +71,7 @@ __all__ = [
     "apply_bnb_nf4_",
     "bnb_available",
     "dequantize_bnb",
+    "four_bit_settings",
     "is_bnb_4bit",
     "is_bnb_int8",
     "quantize_bnb_int8_",
@@ -199,6 +200,13 @@ def is_bnb_4bit(module: object) -> bool:
         and isinstance(module, bnb.nn.Linear4bit)
         and (getattr(module.weight, "quant_state", None) or getattr(module, "quant_state", None)) is not None
     )
+
+
+def four_bit_settings(module: nn.Module) -> dict[str, Any]:
+    """What is needed to quantize a new weight exactly as the bitsandbytes 4-bit ``module`` was
+    (quant type, block size, statistics compression, dtypes, CPU packing)."""
+    settings: dict[str, Any] = _modules().four_bit_settings(module)
+    return settings
 
 
 def dequantize_bnb(module: nn.Module) -> torch.Tensor:

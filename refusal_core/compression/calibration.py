@@ -275,6 +275,20 @@ class SequentialBlocks:
             if len(self.hidden) != b + 1 or any(len(a) != b + 1 for a in self.block_args):
                 raise InvalidArgumentError("the model's forward did not call every decoder block once")
 
+    @classmethod
+    def from_calibration(
+        cls, layout: ModelLayout, calibration: Calibration | None, *, batch_size: int, progress: bool = False
+    ) -> SequentialBlocks:
+        """The runner over ``calibration`` batched for ``layout``'s model: checked against its
+        vocabulary, on its embedding's device (:func:`prepare_calibration`)."""
+        batches = prepare_calibration(
+            calibration,
+            vocab_size=int(layout.embedding.weight.shape[0]),
+            batch_size=batch_size,
+            device=layout.embedding.weight.device,
+        )
+        return cls(layout, batches, progress=progress)
+
     def _recorder(self, layer: int, b: int, *, last: bool) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             kwargs = dict(kwargs)

@@ -32,7 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from refusal_core.compression._common import block_linears, effective_weight
 from refusal_core.errors import EmptyInputError, InvalidArgumentError, ShapeMismatchError
+from refusal_core.model import encode_prompts, get_layout
+from refusal_core.prompts import BUILTIN_PROMPT_SETS, load_prompts
 
 __all__ = [
     "CALIBRATION_KEYWORDS",
@@ -51,8 +54,6 @@ _TEXT_PREFIX = "text:"
 
 def check_calibration_spec(spec: object) -> str:
     """``spec`` if it names a calibration set that exists, else :class:`InvalidArgumentError` (no loading)."""
-    from refusal_core.prompts import BUILTIN_PROMPT_SETS
-
     if not isinstance(spec, str) or not spec:
         raise InvalidArgumentError(f"calibration must be a non-empty str, got {spec!r}")
     if spec in CALIBRATION_KEYWORDS or spec in BUILTIN_PROMPT_SETS:
@@ -68,8 +69,6 @@ def check_calibration_spec(spec: object) -> str:
 
 def calibration_prompts(spec: str, n: int) -> list[str] | None:
     """The first ``n`` instructions of a prompt spec; None for ``text:`` (plain text has no prompts)."""
-    from refusal_core.prompts import load_prompts
-
     check_calibration_spec(spec)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InvalidArgumentError(f"n must be an int >= 1, got {n!r}")
@@ -92,8 +91,6 @@ def calibration_prompts(spec: str, n: int) -> list[str] | None:
 
 def calibration_token_ids(tokenizer: Any, spec: str, n: int, *, text_tokens: int = 128) -> list[list[int]]:
     """Token id sequences of the calibration set ``spec`` (see the module docstring), at most ``n``."""
-    from refusal_core.model import encode_prompts
-
     if isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or text_tokens < 2:
         raise InvalidArgumentError(f"text_tokens must be an int >= 2, got {text_tokens!r}")
     prompts = calibration_prompts(spec, n)
@@ -109,9 +106,6 @@ def calibration_token_ids(tokenizer: Any, spec: str, n: int, *, text_tokens: int
 
 
 def _block_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    from refusal_core.compression._common import block_linears, effective_weight
-    from refusal_core.model import get_layout
-
     return {bl.full_name: effective_weight(bl.module) for bl in block_linears(get_layout(model))}
 
 

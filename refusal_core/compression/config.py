@@ -16,12 +16,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from refusal_core.errors import InvalidArgumentError
+from refusal_core.model.simulated import check_threshold
 
 __all__ = [
     "AwqConfig",
@@ -29,6 +29,7 @@ __all__ = [
     "Int8Config",
     "MagnitudeConfig",
     "WandaConfig",
+    "check_threshold",
     "config_from_dict",
     "config_to_dict",
 ]
@@ -68,13 +69,6 @@ def check_positive_int(value: object, name: str, *, low: int = 1, high: int | No
         bound = f"[{low}, {high}]" if high is not None else f">= {low}"
         raise InvalidArgumentError(f"{name} must be an int {bound}, got {value!r}")
     return value
-
-
-def check_threshold(value: object, name: str = "threshold") -> float:
-    """A nonnegative float or ``inf`` (no outliers), never NaN."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
-        raise InvalidArgumentError(f"{name} must be a number >= 0 (inf disables outliers), got {value!r}")
-    return float(value)
 
 
 #: What an AWQ scale candidate is scored on (see :class:`AwqConfig`).

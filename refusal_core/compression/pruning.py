@@ -27,16 +27,21 @@ import logging
 
 import torch
 
-from refusal_core.compression._common import block_linears, require_float_linears
-from refusal_core.compression._experts import ExpertMatrix, expert_matrices, routed_inputs
+from refusal_core.compression._common import block_linears, effective_weight, require_float_linears
+from refusal_core.compression._experts import (
+    ExpertMatrix,
+    expert_effective_weights,
+    expert_matrices,
+    routed_inputs,
+)
 from refusal_core.compression._transaction import transactional
-from refusal_core.compression.calibration import Calibration, SequentialBlocks, prepare_calibration
+from refusal_core.compression.calibration import Calibration, SequentialBlocks
 from refusal_core.compression.config import check_n_m, check_sparsity
 from refusal_core.errors import InvalidArgumentError
 from refusal_core.functional import check_tensor, magnitude_mask
-from refusal_core.model import LINEAR_INPUTS, get_layout, input_taps
+from refusal_core.model import LINEAR_INPUTS, ModelLayout, get_layout, input_taps
 
-__all__ = ["prune_magnitude_", "prune_wanda_"]
+__all__ = ["model_sparsity", "prune_magnitude_", "prune_wanda_"]
 
 _log = logging.getLogger(__name__)
 
@@ -81,6 +86,19 @@ def _wanda_keep_mask(
     if k == 0:
         return torch.ones_like(score, dtype=torch.bool)
     return ~_lowest_k(score, k)
+
+
+def model_sparsity(layout: ModelLayout) -> tuple[float, dict[str, float]]:
+    """Fraction of exact zeros over all block linears and routed expert matrices, and per module."""
+    per: dict[str, float] = {}
+    zeros = total = 0
+    weights = [(bl.full_name, effective_weight(bl.module)) for bl in block_linears(layout)]
+    for full_name, w in weights + expert_effective_weights(layout):  # MoE: each routed expert matrix too
+        z = int((w == 0).sum())
+        per[full_name] = z / w.numel()
+        zeros += z
+        total += w.numel()
+    return (zeros / total if total else 0.0), per
 
 
 @transactional  # all or nothing: restored exactly if anything raises after a write
@@ -158,13 +176,7 @@ def prune_wanda_(
                 raise InvalidArgumentError(
                     f"n_m = {nm}: m = {nm[1]} does not divide the input width {width} of {full_name}"
                 )
-    batches = prepare_calibration(
-        calibration,
-        vocab_size=int(layout.embedding.weight.shape[0]),
-        batch_size=batch_size,
-        device=layout.embedding.weight.device,
-    )
-    runner = SequentialBlocks(layout, batches, progress=progress)
+    runner = SequentialBlocks.from_calibration(layout, calibration, batch_size=batch_size, progress=progress)
     by_layer: dict[int, dict[str, torch.nn.Linear]] = {}
     full_names: dict[tuple[int, str], str] = {}
     for bl in block_linears(layout):

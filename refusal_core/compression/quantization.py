@@ -38,19 +38,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
 
 from refusal_core.compression._common import relative_error, require_float_linears
+from refusal_core.compression._experts import expert_matrices, routed_inputs
 from refusal_core.compression._transaction import transactional
 from refusal_core.compression.calibration import (
     Calibration,
     RecordedCall,
     SequentialBlocks,
-    prepare_calibration,
 )
-from refusal_core.compression.config import AwqConfig, check_threshold
+from refusal_core.compression.config import AwqConfig
 from refusal_core.errors import (
     InvalidArgumentError,
     NonFiniteError,
@@ -61,21 +62,23 @@ from refusal_core.functional import (
     _awq_candidate_scales,
     check_tensor,
     compute_dtype,
-    int8_dequantize,
-    int8_quantize,
     pseudo_quantize,
 )
-from refusal_core.model import LINEAR_INPUTS, ModelLayout, get_layout, input_taps
+from refusal_core.model import LINEAR_INPUTS, ModelLayout, get_layout, input_taps, replace_module_
 from refusal_core.model.layout import ATTENTION_LINEARS
+from refusal_core.model.simulated import Int8LinearSim, check_threshold
 
 __all__ = [
     "AwqScaleGroup",
+    "Int8ExpertsSim",
     "Int8LinearSim",
     "apply_awq_",
     "apply_awq_scale_",
+    "awq_effective_",
     "awq_scale_groups",
     "cast_floating_",
     "quantize_awq_",
+    "quantize_experts_int8_",
     "quantize_llm_int8_",
 ]
 
@@ -83,132 +86,76 @@ __all__ = [
 # LLM.int8
 # ----------------------------------------------------------------------------
 
-#: Input features per float32 partial product: 1024 · 127² < 2²⁴, so every
-#: partial sum of int8·int8 products is an exactly representable integer.
-_EXACT_FP32_CHUNK = 1024
 
+class Int8ExpertsSim(nn.Module):
+    """A fused experts module with every expert's two matrices as :class:`Int8LinearSim` (LLM.int8).
 
-def _exact_int_matmul(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
-    """``qx @ qwᵀ`` for integer-valued ``qx [T, K]`` (|v| ≤ 127) and ``qw [N, K]`` (int8 codes, as int8
-    or as their float32 values), exact, float64.
-
-    Float32 products over chunks of 1024 inputs are exact integers; summing
-    them in float64 stays exact (far below 2⁵³), so the result equals the
-    float64 matmul of the functional core bit for bit, at float32 speed.
-    """
-    acc: torch.Tensor | None = None
-    for start in range(0, qx.shape[1], _EXACT_FP32_CHUNK):
-        stop = start + _EXACT_FP32_CHUNK
-        part = (qx[:, start:stop].to(torch.float32) @ qw[:, start:stop].to(torch.float32).T).to(torch.float64)
-        acc = part if acc is None else acc + part
-    if acc is None:
-        return torch.zeros(qx.shape[0], qw.shape[0], dtype=torch.float64, device=qx.device)
-    return acc
-
-
-class Int8LinearSim(nn.Module):
-    """An LLM.int8 linear layer simulated exactly: ``y = llm_int8_linear(x, W, threshold) + b``.
-
-    Buffers: ``q`` int8 ``[out, in]``, ``scale`` ``[out]`` (row absmax / 127),
-    ``bias`` ``[out]`` or None. The output has the dtype of ``x``. Not an
-    ``nn.Linear`` and ``weight`` is None on purpose (see the module docstring);
-    :meth:`dequantize` gives the float weight it computes with.
-
-    >>> lin = nn.Linear(4, 2)
-    >>> sim = Int8LinearSim.from_linear(lin)
-    >>> sim(torch.ones(3, 4)).shape
-    torch.Size([3, 2])
+    Called like the transformers experts module it replaces,
+    ``(hidden [N, d], top_k_index [N, k], top_k_weights [N, k]) → [N, d]``: each
+    expert runs ``down(act(gate) · up)`` on the tokens routed to it, through
+    LLM.int8 linears, so the outlier columns of ``x`` are those of its routed
+    tokens (as a per-expert bitsandbytes linear would see them). ``gate_up_proj``
+    and ``down_proj`` are ``nn.ModuleList`` of one simulation per expert; there is
+    no float weight to edit (weight edits must refuse it, as for ``Int8LinearSim``).
     """
 
-    weight: None = None
-    q: torch.Tensor
-    scale: torch.Tensor
-    bias: torch.Tensor | None
+    gate_up_proj: nn.ModuleList
+    down_proj: nn.ModuleList
 
-    def __init__(
-        self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, threshold: float = 6.0
-    ) -> None:
+    def __init__(self, experts: nn.Module, threshold: float) -> None:
         super().__init__()
-        q = check_tensor(q, "q", ndim=2)
-        scale = check_tensor(scale, "scale", ndim=1)
-        if q.dtype != torch.int8:
-            raise InvalidArgumentError(f"q must be int8, got {q.dtype}")
-        if not scale.is_floating_point() or scale.shape[0] != q.shape[0]:
-            raise ShapeMismatchError(
-                f"scale must be float [{q.shape[0]}], got {scale.dtype} {tuple(scale.shape)}"
-            )
-        if bias is not None:
-            bias = check_tensor(bias, "bias", ndim=1)
-            if bias.shape[0] != q.shape[0]:
-                raise ShapeMismatchError(f"bias has length {bias.shape[0]} but q has {q.shape[0]} rows")
-        self.threshold = check_threshold(threshold)
-        self.out_features, self.in_features = int(q.shape[0]), int(q.shape[1])
-        self.register_buffer("q", q.detach().clone())
-        self.register_buffer("scale", scale.detach().clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        # The int8 codes as float32 (exact: |q| <= 127), converted once here rather than in
-        # every forward. A private attribute, not a buffer, so state dicts, fingerprints
-        # and `.to(dtype)` see only q; `_float_q` rebuilds it when q was moved or edited.
-        self._q_f32 = self.q.to(torch.float32)
-        self._q_f32_of = self._q_signature()
-
-    def _q_signature(self) -> tuple[int, int, torch.device]:
-        return (self.q.data_ptr(), self.q._version, self.q.device)
-
-    def _float_q(self) -> torch.Tensor:
-        """``q`` as float32 ``[out, in]``, cached; rebuilt after ``q`` changed place or value."""
-        if self._q_f32_of != self._q_signature():
-            self._q_f32 = self.q.to(torch.float32)
-            self._q_f32_of = self._q_signature()
-        return self._q_f32
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, threshold: float = 6.0) -> Int8LinearSim:
-        """Quantize ``linear`` (per-row absmax int8, :func:`~refusal_core.functional.int8_quantize`)."""
-        if not isinstance(linear, nn.Linear):
-            raise InvalidArgumentError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        q, scale = int8_quantize(linear.weight.detach())
-        return cls(q, scale, None if linear.bias is None else linear.bias.detach(), threshold)
-
-    def dequantize(self) -> torch.Tensor:
-        """The float weight ``q · scale`` ``[out, in]`` (dtype of ``scale``), a new tensor."""
-        return int8_dequantize(self.q, self.scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ShapeMismatchError(
-                f"x has width {x.shape[-1]} but this layer has {self.in_features} inputs"
-            )
-        # The steps below mirror functional.llm_int8_linear operation for operation
-        # (same dtypes, same order) so that the result is bit-identical to it.
-        f64 = torch.float64
-        lead = x.shape[:-1]
-        x2 = x.detach().reshape(-1, x.shape[-1]).to(compute_dtype(x))
-        if x2.shape[0]:
-            outlier = (x2.abs() >= self.threshold).any(dim=0)
-        else:
-            outlier = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
-        xr = torch.where(outlier, torch.zeros_like(x2), x2)
-        sx = xr.abs().amax(dim=1) / 127.0 if x2.shape[0] else torch.zeros(0, dtype=x2.dtype, device=x.device)
-        safe = torch.where(sx > 0, sx, torch.ones_like(sx))
-        qx = torch.round(xr / safe.unsqueeze(1)).clamp(-127, 127)
-        qf = self._float_q()
-        acc = _exact_int_matmul(qx, qf)
-        out = acc * sx.to(f64).unsqueeze(1) * self.scale.to(f64).unsqueeze(0)
-        if bool(outlier.any()):
-            # float32 codes hold the int8 values exactly, so this is q[:, outlier] · scale as before.
-            wdq = qf[:, outlier].to(self.scale.dtype) * self.scale.unsqueeze(1)
-            out = out + x2[:, outlier].to(f64) @ wdq.to(f64).T
-        y = out.to(x.dtype).reshape(*lead, self.out_features)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, threshold={self.threshold}"
+        gate_up = cast(torch.Tensor, experts.gate_up_proj).detach()
+        down = cast(torch.Tensor, experts.down_proj).detach()
+        self.num_experts = int(down.shape[0])
+        self.act_fn = cast(Callable[[torch.Tensor], torch.Tensor], experts.act_fn)
+        self.gate_up_proj = nn.ModuleList(
+            Int8LinearSim.from_linear(_linear_of(gate_up[e]), threshold) for e in range(self.num_experts)
         )
+        self.down_proj = nn.ModuleList(
+            Int8LinearSim.from_linear(_linear_of(down[e]), threshold) for e in range(self.num_experts)
+        )
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for e in range(self.num_experts):
+            token_idx, slot = torch.where(top_k_index == e)
+            if token_idx.numel() == 0:
+                continue
+            gate, up = self.gate_up_proj[e](hidden_states[token_idx]).chunk(2, dim=-1)
+            y = self.down_proj[e](self.act_fn(gate) * up) * top_k_weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
+
+
+def _linear_of(w: torch.Tensor) -> nn.Linear:
+    """A bias-free ``nn.Linear`` holding ``w [out, in]`` (a copy), to quantize like any block linear."""
+    lin = nn.Linear(int(w.shape[1]), int(w.shape[0]), bias=False, dtype=w.dtype, device=w.device)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    return lin
+
+
+def quantize_experts_int8_(layout: ModelLayout, threshold: float) -> dict[str, float]:
+    """Replace every MoE block's fused experts by an :class:`Int8ExpertsSim`, in place.
+
+    Returns ``‖W_int8 − W‖/‖W‖`` per expert matrix (full names as in
+    :func:`expert_matrices`). The router and any shared expert's gate stay float.
+    """
+    errors: dict[str, float] = {}
+    sims: dict[int, Int8ExpertsSim] = {}
+    for em in expert_matrices(layout, "LLM.int8 quantization"):
+        if em.layer not in sims:
+            sims[em.layer] = Int8ExpertsSim(em.module, threshold)
+        sim = sims[em.layer]
+        q = (sim.gate_up_proj if em.name == "gate_up_proj" else sim.down_proj)[em.expert]
+        dequantize = cast(Callable[[], torch.Tensor], q.dequantize)
+        errors[em.full_name] = relative_error(dequantize(), em.weight)
+    for layer, sim in sims.items():
+        assert layout.spec.moe is not None
+        replace_module_(layout.mlp(layer), layout.spec.moe.experts, sim)
+    return errors
 
 
 @transactional  # all or nothing: restored exactly if anything raises after a write
@@ -223,8 +170,6 @@ def quantize_llm_int8_(model: nn.Module, threshold: float = 6.0) -> dict[str, fl
     quantized) or :class:`~refusal_core.errors.InvalidArgumentError` before
     changing anything.
     """
-    from refusal_core.compression._experts import expert_matrices, quantize_experts_int8_
-
     thr = check_threshold(threshold)
     layout = get_layout(model)
     linears = require_float_linears(layout, "LLM.int8 quantization")
@@ -318,7 +263,7 @@ def awq_scale_groups(layout: ModelLayout, layer: int) -> list[AwqScaleGroup]:
     if lin["v_proj"].out_features == lin["o_proj"].in_features:
         groups.append(AwqScaleGroup("o_in", lin["v_proj"], fed("o_in")))
     if layout.is_moe(layer):
-        # The MLP input norm also feeds the router and every expert: no fold (see _experts.awq_effective_).
+        # The MLP input norm also feeds the router and every expert: no fold (see awq_effective_).
         return groups
     groups.append(AwqScaleGroup("mlp_in", layout.mlp_input_norm(layer), fed("mlp_in")))
     groups.append(AwqScaleGroup("down_in", lin["up_proj"], fed("down_in")))
@@ -680,6 +625,40 @@ def _tokenwise_error(module: nn.Module, x: torch.Tensor) -> Callable[[], float]:
     return error
 
 
+def awq_effective_(
+    weights: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    w_bit: int,
+    group_size: int,
+    grid: int,
+    zero_point: bool,
+) -> list[float]:
+    """AWQ without a fold: each ``W`` (sharing input ``x [n, in]``) becomes ``Q(W·s)/s``, in place.
+
+    ``s`` is :func:`~refusal_core.functional.awq_scales`' choice for the
+    stacked ``W`` on ``x`` (bit for bit, the fast search of the dense path), or
+    ones (plain round to nearest) when ``x`` holds no token. Used where the
+    scale cannot be folded into a preceding op that only these weights read:
+    the MLP input norm of an MoE block also feeds the router and every expert,
+    each of which would want its own scale. Returns ``‖W_new − W‖/‖W‖`` per
+    weight.
+    """
+    in_f = int(weights[0].shape[1])
+    gs = min(group_size, in_f)
+    with torch.no_grad():
+        if x.shape[0] == 0:
+            s64 = torch.ones(in_f, dtype=torch.float64, device=weights[0].device)
+        else:
+            w_cat = torch.cat([w.detach() for w in weights])
+            s64 = _awq_linear_scales(w_cat, x, w_bit, gs, grid).to(torch.float64)
+        errors = []
+        for w in weights:
+            old = w.detach().clone()
+            w.copy_(pseudo_quantize(w.to(torch.float64) * s64, w_bit, gs, zero_point) / s64)
+            errors.append(relative_error(w, old))
+    return errors
+
+
 def _awq_moe_mlp_(
     layout: ModelLayout,
     layer: int,
@@ -694,13 +673,11 @@ def _awq_moe_mlp_(
     Each expert's ``gate_up_proj[e]`` is searched and rounded on the tokens
     routed to it, its ``down_proj[e]`` on ``act(gate)·up`` of them; the shared
     expert's gate/up on every token, its down on its own input. Scales are
-    kept in the weights (``Q(W·s)/s``, :func:`~refusal_core.compression._experts.awq_effective_`),
+    kept in the weights (``Q(W·s)/s``, :func:`awq_effective_`),
     since the MLP input norm also feeds the router. The router is not touched.
     An expert no calibration token reaches is rounded to nearest (``s = 1``).
     With ``scale_only`` nothing changes (there is no fold to apply).
     """
-    from refusal_core.compression._experts import awq_effective_, expert_matrices, routed_inputs
-
     errors: dict[str, float] = {}
     names = {id(m): n for n, m in layout.model.named_modules()}
     args = (config.w_bit, config.group_size, config.grid, config.zero_point)
@@ -803,21 +780,13 @@ def apply_awq_(
     _require_unfused(layout)
     linears = require_float_linears(layout, "AWQ quantization")
     _check_group_widths(layout, group_size)
-    from refusal_core.compression._experts import expert_matrices
-
     for em in expert_matrices(layout, "AWQ quantization"):
         width = int(em.weight.shape[1])
         if width % min(group_size, width):
             raise InvalidArgumentError(
                 f"group_size {group_size} does not divide the input width {width} of {em.full_name}"
             )
-    batches = prepare_calibration(
-        calibration,
-        vocab_size=int(layout.embedding.weight.shape[0]),
-        batch_size=batch_size,
-        device=layout.embedding.weight.device,
-    )
-    runner = SequentialBlocks(layout, batches, progress=progress)
+    runner = SequentialBlocks.from_calibration(layout, calibration, batch_size=batch_size, progress=progress)
     full_names = {(bl.layer, bl.name): bl.full_name for bl in linears}
     offset = float(layout.spec.norm_offset)
     # Without a second candidate nothing is scored, so there is nothing to record.

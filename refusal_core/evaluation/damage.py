@@ -73,7 +73,7 @@ from refusal_core.evaluation.generation import (
     eval_mode,
 )
 from refusal_core.model import batch_inputs, encode_prompts, model_device, model_identity, pad_token_id
-from refusal_core.records import RECORD_KINDS, Record, load_record_as, write_record
+from refusal_core.saving import RECORD_KINDS, Record, load_record_as, write_record
 
 __all__ = [
     "DamageResult",
@@ -386,7 +386,7 @@ class DamageResult:
         return self.ce_mean - self.ce_base_mean
 
     def record(self) -> Record:
-        """This result as a :class:`~refusal_core.records.Record` (non-finite values as ``None``)."""
+        """This result as a :class:`~refusal_core.saving.records.Record` (non-finite values as ``None``)."""
         return Record(
             _RECORD_KIND,
             RECORD_KINDS[_RECORD_KIND].version,

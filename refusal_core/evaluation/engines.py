@@ -51,13 +51,16 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from torch import nn
 
+from refusal_core.checkpoint import save_checkpoint
 from refusal_core.errors import InvalidArgumentError
 from refusal_core.evaluation.generation import (
     GenerationCache,
     SamplingConfig,
     _check_positive_int,
+    eos_token_ids,
     generate_ids_multi,
 )
+from refusal_core.model import load_model
 
 __all__ = [
     "ENGINES",
@@ -377,8 +380,6 @@ def open_engine(
     check_engine_name(name)
     if name == "torch":
         if model is None:
-            from refusal_core.model import load_model
-
             if checkpoint_dir is None:
                 raise InvalidArgumentError("the torch engine needs a model or a checkpoint directory")
             model, _ = load_model(str(checkpoint_dir), dtype=dtype)
@@ -399,8 +400,6 @@ def checkpoint_stop_ids(checkpoint_dir: str | Path, tokenizer: Any) -> list[int]
     from types import SimpleNamespace
 
     from transformers import GenerationConfig
-
-    from refusal_core.evaluation.generation import eos_token_ids
 
     try:
         gen = GenerationConfig.from_pretrained(str(checkpoint_dir))
@@ -512,7 +511,6 @@ def open_variant_engine(
     check_engine_name(name)
     if name == "torch":
         return None
-    from refusal_core.checkpoint import save_checkpoint
 
     path = save_checkpoint(
         model,

@@ -44,6 +44,7 @@ from torch import nn
 
 from refusal_core.errors import InvalidArgumentError
 from refusal_core.evaluation.generation import _check_positive_int, generate_ids
+from refusal_core.model import load_model
 
 __all__ = [
     "CLASSIFIER_FORMATS",
@@ -565,7 +566,6 @@ def judge_from_spec(spec: str, *, device: str = "cpu", dtype: str | None = None)
     check_judge_spec(spec, must_exist=True)
     if spec == "substring":
         return SubstringJudge()
-    from refusal_core.model import load_model
 
     kind, _, where = spec.partition(":")
     fmt = kind.partition("-")[2] or None

@@ -25,7 +25,7 @@ from torch import nn
 
 from refusal_core.errors import ArtifactError, RefusalCoreError
 from refusal_core.model import model_identity
-from refusal_core.records import atomic_write_json, read_json
+from refusal_core.saving import atomic_write_json, read_json
 
 __all__ = ["AsrResult", "AttackResult", "Attempt", "OverRefusalResult", "result_model_identity"]
 
@@ -96,12 +96,6 @@ def _records_from_json(items: Any) -> list[AttackResult]:
     ]
 
 
-def _write_json_atomic(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
-    out = Path(path)
-    atomic_write_json(out, payload)
-    return out
-
-
 def _read_json(path: str | os.PathLike[str], kind: str) -> dict[str, Any]:
     p = Path(path)
     data = read_json(p, f"{kind} file")
@@ -111,9 +105,31 @@ def _read_json(path: str | os.PathLike[str], kind: str) -> dict[str, Any]:
 
 
 class _ResultFile:
-    """``save`` / ``load`` of a result kept as one JSON file of kind ``KIND`` (written atomically)."""
+    """A judged result over a prompt set kept as one JSON file of kind ``KIND`` (written atomically):
+    what ASR and over-refusal results share."""
 
     KIND: ClassVar[str]
+    judge: str
+    records: list[AttackResult]
+    settings: dict[str, Any]
+    model: dict[str, Any]
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.records)
+
+    def _file_dict(self, **fields: Any) -> dict[str, Any]:
+        """The file's JSON object: the shared keys and the kind's own ``fields``."""
+        return {
+            "format": _FORMAT,
+            "kind": self.KIND,
+            "judge": self.judge,
+            "n_prompts": self.n_prompts,
+            "settings": self.settings,
+            "model": self.model,
+            "records": _records_to_json(self.records),
+            **fields,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -124,7 +140,7 @@ class _ResultFile:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write JSON atomically; returns the path."""
-        return _write_json_atomic(path, self.to_dict())
+        return atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Self:
@@ -150,10 +166,6 @@ class AsrResult(_ResultFile):
     model: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def n_prompts(self) -> int:
-        return len(self.records)
-
-    @property
     def n_jailbroken(self) -> int:
         return sum(r.jailbroken for r in self.records)
 
@@ -163,19 +175,9 @@ class AsrResult(_ResultFile):
         return self.n_jailbroken / self.n_prompts if self.records else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": _FORMAT,
-            "kind": self.KIND,
-            "attack": self.attack,
-            "judge": self.judge,
-            "asr": self.asr,
-            "n_prompts": self.n_prompts,
-            "n_jailbroken": self.n_jailbroken,
-            "config_rates": self.config_rates,
-            "settings": self.settings,
-            "model": self.model,
-            "records": _records_to_json(self.records),
-        }
+        return self._file_dict(
+            attack=self.attack, asr=self.asr, n_jailbroken=self.n_jailbroken, config_rates=self.config_rates
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AsrResult:
@@ -204,10 +206,6 @@ class OverRefusalResult(_ResultFile):
     model: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def n_prompts(self) -> int:
-        return len(self.records)
-
-    @property
     def n_refused(self) -> int:
         return sum(not r.jailbroken for r in self.records)
 
@@ -217,17 +215,7 @@ class OverRefusalResult(_ResultFile):
         return self.n_refused / self.n_prompts if self.records else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": _FORMAT,
-            "kind": self.KIND,
-            "judge": self.judge,
-            "rate": self.rate,
-            "n_prompts": self.n_prompts,
-            "n_refused": self.n_refused,
-            "settings": self.settings,
-            "model": self.model,
-            "records": _records_to_json(self.records),
-        }
+        return self._file_dict(rate=self.rate, n_refused=self.n_refused)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OverRefusalResult:

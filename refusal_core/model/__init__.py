@@ -12,6 +12,9 @@ module              what it holds
 ``identity``        :func:`model_identity`, recorded in every artifact
 ``loading``         :func:`load_model` (toy, directory, checkpoint, GGUF, cached hub id), dtype
                     and device resolution, the GGUF conversion cache
+``simulated``       the modules refusal_core puts into a model that transformers does not know
+                    (``Int8LinearSim``) and how a checkpoint's record rebuilds them on load; here,
+                    below compression, so that loading never imports compression
 ==================  ==========================================================================
 
 Example:
@@ -55,6 +58,7 @@ from refusal_core.model.loading import (
     gguf_cached_dir,
     hub_cache_dir,
     load_model,
+    model_record,
     read_chat_template,
     resolve_dtype,
 )
@@ -85,6 +89,7 @@ __all__ = [
     "load_model",
     "model_device",
     "model_identity",
+    "model_record",
     "pad_token_id",
     "positions",
     "post_instruction_tokens",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,9 @@ from torch import nn
 
 from refusal_core.errors import InvalidArgumentError, ModelNotFoundError, RefusalCoreError
 from refusal_core.model.layout import get_layout
-from refusal_core.records import respect_umask_
+from refusal_core.model.simulated import restore_checkpoint_modules_
+from refusal_core.saving import file_sha256, read_checkpoint_record, respect_umask_
+from refusal_core.toy import load_toy_model
 
 __all__ = [
     "CACHE_ENV_VAR",
@@ -36,6 +37,7 @@ __all__ = [
     "gguf_cached_dir",
     "hub_cache_dir",
     "load_model",
+    "model_record",
     "read_chat_template",
     "resolve_dtype",
 ]
@@ -181,14 +183,6 @@ def gguf_cache_root() -> Path:
     return base / "gguf"
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_gguf(path: Path) -> tuple[Any, Any]:
     """``(model, tokenizer)`` dequantized from a GGUF file by transformers, in float32 (slow: minutes)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -216,7 +210,7 @@ def gguf_cached_dir(path: str | os.PathLike[str]) -> Path:
     with open(src, "rb") as fh:  # every GGUF file starts with these 4 bytes; a renamed text file not
         if fh.read(4) != _GGUF_MAGIC:
             raise InvalidArgumentError(f"{str(src)!r} is not a GGUF file (it does not start with 'GGUF')")
-    digest = _file_sha256(src)
+    digest = file_sha256(src)
     root = gguf_cache_root()
     target = root / digest
     if (target / _GGUF_RECORD).is_file():
@@ -298,12 +292,11 @@ def _load_directory(path: Path, *, dtype: torch.dtype | str, device: str) -> tup
     """Model and tokenizer from a local Hugging Face directory, placed on ``device`` while loading.
 
     A directory written by :func:`~refusal_core.checkpoint.save_checkpoint` has its
-    file hashes checked first, and after loading gets back what transformers does
-    not rebuild (:func:`~refusal_core.checkpoint.restore_checkpoint_modules_`).
+    file hashes checked first (:func:`~refusal_core.saving.read_checkpoint_record`), and
+    after loading gets back what transformers does not rebuild
+    (:func:`~refusal_core.model.simulated.restore_checkpoint_modules_`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from refusal_core.checkpoint import read_checkpoint_record, restore_checkpoint_modules_
 
     if not (path / "config.json").is_file():  # the cause, before transformers' tokenizer guesswork
         raise InvalidArgumentError(
@@ -486,8 +479,6 @@ def load_model(
     load_dtype = resolve_dtype(dtype, device)
     template = None if chat_template is None else read_chat_template(chat_template)
     if spec == "toy":
-        from refusal_core.toy import load_toy_model
-
         model, tokenizer = load_toy_model(
             dtype=load_dtype if isinstance(load_dtype, torch.dtype) else torch.float32
         )
@@ -531,6 +522,19 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return model, tokenizer
+
+
+def model_record(spec: str) -> dict[str, Any] | None:
+    """The refusal_core record (hash-checked) of the model :func:`load_model` loads for ``spec``.
+
+    It says what made the model (the compression method and its config, a repair) and names its
+    base's identity. None for ``"toy"``, a GGUF file, a hub id and any directory that is not a
+    checkpoint this tool wrote. Raises as :func:`~refusal_core.saving.read_checkpoint_record`
+    does for a record that does not verify.
+    """
+    if spec == "toy" or not Path(spec).is_dir():
+        return None
+    return read_checkpoint_record(Path(spec))
 
 
 def _move(model: nn.Module, device: str) -> None:

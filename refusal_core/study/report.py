@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from refusal_core.artifacts import atomic_write_bytes, atomic_write_json
 from refusal_core.report import (
     format_value,
     markdown_table,
@@ -28,6 +27,7 @@ from refusal_core.report import (
     plot_cosine_by_layer,
     plot_pareto,
 )
+from refusal_core.saving import atomic_write_bytes, atomic_write_json
 from refusal_core.stats import MeanDifference, PairedTest, Rate, minimum_detectable_change
 from refusal_core.study.results import Comparison, StudyResults, VariantResult
 

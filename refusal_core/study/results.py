@@ -22,7 +22,7 @@ from typing import Any
 
 from refusal_core._version import code_version
 from refusal_core.evaluation.attacks import ATTACKS
-from refusal_core.records import finite_or_null
+from refusal_core.saving import finite_or_null
 from refusal_core.stats import MeanDifference, PairedTest, Rate, mcnemar, paired_mean_difference, rate_of
 from refusal_core.study.sweep import RepairChoice, SweepPoint, ValidationScores
 

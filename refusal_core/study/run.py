@@ -1,6 +1,6 @@
 """The study pipeline: does compression break the refusal direction, and does AIRD repair it?
 
-Stages, each resumable (see :class:`~refusal_core.artifacts.StageStore`):
+Stages, each resumable (see :class:`~refusal_core.saving.StageStore`):
 
 1. ``base/extract`` — candidate directions of the base model (difference in
    means at every block input × post-instruction position);
@@ -54,7 +54,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from refusal_core import bench as steps
-from refusal_core.artifacts import atomic_write_json, settings_key
 from refusal_core.bench import (
     Analysis,
     BaseDirection,
@@ -68,6 +67,7 @@ from refusal_core.compression import check_methods_available, compress_, method_
 from refusal_core.compression.calibration_sets import calibration_token_ids
 from refusal_core.errors import InvalidArgumentError
 from refusal_core.model import load_model
+from refusal_core.saving import atomic_write_json, settings_key
 from refusal_core.selection import SelectionResult
 from refusal_core.stats import finite_or_none, mcnemar
 from refusal_core.study.config import StudyConfig

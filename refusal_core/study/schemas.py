@@ -1,6 +1,6 @@
 """The schemas of the study's stage files, beside the study: what each plain JSON file must hold.
 
-The validators are :mod:`refusal_core.artifacts`' (the one saving layer); the
+The validators are :mod:`refusal_core.saving.schemas`' (the one saving layer); the
 keys of the mechanism file are :data:`~refusal_core.study.results.MECHANISM_FLAGS`,
 written in that one place. :func:`read_stage_json` reads a stage file and checks
 it against its schema (by file name), so a damaged file is recomputed, never trusted.
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from refusal_core.artifacts import (
+from refusal_core.saving import (
     JsonSchema,
     check_count,
     check_finite_number,
@@ -21,9 +21,9 @@ from refusal_core.artifacts import (
     dict_of,
     list_of,
     optional,
+    read_json,
     validate_json,
 )
-from refusal_core.records import read_json
 from refusal_core.study.results import MECHANISM_FLAGS
 
 __all__ = [
