@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -286,14 +287,21 @@ def finite_or_none(value: float | None) -> float | None:
     return v if math.isfinite(v) else None
 
 
+@functools.lru_cache(maxsize=4096)
 def _mcnemar_rejection(d: int, level: float) -> np.ndarray:
-    """Boolean mask over ``k = 0..d`` up-moves: where the exact McNemar test of ``k`` in ``d`` rejects."""
+    """Boolean mask over ``k = 0..d`` up-moves: where the exact McNemar test of ``k`` in ``d`` rejects.
+
+    Depends on ``(d, level)`` only, and every power computation asks for the same ones (a report's
+    minimum detectable changes bisect 40 times over ``d = 1..n``): memoised, returned read-only.
+    """
     from scipy.stats import binom
 
     k = np.arange(d + 1)
     # Two-sided exact binomial p at 1/2 is symmetric: 2 * the smaller tail, capped at 1 (scipy's binomtest).
     tail = np.minimum(binom.cdf(k, d, 0.5), binom.sf(k - 1, d, 0.5))
-    return np.minimum(1.0, 2.0 * tail) < level
+    mask = np.minimum(1.0, 2.0 * tail) < level
+    mask.setflags(write=False)
+    return mask
 
 
 def mcnemar_power(n: int, p_up: float, p_down: float, level: float = SIGNIFICANCE) -> float:
@@ -325,12 +333,15 @@ def mcnemar_power(n: int, p_up: float, p_down: float, level: float = SIGNIFICANC
         return 0.0
     share = up / disc
     p_d = binom.pmf(np.arange(n + 1), n, disc)
+    # Row d holds binom.pmf(0..d, d, share) (the same values, element for element, as one call per d).
+    k = np.arange(n + 1)
+    pmf_up = binom.pmf(k[None, :], k[:, None], share)
     power = 0.0
     for d in range(1, n + 1):
         if p_d[d] < 1e-15:
             continue
         reject = _mcnemar_rejection(d, lvl)
-        power += float(p_d[d] * binom.pmf(np.arange(d + 1), d, share)[reject].sum())
+        power += float(p_d[d] * pmf_up[d, : d + 1][reject].sum())
     return min(1.0, power)
 
 

@@ -173,3 +173,42 @@ def test_holm_matches_the_textbook_step_down():
     assert holm([]) == []
     with pytest.raises(InvalidArgumentError):
         holm([1.5])
+
+
+def _power_one_pmf_call_per_d(n: int, p_up: float, p_down: float, level: float) -> float:
+    """mcnemar_power as first written: the rejection region and binom.pmf recomputed for every d."""
+    import numpy as np
+    from scipy.stats import binom
+
+    disc = min(1.0, p_up + p_down)
+    if disc == 0.0:
+        return 0.0
+    share = p_up / disc
+    p_d = binom.pmf(np.arange(n + 1), n, disc)
+    power = 0.0
+    for d in range(1, n + 1):
+        if p_d[d] < 1e-15:
+            continue
+        k = np.arange(d + 1)
+        tail = np.minimum(binom.cdf(k, d, 0.5), binom.sf(k - 1, d, 0.5))
+        reject = np.minimum(1.0, 2.0 * tail) < level
+        power += float(p_d[d] * binom.pmf(k, d, share)[reject].sum())
+    return min(1.0, power)
+
+
+def test_mcnemar_power_is_bit_identical_to_one_pmf_call_per_discordant_count():
+    """The memoised rejection regions and the one-call pmf table change no bit of the power (the
+    report's minimum detectable changes are computed from it)."""
+    import random
+
+    from refusal_core.stats import mcnemar_power
+
+    rng = random.Random(0)
+    for _ in range(150):
+        n = rng.choice([1, 2, 7, 32, 64, 100])
+        down = rng.choice([0.0, 0.03125, rng.random() * 0.5])
+        up = rng.random() * (1.0 - down)
+        level = rng.choice([0.05, 0.01, 0.2])
+        want = _power_one_pmf_call_per_d(n, up, down, level)
+        got = mcnemar_power(n, up, down, level)
+        assert got == want, f"mcnemar_power({n}, {up}, {down}, level={level}) = {got!r}, per-d form {want!r}"
