@@ -171,6 +171,38 @@ def test_filter_logits_matches_reference(cfg: SamplingConfig) -> None:
     assert torch.equal(scaled, expected), f"{cfg.label}: kept logits are not logits / temperature"
 
 
+def test_filter_logits_numpy_path_is_bit_identical_to_the_torch_sort_reference() -> None:
+    """filter_logits' CPU path (numpy partition and sort) against the path as first written (torch.topk,
+    a full torch.sort), value for value, on rows with many ties, ties straddling the top-p cut (the
+    one case the numpy order cannot vouch for: the reference runs), -inf entries, top-k before top-p."""
+    from refusal_core.evaluation.generation import _filter_logits_reference, _top_p_drop
+
+    gen = torch.Generator().manual_seed(3)
+    fallbacks = fast = 0
+    for trial in range(600):
+        vocab = (5, 17, 64, 2048)[trial % 4]
+        logits = torch.randn(trial % 5 + 1, vocab, generator=gen) * (trial % 5 + 0.2)
+        if trial % 3 == 0:
+            logits = (logits * 2).round() / 2  # coarse values: ties everywhere
+        if trial % 5 == 0:
+            logits[0, : vocab // 2] = float("-inf")
+        cfg = SamplingConfig(
+            (0.7, 1.0, 1.3)[trial % 3], (0.9, 1.0, 0.5, 0.99, 0.3)[trial % 5], (0, 40, 3, 1)[trial % 4]
+        )
+        got, want = filter_logits(logits, cfg), _filter_logits_reference(logits, cfg)
+        assert torch.equal(got, want), f"trial {trial}, {cfg.label}, vocab {vocab}: filter_logits differs"
+        if cfg.top_p < 1.0:
+            scaled = logits.to(torch.float64) / cfg.temperature
+            if cfg.top_k and cfg.top_k < vocab:
+                scaled = _filter_logits_reference(logits, SamplingConfig(cfg.temperature, 1.0, cfg.top_k))
+            if _top_p_drop(scaled, cfg.top_p) is None:
+                fallbacks += 1
+            else:
+                fast += 1
+    assert fallbacks > 10, f"only {fallbacks} rows had ties across the cut: that branch is not exercised"
+    assert fast > 100, f"the numpy path ran {fast} times only"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [

@@ -35,6 +35,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -165,22 +166,70 @@ def filter_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tenso
     """Temperature-scaled float64 logits ``[B, V]`` with the top-k / top-p rejects set to ``-inf``.
 
     Pure: returns a new tensor. At least one token (the most likely) survives
-    every filter in every row.
+    every filter in every row. On CPU the k-th largest value and the nucleus come from numpy's
+    sorting (several times faster than ``torch.topk`` / ``torch.sort`` here), with the same
+    result bit for bit as :func:`_filter_logits_reference` (see :func:`_top_p_drop`).
     """
+    out = logits.detach().to(torch.float64) / sampling.temperature
+    fast = out.device.type == "cpu" and out.dim() >= 1 and not bool(torch.isnan(out).any())
+    if sampling.top_k and sampling.top_k < out.shape[-1]:
+        if fast:  # the k-th largest value itself (no indices): ties cannot change it
+            cut = out.shape[-1] - sampling.top_k
+            kth = torch.from_numpy(np.partition(out.numpy(), cut, axis=-1)[..., cut : cut + 1])
+        else:
+            kth = torch.topk(out, sampling.top_k, dim=-1).values[..., -1:]
+        out = out.masked_fill(out < kth, -math.inf)
+    if sampling.top_p < 1.0:
+        drop = _top_p_drop(out, sampling.top_p) if fast else None
+        if drop is None:
+            drop = _top_p_drop_reference(out, sampling.top_p)
+        out = out.masked_fill(drop, -math.inf)
+    return out
+
+
+def _filter_logits_reference(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """:func:`filter_logits` as first written (``torch.topk``, a full ``torch.sort``): the tests pin
+    the fast path against it."""
     out = logits.detach().to(torch.float64) / sampling.temperature
     if sampling.top_k and sampling.top_k < out.shape[-1]:
         kth = torch.topk(out, sampling.top_k, dim=-1).values[..., -1:]
         out = out.masked_fill(out < kth, -math.inf)
     if sampling.top_p < 1.0:
-        sorted_logits, order = torch.sort(out, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        mass_before = torch.cumsum(probs, dim=-1) - probs
-        # A token is dropped when the tokens ranked above it already reach top_p.
-        drop_sorted = mass_before >= sampling.top_p
-        drop_sorted[..., 0] = False
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        out = out.masked_fill(drop, -math.inf)
+        out = out.masked_fill(_top_p_drop_reference(out, sampling.top_p), -math.inf)
     return out
+
+
+def _top_p_drop_reference(out: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Which tokens the top-p filter removes, as written first: a full ``torch.sort`` of each row."""
+    sorted_logits, order = torch.sort(out, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    # A token is dropped when the tokens ranked above it already reach top_p.
+    drop_sorted = mass_before >= top_p
+    drop_sorted[..., 0] = False
+    return torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+
+
+def _top_p_drop(out: torch.Tensor, top_p: float) -> torch.Tensor | None:
+    """:func:`_top_p_drop_reference` with numpy's sort, or None when it cannot vouch for the same result.
+
+    The descending sequence of VALUES is the same whatever sort made it, so the softmax, the
+    cumulative mass and the drop flag of every sorted position are the same tensors as in the
+    reference. Only the order among equal values may differ, and it matters only when equal values
+    straddle the cut (some dropped, some kept): then None, and the caller runs the reference.
+    """
+    x = out.numpy()
+    order = np.argsort(-x, axis=-1)
+    sorted_values = np.ascontiguousarray(np.sort(x, axis=-1)[..., ::-1])  # = x[order], value for value
+    probs = torch.softmax(torch.from_numpy(sorted_values), dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    drop_sorted = mass_before >= top_p
+    drop_sorted[..., 0] = False
+    flags = drop_sorted.numpy()
+    tied = sorted_values[..., 1:] == sorted_values[..., :-1]
+    if bool(np.any(tied & (flags[..., 1:] != flags[..., :-1]))):
+        return None
+    return torch.zeros_like(drop_sorted).scatter(-1, torch.from_numpy(order), drop_sorted)
 
 
 def _next_tokens(
