@@ -211,3 +211,46 @@ def test_lm_eval_outside_a_git_checkout_prints_no_git_errors(
     zero_shot_evaluate(tiny_model("llama", seed=4), TOK, ["rc_arithmetic"], limit=2, backend="lm_eval")
     err = capfd.readouterr().err
     assert "not a git repository" not in err, f"lm-eval's git call reached stderr: {err[-300:]!r}"
+
+
+@needs_lm_eval
+def test_lm_eval_bookkeeping_runs_no_environment_probe_and_one_git_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """lm-eval's add_env_info ran torch's collect_env (about 11 subprocesses) and git describe on every
+    call: half a second per evaluated model, for records refusal_core never reads. Neither runs now
+    beyond one git call per directory, and lm-eval's own functions are put back afterwards."""
+    import subprocess
+
+    import lm_eval.evaluator as evaluator
+    import torch.utils.collect_env as collect_env
+
+    from refusal_core.evaluation import zero_shot
+
+    probes: list[int] = []
+
+    def probe() -> str:  # lm-eval catches any exception here: count the calls instead
+        probes.append(1)
+        return "probed"
+
+    monkeypatch.setattr(collect_env, "get_pretty_env_info", probe)
+    monkeypatch.setattr(zero_shot, "_GIT_HASHES", {})
+    calls: list[list[str]] = []
+    real_run = subprocess.run
+
+    def run(args: list[str], *a: object, **kw: object) -> object:
+        calls.append(list(args))
+        return real_run(args, *a, **kw)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(subprocess, "run", run)
+    before = (evaluator.add_env_info, evaluator.get_git_commit_hash)
+    model = tiny_model("llama", seed=4)
+    first = zero_shot_evaluate(model, TOK, ["rc_arithmetic"], limit=3, backend="lm_eval")
+    second = zero_shot_evaluate(model, TOK, ["rc_arithmetic"], limit=3, backend="lm_eval")
+    assert first["rc_arithmetic"].loglikelihoods == second["rc_arithmetic"].loglikelihoods, "results changed"
+    assert not probes, f"torch's collect_env ran {len(probes)} times (about 11 subprocesses each)"
+    git = [c for c in calls if c[:1] == ["git"]]
+    assert len(git) <= 1, f"git ran {len(git)} times for two evaluations in one directory"
+    assert (evaluator.add_env_info, evaluator.get_git_commit_hash) == before, (
+        "lm-eval's functions not restored"
+    )

@@ -364,31 +364,67 @@ def _no_retie(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet_git_hash() -> Iterator[None]:
-    """lm-eval records ``git describe`` of the working directory by running git with the terminal's
-    stderr, so every evaluation outside a checkout printed "fatal: not a git repository" (13 lines
-    per study). The same hash, asked with git's stderr discarded."""
+    """lm-eval's bookkeeping of where a result came from, made quiet and cheap; refusal_core reads
+    only its ``results`` and ``samples``, never these records.
+
+    * lm-eval records ``git describe`` of the working directory by running git with the terminal's
+      stderr, so every evaluation outside a checkout printed "fatal: not a git repository" (13 lines
+      per study). The same hash, asked with git's stderr discarded (once per directory and process).
+    * ``add_env_info`` ran torch's ``collect_env`` (about 11 subprocesses: pip, compilers, GPU
+      probes) on every call, half a second per evaluated model here. Skipped: the results get a
+      ``pretty_env_info`` that says so, the versions still recorded.
+    """
+    import os
     import subprocess
 
     import lm_eval.evaluator as evaluator
 
     def git_hash() -> str | None:
-        try:
-            done = subprocess.run(
-                ["git", "describe", "--always"], capture_output=True, text=True, timeout=10, check=False
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() or None if done.returncode == 0 else None
+        cwd = os.getcwd()
+        if cwd not in _GIT_HASHES:
+            try:
+                done = subprocess.run(
+                    ["git", "describe", "--always"], capture_output=True, text=True, timeout=10, check=False
+                )
+            except (OSError, subprocess.SubprocessError):
+                _GIT_HASHES[cwd] = None
+            else:
+                _GIT_HASHES[cwd] = done.stdout.strip() or None if done.returncode == 0 else None
+        return _GIT_HASHES[cwd]
 
-    saved = getattr(evaluator, "get_git_commit_hash", None)
-    if saved is None:  # another lm-eval layout: nothing to quieten
-        yield
-        return
-    evaluator.get_git_commit_hash = git_hash
+    def env_info(storage: dict[str, Any]) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        def ver(pkg: str) -> str:
+            try:
+                return version(pkg)
+            except PackageNotFoundError:
+                return "N/A"
+
+        storage.update(
+            {
+                "pretty_env_info": "not collected (torch.utils.collect_env runs subprocesses)",
+                "transformers_version": ver("transformers"),
+                "lm_eval_version": ver("lm_eval"),
+                "upper_git_hash": None,
+            }
+        )
+
+    saved = {name: getattr(evaluator, name, None) for name in ("get_git_commit_hash", "add_env_info")}
+    patched = {"get_git_commit_hash": git_hash, "add_env_info": env_info}
+    for name, replacement in patched.items():
+        if saved[name] is not None:  # another lm-eval layout: leave what it does not have
+            setattr(evaluator, name, replacement)
     try:
         yield
     finally:
-        evaluator.get_git_commit_hash = saved
+        for name, original in saved.items():
+            if original is not None:
+                setattr(evaluator, name, original)
+
+
+#: ``git describe`` per working directory, asked once per process (see :func:`_quiet_git_hash`).
+_GIT_HASHES: dict[str, str | None] = {}
 
 
 @functools.lru_cache(maxsize=2)
