@@ -247,8 +247,8 @@ class StudyConfig:
     #: ``from_pretrained`` loads (``checkpoints/<variant>/`` in the run directory)
     save_checkpoints: bool = True
     #: also measure the BASE direction's necessity and sufficiency in each compressed model (stage
-    #: ``<method>/base-direction/mechanism``: is the direction AIRD reinforces still the one refusal runs through?);
-    #: the frontier turns it on
+    #: ``<method>/base-direction/mechanism``: is the direction AIRD reinforces still the one refusal
+    #: runs through?); the frontier turns it on
     base_direction_mechanism: bool = False
     #: who generates the evaluation's completions: "torch" (this package's loop) or "vllm" (each
     #: variant saved as a checkpoint and served by vLLM); extraction, ablation and addition stay in torch
