@@ -96,6 +96,33 @@ def main(argv: list[str] | None = None) -> int:
             f"| {fmt(rate_of(f['refused_harmful']))} | {fmt(rate_of(f['refused_ablated']))} "
             f"| {fmt(rate_of(f['refused_added']))} | {ref or '–'} | {paired} | {mde} |"
         )
+    evaluated = [v for v in variants if (stages / "eval" / v / "evaluation.json").is_file()]
+    if evaluated:
+        evals = {v: load(f"eval/{v}/evaluation.json") for v in evaluated}
+        attacks = sorted(evals[evaluated[0]]["jailbroken"])
+        print(
+            "\nHeld-out evaluation (the variants whose evaluation stage is complete; `*`: exact McNemar "
+            "p < 0.05 against the reference named, b / c = prompts leaving / entering the rate):\n"
+        )
+        cols = [f"ASR {a}" for a in attacks] + ["over-refusal (harmless)"]
+        print("| variant | vs | " + " | ".join(cols) + " |")
+        print("|---|---|" + "---|" * len(cols))
+        for v in evaluated:
+            ref = None if v == "base" else ("base" if "+" not in v else v.split("+")[0])
+            ref = ref if ref in evals else None
+            cells = []
+            for _key, flag in [
+                *((a, ("jailbroken", a)) for a in attacks),
+                ("over", ("refused_harmless", None)),
+            ]:
+                now = evals[v][flag[0]] if flag[1] is None else evals[v][flag[0]][flag[1]]
+                cell = fmt(rate_of(now))
+                if ref is not None:
+                    before = evals[ref][flag[0]] if flag[1] is None else evals[ref][flag[0]][flag[1]]
+                    t = mcnemar(before, now)
+                    cell += f", {t.b} / {t.c}, p = {t.p_value:.2g}{' *' if t.significant else ''}"
+                cells.append(cell)
+            print(f"| {v} | {ref or '–'} | " + " | ".join(cells) + " |")
     for v in variants:
         sweep = stages / v / "sweep" / "sweep.json"
         if not sweep.is_file():
