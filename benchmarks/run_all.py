@@ -20,7 +20,9 @@ nothing asserts on time.
 
 Entries: ``decoding_grid_shared_prefill``, ``generation_batched_vs_single``,
 ``capture_vs_forward``, ``bf16_vs_fp32_forward``, ``magnitude_select_vs_sort``,
-``int8_sim_precompute``, ``generation_gflops_fp32`` / ``generation_gflops_bf16``
+``int8_sim_precompute``, ``finite_check_aminmax`` (the whole-model NaN/inf guard),
+``sweep_edit_scoped_vs_copy`` (one AIRD sweep point's edit),
+``generation_gflops_fp32`` / ``generation_gflops_bf16``
 (achieved GFLOP/s during generation against a measured matmul peak),
 ``wanda_vs_llmcompressor`` / ``awq_vs_llmcompressor`` (when llmcompressor is
 importable) and ``selection_vs_naive`` (from ``benchmarks.bench_study``).
@@ -427,6 +429,81 @@ def bench_int8(quick: bool, repeats: int) -> dict[str, Any]:
     )
 
 
+def _wide_bf16_model(quick: bool) -> Any:
+    """A random bfloat16 qwen2 wide enough that whole-model passes cost what they cost on real models."""
+    n_layers, width = (4, 256) if quick else (8, 512)
+    return tiny_model("qwen2", n_layers=n_layers, d_model=width, n_heads=8, seed=0, dtype=torch.bfloat16)
+
+
+def bench_finite_check(quick: bool, repeats: int) -> dict[str, Any]:
+    """Whole-model NaN/inf guard: ``torch.isfinite(t).all()`` per tensor vs one ``aminmax`` per tensor."""
+    from refusal_core._finite import all_finite
+
+    model = _wide_bf16_model(quick)
+    tensors = [p.detach() for p in model.parameters()]
+    t_old, ok_old, t_new, ok_new = best_of_pair(
+        repeats,
+        lambda: all(bool(torch.isfinite(t).all()) for t in tensors),
+        lambda: all(all_finite(t) for t in tensors),
+    )
+    tensors[-1].view(-1)[7] = float("nan")  # and both see a NaN
+    caught_old = not all(bool(torch.isfinite(t).all()) for t in tensors)
+    caught = caught_old and not all(all_finite(t) for t in tensors)
+    return speedup(
+        t_old,
+        t_new,
+        meaning="time(isfinite().all() per tensor) / time(all_finite: aminmax per tensor), whole model",
+        target=None,
+        conditions={"model": _model_desc(model), "dtype": "bfloat16"},
+        identical=bool(ok_old == ok_new and caught),
+    )
+
+
+def bench_sweep_edit(quick: bool, repeats: int) -> dict[str, Any]:
+    """One AIRD sweep point's edit, without its scoring: a repaired deep copy with the edit's records
+    (two whole-model hashes, as every sweep point paid before) vs the in-place edit undone by
+    ``scoped_edit`` (the study's sweep now). The scoring that follows is the same for both."""
+    from types import SimpleNamespace
+
+    from refusal_core import bench as steps
+    from refusal_core.aird import AirdConfig
+    from refusal_core.compression import scoped_edit
+    from refusal_core.model import get_layout, model_identity
+    from refusal_core.model.identity import weights_sha256
+
+    model = _wide_bf16_model(quick)
+    layout = get_layout(model)
+    ident = model_identity(model)
+    fake_bench: Any = SimpleNamespace(identity=ident)
+    r = torch.randn(layout.d_model, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    plan = steps.RepairPlan(AirdConfig(gain_attn=3.0, gain_mlp=3.0), (layout.n_layers // 2,), "into-source")
+    block = layout.blocks[plan.edit_blocks[0]]
+
+    def copy_path() -> str:
+        edited, _ = steps.repaired(fake_bench, model, r, plan)
+        return str(edited.config.model_type)
+
+    def scoped_path() -> str:
+        with scoped_edit([block]):
+            steps._apply_plan_(fake_bench, model, r, plan, method=None, compression=None, check_origin=False)
+        return str(model.config.model_type)
+
+    digest = weights_sha256(model)
+    t_old, _, t_new, _ = best_of_pair(repeats, copy_path, scoped_path)
+    edited, _ = steps.repaired(fake_bench, model, r, plan)
+    with scoped_edit([block]):
+        steps._apply_plan_(fake_bench, model, r, plan, method=None, compression=None, check_origin=False)
+        same_edit = weights_sha256(model) == weights_sha256(edited)
+    return speedup(
+        t_old,
+        t_new,
+        meaning="time(repaired deep copy + identity hashes) / time(in-place edit undone by scoped_edit)",
+        target=None,
+        conditions={"model": _model_desc(model), "dtype": "bfloat16", "placement": plan.placement},
+        identical=bool(same_edit and weights_sha256(model) == digest),
+    )
+
+
 def bench_llmc(quick: bool, repeats: int) -> dict[str, dict[str, Any]]:
     from refusal_core.compression.llmc import llmc_available
 
@@ -527,6 +604,8 @@ def run_all(quick: bool, repeats: int, only: Sequence[str] | None = None) -> dic
         ("bf16_vs_fp32_forward", lambda: bench_bf16(quick, repeats)),
         ("magnitude_select_vs_sort", lambda: bench_magnitude(quick, repeats)),
         ("int8_sim_precompute", lambda: bench_int8(quick, repeats)),
+        ("finite_check_aminmax", lambda: bench_finite_check(quick, repeats)),
+        ("sweep_edit_scoped_vs_copy", lambda: bench_sweep_edit(quick, repeats)),
         ("generation_gflops", lambda: bench_gflops(quick, repeats)),
         ("llmcompressor", lambda: bench_llmc(quick, repeats)),
         ("selection_vs_naive", lambda: bench_selection_entry(quick)),

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from refusal_core._finite import all_finite
 from refusal_core.errors import (
     EmptyInputError,
     InvalidArgumentError,
@@ -160,7 +161,7 @@ def mean_activations(
                         f"captured {len(captured)} of {n_layers} block inputs; the model skipped blocks"
                     )
                 acts = torch.stack([captured[layer] for layer in range(n_layers)], dim=1)  # [B, L, P, d]
-                if not bool(torch.isfinite(acts).all()):
+                if not all_finite(acts):
                     bad = (~torch.isfinite(acts)).flatten(1).any(1).nonzero().flatten().tolist()
                     raise NonFiniteError(
                         f"activations of instructions {[idx[b] for b in bad]} contain NaN or infinity"

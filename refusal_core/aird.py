@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from refusal_core._finite import all_finite
 from refusal_core.compression import check_model_finite
 from refusal_core.directions import check_direction_origin
 from refusal_core.errors import ArtifactError, InvalidArgumentError, NonFiniteError, ZeroDirectionError
@@ -349,6 +350,7 @@ def apply_aird_(
     *,
     direction_identity: dict[str, Any] | None = None,
     model_record: dict[str, Any] | None = None,
+    record_identity: bool = True,
 ) -> AirdRecord:
     """Apply AIRD in place to block ``layer``'s ``o_proj`` and ``down_proj``; returns what was done.
 
@@ -370,7 +372,8 @@ def apply_aird_(
     With ``direction_identity`` (the identity recorded with ``r``), a direction
     from another model raises :class:`~refusal_core.errors.ForeignDirectionError`
     unless ``model_record["base_identity"]`` is that model (see
-    :func:`~refusal_core.directions.check_direction_origin`).
+    :func:`~refusal_core.directions.check_direction_origin`). ``record_identity``
+    False leaves the record's ``model`` empty (no hash of the whole model).
     """
     if direction_identity is not None:  # None: a raw tensor of unknown origin, used as given
         check_direction_origin(direction_identity, model, model_record=model_record)
@@ -405,7 +408,7 @@ def apply_aird_(
                 normalize=config.normalize,
                 preserve_sparsity=config.preserve_sparsity,
             )
-            if not bool(torch.isfinite(new).all()):
+            if not all_finite(new):
                 raise NonFiniteError(
                     f"AIRD on {name}[{layer}] with alpha={alpha!r} (gain {gain!r}, ‖r‖={r_norm:.6g}) "
                     f"gives non-finite {new.dtype} weights; nothing was edited"
@@ -432,5 +435,5 @@ def apply_aird_(
         config=config,
         direction_norm=r_norm,
         modules={name: rec for name, (_, rec) in planned.items()},
-        model=model_identity(model),
+        model=model_identity(model) if record_identity else {},
     )

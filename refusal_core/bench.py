@@ -55,6 +55,7 @@ from refusal_core.compression import (
     method_config,
     method_spec,
     model_sparsity_of,
+    scoped_edit,
 )
 from refusal_core.compression.calibration_sets import calibration_prompts, calibration_token_ids
 from refusal_core.compression.config import config_to_dict
@@ -89,7 +90,14 @@ from refusal_core.evaluation.judges import SubstringJudge, classify, is_degenera
 from refusal_core.evaluation.scores import refusal_token_ids_for
 from refusal_core.functional import compute_dtype, refusal_score
 from refusal_core.interventions import ablation_hooks, addition_hooks
-from refusal_core.model import encode_prompts, load_model, model_identity, pad_token_id, read_chat_template
+from refusal_core.model import (
+    encode_prompts,
+    get_layout,
+    load_model,
+    model_identity,
+    pad_token_id,
+    read_chat_template,
+)
 from refusal_core.prompts import load_prompts
 from refusal_core.repair import plan_repair, repair_
 from refusal_core.saving import (
@@ -675,6 +683,7 @@ def apply_repair_(
     base_identity: Mapping[str, Any] | None = None,
     method: str | None = None,
     compression: CompressionConfig | None = None,
+    record_identity: bool = True,
 ) -> dict[str, Any]:
     """AIRD with ``r`` on block ``block``'s writers of ``model``, in place: the ONE place an edit is applied.
 
@@ -684,15 +693,25 @@ def apply_repair_(
     weights put back on their grid), ``compression`` its exact config when not the name's default;
     ``method`` None: the writers' modules decide. With
     ``base_identity`` the direction's origin is checked first: ``r`` must come from that base (AIRD's
-    recipe). Which block to edit (the placement) is the caller's decision. Returns the edit's record
-    as a JSON-able dict with ``path`` saying how the weights were written.
+    recipe). Which block to edit (the placement) is the caller's decision. ``record_identity`` False
+    skips hashing the edited model for the record (the sweep, which undoes the edit). Returns the
+    edit's record as a JSON-able dict with ``path`` saying how the weights were written.
     """
     if base_identity is not None:
         check_direction_origin(
             dict(base_identity), model, model_record={"base_identity": dict(base_identity)}
         )
     dense = method is not None and method_spec(method).prunes and not config.preserve_sparsity
-    rec = repair_(model, r, block, config, method=method, dense=dense, compression=compression)
+    rec = repair_(
+        model,
+        r,
+        block,
+        config,
+        method=method,
+        dense=dense,
+        compression=compression,
+        record_identity=record_identity,
+    )
     rule = rec.repair["rule"] if rec.repair is not None else "float"
     return {**rec.to_dict(), "path": REPAIR_PATHS[rule]}
 
@@ -769,16 +788,39 @@ def repaired(
     name's default) repaired by ``plan`` with the BASE direction ``r`` (origin checked), keeping the
     method's storage."""
     out = copy.deepcopy(model)
+    return out, _apply_plan_(bench, out, r, plan, method=method, compression=compression)
+
+
+def _apply_plan_(
+    bench: Bench,
+    model: nn.Module,
+    r: torch.Tensor,
+    plan: RepairPlan,
+    *,
+    method: str | None,
+    compression: CompressionConfig | None,
+    check_origin: bool = True,
+) -> dict[str, Any]:
+    """``plan``'s edits applied to ``model`` in place; returns the repair's record. ``check_origin``
+    False: the caller has checked once that ``r`` is the base's, and the records carry no identity
+    (the sweep, which undoes every edit)."""
     records = [
         apply_repair_(
-            out, r, b, plan.config, base_identity=bench.identity, method=method, compression=compression
+            model,
+            r,
+            b,
+            plan.config,
+            base_identity=bench.identity if check_origin else None,
+            method=method,
+            compression=compression,
+            record_identity=check_origin,
         )
         for b in plan.edit_blocks
     ]
     rec: dict[str, Any] = {"layers": list(plan.edit_blocks), "edits": records}
     if plan.placement != "source-block":
         rec |= {"placement": plan.placement, "source_layers": list(plan.layers)}
-    return out, rec
+    return rec
 
 
 def point_plan(point: SweepPoint, paper: AirdConfig) -> RepairPlan:
@@ -927,10 +969,19 @@ def sweep(
             SweepPoint("identity", False, "none", (), (1.0, 1.0), (0.0, 0.0), validation_scores(bench, model))
         ]
         todo = [(sparse, *spec) for sparse in arms for spec in sweep_plans(c, sparse, base.layer, own_layer)]
+        # The direction's origin is checked once; each point then edits the model itself and is
+        # undone exactly (scoped_edit restores the edited blocks), instead of a deep copy per point
+        # and two whole-model hashes per edit: on the 1.5B real tier those were most of a point's time.
+        check_direction_origin(bench.identity, model, model_record={"base_identity": bench.identity})
+        blocks = get_layout(model).blocks
         for sparse, strength, choice, plan in tqdm(
             todo, desc=f"{name} sweep", disable=not bench.progress, leave=False
         ):
-            edited, _ = repaired(bench, model, base.r, plan, method=method, compression=compression)
+            with scoped_edit([blocks[b] for b in plan.edit_blocks]):
+                _apply_plan_(
+                    bench, model, base.r, plan, method=method, compression=compression, check_origin=False
+                )
+                scores = validation_scores(bench, model)
             points.append(
                 SweepPoint(
                     strength=strength,
@@ -939,11 +990,10 @@ def sweep(
                     layers=plan.edit_blocks,
                     gains=plan.config.gains(base.norm),
                     alphas=plan.config.alphas(base.norm),
-                    scores=validation_scores(bench, edited),
+                    scores=scores,
                     edit=plan.placement,
                 )
             )
-            del edited
         atomic_write_json(d / "sweep.json", {"points": [p.to_dict() for p in points]})
         return points
 

@@ -53,6 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from refusal_core._finite import all_finite
 from refusal_core.compression import effective_weight, spec_of_recorded_method
 from refusal_core.compression.bnb import four_bit_settings, is_bnb_4bit, is_bnb_int8
 from refusal_core.compression.quantization import Int8ExpertsSim
@@ -181,7 +182,7 @@ def _check_finite(model: nn.Module) -> None:
                 if isinstance(v, torch.Tensor)
             }
         for key, t in tensors.items():
-            if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            if t.is_floating_point() and t.device.type != "meta" and not all_finite(t):
                 where = f"{name}.{key}" if name else key
                 raise NonFiniteError(f"{where} contains NaN or infinity; refusing to save the checkpoint")
 

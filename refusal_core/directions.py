@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from refusal_core._finite import all_finite
 from refusal_core.activations import mean_activations
 from refusal_core.errors import (
     ArtifactError,
@@ -295,7 +296,7 @@ class Direction:
         art = _read_artifact(path, "Direction", expect_identity)
         tensors, meta = art.tensors, art.meta
         vector = tensors.get("vector")
-        if vector is None or vector.ndim != 1 or not bool(torch.isfinite(vector).all()):
+        if vector is None or vector.ndim != 1 or not all_finite(vector):
             raise ArtifactError(f"Direction artifact at {path}: vector missing, not 1-D or not finite")
         layer = _require(meta, "layer", "Direction", int)
         position = _require(meta, "position", "Direction", int)
@@ -375,7 +376,7 @@ class DirectionCandidates:
             or positions != list(range(-shape[1], 0))
         ):
             raise ArtifactError(f"{kind} artifact at {path}: inconsistent shapes, dtypes or positions")
-        if not all(bool(torch.isfinite(t).all()) for t in (dirs, hmf, hml)):
+        if not all(all_finite(t) for t in (dirs, hmf, hml)):
             raise ArtifactError(f"{kind} artifact at {path}: tensors contain NaN or infinity")
         if not torch.allclose(dirs, hmf - hml, rtol=0.0, atol=1e-12 * (1.0 + float(hmf.abs().max()))):
             raise ArtifactError(f"{kind} artifact at {path}: directions != harmful_mean - harmless_mean")

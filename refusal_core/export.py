@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from refusal_core._finite import all_finite
 from refusal_core.errors import (
     InvalidArgumentError,
     ShapeMismatchError,
@@ -161,7 +162,7 @@ def _check_model(model: nn.Module) -> tuple[Any, str]:
             f"GGUF export writes plain rotary embeddings; got rope_type {rope_type!r}"
         )
     for p_name, p in model.named_parameters():
-        if not bool(torch.isfinite(p).all()):
+        if not all_finite(p):
             raise InvalidArgumentError(f"GGUF export: parameter {p_name} holds NaN or infinity")
     return config, GGUF_ARCHITECTURES[model_type]
 

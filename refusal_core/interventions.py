@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from refusal_core._finite import all_finite
 from refusal_core.compression import check_model_finite
 from refusal_core.errors import (
     InvalidArgumentError,
@@ -263,9 +264,9 @@ def check_editable_linear(module: nn.Module, name: str) -> nn.Linear:
             f"{name} is a {type(module).__name__}; only floating-point nn.Linear weights can be edited "
             f"(dequantize or edit before quantizing)"
         )
-    if not bool(torch.isfinite(module.weight).all()):
+    if not all_finite(module.weight):
         raise NonFiniteError(f"{name}.weight contains NaN or infinity")
-    if module.bias is not None and not bool(torch.isfinite(module.bias).all()):
+    if module.bias is not None and not all_finite(module.bias):
         raise NonFiniteError(f"{name}.bias contains NaN or infinity")
     return module
 
@@ -296,7 +297,7 @@ def check_editable_expert_weight(weight: object, name: str) -> torch.Tensor:
         raise UnsupportedModuleError(
             f"{name} is {kind}; only a floating-point 3-D experts parameter [E, d, in] can be edited"
         )
-    if not bool(torch.isfinite(weight).all()):
+    if not all_finite(weight):
         raise NonFiniteError(f"{name} contains NaN or infinity")
     return weight
 
@@ -392,7 +393,7 @@ def orthogonalize_model_(model: nn.Module, r: torch.Tensor) -> None:
     emb = layout.embedding
     if not emb.weight.is_floating_point():
         raise UnsupportedModuleError(f"embedding is {emb.weight.dtype}; it must be floating point to edit")
-    if not bool(torch.isfinite(emb.weight).all()):
+    if not all_finite(emb.weight):
         raise NonFiniteError("embedding.weight contains NaN or infinity")
     with torch.no_grad():
         if layout.embeddings_tied:

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from refusal_core._finite import all_finite
 from refusal_core.aird import AirdConfig, AirdRecord, apply_aird_
 from refusal_core.compression.schemes import QUANTIZED_SCHEMES, scheme_named, scheme_of
 from refusal_core.errors import (
@@ -248,10 +249,10 @@ def _dequantize_target(target: _Target, label: str) -> None:
         raise UnsupportedModuleError(f"{label} is offloaded (meta device); load it on a device to edit it")
     dq = dequantize_module(target.module)
     dq = dq.to(compute_dtype(dq))  # a float16/bfloat16 dequantization would round the edit
-    if not bool(torch.isfinite(dq).all()):
+    if not all_finite(dq):
         raise NonFiniteError(f"{label}: dequantized weight contains NaN or infinity")
     bias = _bias_of(target.module)
-    if bias is not None and not bool(torch.isfinite(bias).all()):
+    if bias is not None and not all_finite(bias):
         raise NonFiniteError(f"{label}.bias contains NaN or infinity")
     target.weight = dq
 
@@ -369,6 +370,7 @@ def apply_aird_quantized_(
     *,
     requantize: bool,
     dtype: torch.dtype | None = None,
+    record_identity: bool = True,
 ) -> QuantizedEditRecord:
     """AIRD on block ``layer``'s ``o_proj`` and ``down_proj``, quantized or not, in place.
 
@@ -384,7 +386,8 @@ def apply_aird_quantized_(
     ``requantize``, ``dtype`` and both modules (supported type, finite
     weights) are checked before anything changes; an edit whose result is not
     finite raises :class:`~refusal_core.errors.NonFiniteError` with the
-    quantized modules restored.
+    quantized modules restored. ``record_identity`` False leaves the records'
+    ``model`` empty (no hash of the whole model).
     """
     if not isinstance(config, AirdConfig):
         raise InvalidArgumentError(f"config must be an AirdConfig, got {type(config).__name__}")
@@ -399,7 +402,7 @@ def apply_aird_quantized_(
     aird, outcomes = _round_trip_(
         model,
         targets,
-        lambda: apply_aird_(model, r, layer, config),
+        lambda: apply_aird_(model, r, layer, config, record_identity=record_identity),
         requantize=requantize,
         dtype=keep_dtype,
     )
@@ -409,7 +412,7 @@ def apply_aird_quantized_(
         modules=outcomes,
         float_modules=[t.full_name for t in targets if t.scheme == "float"],
         aird=aird,
-        model=model_identity(model),
+        model=model_identity(model) if record_identity else {},
     )
 
 
@@ -440,7 +443,7 @@ def orthogonalize_model_quantized_(
     emb = layout.embedding.weight
     if not emb.is_floating_point():
         raise UnsupportedModuleError(f"embedding is {emb.dtype}; it must be floating point to edit")
-    if not bool(torch.isfinite(emb).all()):
+    if not all_finite(emb):
         raise NonFiniteError("embedding.weight contains NaN or infinity")
     targets = _targets(layout, list(range(layout.n_layers)))
 

@@ -346,6 +346,7 @@ def repair_(
     method: str | None = None,
     dense: bool = False,
     compression: CompressionConfig | None = None,
+    record_identity: bool = True,
 ) -> AirdRecord:
     """AIRD on block ``layer``'s residual writers of ``model``, in place, keeping its storage.
 
@@ -357,7 +358,9 @@ def repair_(
     None for a model named by its modules alone, see the module docstring);
     ``compression`` its exact config when not the name's default. ``dense``
     asks for the paper's dense edit of a pruned model (its zeros are lost, and
-    the record says how many). Returns the AIRD record with ``repair`` filled
+    the record says how many). ``record_identity`` False leaves the record's ``model`` empty
+    instead of hashing the whole edited model (for a caller that scores the edit and undoes it, as
+    the study's sweep does). Returns the AIRD record with ``repair`` filled
     (:class:`RepairPlan` fields, ``sparsity_lost`` per module, and per module
     the re-quantization outcome and ``levels`` / ``max_levels`` for the grid).
     """
@@ -376,7 +379,9 @@ def repair_(
     with model_transaction(layout.blocks[layer]):
         modules: dict[str, dict[str, Any]] = {}
         if plan.rule == "module-scheme":
-            qrec = apply_aird_quantized_(model, r, layer, edit_config, requantize=True)
+            qrec = apply_aird_quantized_(
+                model, r, layer, edit_config, requantize=True, record_identity=record_identity
+            )
             if qrec.aird is None:  # pragma: no cover - apply_aird_quantized_ always records the edit
                 raise RefusalCoreError("the quantized AIRD edit returned no record")
             record = qrec.aird
@@ -386,7 +391,7 @@ def repair_(
                 outcome = by_full.get(names.get(id(w.module), ""))
                 modules[w.name] = {} if outcome is None else dataclasses.asdict(outcome)
         else:
-            record = apply_aird_(model, r, layer, edit_config)
+            record = apply_aird_(model, r, layer, edit_config, record_identity=record_identity)
             if plan.rule == "weight-groups":
                 modules = _regrid_(layout, layer, plan, before)
             elif plan.rule == "gguf-blocks":
@@ -405,7 +410,7 @@ def repair_(
             "sparsity_lost": lost,
             "modules": modules,
         }
-        record.model = model_identity(model)
+        record.model = model_identity(model) if record_identity else {}
     return record
 
 

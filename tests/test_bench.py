@@ -267,3 +267,58 @@ def test_the_experiment_layer_imports_no_private_names() -> None:
                 if private:
                     offenders.append(f"{path.relative_to(PACKAGE)}: from {module} import {private}")
     assert not offenders, "private names imported across modules:\n" + "\n".join(offenders)
+
+
+# ----------------------------------------------------------------------------
+# the sweep edits the compressed model in place and undoes every point
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["magnitude", "llm-int8"])
+def test_sweep_scores_equal_a_repaired_copy_and_leave_the_model_as_it_was(
+    tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every sweep point (edited in place, then restored) scores exactly what a repaired deep copy of
+    the compressed model scores with the same plan (generation included, so a memo keyed on a stale
+    model state would show), and after the sweep, or a sweep that raised half way, the compressed
+    model is bit for bit what it was, its module types included."""
+    from refusal_core.compression import compress_, method_config
+    from refusal_core.compression.calibration_sets import calibration_token_ids
+    from refusal_core.model.identity import weights_sha256
+
+    cfg = _small(repair=RepairConfig(gains=(2.0, 8.0)))
+    b = steps.Bench(cfg, tmp_path / "b")
+    base = steps.base_direction(b)
+    model = b.compression_base()
+    calibration = calibration_token_ids(b.tokenizer, cfg.calibration, cfg.n_calibration)
+    compress_(model, method_config(method), calibration, batch_size=8)
+    model = b.to_study_dtype(model)
+    sparse = steps.is_pruning(method)
+    types = [type(m) for m in model.modules()]
+    digest = weights_sha256(model)
+    points = steps.sweep(b, method, model, base, base.layer, ["k"], sparse_arm=sparse, method=method)
+    assert weights_sha256(model) == digest, "the sweep left an edit in the compressed model"
+    assert [type(m) for m in model.modules()] == types, "the sweep left a module replaced"
+    arms = (False, True) if sparse else (False,)
+    plans = [p for s in arms for _, _, p in steps.sweep_plans(cfg, s, base.layer, base.layer)]
+    assert len(points) == len(plans) + 1 >= 5, "one point per plan after the unedited model"
+    for point, plan in zip(points[1:], plans, strict=True):
+        copy, _ = steps.repaired(b, model, base.r, plan, method=method)
+        want = steps.validation_scores(b, copy)
+        assert point.scores == want, f"{method} {plan}: in-place sweep {point.scores} != copy {want}"
+    assert weights_sha256(model) == digest, "fixture: repaired() copies"
+
+    calls = {"n": 0}
+    real_scores = steps.validation_scores
+
+    def failing(bench: steps.Bench, m: torch.nn.Module) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:  # the second edited point, mid-edit
+            raise RuntimeError("interrupted")
+        return real_scores(bench, m)
+
+    monkeypatch.setattr(steps, "validation_scores", failing)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        steps.sweep(b, f"{method}-again", model, base, base.layer, ["k2"], sparse_arm=sparse, method=method)
+    assert weights_sha256(model) == digest, "a sweep that raised left its edit in the model"
+    assert [type(m) for m in model.modules()] == types

@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
+
+from refusal_core._finite import all_finite
 
 # bnb and llmc register their methods on import (their libraries are imported only when one runs);
 # like every handler they register through _registry, so importing them needs nothing from here.
@@ -59,7 +60,12 @@ from refusal_core.compression._registry import (
     required_calibration,
     spec_of_recorded_method,
 )
-from refusal_core.compression._transaction import check_model_finite, check_tensors_finite, model_transaction
+from refusal_core.compression._transaction import (
+    check_model_finite,
+    check_tensors_finite,
+    model_transaction,
+    scoped_edit,
+)
 from refusal_core.compression.calibration import Calibration, CalibrationBatch, prepare_calibration
 from refusal_core.compression.config import (
     AwqConfig,
@@ -116,6 +122,7 @@ __all__ = [
     "quantize_awq_",
     "quantize_llm_int8_",
     "register_method",
+    "scoped_edit",
     "spec_of_recorded_method",
 ]
 
@@ -361,7 +368,7 @@ def _check_result_finite(model: nn.Module, operation: str) -> None:
     check_tensors_finite(model, operation, what=" after compression")
     for bl in block_linears(get_layout(model)):
         w = effective_weight(bl.module)
-        if (w.is_floating_point() or w.is_complex()) and not bool(torch.isfinite(w).all()):
+        if (w.is_floating_point() or w.is_complex()) and not all_finite(w):
             raise NonFiniteError(
                 f"{operation}: the compressed weight of {bl.full_name} contains NaN or infinity"
             )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from refusal_core._finite import all_finite
 from refusal_core.compression._transaction import check_model_finite
 from refusal_core.errors import NonFiniteError, UnsupportedModuleError
 from refusal_core.model import ModelLayout
@@ -58,9 +59,9 @@ def require_float_linears(layout: ModelLayout, operation: str) -> list[BlockLine
             )
         if not bl.module.weight.is_floating_point():
             raise UnsupportedModuleError(f"{operation}: {bl.full_name} has non-float weights")
-        if not bool(torch.isfinite(bl.module.weight).all()):
+        if not all_finite(bl.module.weight):
             raise NonFiniteError(f"{operation}: weight of {bl.full_name} contains NaN or inf")
-        if bl.module.bias is not None and not bool(torch.isfinite(bl.module.bias).all()):
+        if bl.module.bias is not None and not all_finite(bl.module.bias):
             raise NonFiniteError(f"{operation}: bias of {bl.full_name} contains NaN or inf")
     return linears
 

@@ -22,6 +22,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from refusal_core._finite import all_finite
 from refusal_core.compression.calibration import RecordedCall
 from refusal_core.errors import NonFiniteError, UnsupportedModuleError
 from refusal_core.model import ModelLayout
@@ -82,7 +83,7 @@ def expert_matrices(layout: ModelLayout, operation: str | None = None) -> list[E
                         f"{operation} needs fused float expert weights [E, out, in]; {prefix}.{name} is "
                         f"{type(param).__name__ if not isinstance(param, torch.Tensor) else param.dtype}"
                     )
-                if not bool(torch.isfinite(param).all()):
+                if not all_finite(param):
                     raise NonFiniteError(f"{operation}: {prefix}.{name} contains NaN or inf")
             assert isinstance(param, torch.Tensor)
             out.extend(

@@ -45,13 +45,14 @@ import contextlib
 import functools
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
 import torch
 from torch import nn
 
+from refusal_core._finite import all_finite
 from refusal_core.errors import NonFiniteError
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "check_model_finite",
     "check_tensors_finite",
     "model_transaction",
+    "scoped_edit",
     "transactional",
 ]
 
@@ -91,7 +93,7 @@ def _tensor_bytes(model: nn.Module) -> int:
 def _nonfinite(t: torch.Tensor) -> bool:
     if not (t.is_floating_point() or t.is_complex()) or t.device.type == "meta":
         return False
-    return not bool(torch.isfinite(t.detach()).all())
+    return not all_finite(t.detach())
 
 
 def check_tensors_finite(model: nn.Module, operation: str, *, what: str = "") -> None:
@@ -205,6 +207,22 @@ def model_transaction(model: nn.Module) -> Iterator[None]:
             raise
         finally:
             _ACTIVE.discard(id(model))
+
+
+@contextlib.contextmanager
+def scoped_edit(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Let the body change ``modules`` in place for its duration only: on exit, whether it returned
+    or raised, every one is restored exactly (submodules, parameters, buffers, data and flags).
+
+    Costs one copy of ``modules``' tensors (a block or two, not the model): the study's AIRD sweep
+    scores each strength on the compressed model itself instead of a deep copy of it.
+    """
+    snapshots = [ModelSnapshot(m) for m in modules]
+    try:
+        yield
+    finally:
+        for snapshot in reversed(snapshots):
+            snapshot.restore()
 
 
 def transactional(fn: Callable[_P, _R]) -> Callable[_P, _R]:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from refusal_core._finite import all_finite
 from refusal_core.errors import EmptyInputError, InvalidArgumentError, NonFiniteError, ShapeMismatchError
 from refusal_core.model import ModelLayout
 
@@ -296,7 +297,7 @@ class SequentialBlocks:
                 hidden, rest = args[0], tuple(args[1:])
             else:
                 hidden, rest = kwargs.pop("hidden_states"), ()
-            if not bool(torch.isfinite(hidden[self.batches[b].token_mask]).all()):
+            if not all_finite(hidden[self.batches[b].token_mask]):
                 raise NonFiniteError(f"calibration activations entering block {layer} contain NaN or inf")
             if layer == 0:
                 self.hidden.append(hidden.detach())

@@ -43,6 +43,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from refusal_core._finite import all_finite
 from refusal_core.compression._common import relative_error, require_float_linears
 from refusal_core.compression._experts import expert_matrices, routed_inputs
 from refusal_core.compression._transaction import transactional
@@ -315,7 +316,7 @@ def apply_awq_scale_(
         stored = []
         for target, value, offset in updates:
             cast = value.to(target.dtype)
-            if not bool(torch.isfinite(cast).all()):
+            if not all_finite(cast):
                 raise NonFiniteError(
                     f"AWQ scales {span} overflow {target.dtype} weights; nothing was changed"
                 )

@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
+from refusal_core._finite import all_finite
 from refusal_core.errors import ArtifactError, NonFiniteError
 from refusal_core.saving.files import (
     atomic_write_json,
@@ -121,7 +122,7 @@ def check_finite_model(model: torch.nn.Module) -> None:
             if id(t) in seen or not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 continue
             seen.add(id(t))
-            if not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 bad.append(name)
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
