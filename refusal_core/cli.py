@@ -412,15 +412,23 @@ def write_study_options_cache() -> Path:
     return STUDY_OPTIONS_CACHE
 
 
+#: Commands whose ``--help`` is answered from the cached option table (they take StudyConfig's options).
+CACHED_HELP_COMMANDS = ("study", "frontier")
+
+
 def build_study_help_parser() -> argparse.ArgumentParser:
-    """The parser that answers ``study --help``: the study's options from the cached table."""
+    """The parser that answers ``study --help`` and ``frontier --help``: the study's options from the
+    cached table, so neither imports torch."""
     top, sub = _top_parser()
     data = json.loads(STUDY_OPTIONS_CACHE.read_text(encoding="utf-8"))
-    _add_study_parser(sub, [_option_from_json(d) for d in data])
+    options = [_option_from_json(d) for d in data]
+    _add_study_parser(sub, options)
+    _add_frontier_parser(sub, options)
     for name, text in COMMAND_HELP.items():
-        if name != "study":
+        if name not in CACHED_HELP_COMMANDS:
             sub.add_parser(name, help=text, add_help=False)
-    _add_verbosity(sub.choices["study"], top=False)
+    for name in CACHED_HELP_COMMANDS:
+        _add_verbosity(sub.choices[name], top=False)
     return top
 
 
@@ -813,9 +821,9 @@ def _names_a_command(argv: Sequence[str]) -> bool:
 
 
 def _asks_study_help(argv: Sequence[str]) -> bool:
-    """``study -h``/``--help`` (before any ``--``): answered from the cached option table."""
+    """``study -h``/``--help`` or ``frontier -h``/``--help``: answered from the cached option table."""
     names = [a for a in argv if a in COMMAND_HELP]
-    return bool(names) and names[0] == "study" and any(a in ("-h", "--help") for a in argv)
+    return bool(names) and names[0] in CACHED_HELP_COMMANDS and any(a in ("-h", "--help") for a in argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -333,8 +333,10 @@ def test_study_help_from_the_cached_table_is_the_full_parsers_help() -> None:
     )
     import argparse
 
-    def study_help(parser: argparse.ArgumentParser) -> str:
+    def command_help(parser: argparse.ArgumentParser, name: str) -> str:
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        return sub.choices["study"].format_help()
+        return sub.choices[name].format_help()
 
-    assert study_help(cli.build_study_help_parser()) == study_help(cli.build_parser()), "study --help differs"
+    light, full = cli.build_study_help_parser(), cli.build_parser()
+    for name in ("study", "frontier"):
+        assert command_help(light, name) == command_help(full, name), f"{name} --help differs"
