@@ -329,6 +329,26 @@ def _fmt_opt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def _moves(analysis: Mapping[str, Any], level: str, measures: Sequence[str]) -> str:
+    """``measures`` of ``level`` with the way each moved against the base, e.g. ``asr:decoding
+    (falls 0.61 -> 0.48)``: the rule's tests are two-sided, and a fall in ASR is not a harm."""
+    row = next((r for r in analysis.get("rows", []) if str(r.get("label")) == str(level)), None)
+    base = analysis.get("base", {})
+    out = []
+    for m in measures:
+        kind, _, attack = m.partition(":")
+        try:
+            before = base["asr"][attack] if kind == "asr" else base["over_refusal"]
+            after = row["asr"][attack] if kind == "asr" else row["over_refusal"]  # type: ignore[index]
+            a, b = float(before["value"]), float(after["value"])
+        except (KeyError, TypeError):
+            out.append(m)
+            continue
+        verb = "rises" if b > a else "falls" if b < a else "moves"
+        out.append(f"{m} ({verb} {a:.2f} -> {b:.2f})")
+    return ", ".join(out)
+
+
 def answer_sentence(method: str, model: str, analysis: Mapping[str, Any]) -> str:
     """The report's first sentence: the frontier and what the tests could detect there."""
     v = analysis["verdict"]
@@ -345,11 +365,12 @@ def answer_sentence(method: str, model: str, analysis: Mapping[str, Any]) -> str
         lv = analysis["levels"][0]
         return (
             f"{method} on {model}: no level tested is safe; already at the weakest level ({lv}) "
-            f"{', '.join(v['failing_measures'].get(lv, []))} differs significantly from the base ({family})."
+            f"{_moves(analysis, lv, v['failing_measures'].get(lv, []))} differs significantly from the base "
+            f"({family})."
         )
     nxt = v["first_failing"]
     tail = (
-        f"; at {nxt} {', '.join(v['failing_measures'][nxt])} differs significantly"
+        f"; at {nxt} {_moves(analysis, nxt, v['failing_measures'][nxt])} differs significantly"
         if nxt
         else "; no level tested differs significantly"
     )

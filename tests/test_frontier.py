@@ -250,3 +250,42 @@ def test_cli_frontier_refuses_a_bad_level_before_any_work(
     assert main(["frontier", "--method", "awq", "--levels", "w8,w7", "--out", str(out)]) == 2
     assert "awq level 'w7' is not one of: w8, w6, w5, w4, w3" in capsys.readouterr().err
     assert not out.exists(), "a refused frontier left its output directory behind"
+
+
+def test_the_answer_says_which_way_a_failing_measure_moved() -> None:
+    """The rule's tests are two-sided: a level can fail because its ASR fell. The answer must say
+    so ("falls 0.61 -> 0.48") instead of leaving "differs" to be read as a rise."""
+    from refusal_core.frontier import answer_sentence
+
+    def rate(v: float) -> dict[str, float]:
+        return {"value": v, "low": 0.0, "high": 1.0, "n": 64}
+
+    analysis = {
+        "levels": ["0.5", "0.8"],
+        "verdict": {
+            "n_tests": 4,
+            "frontier": None,
+            "first_failing": "0.5",
+            "failing_measures": {"0.5": ["asr:decoding"], "0.8": ["asr:vanilla", "over_refusal"]},
+        },
+        "detectable_change": {"per_measure": {"asr:decoding": {"at_alpha": 0.2, "n": 64}}},
+        "base": {"asr": {"decoding": rate(0.61), "vanilla": rate(0.09)}, "over_refusal": rate(0.05)},
+        "rows": [
+            {
+                "label": "0.5",
+                "asr": {"decoding": rate(0.48), "vanilla": rate(0.09)},
+                "over_refusal": rate(0.05),
+            },
+            {
+                "label": "0.8",
+                "asr": {"decoding": rate(1.0), "vanilla": rate(0.33)},
+                "over_refusal": rate(0.2),
+            },
+        ],
+    }
+    text = answer_sentence("wanda", "toy", analysis)
+    assert "asr:decoding (falls 0.61 -> 0.48)" in text, text
+    analysis["verdict"] |= {"frontier": "0.5", "first_failing": "0.8"}
+    analysis["verdict"]["failing_measures"] = {"0.8": ["asr:vanilla", "over_refusal"]}
+    text = answer_sentence("wanda", "toy", analysis)
+    assert "asr:vanilla (rises 0.09 -> 0.33), over_refusal (rises 0.05 -> 0.20)" in text, text
