@@ -67,7 +67,18 @@ __all__ = [
 FRONTIER_METHODS = ("magnitude", "wanda", "awq", "gguf", "bnb")
 
 _AWQ_BITS = (8, 6, 5, 4, 3)
-_GGUF_BITS = {"q8_0": 8.5, "q5_1": 6.0, "q5_0": 5.5, "q4_1": 5.0, "q4_0": 4.5}
+# bits per weight of each type's blocks; the K_M files mix in Q6_K layers (attn_v, ffn_down in about
+# 3/8 of the blocks), about 4.8 and 5.7 bits per block-linear weight (extra ``llamacpp``)
+_GGUF_BITS = {
+    "q8_0": 8.5,
+    "q6_k": 6.5625,
+    "q5_1": 6.0,
+    "q5_k_m": 5.7,
+    "q5_0": 5.5,
+    "q4_1": 5.0,
+    "q4_k_m": 4.8,
+    "q4_0": 4.5,
+}
 _BNB_BITS = {"int8": 8.0, "nf4": 4.0}
 _NM = {"2:4": (2, 4), "4:8": (4, 8)}
 

@@ -66,4 +66,5 @@ def test_empty_integer_meta_and_complex() -> None:
     assert all_finite(torch.tensor([1 + 2j]))
     assert not all_finite(torch.tensor([complex(float("nan"), 0.0)]))
     assert not all_finite(torch.tensor([complex(0.0, float("inf"))]))
-    assert all_finite(torch.tensor(3.0)) and not all_finite(torch.tensor(float("-inf")))
+    assert all_finite(torch.tensor(3.0))
+    assert not all_finite(torch.tensor(float("-inf")))

@@ -30,10 +30,12 @@ def test_levels_are_ordered_by_intensity_and_bad_levels_refused() -> None:
     assert got == ["gguf-q8_0", "gguf-q5_1", "gguf-q5_0", "gguf-q4_1", "gguf-q4_0"], f"gguf order: {got}"
     assert [lv.method for lv in frontier_levels("awq", ["w3", "w8", "w5"])] == ["awq-w8", "awq-w5", "awq-w3"]
     assert [lv.method for lv in frontier_levels("bnb", ["nf4", "int8"])] == ["bnb-int8", "bnb-nf4"]
+    got = [lv.method for lv in frontier_levels("gguf", ["q4_k_m", "q6_k", "q4_0", "q5_k_m", "q8_0"])]
+    assert got == ["gguf-q8_0", "gguf-q6_k", "gguf-q5_k_m", "gguf-q4_k_m", "gguf-q4_0"], got
     for method, levels, match in [
         ("wanda", ["1.2"], "sparsities in"),
         ("awq", ["w7"], "w8, w6, w5, w4, w3"),
-        ("gguf", ["q4_k_m"], "q8_0"),
+        ("gguf", ["q3_k_s"], "q8_0"),
         ("wanda", ["0.5", "0.5"], "duplicates"),
         ("wanda", ["0.5", "0.50"], "same setting twice"),
         ("sparsegpt", ["0.5"], "frontier method must be one of"),

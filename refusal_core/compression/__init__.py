@@ -375,4 +375,4 @@ def _check_result_finite(model: nn.Module, operation: str) -> None:
 
 
 # llama.cpp's block types register after the paper's reference methods, so those stay first in METHODS.
-from refusal_core.compression import gguf  # noqa: E402, F401
+from refusal_core.compression import gguf, kquants  # noqa: E402, F401

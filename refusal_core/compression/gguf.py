@@ -100,7 +100,8 @@ class GgufConfig(CompressionConfig):
     def __post_init__(self) -> None:
         if self.qtype not in GGUF_TYPES:
             raise InvalidArgumentError(
-                f"qtype must be one of {GGUF_TYPES} (the K-quants need llama.cpp's own quantizer), "
+                f"qtype must be one of {GGUF_TYPES} (the K-quants need llama.cpp's own quantizer: "
+                "methods gguf-q4_k_m, gguf-q5_k_m, gguf-q6_k with the llamacpp extra), "
                 f"got {self.qtype!r}"
             )
 
