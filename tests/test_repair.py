@@ -24,9 +24,8 @@ from torch import nn
 from refusal_core.aird import AirdConfig
 from refusal_core.checkpoint import read_checkpoint_record, save_checkpoint
 from refusal_core.cli import main
-from refusal_core.compression import METHODS, compress_, method_config
+from refusal_core.compression import METHODS, compress_, method_config, method_spec
 from refusal_core.compression.bnb import bnb_available
-from refusal_core.compression.llmc import llmc_available
 from refusal_core.errors import InvalidArgumentError, RefusalCoreError, UnsupportedModuleError
 from refusal_core.model import get_layout, model_identity
 from refusal_core.testing.tiny import tiny_model, tiny_tokenizer
@@ -38,16 +37,15 @@ STRONG = AirdConfig(gain_attn=3.0, gain_mlp=3.0)
 
 
 def _available(name: str) -> bool:
-    if name.startswith(("bnb-",)):
-        return bnb_available()
-    if name.startswith(("llmc-", "sparsegpt-")):
-        return llmc_available()
-    return True
+    return method_spec(name).available()  # the registry knows every method's extra
 
 
+#: Every method whose repair keeps its storage (a ``requantize="refuse"`` method, the K-quants, is
+#: refused up front instead: tests/llamacpp checks that).
 ALL_METHODS = [
     pytest.param(n, marks=pytest.mark.skipif(not _available(n), reason=f"{n}: its extra is not installed"))
     for n in METHODS
+    if method_spec(n).requantize != "refuse"
 ]
 
 

@@ -90,3 +90,22 @@ def test_k_quant_storage_and_error_order() -> None:
         errors[qtype] = float((d - w).norm() / w.norm())
     assert errors["Q4_K"] > errors["Q5_K"] > errors["Q6_K"] > 0, errors
     assert set(GGML_TYPE_IDS) >= {"Q4_K", "Q5_K", "Q6_K"}
+
+
+def test_repair_of_a_k_quant_model_is_refused_before_anything_changes() -> None:
+    """The repair path cannot put an edit back on a K-quant grid: refused up front, in one line,
+    the model unchanged (the study records "repair refused" and goes on)."""
+    from refusal_core.aird import AirdConfig
+    from refusal_core.bench import repair_refusal
+    from refusal_core.errors import UnsupportedModuleError
+    from refusal_core.repair import repair_
+
+    model = _model()
+    compress_(model, method_config("gguf-q4_k_m"))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    r = torch.randn(256, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UnsupportedModuleError, match=r"llama\.cpp") as info:
+        repair_(model, r, 2, AirdConfig(gain_attn=3.0, gain_mlp=3.0), method="gguf-q4_k_m")
+    assert "\n" not in str(info.value)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()), "refused but changed"
+    assert repair_refusal(model, 2, "gguf-q4_k_m") is not None
