@@ -50,7 +50,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -59,7 +59,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from refusal_core.compression._common import block_linears, relative_error, require_float_linears
+from refusal_core.compression._common import (
+    BlockLinear,
+    block_linears,
+    relative_error,
+    require_float_linears,
+)
 from refusal_core.compression._registry import register_method
 from refusal_core.compression.calibration import Calibration
 from refusal_core.compression.config import CompressionConfig
@@ -76,6 +81,7 @@ __all__ = [
     "GGUF_METHODS",
     "GGUF_TYPES",
     "GgufConfig",
+    "dequantize_block_linears_",
     "gguf_dequantized",
     "gguf_plan",
     "quantize_gguf_",
@@ -220,13 +226,38 @@ def quantize_gguf_(model: nn.Module, qtype: str) -> dict[str, float]:
     """
     if qtype not in GGUF_TYPES:
         raise InvalidArgumentError(f"qtype must be one of {GGUF_TYPES}, got {qtype!r}")
-    operation = f"GGUF {qtype}"
+    _gguf()
+    return dequantize_block_linears_(
+        model,
+        f"GGUF {qtype}",
+        lambda bl: qtype,
+        lambda t: GGUF_BLOCK_SIZE,
+        gguf_dequantized,
+        experts="which the GGUF methods do not quantize yet",
+        width="llama.cpp has no fallback type for this format either",
+    )
+
+
+def dequantize_block_linears_(
+    model: nn.Module,
+    operation: str,
+    type_of: Callable[[BlockLinear], str],
+    block_size: Callable[[str], int],
+    dequantized: Callable[[torch.Tensor, str], torch.Tensor],
+    *,
+    experts: str,
+    width: str,
+) -> dict[str, float]:
+    """Replace every block linear's weight by ``dequantized(weight, type_of(linear))``, in place, after
+    checking every one (plain float ``nn.Linear``, float32/float64, finite, rows a multiple of the
+    type's ``block_size``) before the first changes; MoE models are refused (``experts`` says why),
+    and ``width`` says what llama.cpp does with a row width that does not fit. Returns the relative
+    Frobenius rounding error per module (full name). The GGUF and K-quant methods' one loop."""
     layout = get_layout(model)
     if any(layout.is_moe(layer) for layer in range(layout.n_layers)):
         # llama.cpp quantizes every expert matrix too; leaving the fused experts float would misstate it.
         raise UnsupportedArchitectureError(
-            f"{operation}: {layout.spec.family} keeps its routed experts as fused 3-D parameters, which the "
-            "GGUF methods do not quantize yet"
+            f"{operation}: {layout.spec.family} keeps its routed experts as fused 3-D parameters, {experts}"
         )
     linears = require_float_linears(layout, operation)
     for bl in linears:
@@ -236,18 +267,17 @@ def quantize_gguf_(model: nn.Module, qtype: str) -> dict[str, float]:
                 f"{operation} needs float32 or float64 weights (the dequantized values are exact only "
                 f"there); {bl.full_name} is {w.dtype}: load the model in float32 first"
             )
-        if w.shape[1] % GGUF_BLOCK_SIZE:
+        size = block_size(type_of(bl))
+        if w.shape[1] % size:
             raise ShapeMismatchError(
-                f"{operation} quantizes rows in blocks of {GGUF_BLOCK_SIZE} inputs; "
-                f"{bl.full_name} has rows of {w.shape[1]} "
-                "(llama.cpp has no fallback type for this format either)"
+                f"{operation} quantizes rows in blocks of {size} inputs; "
+                f"{bl.full_name} has rows of {w.shape[1]} ({width})"
             )
-    _gguf()
     errors: dict[str, float] = {}
     with torch.no_grad():
         for bl in linears:
             w = bl.linear.weight
-            new = gguf_dequantized(w, qtype)
+            new = dequantized(w, type_of(bl))
             errors[bl.full_name] = relative_error(new, w)
             w.copy_(new)
     return errors

@@ -46,14 +46,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from refusal_core.compression._common import block_linears, relative_error, require_float_linears
+from refusal_core.compression._common import BlockLinear, block_linears
 from refusal_core.compression._registry import register_method
 from refusal_core.compression.calibration import Calibration
 from refusal_core.compression.config import CompressionConfig
+from refusal_core.compression.gguf import dequantize_block_linears_
 from refusal_core.errors import (
     InvalidArgumentError,
     ShapeMismatchError,
-    UnsupportedArchitectureError,
     UnsupportedModuleError,
 )
 from refusal_core.model import get_layout
@@ -213,36 +213,23 @@ def quantize_kquant_(model: nn.Module, ftype: str) -> dict[str, float]:
     relative Frobenius rounding error per module. Everything is checked before the first change."""
     if ftype not in KQUANT_FTYPES:
         raise InvalidArgumentError(f"ftype must be one of {KQUANT_FTYPES}, got {ftype!r}")
-    operation = f"GGUF {ftype}"
-    layout = get_layout(model)
-    if any(layout.is_moe(layer) for layer in range(layout.n_layers)):
-        raise UnsupportedArchitectureError(
-            f"{operation}: {layout.spec.family} keeps its routed experts as fused 3-D parameters, and "
-            "llama.cpp's K-quant rules for experts are not modelled"
-        )
-    linears = require_float_linears(layout, operation)
-    types = kquant_tensor_types(model, ftype)
-    for bl in linears:
-        w = bl.linear.weight
-        if w.dtype not in (torch.float32, torch.float64):
-            raise UnsupportedModuleError(
-                f"{operation} needs float32 or float64 weights; {bl.full_name} is {w.dtype}"
-            )
-        qtype = types[bl.full_name]
-        if w.shape[1] % BLOCK_SIZE[qtype]:
-            raise ShapeMismatchError(
-                f"{operation}: {bl.full_name} has rows of {w.shape[1]} inputs, not a multiple of 32 "
-                "(llama.cpp would keep it in F16)"
-            )
     _libggml()
-    errors: dict[str, float] = {}
-    with torch.no_grad():
-        for bl in linears:
-            w = bl.linear.weight
-            new = ggml_dequantized(w, types[bl.full_name])
-            errors[bl.full_name] = relative_error(new, w)
-            w.copy_(new)
-    return errors
+    types: dict[str, str] = {}
+
+    def type_of(bl: BlockLinear) -> str:  # read after the helper has refused MoE models and non-linears
+        if not types:
+            types.update(kquant_tensor_types(model, ftype))
+        return types[bl.full_name]
+
+    return dequantize_block_linears_(
+        model,
+        f"GGUF {ftype}",
+        type_of,
+        lambda t: BLOCK_SIZE[t],
+        ggml_dequantized,
+        experts="and llama.cpp's K-quant rules for experts are not modelled",
+        width="llama.cpp would keep it in F16",
+    )
 
 
 @register_method(
