@@ -5,8 +5,8 @@ inputs on the CPU, converts every element first: on a 1.5 B-parameter bfloat16 m
 check took about 30 s on a 2-core EPYC, longer than the edit it guarded. ``torch.aminmax`` reduces
 in one pass without an intermediate: NaN propagates into both results, +inf into the maximum and
 -inf into the minimum, so the two scalars are finite exactly when every element is (measured: the
-same answer 100x faster on bfloat16, 70x on float32). The property suite pins it against
-``torch.isfinite`` on every floating dtype, with NaN and infinities at random places.
+same answer 100x faster on bfloat16, 70x on float32, one 250 M-element tensor). tests/test_finite.py
+pins it against ``torch.isfinite`` on every floating dtype, with NaN and infinities at random places.
 """
 
 from __future__ import annotations

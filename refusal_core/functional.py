@@ -91,7 +91,7 @@ def check_tensor(t: object, name: str, *, ndim: int | None = None, min_ndim: int
         raise ShapeMismatchError(
             f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(t.shape)}"
         )
-    if (t.is_floating_point() or t.is_complex()) and not all_finite(t):
+    if not all_finite(t):
         raise NonFiniteError(f"{name} contains NaN or infinity")
     return t
 
@@ -170,7 +170,7 @@ def _direction_norm(r64: torch.Tensor, name: str) -> float:
 
 def _finite_result(t: torch.Tensor, operation: str) -> torch.Tensor:
     """``t`` if every entry is finite; an overflow of finite inputs raises naming the operation."""
-    if (t.is_floating_point() or t.is_complex()) and not all_finite(t):
+    if not all_finite(t):
         raise NonFiniteError(f"{operation} overflows: the result is not finite")
     return t
 

@@ -368,7 +368,7 @@ def _check_result_finite(model: nn.Module, operation: str) -> None:
     check_tensors_finite(model, operation, what=" after compression")
     for bl in block_linears(get_layout(model)):
         w = effective_weight(bl.module)
-        if (w.is_floating_point() or w.is_complex()) and not all_finite(w):
+        if not all_finite(w):
             raise NonFiniteError(
                 f"{operation}: the compressed weight of {bl.full_name} contains NaN or infinity"
             )
