@@ -61,6 +61,7 @@ __all__ = [
     "frontier_levels",
     "run_frontier",
     "safe_frontier",
+    "seed_stages",
 ]
 
 #: The method families a frontier runs over (see the module docstring).
@@ -631,6 +632,46 @@ def run_frontier(
     plots = plot_frontier(out, analysis)
     write_report(out, method, model, analysis, plots)
     return doc
+
+
+def seed_stages(src_study: str | Path, dst_study: str | Path, prefixes: Sequence[str]) -> list[str]:
+    """Give the study directory ``dst_study`` the completed stages of ``src_study`` under ``prefixes``
+    (stage names such as ``base`` or ``eval/base``, or ``(source, destination)`` pairs to rename);
+    returns the stages seeded.
+
+    Files are hard-linked where the file system allows (copied elsewhere): the stage store replaces a
+    file atomically, never rewrites it in place, so neither run can change the other's. A seeded
+    stage is only a candidate: the study loads it when its recorded key equals the key it computes
+    for its own settings and every file's SHA-256 verifies, and recomputes it otherwise, so seeding
+    saves work (one base extraction and base evaluation for many frontiers and calibration sets) but
+    cannot change a result. Stages ``dst_study`` already has are left alone.
+    """
+    import os
+    import shutil
+
+    src_root, dst_root = Path(src_study) / "stages", Path(dst_study) / "stages"
+    seeded: list[str] = []
+    for item in prefixes:
+        a, b = (item, item) if isinstance(item, str) else item
+        src = src_root / a
+        if not src.is_dir():
+            continue
+        for marker in sorted(src.rglob("stage.json")):
+            rel = marker.parent.relative_to(src)
+            to = dst_root / b / rel
+            if (to / "stage.json").exists():
+                continue
+            to.mkdir(parents=True, exist_ok=True)
+            # the marker last: a stage is complete only once its stage.json exists
+            files = sorted((f for f in marker.parent.iterdir() if f.is_file()), key=lambda f: f == marker)
+            for f in files:
+                (to / f.name).unlink(missing_ok=True)
+                try:
+                    os.link(f, to / f.name)
+                except OSError:
+                    shutil.copy2(f, to / f.name)
+            seeded.append(str(Path(b) / rel))
+    return seeded
 
 
 # ----------------------------------------------------------------------------

@@ -250,13 +250,17 @@ class StudyConfig:
     #: ``<method>/base-direction/mechanism``: is the direction AIRD reinforces still the one refusal
     #: runs through?); the frontier turns it on
     base_direction_mechanism: bool = False
+    #: sweep, choose and evaluate AIRD repairs of every compressed model; False measures the
+    #: compressed models only (a frontier's levels without the repair frontier: a repair sweep and
+    #: its three evaluated variants cost more than the level itself on a real model)
+    repairs: bool = True
     #: who generates the evaluation's completions: "torch" (this package's loop) or "vllm" (each
     #: variant saved as a checkpoint and served by vLLM); extraction, ablation and addition stay in torch
     engine: EngineName = "torch"
     vllm: VllmSettings = field(default_factory=VllmSettings)
 
     def __post_init__(self) -> None:
-        for flag in ("save_checkpoints", "base_direction_mechanism"):
+        for flag in ("save_checkpoints", "base_direction_mechanism", "repairs"):
             if not isinstance(getattr(self, flag), bool):
                 raise InvalidArgumentError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         if isinstance(self.methods, (str, bytes)) or not isinstance(self.methods, (tuple, list)):

@@ -122,9 +122,16 @@ def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> S
     check_methods_available(config.methods)  # a missing extra fails here, before any model is loaded
     t_start = time.perf_counter()
     bench = Bench(config, Path(out_dir), progress=progress)
-    n_repaired = sum(3 if steps.is_pruning(m) and config.repair.sparse else 2 for m in config.methods)
+    n_repaired = (
+        sum(3 if steps.is_pruning(m) and config.repair.sparse else 2 for m in config.methods)
+        if config.repairs
+        else 0
+    )
     # base: 2 + its evaluation; a method: 3 + its evaluation; a repaired variant: analysis + evaluation
-    bar = tqdm(total=3 + 4 * len(config.methods) + 2 * n_repaired, desc="study", disable=not progress)
+    per_method = 4 if config.repairs else 3  # compressed, analysed, (swept), evaluated
+    bar = tqdm(
+        total=3 + per_method * len(config.methods) + 2 * n_repaired, desc="study", disable=not progress
+    )
 
     def step(msg: str) -> None:
         bar.set_postfix_str(msg)
@@ -142,6 +149,8 @@ def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> S
         step(f"{method} compressed")
         own_layer = _measure_compressed(bench, base, compressed, measured)
         step(f"{method} analysed")
+        if not config.repairs:
+            continue
         refusal = steps.repair_refusal(compressed.model, base.layer, method)
         if refusal is not None:  # its storage cannot be kept through an edit: say so, edit nothing
             summary = RepairSummary("paper", f"repair refused: {refusal}", None, None, same_as=method)
