@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_real_study import cpu_model, peak_rss_bytes  # noqa: E402
+from run_real_study import cpu_model, peak_rss_bytes
 
 BASE_STAGES = ("base", "eval/base")
 PARTS = ("wanda", "calibration", "gguf")
