@@ -628,6 +628,17 @@ def compress(bench: Bench, method: str) -> Compressed:
     return Compressed(method, model, record, key)
 
 
+def saved_compression(study_dir: str | Path, method: str) -> tuple[Path, CompressionRecord]:
+    """The weights file and the record that the completed stage ``method/compress`` of the study in
+    ``study_dir`` saved (float32 state dict of the compressed model). Raises :class:`ArtifactError`
+    when the stage is not complete or a file no longer has its recorded SHA-256."""
+    store = StageStore(Path(study_dir) / "stages")
+    name = f"{method}/compress"
+    store.verify(name)
+    d = store.stage_dir(name)
+    return d / "weights.safetensors", CompressionRecord.load(d / "record")
+
+
 def _restore(bench: Bench, cfg: Any, calibration: list[list[int]], path: Path) -> nn.Module:
     """Rebuild a compressed model from saved weights (re-creating quantized modules if any).
 

@@ -704,18 +704,19 @@ def compare_calibrations(
     """
     import copy
 
+    from refusal_core.bench import saved_compression
     from refusal_core.compression import (
         AwqConfig,
         CompressionConfig,
-        compress_,
         method_config,
         method_for,
         quantize_awq_,
     )
     from refusal_core.compression.calibration_sets import (
+        calibration_prompts,
         calibration_token_ids,
         check_calibration_spec,
-        mask_overlap,
+        mask_overlap_files,
         scale_cosine,
     )
     from refusal_core.model import load_model
@@ -731,16 +732,27 @@ def compare_calibrations(
         raise InvalidArgumentError(f"give at least two distinct calibration sets, got {list(calibrations)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model(study.model, device=study.device, dtype=study.dtype)
-    compressed: list[Any] = []
+    awq = isinstance(cfg, AwqConfig)
+    # AWQ's scales are not in its saved weights (rounding blurs them): they are searched again here,
+    # scales only, on the base model; a pruning mask is read from each set's saved compression.
+    base: Any = load_model(study.model, device=study.device, dtype=study.dtype) if awq else None
+    reference_scaled: Any = None
+    studies = [out / f"cal-{i}-{_slug(spec)}" for i, spec in enumerate(specs)]
     rows: list[dict[str, Any]] = []
     for i, spec in enumerate(specs):
-        ids = calibration_token_ids(tok, spec, study.n_calibration)
-        m = copy.deepcopy(model)
-        if isinstance(cfg, AwqConfig):
+        if i > 0:  # the base model's stages do not depend on the calibration set: computed once
+            seed_stages(studies[0], studies[i], ("base", "eval/base"))
+        results = run_study(
+            dataclasses.replace(study, calibration=spec, methods=(method,)), studies[i], progress=progress
+        )
+        prompts = calibration_prompts(spec, study.n_calibration)
+        if awq:
+            model, tok = base
+            ids = calibration_token_ids(tok, spec, study.n_calibration)
+            scaled = copy.deepcopy(model)
             # Scales only (no rounding) so the folded column ratios are the scales themselves.
             quantize_awq_(
-                m,
+                scaled,
                 ids,
                 cfg.w_bit,
                 cfg.group_size,
@@ -749,25 +761,24 @@ def compare_calibrations(
                 scale_only=True,
                 batch_size=study.batch_size,
             )
+            if reference_scaled is None:
+                reference_scaled = scaled
+            similarity: dict[str, Any] = {"awq_scale_cosine": scale_cosine(model, reference_scaled, scaled)}
+            n_sequences: int | None = len(ids)
+            n_tokens = sum(len(x) for x in ids)
         else:
-            compress_(m, cfg, ids, batch_size=study.batch_size)
-        compressed.append(m)
-        if isinstance(cfg, AwqConfig):
-            similarity: dict[str, Any] = {"awq_scale_cosine": scale_cosine(model, compressed[0], m)}
-        else:
-            similarity = mask_overlap(compressed[0], m)
-        results = run_study(
-            dataclasses.replace(study, calibration=spec, methods=(method,)),
-            out / f"cal-{i}-{_slug(spec)}",
-            progress=progress,
-        )
+            w_ref, _ = saved_compression(studies[0], method)
+            w_i, record = saved_compression(studies[i], method)
+            similarity = mask_overlap_files(w_ref, w_i, sorted(record.module_sparsity))
+            # a text file's windows are counted only by the tokenizer; the record keeps their tokens
+            n_sequences, n_tokens = (None if prompts is None else len(prompts)), record.calibration_tokens
         v = results.variant(method)
         ev, cmp = v.evaluation, (v.comparisons.vs_base if v.comparisons else None)
         rows.append(
             {
                 "calibration": spec,
-                "n_sequences": len(ids),
-                "n_tokens": sum(len(x) for x in ids),
+                "n_sequences": n_sequences,
+                "n_tokens": n_tokens,
                 "vs_reference": similarity,
                 "cosine_at_base_source": v.cosine_at_base_source,
                 "noise_floor_at_source": results.base.noise_floor_at_source,
@@ -818,7 +829,7 @@ def _write_calibration_report(out: Path, doc: Mapping[str, Any]) -> Path:
 
         cells = [
             r["calibration"],
-            str(r["n_sequences"]),
+            "–" if r["n_sequences"] is None else str(r["n_sequences"]),
             simtext,
             f"{_fmt_opt(r['cosine_at_base_source'])} ({_fmt_opt(r['noise_floor_at_source'])})",
             str(r["source_shift"]),

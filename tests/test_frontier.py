@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -241,6 +242,11 @@ def test_calibration_comparison_on_the_toy(tmp_path: Path) -> None:
         assert row["over_refusal"]["n"] == 8, "over-refusal rate carries its n"
         assert set(row["tests_vs_base"]) >= {"over_refusal"}, "every set is tested against the base"
     assert (tmp_path / "calibration.md").read_text(encoding="utf-8").startswith("# Calibration data")
+    # one base extraction for all sets: the second set's base stages are the first set's files
+    marker = Path("stages/base/extract/stage.json")
+    ino = [os.stat(d / marker).st_ino for d in sorted(tmp_path.glob("cal-*"))]
+    assert len(ino) == 2, "one run directory per calibration set"
+    assert ino[0] == ino[1], "the base was extracted again for the second set"
 
 
 def test_cli_frontier_refuses_a_bad_level_before_any_work(

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ __all__ = [
     "calibration_token_ids",
     "check_calibration_spec",
     "mask_overlap",
+    "mask_overlap_files",
     "scale_cosine",
 ]
 
@@ -119,9 +121,30 @@ def mask_overlap(a: nn.Module, b: nn.Module) -> dict[str, float]:
     wa, wb = _block_weights(a), _block_weights(b)
     if wa.keys() != wb.keys():
         raise ShapeMismatchError("mask_overlap: the two models have different block linears")
+    return _overlap((name, x, wb[name]) for name, x in wa.items())
+
+
+def mask_overlap_files(a: str | Path, b: str | Path, modules: Sequence[str]) -> dict[str, float]:
+    """:func:`mask_overlap` of two saved state dicts (safetensors), over the ``<module>.weight``
+    tensors of ``modules``, read one tensor pair at a time (two pruned real models never need to be
+    in memory together). Raises :class:`ShapeMismatchError` when a file lacks a module's weight or
+    the two differ in shape, :class:`EmptyInputError` for no modules.
+    """
+    from safetensors import safe_open
+
+    if not modules:
+        raise EmptyInputError("mask_overlap_files: no modules to compare")
+    with safe_open(str(a), framework="pt") as fa, safe_open(str(b), framework="pt") as fb:
+        ka, kb = set(fa.keys()), set(fb.keys())
+        missing = [m for m in modules if f"{m}.weight" not in ka or f"{m}.weight" not in kb]
+        if missing:
+            raise ShapeMismatchError(f"mask_overlap_files: no weight for {missing[:3]} in {a} or {b}")
+        return _overlap((m, fa.get_tensor(f"{m}.weight"), fb.get_tensor(f"{m}.weight")) for m in modules)
+
+
+def _overlap(pairs: Iterable[tuple[str, torch.Tensor, torch.Tensor]]) -> dict[str, float]:
     inter = union = equal = total = 0
-    for name, x in wa.items():
-        y = wb[name]
+    for name, x, y in pairs:
         if x.shape != y.shape:
             raise ShapeMismatchError(f"mask_overlap: {name} is {tuple(x.shape)} vs {tuple(y.shape)}")
         za, zb = x == 0, y == 0
