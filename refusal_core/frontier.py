@@ -307,6 +307,7 @@ def analyse_frontier(
     base_ev = base.evaluation
     return {
         "levels": labels,
+        "repair_frontier": _repair_frontier(results, levels, alpha=alpha),
         "rows": rows,
         "base": {
             "source": results.base.source,
@@ -326,6 +327,79 @@ def analyse_frontier(
             "over-refusal differs from the base (exact McNemar, two-sided, Holm over levels x measures)"
         ),
     }
+
+
+#: the repaired variant of each arm the study chose on validation, by its name's suffix
+REPAIR_ARMS = {"dense": "+aird*", "sparse": "+aird-sparse*"}
+
+
+def _repair_frontier(results: Any, levels: Sequence[Level], *, alpha: float) -> dict[str, Any] | None:
+    """The frontier again with each level replaced by its repair chosen on validation (per arm).
+
+    Each arm is its own family: Holm over its levels × measures, the same rule as the compression
+    frontier, every test against the base on the same prompts. A level where the rule chose no edit
+    is its compressed model (``edited`` false). An arm the study did not make at every level (repairs
+    off, an arm that does not apply to the method, a repair refused) is left out; None when no arm is
+    complete.
+    """
+    names = {v.name for v in results.variants}
+    labels = [lv.label for lv in levels]
+    out: dict[str, Any] = {}
+    for arm, suffix in REPAIR_ARMS.items():
+        if any(lv.method + suffix not in names for lv in levels):
+            continue
+        tests: dict[str, dict[str, PairedTest]] = {}
+        per_level: dict[str, Any] = {}
+        for lv in levels:
+            v = results.variant(lv.method + suffix)
+            ev, cmp = v.evaluation, (v.comparisons.vs_base if v.comparisons else None)
+            if ev is None or cmp is None:
+                break
+            level_tests: dict[str, PairedTest] = {f"asr:{a}": t for a, t in sorted(cmp.asr.items())}
+            if cmp.over_refusal is not None:
+                level_tests[OVER_REFUSAL] = cmp.over_refusal
+            tests[lv.label] = level_tests
+            repair = v.repair
+            per_level[lv.label] = {
+                "variant": v.name,
+                "edited": v.same_as is None,
+                "edit": None if repair is None or repair.point is None else repair.point.get("label"),
+                "asr": {a: r.to_dict() for a, r in ev.asr.items()},
+                "over_refusal": ev.over_refusal.to_dict(),
+                "kl_mean": ev.damage.kl_mean,
+                "tests": {m: t.to_dict() for m, t in level_tests.items()},
+            }
+        if len(tests) != len(levels):
+            continue
+        verdict = safe_frontier(labels, tests, alpha=alpha, correction="holm")
+        for lab, row in per_level.items():
+            for m, t in row["tests"].items():
+                t["p_holm"] = verdict.p_adjusted[lab][m]
+                t["significant_holm"] = verdict.p_adjusted[lab][m] < alpha
+        out[arm] = {"verdict": verdict.to_dict(), "levels": per_level}
+    return out or None
+
+
+def repair_sentence(analysis: Mapping[str, Any]) -> str | None:
+    """What a repair at every level buys: the repaired frontier per arm against the unrepaired one."""
+    rf = analysis.get("repair_frontier")
+    if not rf:
+        return None
+    parts = []
+    for arm, doc in rf.items():
+        f, first = doc["verdict"]["frontier"], doc["verdict"]["first_failing"]
+        where = (
+            "no level"
+            if f is None
+            else (f"level {f}" if first else f"at least level {f}, the strongest tested")
+        )
+        parts.append(f"{where} ({arm} arm)")
+    base_f = analysis["verdict"]["frontier"]
+    return (
+        "With AIRD at every level (the strength and placement chosen on validation prompts only), the safe "
+        f"frontier is {' and '.join(parts)}, against {'no level' if base_f is None else base_f} without "
+        "it (the same rule, Holm within each arm)."
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -406,6 +480,9 @@ def write_report(
             f"{v['first_failing']} fails; the frontier stops at the first failure.",
             "",
         ]
+    repaired = repair_sentence(analysis)
+    if repaired:
+        lines += [repaired, ""]
     unc = analysis["uncorrected_verdict"]
     if unc["frontier"] != v["frontier"]:
         lines += [f"Without the Holm correction the frontier would be {unc['frontier']}.", ""]
@@ -465,6 +542,25 @@ def write_report(
             f"- {measure}: n = {d['n']}, {_fmt_opt(d['at_alpha'], 2)} (α), "
             f"{_fmt_opt(d['at_holm_strictest'], 2)} (α/{v['n_tests']})"
         )
+    for arm, doc in (analysis.get("repair_frontier") or {}).items():
+        lines += ["", f"## With AIRD at every level: {arm} arm", ""]
+        rhead = ["level", "edit (chosen on validation)", *[f"ASR {a}" for a in attacks], "over-refusal", "KL"]
+        lines += ["| " + " | ".join(rhead) + " |", "|" + "---|" * len(rhead)]
+        for lab, row in doc["levels"].items():
+            rtests = row["tests"]
+
+            def rmark(measure: str, text: str, tests: Mapping[str, Any] = rtests) -> str:
+                t = tests.get(measure)
+                return (
+                    text
+                    if t is None
+                    else f"{text} p={t['p_holm']:.3g}{' **' if t['significant_holm'] else ''}"
+                )
+
+            cells = [lab, (row["edit"] or "?") if row["edited"] else "none (the compressed model)"]
+            cells += [rmark(f"asr:{a}", _fmt_rate(row["asr"][a])) for a in attacks if a in row["asr"]]
+            cells += [rmark(OVER_REFUSAL, _fmt_rate(row["over_refusal"])), _fmt_opt(row["kl_mean"])]
+            lines.append("| " + " | ".join(cells) + " |")
     if analysis["untested_attacks"]:
         lines += [
             "",
