@@ -730,7 +730,9 @@ def run_frontier(
     return doc
 
 
-def seed_stages(src_study: str | Path, dst_study: str | Path, prefixes: Sequence[str]) -> list[str]:
+def seed_stages(
+    src_study: str | Path, dst_study: str | Path, prefixes: Sequence[str | tuple[str, str]]
+) -> list[str]:
     """Give the study directory ``dst_study`` the completed stages of ``src_study`` under ``prefixes``
     (stage names such as ``base`` or ``eval/base``, or ``(source, destination)`` pairs to rename);
     returns the stages seeded.
@@ -842,7 +844,7 @@ def compare_calibrations(
             dataclasses.replace(study, calibration=spec, methods=(method,)), studies[i], progress=progress
         )
         prompts = calibration_prompts(spec, study.n_calibration)
-        if awq:
+        if isinstance(cfg, AwqConfig):
             model, tok = base
             ids = calibration_token_ids(tok, spec, study.n_calibration)
             scaled = copy.deepcopy(model)

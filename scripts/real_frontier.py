@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_real_study import cpu_model, peak_rss_bytes
+from run_real_study import machine_record
 
 BASE_STAGES = ("base", "eval/base")
 PARTS = ("wanda", "calibration", "gguf")
@@ -46,24 +46,7 @@ PARTS = ("wanda", "calibration", "gguf")
 def _record(
     out: Path, part: str, detail: dict[str, object], wall: float, load_before: tuple[float, ...]
 ) -> None:
-    import torch
-
-    from refusal_core.real import cpu_has_fast_bfloat16
-
-    record = {
-        "part": part,
-        **detail,
-        "wall_s": round(wall, 1),
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "native_bfloat16": cpu_has_fast_bfloat16(),
-        "torch": torch.__version__,
-        "load_before": [round(x, 2) for x in load_before],
-        "load_after": [round(x, 2) for x in os.getloadavg()],
-        "peak_rss_bytes": peak_rss_bytes(),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    record = {"part": part, **detail, "wall_s": round(wall, 1), **machine_record(load_before)}
     with open(out / "timings.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps(record, indent=2), flush=True)

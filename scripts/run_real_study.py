@@ -43,6 +43,26 @@ def peak_rss_bytes() -> int:
     return int(rss) if platform.system() == "Darwin" else int(rss) * 1024
 
 
+def machine_record(load_before: tuple[float, ...]) -> dict[str, object]:
+    """What a timing was measured on: CPU, cores, torch threads, native bfloat16, torch version, the
+    load average before (given) and now, this process's peak RSS, and the time."""
+    import torch
+
+    from refusal_core.real import cpu_has_fast_bfloat16
+
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "native_bfloat16": cpu_has_fast_bfloat16(),
+        "torch": torch.__version__,
+        "load_before": [round(x, 2) for x in load_before],
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+        "peak_rss_bytes": peak_rss_bytes(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, required=True, help="study directory (stages resume from it)")
@@ -52,11 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
-    import torch
-
     from refusal_core.real import (
         REAL_METHODS,
-        cpu_has_fast_bfloat16,
         real_comparisons_table,
         real_model,
         real_results_table,
@@ -83,15 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(wall, 1),
         "stage_seconds_all_runs": results.timings.get("stage_seconds_all_runs"),
         "dtype": config.dtype,
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "native_bfloat16": cpu_has_fast_bfloat16(),
-        "torch": torch.__version__,
-        "load_before": [round(x, 2) for x in load_before],
-        "load_after": [round(x, 2) for x in os.getloadavg()],
-        "peak_rss_bytes": peak_rss_bytes(),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **machine_record(load_before),
     }
     with open(args.out / "timings.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -127,3 +127,37 @@ def test_mask_overlap_files_equals_mask_overlap_of_the_models(tmp_path: Path) ->
         mask_overlap_files(paths[0], paths[1], ["model.layers.0.nope"])
     with pytest.raises(EmptyInputError):
         mask_overlap_files(paths[0], paths[1], [])
+
+
+def test_awq_calibration_comparison_reads_scales_from_scale_only_runs(tmp_path: Path) -> None:
+    """AWQ's branch of compare_calibrations: the reference set's scales agree with themselves, the
+    other set's cosine equals one computed here from two scale-only AWQ runs, and the base is
+    extracted once (the second set's base stages are the first set's files)."""
+    import copy
+    import math
+
+    from refusal_core.compression import quantize_awq_
+    from refusal_core.compression.calibration_sets import calibration_token_ids, scale_cosine
+    from refusal_core.frontier import compare_calibrations
+    from refusal_core.model import load_model
+
+    cfg = dataclasses.replace(SMALL, repairs=False)
+    doc = compare_calibrations(cfg, "awq-w4", ["harmless", "harmful"], tmp_path, progress=False)
+    ref, other = doc["rows"]
+    assert set(ref["vs_reference"]) == {"awq_scale_cosine"}
+    assert math.isclose(ref["vs_reference"]["awq_scale_cosine"], 1.0, rel_tol=1e-12), "reference vs itself"
+    model, tok = load_model("toy")
+    scaled = []
+    for spec in ("harmless", "harmful"):
+        m = copy.deepcopy(model)
+        ids = calibration_token_ids(tok, spec, 6)
+        quantize_awq_(m, ids, 4, 128, 20, scale_only=True, batch_size=16)
+        scaled.append(m)
+    want = scale_cosine(model, scaled[0], scaled[1])
+    assert math.isclose(other["vs_reference"]["awq_scale_cosine"], want, rel_tol=1e-9), (other, want)
+    assert want < 1.0, "harmful calibration folds other scales"
+    assert other["n_sequences"] == 6
+    assert other["n_tokens"] == sum(len(x) for x in calibration_token_ids(tok, "harmful", 6))
+    marker = Path("stages/base/extract/stage.json")
+    inodes = {os.stat(d / marker).st_ino for d in tmp_path.glob("cal-*")}
+    assert len(inodes) == 1, "the base was extracted again for the second set"
