@@ -241,6 +241,15 @@ def _detectable(test: PairedTest, level: float, power: float) -> float | None:
     return minimum_detectable_change(test.n, p_down=p_down, level=level, power=power)
 
 
+def _rule_tests(cmp: Any) -> dict[str, PairedTest]:
+    """The tests the frontier rule reads from a comparison against the base: every paired-testable
+    attack's ASR and the over-refusal."""
+    out: dict[str, PairedTest] = {f"asr:{a}": t for a, t in sorted(cmp.asr.items())}
+    if cmp.over_refusal is not None:
+        out[OVER_REFUSAL] = cmp.over_refusal
+    return out
+
+
 def analyse_frontier(
     results: Any, levels: Sequence[Level], *, alpha: float = 0.05, power: float = 0.8
 ) -> dict[str, Any]:
@@ -254,10 +263,7 @@ def analyse_frontier(
         ev, cmp = v.evaluation, (v.comparisons.vs_base if v.comparisons else None)
         if ev is None or cmp is None:
             raise InvalidArgumentError(f"study results hold no evaluation of level {lv.label} ({lv.method})")
-        level_tests: dict[str, PairedTest] = {f"asr:{a}": t for a, t in sorted(cmp.asr.items())}
-        if cmp.over_refusal is not None:
-            level_tests[OVER_REFUSAL] = cmp.over_refusal
-        tests[lv.label] = level_tests
+        tests[lv.label] = level_tests = _rule_tests(cmp)
         for attack in ev.asr:
             if attack not in cmp.asr:
                 untested[attack] = "no per-prompt paired test (e.g. one universal GCG suffix per model)"
@@ -355,10 +361,7 @@ def _repair_frontier(results: Any, levels: Sequence[Level], *, alpha: float) -> 
             ev, cmp = v.evaluation, (v.comparisons.vs_base if v.comparisons else None)
             if ev is None or cmp is None:
                 break
-            level_tests: dict[str, PairedTest] = {f"asr:{a}": t for a, t in sorted(cmp.asr.items())}
-            if cmp.over_refusal is not None:
-                level_tests[OVER_REFUSAL] = cmp.over_refusal
-            tests[lv.label] = level_tests
+            tests[lv.label] = level_tests = _rule_tests(cmp)
             repair = v.repair
             per_level[lv.label] = {
                 "variant": v.name,
