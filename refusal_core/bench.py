@@ -57,7 +57,11 @@ from refusal_core.compression import (
     model_sparsity_of,
     scoped_edit,
 )
-from refusal_core.compression.calibration_sets import calibration_prompts, calibration_token_ids
+from refusal_core.compression.calibration_sets import (
+    calibration_key,
+    calibration_prompts,
+    calibration_token_ids,
+)
 from refusal_core.compression.config import config_to_dict
 from refusal_core.compression.quantization import cast_floating_
 from refusal_core.directions import (
@@ -623,7 +627,9 @@ def compress(bench: Bench, method: str) -> Compressed:
         record = CompressionRecord.load(d / "record", expect_identity=bench.compression_base_identity())
         return bench.to_study_dtype(_restore(bench, cfg, calibration, d / "weights.safetensors")), record
 
-    settings = {"config": config_to_dict(cfg), "calibration": bench.config.calibration}
+    # keyed by the data, not the spelling: `harmless` and `harmless_train` share a stage, an edited
+    # prompt file does not
+    settings = {"config": config_to_dict(cfg), "calibration": calibration_key(bench.config.calibration)}
     (model, record), key = bench.stage(f"{method}/compress", settings, [], compute, load)
     return Compressed(method, model, record, key)
 

@@ -129,3 +129,49 @@ def test_cli_compress_takes_calibration_keywords(tmp_path: Path) -> None:
     compress_(harmless, WandaConfig(), calibration_token_ids(tok, "harmless", 6))
     assert mask_overlap(saved, reference)["equal_fraction"] == 1.0, "CLI --calibration harmful mask"
     assert mask_overlap(saved, harmless)["equal_fraction"] < 1.0, "harmful and harmless masks must differ"
+
+
+def test_calibration_key_names_the_data_not_the_spelling(tmp_path: Path) -> None:
+    from refusal_core.compression.calibration_sets import calibration_key
+
+    assert calibration_key("harmless") == calibration_key("harmless_train") == "harmless_train"
+    assert calibration_key("harmful") == calibration_key("harmful_train") == "harmful_train"
+    assert len({calibration_key(s) for s in ("harmless", "harmful", "mix")}) == 3
+    f = tmp_path / "cal.txt"
+    f.write_text("Explain tides.\nName three rivers.\n", encoding="utf-8")
+    k1, t1 = calibration_key(str(f)), calibration_key(f"text:{f}")
+    f.write_text("Explain tides.\nName four rivers.\n", encoding="utf-8")
+    assert calibration_key(str(f)) != k1, "an edited prompt file keeps its key"
+    assert calibration_key(f"text:{f}") != t1, "an edited text file keeps its key"
+    assert k1 != t1, "the same file as prompts and as plain text is two sets"
+    with pytest.raises(InvalidArgumentError):
+        calibration_key("no-such-set")
+
+
+def test_the_compress_stage_is_shared_between_spellings_of_one_set(tmp_path: Path) -> None:
+    """A study calibrated on ``harmless`` loads the Wanda stage one calibrated on ``harmless_train``
+    saved (the same prompts), and recomputes it after a prompt file it was made with changes."""
+    import os
+
+    from refusal_core import bench as steps
+    from refusal_core.frontier import seed_stages
+    from refusal_core.study import StudyConfig
+
+    def marker(d: Path) -> int:
+        return os.stat(d / "stages" / "wanda" / "compress" / "stage.json").st_ino
+
+    base = StudyConfig(model="toy", n_train=8, n_val=4, n_test=4, n_calibration=6, zero_shot_tasks=())
+    a, b = tmp_path / "a", tmp_path / "b"
+    steps.compress(steps.Bench(base, a), "wanda")
+    seed_stages(a, b, ("wanda",))
+    steps.compress(steps.Bench(StudyConfig(**{**base.__dict__, "calibration": "harmless"}), b), "wanda")
+    assert marker(a) == marker(b), "harmless and harmless_train compressed twice"
+    f = tmp_path / "cal.txt"
+    f.write_text("\n".join(load_prompts("harmless_train")[:6]), encoding="utf-8")
+    c = tmp_path / "c"
+    with_file = StudyConfig(**{**base.__dict__, "calibration": str(f)})
+    steps.compress(steps.Bench(with_file, c), "wanda")
+    first = marker(c)
+    f.write_text("\n".join(load_prompts("harmful_train")[:6]), encoding="utf-8")
+    steps.compress(steps.Bench(with_file, c), "wanda")
+    assert marker(c) != first, "a stage made from the file's old prompts was reused"

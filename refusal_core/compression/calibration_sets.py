@@ -40,6 +40,7 @@ from refusal_core.prompts import BUILTIN_PROMPT_SETS, load_prompts
 
 __all__ = [
     "CALIBRATION_KEYWORDS",
+    "calibration_key",
     "calibration_prompts",
     "calibration_token_ids",
     "check_calibration_spec",
@@ -66,6 +67,25 @@ def check_calibration_spec(spec: object) -> str:
             f"calibration {spec!r} is not one of {sorted(CALIBRATION_KEYWORDS)}, a built-in prompt set, "
             "an existing prompt file (.txt one per line, .csv, .json, .jsonl) or text:FILE"
         )
+    return spec
+
+
+def calibration_key(spec: str) -> str:
+    """What results made with calibration set ``spec`` are keyed by: the same for two specs that
+    name the same data, different when the data differ. ``harmless`` / ``harmful`` are the built-in
+    sets they name (``harmless_train`` / ``harmful_train``); a file (a prompt file, ``text:FILE``)
+    adds the SHA-256 of its bytes, so an edited file is not mistaken for the one a stage used."""
+    import hashlib
+
+    spec = check_calibration_spec(spec)
+    named = CALIBRATION_KEYWORDS.get(spec)
+    if named is not None:
+        return named
+    if spec == "mix" or spec in BUILTIN_PROMPT_SETS:
+        return spec
+    path = Path(spec[len(_TEXT_PREFIX) :] if spec.startswith(_TEXT_PREFIX) else spec)
+    if path.is_file():
+        return f"{spec}@sha256:{hashlib.sha256(path.read_bytes()).hexdigest()}"
     return spec
 
 

@@ -42,9 +42,10 @@ redoes at most the stage it was in.
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,8 @@ class _Measured:
     sweeps: dict[str, SweepSummary] = field(default_factory=dict)
     #: the base direction's mechanism flags in each compressed model (``base_direction_mechanism``)
     base_direction_flags: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: variants already evaluated (their models released)
+    evaluated: set[str] = field(default_factory=set)
 
     def analysed(self, name: str, model: nn.Module, upstream: list[str], analysis: Analysis) -> None:
         self.models[name] = (model, upstream)
@@ -143,8 +146,14 @@ def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> S
     measured = _Measured()
     base_val = _measure_base(bench, base, measured)
     step("base mechanism")
-    # 2. each compressed model and 3. its repairs
+    # 2. each compressed model and 3. its repairs; 4. each evaluated on the held-out test prompts
+    # as soon as its method is done, then released: one method's models in memory at a time (a real
+    # model's frontier held every level's until the end, 22 GB for three 1.5B levels)
+    evals: dict[str, dict[str, Any]] = {}
+    compressed: Compressed | None = None
     for method in config.methods:
+        compressed = None  # the previous method's model goes with its variants
+        _evaluate_pending(bench, measured, evals, step)
         compressed = steps.compress(bench, method)
         step(f"{method} compressed")
         own_layer = _measure_compressed(bench, base, compressed, measured)
@@ -162,13 +171,8 @@ def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> S
         for name, arm, plan, how in _repair_plans(config, base, method, choices):
             _measure_repaired(bench, base, compressed, measured, name, arm, plan, how, choices)
             step(f"{name} analysed")
-    # 4. evaluation on the held-out test prompts
-    evals: dict[str, dict[str, Any]] = {}
-    for v in measured.variants:
-        if not v.same_as:
-            model, upstream = measured.models[v.name]
-            evals[v.name], _ = steps.evaluate(bench, v.name, model, upstream)
-        step(f"evaluated {v.name}")
+    compressed = None
+    _evaluate_pending(bench, measured, evals, step)
     bar.close()
     # 5. results and report
     results = _results(bench, base, base_val, measured, evals, time.perf_counter() - t_start)
@@ -181,6 +185,23 @@ def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> S
         base_position_index=base.position_index,
     )
     return results
+
+
+def _evaluate_pending(
+    bench: Bench, measured: _Measured, evals: dict[str, dict[str, Any]], step: Callable[[str], None]
+) -> None:
+    """Evaluate every variant measured but not yet evaluated, in order, and drop its model (the
+    base's stays with the bench); a variant that is its compressed model reads that evaluation."""
+    for v in measured.variants:
+        if v.name in measured.evaluated:
+            continue
+        if not v.same_as:
+            model, upstream = measured.models.pop(v.name)
+            evals[v.name], _ = steps.evaluate(bench, v.name, model, upstream)
+            del model
+        measured.evaluated.add(v.name)
+        step(f"evaluated {v.name}")
+    gc.collect()
 
 
 def _measure_base(bench: Bench, base: BaseDirection, measured: _Measured) -> ValidationScores:
