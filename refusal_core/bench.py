@@ -645,6 +645,19 @@ def saved_compression(study_dir: str | Path, method: str) -> tuple[Path, Compres
     return d / "weights.safetensors", CompressionRecord.load(d / "record")
 
 
+def saved_flags(study_dir: str | Path, variant: str) -> dict[str, list[bool]]:
+    """Per-prompt flags of the completed evaluation of ``variant`` in the study in ``study_dir``:
+    ``asr:<attack>`` (jailbroken) and ``over_refusal`` (harmless prompt refused), in prompt order.
+    Raises :class:`ArtifactError` when the stage is not complete or a file was altered."""
+    store = StageStore(Path(study_dir) / "stages")
+    name = f"eval/{variant}"
+    store.verify(name)
+    doc = read_stage_json(store.stage_dir(name) / "evaluation.json")
+    out = {f"asr:{a}": [bool(x) for x in flags] for a, flags in sorted(doc["jailbroken"].items())}
+    out["over_refusal"] = [bool(x) for x in doc["refused_harmless"]]
+    return out
+
+
 def _restore(bench: Bench, cfg: Any, calibration: list[list[int]], path: Path) -> nn.Module:
     """Rebuild a compressed model from saved weights (re-creating quantized modules if any).
 

@@ -894,10 +894,29 @@ def compare_calibrations(
                 },
             }
         )
+    for row, tests in zip(rows, tests_vs_reference(studies, method)):
+        row["tests_vs_reference"] = tests
     doc = {"method": method, "model": str(study.model), "reference": specs[0], "rows": rows}
     atomic_write_json(out / "calibration.json", doc, strict=True)
     _write_calibration_report(out, doc)
     return doc
+
+
+def tests_vs_reference(studies: Sequence[Path], method: str) -> list[dict[str, Any]]:
+    """Each calibration set's study against the first's, on the same prompts: exact McNemar per
+    attack and for over-refusal from the saved evaluations, Holm over every set x measure ("the
+    calibration set changes the ASR" needs this test, not two tests against the base). One dict
+    per study; the first (the reference) is empty."""
+    from refusal_core.bench import saved_flags
+    from refusal_core.stats import mcnemar
+
+    flags = [saved_flags(d, method) for d in studies]
+    keys = [(i, m) for i in range(1, len(flags)) for m in sorted(flags[0]) if m in flags[i]]
+    paired = {k: mcnemar(flags[0][k[1]], flags[k[0]][k[1]]) for k in keys}
+    out: list[dict[str, Any]] = [{} for _ in flags]
+    for (i, m), q in zip(keys, holm([paired[k].p_value for k in keys]) if keys else []):
+        out[i][m] = {**paired[(i, m)].to_dict(), "p_holm": q}
+    return out
 
 
 def _write_calibration_report(out: Path, doc: Mapping[str, Any]) -> Path:
@@ -938,5 +957,17 @@ def _write_calibration_report(out: Path, doc: Mapping[str, Any]) -> Path:
         cells += [cell(f"asr:{a}", r["asr"].get(a)) for a in attacks]
         cells += [cell(OVER_REFUSAL, r["over_refusal"])]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Each set against {doc['reference']} on the same prompts (exact McNemar; b = prompts flagged "
+        f"only with {doc['reference']}, c = only with the set; p Holm-adjusted over every set x measure):",
+        "",
+    ]
+    for r in rows[1:]:
+        parts = [
+            f"{m}: b = {t['b']}, c = {t['c']}, p = {t['p_value']:.3g} (Holm {t['p_holm']:.3g})"
+            for m, t in sorted(r.get("tests_vs_reference", {}).items())
+        ]
+        lines.append(f"- {r['calibration']}: " + "; ".join(parts))
     lines.append("")
     return atomic_write_bytes(out / "calibration.md", "\n".join(lines).encode("utf-8"))

@@ -295,6 +295,23 @@ def test_calibration_comparison_on_the_toy(tmp_path: Path) -> None:
         assert row["over_refusal"]["n"] == 8, "over-refusal rate carries its n"
         assert set(row["tests_vs_base"]) >= {"over_refusal"}, "every set is tested against the base"
     assert (tmp_path / "calibration.md").read_text(encoding="utf-8").startswith("# Calibration data")
+    # the set against the reference on the same prompts, recomputed from the two evaluations here
+    from refusal_core.stats import mcnemar
+
+    evals = [
+        json.loads((d / "stages/eval/wanda@0.6/evaluation.json").read_text(encoding="utf-8"))
+        for d in sorted(tmp_path.glob("cal-*"))
+    ]
+    want = mcnemar(evals[0]["jailbroken"]["vanilla"], evals[1]["jailbroken"]["vanilla"])
+    got = other["tests_vs_reference"]["asr:vanilla"]
+    assert (got["b"], got["c"], got["p_value"]) == (want.b, want.c, want.p_value), "set vs reference test"
+    assert set(other["tests_vs_reference"]) == {
+        "asr:decoding",
+        "asr:vanilla",
+        "asr:vanilla_system",
+        "over_refusal",
+    }
+    assert ref["tests_vs_reference"] == {}, "the reference is not tested against itself"
     # one base extraction for all sets: the second set's base stages are the first set's files
     marker = Path("stages/base/extract/stage.json")
     ino = [os.stat(d / marker).st_ino for d in sorted(tmp_path.glob("cal-*"))]
