@@ -634,14 +634,19 @@ def compress(bench: Bench, method: str) -> Compressed:
     return Compressed(method, model, record, key)
 
 
+def _completed_stage_dir(study_dir: str | Path, name: str) -> Path:
+    """The directory of stage ``name`` of the study in ``study_dir``, after checking the stage is
+    complete and its files have their recorded SHA-256 (:class:`ArtifactError` otherwise)."""
+    store = StageStore(Path(study_dir) / "stages")
+    store.verify(name)
+    return store.stage_dir(name)
+
+
 def saved_compression(study_dir: str | Path, method: str) -> tuple[Path, CompressionRecord]:
     """The weights file and the record that the completed stage ``method/compress`` of the study in
     ``study_dir`` saved (float32 state dict of the compressed model). Raises :class:`ArtifactError`
     when the stage is not complete or a file no longer has its recorded SHA-256."""
-    store = StageStore(Path(study_dir) / "stages")
-    name = f"{method}/compress"
-    store.verify(name)
-    d = store.stage_dir(name)
+    d = _completed_stage_dir(study_dir, f"{method}/compress")
     return d / "weights.safetensors", CompressionRecord.load(d / "record")
 
 
@@ -649,10 +654,7 @@ def saved_flags(study_dir: str | Path, variant: str) -> dict[str, list[bool]]:
     """Per-prompt flags of the completed evaluation of ``variant`` in the study in ``study_dir``:
     ``asr:<attack>`` (jailbroken) and ``over_refusal`` (harmless prompt refused), in prompt order.
     Raises :class:`ArtifactError` when the stage is not complete or a file was altered."""
-    store = StageStore(Path(study_dir) / "stages")
-    name = f"eval/{variant}"
-    store.verify(name)
-    doc = read_stage_json(store.stage_dir(name) / "evaluation.json")
+    doc = read_stage_json(_completed_stage_dir(study_dir, f"eval/{variant}") / "evaluation.json")
     out = {f"asr:{a}": [bool(x) for x in flags] for a, flags in sorted(doc["jailbroken"].items())}
     out["over_refusal"] = [bool(x) for x in doc["refused_harmless"]]
     return out

@@ -471,6 +471,12 @@ def answer_sentence(method: str, model: str, analysis: Mapping[str, Any]) -> str
     )
 
 
+def _holm_cell(tests: Mapping[str, Any], measure: str, text: str) -> str:
+    """``text`` with the measure's Holm-adjusted p (and ** when significant), if it was tested."""
+    t = tests.get(measure)
+    return text if t is None else f"{text} p={t['p_holm']:.3g}{' **' if t['significant_holm'] else ''}"
+
+
 def write_report(
     out_dir: Path, method: str, model: str, analysis: Mapping[str, Any], plots: list[str]
 ) -> Path:
@@ -507,10 +513,7 @@ def write_report(
         tests = row["tests"]
 
         def mark(measure: str, text: str, tests: Mapping[str, Any] = tests) -> str:
-            t = tests.get(measure)
-            return (
-                text if t is None else f"{text} p={t['p_holm']:.3g}{' **' if t['significant_holm'] else ''}"
-            )
+            return _holm_cell(tests, measure, text)
 
         cells = [row["label"], _fmt_opt(row["cosine_at_base_source"]), str(row["source_shift"])]
         cells += [mark(f"asr:{a}", _fmt_rate(row["asr"][a])) for a in attacks]
@@ -553,12 +556,7 @@ def write_report(
             rtests = row["tests"]
 
             def rmark(measure: str, text: str, tests: Mapping[str, Any] = rtests) -> str:
-                t = tests.get(measure)
-                return (
-                    text
-                    if t is None
-                    else f"{text} p={t['p_holm']:.3g}{' **' if t['significant_holm'] else ''}"
-                )
+                return _holm_cell(tests, measure, text)
 
             cells = [lab, (row["edit"] or "?") if row["edited"] else "none (the compressed model)"]
             cells += [rmark(f"asr:{a}", _fmt_rate(row["asr"][a])) for a in attacks if a in row["asr"]]
@@ -838,6 +836,7 @@ def compare_calibrations(
     # scales only, on the base model; a pruning mask is read from each set's saved compression.
     base: Any = load_model(study.model, device=study.device, dtype=study.dtype) if awq else None
     reference_scaled: Any = None
+    w_ref: Path | None = None
     studies = [out / f"cal-{i}-{_slug(spec)}" for i, spec in enumerate(specs)]
     rows: list[dict[str, Any]] = []
     for i, spec in enumerate(specs):
@@ -868,8 +867,10 @@ def compare_calibrations(
             n_sequences: int | None = len(ids)
             n_tokens = sum(len(x) for x in ids)
         else:
-            w_ref, _ = saved_compression(studies[0], method)
+            # each stage's weights are hashed once to verify them (7 GB for a 1.5B model)
             w_i, record = saved_compression(studies[i], method)
+            if w_ref is None:  # the first set's: the reference
+                w_ref = w_i
             similarity = mask_overlap_files(w_ref, w_i, sorted(record.module_sparsity))
             # a text file's windows are counted only by the tokenizer; the record keeps their tokens
             n_sequences, n_tokens = (None if prompts is None else len(prompts)), record.calibration_tokens

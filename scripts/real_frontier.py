@@ -52,6 +52,10 @@ def _record(
     print(json.dumps(record, indent=2), flush=True)
 
 
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, required=True, help="output directory (parts resume from it)")
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="default: bfloat16 where the CPU has it natively")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    parts = _csv(args.parts)
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:
         parser.error(f"--parts takes names from {PARTS}, got {args.parts!r}")
@@ -80,12 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    wanda_levels = [x.strip() for x in args.wanda_levels.split(",") if x.strip()]
-    gguf_levels = [x.strip() for x in args.gguf_levels.split(",") if x.strip()]
+    wanda_levels, gguf_levels = _csv(args.wanda_levels), _csv(args.gguf_levels)
     frontier_levels("wanda", wanda_levels)  # bad levels fail before the model loads
     frontier_levels("gguf", gguf_levels)
     cal_method = f"wanda@{args.calibration_level}"
-    calibrations = [x.strip() for x in args.calibrations.split(",") if x.strip()]
+    calibrations = _csv(args.calibrations)
 
     # every study directory this run may hold, in the order they are made; each is seeded from all
     studies = {"wanda": out / "wanda" / "study", "gguf": out / "gguf" / "study"}
