@@ -108,6 +108,8 @@ from transformers import (
     MixtralForCausalLM,
     PretrainedConfig,
     PreTrainedTokenizerFast,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 from refusal_core.errors import UnsupportedArchitectureError
@@ -125,8 +127,13 @@ class ToyTrainingConfig:
     """Every setting that shapes the weights (all recorded in toy_model.json)."""
 
     seed: int = 0
-    #: "llama" (dense) or "moe" (a Mixtral sparse-MoE MLP in every block; attention as in llama)
+    #: "llama" (dense), "moe" (a Mixtral sparse-MoE MLP in every block; attention as in llama) or
+    #: "qwen3_moe" (Qwen3-MoE: the first ``dense_layers`` blocks keep a dense MLP of ``d_ff``, as
+    #: DeepSeek-V3's ``first_k_dense_replace`` does, the rest are sparse; its attention adds
+    #: per-head q/k RMSNorms)
     arch: str = "llama"
+    #: qwen3_moe only: how many leading blocks are dense (Qwen3-MoE's ``mlp_only_layers``)
+    dense_layers: int = 0
     n_experts: int = 4
     experts_per_token: int = 2
     router_aux_loss_coef: float = 0.01
@@ -429,8 +436,27 @@ def train(cfg: ToyTrainingConfig, quiet: bool = False) -> tuple[Any, PreTrainedT
             output_router_logits=False,
         )
         model_class = MixtralForCausalLM
+    elif cfg.arch == "qwen3_moe":
+        if not 0 <= cfg.dense_layers < cfg.n_layers:
+            raise SystemExit(f"--dense-layers must be in [0, {cfg.n_layers}), got {cfg.dense_layers}")
+        config = Qwen3MoeConfig(
+            **common,
+            head_dim=cfg.d_model // cfg.n_heads,
+            num_experts=cfg.n_experts,
+            num_experts_per_tok=cfg.experts_per_token,
+            moe_intermediate_size=cfg.d_ff,
+            # Mixtral's routing: the top-k router probabilities renormalized to sum to one
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=list(range(cfg.dense_layers)),
+            router_aux_loss_coef=cfg.router_aux_loss_coef,
+            output_router_logits=False,
+        )
+        model_class = Qwen3MoeForCausalLM
     else:
-        raise SystemExit(f"--arch must be llama or moe, got {cfg.arch!r}")
+        raise SystemExit(f"--arch must be llama, moe or qwen3_moe, got {cfg.arch!r}")
+    if cfg.dense_layers and cfg.arch != "qwen3_moe":
+        raise SystemExit("--dense-layers needs --arch qwen3_moe")
     torch.manual_seed(cfg.seed)
     model = model_class._from_config(config, attn_implementation="eager")
     model.generation_config.pad_token_id = pad_id
@@ -482,7 +508,7 @@ def train(cfg: ToyTrainingConfig, quiet: bool = False) -> tuple[Any, PreTrainedT
             is_response[i, n : len(s)] = True
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        moe = cfg.arch == "moe"
+        moe = cfg.arch in ("moe", "qwen3_moe")
         out = model(
             input_ids=input_ids, attention_mask=mask, **({"output_router_logits": True} if moe else {})
         )
@@ -733,7 +759,7 @@ def main() -> None:
         "post_instruction_tokens": post_instruction_tokens(tokenizer),
     }
     if args.out is None:
-        args.out = Path("refusal_core/data") / ("toy_moe_model" if cfg.arch == "moe" else "toy_model")
+        args.out = Path("refusal_core/data") / ("toy_model" if cfg.arch == "llama" else "toy_moe_model")
     if not args.no_analysis:
         record.update(analyse(model, tokenizer, refusal_ids))
     save(model, tokenizer, args.out, record)
