@@ -24,7 +24,8 @@ PLOT_ORDER = ("frontier_rates.png", "frontier_mechanism.png", "frontier_directio
 
 def test_the_committed_frontiers_are_found() -> None:
     names = {str(p.parent.relative_to(FIXTURES)) for p in FRONTIERS}
-    assert {"frontier_toy/wanda", "frontier_toy/gguf", "real_study/qwen1.5b/frontier/wanda"} <= names
+    real = {"real_study/qwen1.5b/frontier/wanda", "real_study/qwen1.5b/frontier/gguf"}
+    assert {"frontier_toy/wanda", "frontier_toy/gguf", *real} <= names
 
 
 @pytest.mark.parametrize("path", FRONTIERS, ids=lambda p: str(p.parent.relative_to(FIXTURES)))
