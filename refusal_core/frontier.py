@@ -511,13 +511,9 @@ def write_report(
     lines.append("| " + " | ".join(base_row) + " |")
     for row in analysis["rows"]:
         tests = row["tests"]
-
-        def mark(measure: str, text: str, tests: Mapping[str, Any] = tests) -> str:
-            return _holm_cell(tests, measure, text)
-
         cells = [row["label"], _fmt_opt(row["cosine_at_base_source"]), str(row["source_shift"])]
-        cells += [mark(f"asr:{a}", _fmt_rate(row["asr"][a])) for a in attacks]
-        cells += [mark(OVER_REFUSAL, _fmt_rate(row["over_refusal"]))]
+        cells += [_holm_cell(tests, f"asr:{a}", _fmt_rate(row["asr"][a])) for a in attacks]
+        cells += [_holm_cell(tests, OVER_REFUSAL, _fmt_rate(row["over_refusal"]))]
         for which in ("mechanism", "base_direction_mechanism"):
             m, mt = row.get(which) or {}, row.get(f"{which}_vs_base") or {}
             for key, flag in (("necessity", "refused_ablated"), ("sufficiency", "refused_added")):
@@ -554,13 +550,14 @@ def write_report(
         lines += ["| " + " | ".join(rhead) + " |", "|" + "---|" * len(rhead)]
         for lab, row in doc["levels"].items():
             rtests = row["tests"]
-
-            def rmark(measure: str, text: str, tests: Mapping[str, Any] = rtests) -> str:
-                return _holm_cell(tests, measure, text)
-
             cells = [lab, (row["edit"] or "?") if row["edited"] else "none (the compressed model)"]
-            cells += [rmark(f"asr:{a}", _fmt_rate(row["asr"][a])) for a in attacks if a in row["asr"]]
-            cells += [rmark(OVER_REFUSAL, _fmt_rate(row["over_refusal"])), _fmt_opt(row["kl_mean"])]
+            cells += [
+                _holm_cell(rtests, f"asr:{a}", _fmt_rate(row["asr"][a])) for a in attacks if a in row["asr"]
+            ]
+            cells += [
+                _holm_cell(rtests, OVER_REFUSAL, _fmt_rate(row["over_refusal"])),
+                _fmt_opt(row["kl_mean"]),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     if analysis["untested_attacks"]:
         lines += [

@@ -364,7 +364,21 @@ def lr_at(step: int, cfg: ToyTrainingConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+ARCHITECTURES = ("llama", "moe", "qwen3_moe")
+
+
+def check_architecture(cfg: ToyTrainingConfig) -> None:
+    """Stop (SystemExit) on an architecture setting that cannot be built, before any work."""
+    if cfg.arch not in ARCHITECTURES:
+        raise SystemExit(f"--arch must be llama, moe or qwen3_moe, got {cfg.arch!r}")
+    if cfg.dense_layers and cfg.arch != "qwen3_moe":
+        raise SystemExit("--dense-layers needs --arch qwen3_moe")
+    if not 0 <= cfg.dense_layers < cfg.n_layers:
+        raise SystemExit(f"--dense-layers must be in [0, {cfg.n_layers}), got {cfg.dense_layers}")
+
+
 def train(cfg: ToyTrainingConfig, quiet: bool = False) -> tuple[Any, PreTrainedTokenizerFast, dict]:
+    check_architecture(cfg)
     set_determinism(cfg.seed)
     check_texts()
     harmful = load_prompts("harmful_train")
@@ -436,9 +450,7 @@ def train(cfg: ToyTrainingConfig, quiet: bool = False) -> tuple[Any, PreTrainedT
             output_router_logits=False,
         )
         model_class = MixtralForCausalLM
-    elif cfg.arch == "qwen3_moe":
-        if not 0 <= cfg.dense_layers < cfg.n_layers:
-            raise SystemExit(f"--dense-layers must be in [0, {cfg.n_layers}), got {cfg.dense_layers}")
+    else:  # qwen3_moe (check_architecture admits no other)
         config = Qwen3MoeConfig(
             **common,
             head_dim=cfg.d_model // cfg.n_heads,
@@ -453,10 +465,6 @@ def train(cfg: ToyTrainingConfig, quiet: bool = False) -> tuple[Any, PreTrainedT
             output_router_logits=False,
         )
         model_class = Qwen3MoeForCausalLM
-    else:
-        raise SystemExit(f"--arch must be llama, moe or qwen3_moe, got {cfg.arch!r}")
-    if cfg.dense_layers and cfg.arch != "qwen3_moe":
-        raise SystemExit("--dense-layers needs --arch qwen3_moe")
     torch.manual_seed(cfg.seed)
     model = model_class._from_config(config, attn_implementation="eager")
     model.generation_config.pad_token_id = pad_id
@@ -474,6 +482,7 @@ def train(cfg: ToyTrainingConfig, quiet: bool = False) -> tuple[Any, PreTrainedT
     )
     rng = random.Random(f"toy-train-{cfg.seed}")
     n_harmless = round(cfg.harmless_fraction * cfg.batch_size)
+    moe = cfg.arch != "llama"  # a routed model: its load-balancing loss joins the objective
     model.train()
     losses: list[float] = []
     start = time.perf_counter()
@@ -508,7 +517,6 @@ def train(cfg: ToyTrainingConfig, quiet: bool = False) -> tuple[Any, PreTrainedT
             is_response[i, n : len(s)] = True
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        moe = cfg.arch in ("moe", "qwen3_moe")
         out = model(
             input_ids=input_ids, attention_mask=mask, **({"output_router_logits": True} if moe else {})
         )
