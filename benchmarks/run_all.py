@@ -20,7 +20,8 @@ nothing asserts on time.
 
 Entries: ``decoding_grid_shared_prefill``, ``generation_batched_vs_single``,
 ``capture_vs_forward``, ``bf16_vs_fp32_forward``, ``magnitude_select_vs_sort``,
-``int8_sim_precompute``, ``finite_check_aminmax`` (the whole-model NaN/inf guard),
+``int8_sim_int_mm_decode`` / ``_prefill`` (LLM.int8 simulation, integer vs float32 matmul),
+``finite_check_aminmax`` (the whole-model NaN/inf guard),
 ``sweep_edit_scoped_vs_copy`` (one AIRD sweep point's edit),
 ``generation_gflops_fp32`` / ``generation_gflops_bf16``
 (achieved GFLOP/s during generation against a measured matmul peak),
@@ -389,44 +390,40 @@ def bench_magnitude(quick: bool, repeats: int) -> dict[str, Any]:
 
 
 def bench_int8(quick: bool, repeats: int) -> dict[str, Any]:
+    """Int8LinearSim's forward with integer matmuls against its float32 route, at a real MLP
+    projection's shape (Qwen2.5-1.5B's gate/up: 1536 -> 8960; quick: half of each), for a
+    decode step (16 tokens) and a prefill (16 prompts x 40 tokens)."""
     from refusal_core.compression import Int8LinearSim
 
-    d_in, d_out = (448, 2432) if quick else (896, 4864)
+    d_in, d_out = (768, 4480) if quick else (1536, 8960)
     gen = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(d_in, d_out)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(d_out, d_in, generator=gen))
     sim = Int8LinearSim.from_linear(lin)
-    x = torch.randn(16, d_in, generator=gen)  # decode-shaped: one token per row of a 16-prompt batch
-    x[3, 7] = 9.0  # one outlier feature
+    entry: dict[str, Any] = {}
+    for label, tokens in (("decode", 16), ("prefill", 640)):
+        x = torch.randn(tokens, d_in, generator=gen)
+        x[3, 7] = 9.0  # one outlier feature
 
-    def cached() -> torch.Tensor:
-        return sim(x)
+        def route(use_int_mm: bool, x: torch.Tensor = x) -> Callable[[], torch.Tensor]:
+            def run() -> torch.Tensor:
+                sim.use_int_mm = use_int_mm
+                return sim(x)
 
-    def per_call() -> torch.Tensor:
-        sim._q_f32_of = None  # type: ignore[assignment]  # forces the conversion, as every call did before
-        return sim(x)
+            return run
 
-    n_calls = 20
-
-    def many(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-        def run() -> torch.Tensor:
-            y = fn()
-            for _ in range(n_calls - 1):
-                y = fn()
-            return y
-
-        return run
-
-    t_old, y_old, t_new, y_new = best_of_pair(repeats, many(per_call), many(cached))
-    return speedup(
-        t_old,
-        t_new,
-        meaning="time(Int8LinearSim converting its codes every call) / time(codes converted once)",
-        target=None,
-        conditions={"in": d_in, "out": d_out, "tokens_per_call": 16, "calls": n_calls, "threshold": 6.0},
-        identical=bool(torch.equal(y_old, y_new)),
-    )
+        t_float, y_float, t_int, y_int = best_of_pair(repeats, route(False), route(True))
+        entry[label] = speedup(
+            t_float,
+            t_int,
+            meaning="time(Int8LinearSim, float32 route) / time(integer matmul route)",
+            target=None,
+            conditions={"in": d_in, "out": d_out, "tokens": tokens, "threshold": 6.0},
+            identical=bool(torch.equal(y_float, y_int)),
+        )
+    sim.use_int_mm = True
+    return {"int8_sim_int_mm_" + k: v for k, v in entry.items()}
 
 
 def _wide_bf16_model(quick: bool) -> Any:
@@ -603,7 +600,7 @@ def run_all(quick: bool, repeats: int, only: Sequence[str] | None = None) -> dic
         ("capture_vs_forward", lambda: bench_capture(quick, repeats)),
         ("bf16_vs_fp32_forward", lambda: bench_bf16(quick, repeats)),
         ("magnitude_select_vs_sort", lambda: bench_magnitude(quick, repeats)),
-        ("int8_sim_precompute", lambda: bench_int8(quick, repeats)),
+        ("int8_sim_int_mm", lambda: bench_int8(quick, repeats)),
         ("finite_check_aminmax", lambda: bench_finite_check(quick, repeats)),
         ("sweep_edit_scoped_vs_copy", lambda: bench_sweep_edit(quick, repeats)),
         ("generation_gflops", lambda: bench_gflops(quick, repeats)),
@@ -620,7 +617,7 @@ def run_all(quick: bool, repeats: int, only: Sequence[str] | None = None) -> dic
         except Exception as exc:  # one broken benchmark must not hide the others
             value = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
         wall = round(time.perf_counter() - t0, 2)
-        if name in ("generation_gflops", "llmcompressor", "selection_vs_naive") and "status" not in value:
+        if name in ("generation_gflops", "llmcompressor", "selection_vs_naive", "int8_sim_int_mm") and "status" not in value:
             for sub, entry in value.items():
                 entry.setdefault("wall_s", wall)
                 results[sub] = entry

@@ -747,6 +747,7 @@ def test_int8_sim_precomputes_its_float_codes_and_follows_edits_of_q() -> None:
     x[2, 5] = 8.0  # outlier column
     x[4, 30] = -11.0
     sim = Int8LinearSim.from_linear(lin)
+    sim.use_int_mm = False  # the float32 route, as on a GPU; the integer route has no float copy
     first = sim._float_q()
     sim(x)
     sim(x)
@@ -772,3 +773,34 @@ def test_int8_sim_precomputes_its_float_codes_and_follows_edits_of_q() -> None:
     assert torch.equal(sim(x), llm_int8_linear(x, lin.weight) + lin.bias), (
         "after replacing q and scale, Int8LinearSim still used the old codes"
     )
+
+
+@pytest.mark.parametrize("width", [40, 1500])
+def test_int8_sim_integer_and_float_routes_are_both_the_functional_core(width: int, monkeypatch) -> None:
+    """The CPU's integer matmul route and the float32 route give ``llm_int8_linear`` bit for bit,
+    with outliers, across the float route's 1024-input chunks (width 1500) and, with the int32
+    chunk made small, across the integer route's chunks too."""
+    import refusal_core.model.simulated as simulated
+
+    g = torch.Generator().manual_seed(7)
+    lin = nn.Linear(width, 24)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(24, width, generator=g) * 0.1)
+        lin.weight[3, 11] = 40.0  # a row whose scale one weight dominates
+    x = torch.randn(9, width, generator=g) * 2
+    x[2, 5] = 8.0  # outlier columns
+    x[6, width - 1] = -13.0
+    expected = llm_int8_linear(x, lin.weight) + lin.bias
+    sim = Int8LinearSim.from_linear(lin)
+    routes = {}
+    for use_int_mm in (True, False):
+        sim.use_int_mm = use_int_mm
+        routes[use_int_mm] = sim(x)
+    monkeypatch.setattr(simulated, "_EXACT_INT32_CHUNK", 17)
+    sim.use_int_mm = True
+    routes["chunked"] = sim(x)
+    for route, y in routes.items():
+        assert torch.equal(y, expected), f"route {route!r} differs from llm_int8_linear"
+    # float64 activations (quantized in float64) through the integer route, chunked, as well
+    x64 = x.double()
+    assert torch.equal(sim(x64), llm_int8_linear(x64, lin.weight) + lin.bias.double())

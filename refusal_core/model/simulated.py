@@ -46,20 +46,34 @@ def check_threshold(value: object, name: str = "threshold") -> float:
 #: Input features per float32 partial product: 1024 · 127² < 2²⁴, so every
 #: partial sum of int8·int8 products is an exactly representable integer.
 _EXACT_FP32_CHUNK = 1024
+#: Input features per int32 partial product: 133144 · 127² < 2³¹, so no int32 sum overflows.
+_EXACT_INT32_CHUNK = (2**31 - 1) // (127 * 127)
 
 
 def _exact_int_matmul(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
     """``qx @ qwᵀ`` for integer-valued ``qx [T, K]`` (|v| ≤ 127) and ``qw [N, K]`` (int8 codes, as int8
     or as their float32 values), exact, float64.
 
-    Float32 products over chunks of 1024 inputs are exact integers; summing
-    them in float64 stays exact (far below 2⁵³), so the result equals the
-    float64 matmul of the functional core bit for bit, at float32 speed.
+    On the CPU with int8 codes the products are integer matmuls (``torch._int_mm``, int32
+    accumulation, VNNI where the CPU has it; ``benchmarks/run_all.py`` entry ``int8_sim_int_mm``
+    compares it with the float32 route). Elsewhere, float32 products over chunks of 1024 inputs
+    are exact integers. Either way each partial sum is exact and so is its float64 total (far
+    below 2⁵³): the result equals the float64 matmul of the functional core bit for bit.
     """
+    if qw.dtype == torch.int8 and qx.device.type == "cpu" and qw.device.type == "cpu":
+        qx8 = qx.to(torch.int8)  # exact: integer values in [-127, 127]
+        step = _EXACT_INT32_CHUNK
+        mm = torch._int_mm
+    else:
+        qx8, step = qx, _EXACT_FP32_CHUNK
+
+        def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return a.to(torch.float32) @ b.to(torch.float32)
+
     acc: torch.Tensor | None = None
-    for start in range(0, qx.shape[1], _EXACT_FP32_CHUNK):
-        stop = start + _EXACT_FP32_CHUNK
-        part = (qx[:, start:stop].to(torch.float32) @ qw[:, start:stop].to(torch.float32).T).to(torch.float64)
+    for start in range(0, qx.shape[1], step):
+        stop = start + step
+        part = mm(qx8[:, start:stop], qw[:, start:stop].T).to(torch.float64)
         acc = part if acc is None else acc + part
     if acc is None:
         return torch.zeros(qx.shape[0], qw.shape[0], dtype=torch.float64, device=qx.device)
@@ -81,6 +95,9 @@ class Int8LinearSim(nn.Module):
     """
 
     weight: None = None
+    #: Multiply the codes as integers on the CPU (``torch._int_mm``); False forces the float32
+    #: route every other device takes. Both are exact, so the output is the same either way.
+    use_int_mm: bool = True
     q: torch.Tensor
     scale: torch.Tensor
     bias: torch.Tensor | None
@@ -152,12 +169,13 @@ class Int8LinearSim(nn.Module):
         sx = xr.abs().amax(dim=1) / 127.0 if x2.shape[0] else torch.zeros(0, dtype=x2.dtype, device=x.device)
         safe = torch.where(sx > 0, sx, torch.ones_like(sx))
         qx = torch.round(xr / safe.unsqueeze(1)).clamp(-127, 127)
-        qf = self._float_q()
-        acc = _exact_int_matmul(qx, qf)
+        int_route = self.use_int_mm and self.q.device.type == "cpu" and x.device.type == "cpu"
+        codes = self.q if int_route else self._float_q()
+        acc = _exact_int_matmul(qx, codes)
         out = acc * sx.to(f64).unsqueeze(1) * self.scale.to(f64).unsqueeze(0)
         if bool(outlier.any()):
-            # float32 codes hold the int8 values exactly, so this is q[:, outlier] · scale as before.
-            wdq = qf[:, outlier].to(self.scale.dtype) * self.scale.unsqueeze(1)
+            # int8 codes, or their float32 copies (exact), times the row scales: q[:, outlier] · scale.
+            wdq = codes[:, outlier].to(self.scale.dtype) * self.scale.unsqueeze(1)
             out = out + x2[:, outlier].to(f64) @ wdq.to(f64).T
         y = out.to(x.dtype).reshape(*lead, self.out_features)
         if self.bias is not None:
