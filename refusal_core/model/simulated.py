@@ -60,20 +60,16 @@ def _exact_int_matmul(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
     are exact integers. Either way each partial sum is exact and so is its float64 total (far
     below 2⁵³): the result equals the float64 matmul of the functional core bit for bit.
     """
-    if qw.dtype == torch.int8 and qx.device.type == "cpu" and qw.device.type == "cpu":
-        qx8 = qx.to(torch.int8)  # exact: integer values in [-127, 127]
-        step = _EXACT_INT32_CHUNK
-        mm = torch._int_mm
-    else:
-        qx8, step = qx, _EXACT_FP32_CHUNK
-
-        def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return a.to(torch.float32) @ b.to(torch.float32)
-
+    integer = qw.dtype == torch.int8 and qx.device.type == "cpu" and qw.device.type == "cpu"
+    if integer:
+        qx = qx.to(torch.int8)  # exact: integer values in [-127, 127]
+    step = _EXACT_INT32_CHUNK if integer else _EXACT_FP32_CHUNK
     acc: torch.Tensor | None = None
     for start in range(0, qx.shape[1], step):
         stop = start + step
-        part = mm(qx8[:, start:stop], qw[:, start:stop].T).to(torch.float64)
+        a, b = qx[:, start:stop], qw[:, start:stop].T
+        part = torch._int_mm(a, b) if integer else a.to(torch.float32) @ b.to(torch.float32)
+        part = part.to(torch.float64)
         acc = part if acc is None else acc + part
     if acc is None:
         return torch.zeros(qx.shape[0], qw.shape[0], dtype=torch.float64, device=qx.device)
