@@ -617,7 +617,10 @@ def run_all(quick: bool, repeats: int, only: Sequence[str] | None = None) -> dic
         except Exception as exc:  # one broken benchmark must not hide the others
             value = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
         wall = round(time.perf_counter() - t0, 2)
-        if name in ("generation_gflops", "llmcompressor", "selection_vs_naive", "int8_sim_int_mm") and "status" not in value:
+        if (
+            name in ("generation_gflops", "llmcompressor", "selection_vs_naive", "int8_sim_int_mm")
+            and "status" not in value
+        ):
             for sub, entry in value.items():
                 entry.setdefault("wall_s", wall)
                 results[sub] = entry

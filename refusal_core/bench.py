@@ -124,7 +124,7 @@ from refusal_core.study.config import PLACEMENTS, StudyConfig
 from refusal_core.study.results import MECHANISM_FLAGS, MechanismSummary
 from refusal_core.study.schemas import read_stage_json
 from refusal_core.study.sweep import RepairChoice, SweepPoint, ValidationScores, choose_repair
-from refusal_core.toy import toy_refusal_token_ids
+from refusal_core.toy import TOY_MODELS, toy_refusal_token_ids
 
 __all__ = [
     "PLACEMENTS",
@@ -357,8 +357,8 @@ class Bench:
 
 def default_refusal_token_ids(spec: str, tokenizer: Any) -> list[int]:
     """The refusal token ids the study uses for model ``spec``: the toy's own, else the family's."""
-    if spec == "toy":
-        return list(toy_refusal_token_ids())
+    if spec in TOY_MODELS:
+        return list(toy_refusal_token_ids(spec))
     return list(refusal_token_ids_for(tokenizer))
 
 

@@ -50,7 +50,10 @@ __all__ = ["COMMANDS", "build_parser", "check_output_location", "judge_from_spec
 
 #: Help of config fields that carry no comment or docstring in their own class.
 HELP: dict[tuple[str, str], str] = {
-    ("StudyConfig", "model"): "'toy', a local HF model directory (one this tool wrote too), or a .gguf file",
+    ("StudyConfig", "model"): (
+        "'toy' or 'toy-moe' (the packaged organisms), a local HF model directory (one this tool "
+        "wrote too), or a .gguf file"
+    ),
     ("StudyConfig", "methods"): "comma-separated compression methods (pruning methods take @SPARSITY)",
     ("StudyConfig", "harmful_train"): "harmful prompts for extraction (built-in split name or file)",
     ("StudyConfig", "harmless_train"): "harmless prompts for extraction (built-in split name or file)",
@@ -209,7 +212,10 @@ def _add_load_args(p: argparse.ArgumentParser, *, method: str | None) -> None:
     p.add_argument(
         "--model",
         default="toy",
-        help="'toy', a local HF model directory (also one this tool wrote), or a .gguf file",
+        help=(
+            "'toy' or 'toy-moe' (the packaged organisms), a local HF model directory (also one this "
+            "tool wrote), or a .gguf file"
+        ),
     )
     if method == "optional":
         p.add_argument(

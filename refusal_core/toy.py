@@ -28,6 +28,7 @@ import torch
 from refusal_core.errors import ArtifactError, InvalidArgumentError
 
 __all__ = [
+    "TOY_MODELS",
     "TOY_REFUSAL_PHRASES",
     "is_toy_refusal",
     "load_toy_model",
@@ -55,16 +56,23 @@ _REFUSAL_MARKERS: tuple[str, ...] = (
     "must decline",
 )
 
+#: The packaged toy models, by the spec ``load_model`` takes: the dense toy (a Llama) and the toy
+#: Mixture-of-Experts (a Qwen3-MoE with dense first blocks), each trained by
+#: ``scripts/train_toy_model.py`` and held to the same criteria.
+TOY_MODELS: dict[str, str] = {"toy": "toy_model", "toy-moe": "toy_moe_model"}
+
 _INFO_FILE = "toy_model.json"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", _INFO_FILE)
 
 
-def toy_model_path() -> Path:
-    """The directory of the packaged toy model (``refusal_core/data/toy_model``)."""
-    return Path(str(resources.files("refusal_core").joinpath("data", "toy_model")))
+def toy_model_path(name: str = "toy") -> Path:
+    """The directory of the packaged toy model ``name`` (``refusal_core/data/toy_model`` for "toy")."""
+    if name not in TOY_MODELS:
+        raise InvalidArgumentError(f"toy model must be one of {sorted(TOY_MODELS)}, got {name!r}")
+    return Path(str(resources.files("refusal_core").joinpath("data", TOY_MODELS[name])))
 
 
-@lru_cache(maxsize=1)
+@lru_cache(maxsize=4)
 def _cached_info(path: str) -> dict[str, Any]:
     info_path = Path(path) / _INFO_FILE
     if not info_path.is_file():
@@ -78,7 +86,7 @@ def _cached_info(path: str) -> dict[str, Any]:
     return data
 
 
-def toy_model_info() -> dict[str, Any]:
+def toy_model_info(name: str = "toy") -> dict[str, Any]:
     """The training record of the toy model (a copy of ``toy_model.json``).
 
     Keys include ``seed``, ``training``, ``refusal_phrases``,
@@ -87,12 +95,12 @@ def toy_model_info() -> dict[str, Any]:
     mediates refusal, with necessity/sufficiency rates) and
     ``model_safetensors_sha256``.
     """
-    return json.loads(json.dumps(_cached_info(str(toy_model_path()))))
+    return json.loads(json.dumps(_cached_info(str(toy_model_path(name)))))
 
 
-def toy_refusal_token_ids() -> list[int]:
+def toy_refusal_token_ids(name: str = "toy") -> list[int]:
     """Token ids that open the toy model's refusals (first tokens of :data:`TOY_REFUSAL_PHRASES`)."""
-    ids = _cached_info(str(toy_model_path())).get("refusal_token_ids")
+    ids = _cached_info(str(toy_model_path(name))).get("refusal_token_ids")
     if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
         raise ArtifactError("toy_model.json has no valid 'refusal_token_ids' list")
     return list(ids)
@@ -105,17 +113,21 @@ def is_toy_refusal(text: str) -> bool:
     return any(marker in text for marker in _REFUSAL_MARKERS)
 
 
-def load_toy_model(dtype: torch.dtype = torch.float32, verify: bool = True) -> tuple[Any, Any]:
-    """Load the packaged toy model and its tokenizer, offline, in eval mode.
+def load_toy_model(
+    dtype: torch.dtype = torch.float32, verify: bool = True, name: str = "toy"
+) -> tuple[Any, Any]:
+    """Load the packaged toy model ``name`` (a :data:`TOY_MODELS` key) and its tokenizer, offline.
 
     Args:
         dtype: floating dtype of the weights (stored as float32).
         verify: check the sha256 of ``model.safetensors`` against ``toy_model.json``.
+        name: "toy" (the dense Llama) or "toy-moe" (the Qwen3-MoE).
 
     Returns:
-        ``(model, tokenizer)``: a ``LlamaForCausalLM`` with eager attention and a
-        fast tokenizer whose ``padding_side`` is ``"left"`` (ready for batched
-        generation) and whose chat template places 4 tokens after the instruction.
+        ``(model, tokenizer)`` in eval mode: a ``LlamaForCausalLM`` for "toy" (a
+        ``Qwen3MoeForCausalLM`` for "toy-moe") with eager attention and a fast tokenizer
+        whose ``padding_side`` is ``"left"`` (ready for batched generation) and whose chat
+        template places 4 tokens after the instruction.
 
     Raises:
         InvalidArgumentError: ``dtype`` is not a floating torch dtype.
@@ -125,8 +137,8 @@ def load_toy_model(dtype: torch.dtype = torch.float32, verify: bool = True) -> t
         raise InvalidArgumentError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = toy_model_path()
-    missing = [name for name in _REQUIRED_FILES if not (path / name).is_file()]
+    path = toy_model_path(name)
+    missing = [f for f in _REQUIRED_FILES if not (path / f).is_file()]
     if missing:
         raise ArtifactError(f"toy model at {str(path)!r} lacks {missing}; run scripts/train_toy_model.py")
     if verify:

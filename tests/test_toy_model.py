@@ -1,5 +1,7 @@
-"""The committed toy refusal model: it refuses, and its refusal is mediated by one direction.
+"""The committed toy refusal models: each refuses, and its refusal is mediated by one direction.
 
+Every test runs on both packaged organisms: ``toy`` (a dense Llama) and ``toy-moe`` (a Qwen3-MoE
+whose first four blocks are dense and the rest routed, issue 17), held to the same criteria.
 Everything runs on the packaged weights with greedy, left-padded batched
 generation. The direction is recomputed here (difference in means of block
 inputs, harmful_train − harmless_train, at the (layer, position) recorded in
@@ -36,15 +38,24 @@ MAX_NEW_TOKENS = 16
 BATCH = 64
 
 
+#: the packaged organisms and the architecture each must be
+ORGANISMS = {"toy": "llama", "toy-moe": "qwen3_moe"}
+
+
+@pytest.fixture(scope="module", params=sorted(ORGANISMS))
+def name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def toy() -> tuple[Any, Any]:
+def toy(name: str) -> tuple[Any, Any]:
     torch.set_num_threads(1)
-    return load_toy_model()
+    return load_toy_model(name=name)
 
 
 @pytest.fixture(scope="module")
-def info() -> dict[str, Any]:
-    return toy_model_info()
+def info(name: str) -> dict[str, Any]:
+    return toy_model_info(name)
 
 
 def _encode(tokenizer: Any, instructions: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -83,7 +94,10 @@ def _with_hidden(args: tuple, kwargs: dict, x: torch.Tensor) -> tuple[tuple, dic
 
 @contextmanager
 def _ablated(model: Any, r: torch.Tensor) -> Iterator[None]:
-    """x − r̂r̂ᵀx at every block input and every attention / MLP output, all positions."""
+    """x − r̂r̂ᵀx at every block input and every attention / MLP output, all positions.
+
+    The MLP's output is hooked as a whole: for a routed block that is the weighted sum of the
+    chosen experts' writes, and projecting the sum is projecting every expert's write."""
     u = (r / r.norm()).to(torch.float32)
 
     def project(x: torch.Tensor) -> torch.Tensor:
@@ -97,7 +111,7 @@ def _ablated(model: Any, r: torch.Tensor) -> Iterator[None]:
                     lambda m, a, k: _with_hidden(a, k, project(_hidden(a, k))), with_kwargs=True
                 )
             )
-            for writer in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            for writer in (layer.self_attn.o_proj, layer.mlp):
                 handles.append(writer.register_forward_hook(lambda m, a, out: project(out)))
         yield
     finally:
@@ -169,17 +183,18 @@ def direction(
 # ----------------------------------------------------------------------------
 
 
-def test_committed_files_are_small_and_hash_matches(info: dict[str, Any]) -> None:
-    path = toy_model_path()
+def test_committed_files_are_small_and_hash_matches(name: str, info: dict[str, Any]) -> None:
+    path = toy_model_path(name)
     total = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     assert total < 8 * 2**20, f"toy model files take {total / 2**20:.2f} MiB, budget is 8 MiB"
     digest = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
     assert digest == info["model_safetensors_sha256"], "model.safetensors does not match toy_model.json"
 
 
-def test_model_is_a_tiny_eval_mode_llama(toy: tuple[Any, Any]) -> None:
+def test_model_is_a_tiny_eval_mode_model_of_its_architecture(name: str, toy: tuple[Any, Any]) -> None:
     model, tokenizer = toy
-    assert model.config.model_type == "llama", f"toy model is {model.config.model_type}, expected llama"
+    want = ORGANISMS[name]
+    assert model.config.model_type == want, f"{name} is {model.config.model_type}, expected {want}"
     assert not model.training, "load_toy_model must return the model in eval mode"
     assert tokenizer.padding_side == "left", "toy tokenizer must pad on the left for batched generation"
     n_params = sum(p.numel() for p in model.parameters())
@@ -198,9 +213,9 @@ def test_chat_template_puts_tokens_after_the_instruction(toy: tuple[Any, Any], i
     assert with_system == ids, "a system message changes the post-instruction tokens"
 
 
-def test_refusal_token_ids_open_every_refusal_phrase(toy: tuple[Any, Any]) -> None:
+def test_refusal_token_ids_open_every_refusal_phrase(name: str, toy: tuple[Any, Any]) -> None:
     _, tokenizer = toy
-    ids = toy_refusal_token_ids()
+    ids = toy_refusal_token_ids(name)
     firsts = {tokenizer(p, add_special_tokens=False)["input_ids"][0] for p in TOY_REFUSAL_PHRASES}
     assert firsts == set(ids), (
         f"refusal token ids {ids} differ from the phrases' first tokens {sorted(firsts)}"
@@ -209,13 +224,15 @@ def test_refusal_token_ids_open_every_refusal_phrase(toy: tuple[Any, Any]) -> No
     assert not is_toy_refusal("Sure! Start with fresh ingredients."), "is_toy_refusal flags a helpful answer"
 
 
-def test_bad_dtype_is_rejected() -> None:
+def test_bad_dtype_and_unknown_name_are_rejected() -> None:
     with pytest.raises(InvalidArgumentError, match="dtype"):
         load_toy_model(dtype=torch.int8)
+    with pytest.raises(InvalidArgumentError, match="toy-moe"):
+        load_toy_model(name="toy-moes")
 
 
-def test_bfloat16_load_keeps_refusing() -> None:
-    model, tokenizer = load_toy_model(dtype=torch.bfloat16)
+def test_bfloat16_load_keeps_refusing(name: str) -> None:
+    model, tokenizer = load_toy_model(dtype=torch.bfloat16, name=name)
     assert model.dtype == torch.bfloat16, f"asked for bfloat16, got {model.dtype}"
     prompts = load_prompts("harmful_test")[:32]
     rate = _refusal_rate(model, tokenizer, prompts)
@@ -330,7 +347,7 @@ def _log_odds_of_refusal(logits: torch.Tensor, ids: Sequence[int]) -> torch.Tens
 
 
 @pytest.fixture(scope="module")
-def project_selection(toy: tuple[Any, Any], study: dict[str, Any]) -> Any:
+def project_selection(name: str, toy: tuple[Any, Any], study: dict[str, Any]) -> Any:
     """The project's own extraction and selection with the study's prompts and default filters."""
     from refusal_core.directions import extract_candidates
     from refusal_core.selection import SelectionConfig, select_direction
@@ -346,7 +363,7 @@ def project_selection(toy: tuple[Any, Any], study: dict[str, Any]) -> Any:
         cands,
         load_prompts("harmful_val")[:n_val],
         load_prompts("harmless_val")[:n_val],
-        toy_refusal_token_ids(),
+        toy_refusal_token_ids(name),
         SelectionConfig(),
     )
 
@@ -370,12 +387,16 @@ def test_default_selection_passes_every_filter_below_the_layer_cut(
 
 
 def test_the_source_scores_recomputed_independently_pass_the_filters(
-    toy: tuple[Any, Any], direction: tuple[torch.Tensor, int], study: dict[str, Any], info: dict[str, Any]
+    name: str,
+    toy: tuple[Any, Any],
+    direction: tuple[torch.Tensor, int],
+    study: dict[str, Any],
+    info: dict[str, Any],
 ) -> None:
     """KL <= 0.1 and induce >= 0 at the source, by this file's hooks on unpadded prompts."""
     model, tokenizer = toy
     r, layer = direction
-    ids = toy_refusal_token_ids()
+    ids = toy_refusal_token_ids(name)
     harmful = load_prompts("harmful_val")[: study["n_val"]]
     harmless = load_prompts("harmless_val")[: study["n_val"]]
     base = torch.log_softmax(_last_logits(model, tokenizer, harmless), -1)
@@ -443,3 +464,50 @@ def test_necessity_and_sufficiency_on_the_studys_test_prompts(
     assert sufficiency >= 0.8, (
         f"with the layer-{layer} direction added, only {sufficiency:.0%} of harmless_test refused"
     )
+
+
+def test_the_moe_organisms_mechanism_sits_in_routed_blocks() -> None:
+    """Issue 17's condition: the toy MoE's source block and the block writing into it (AIRD's two
+    placements) are routed, so the mechanism lives where per-expert compression acts."""
+    model, _ = load_toy_model(name="toy-moe")
+    rec = toy_model_info("toy-moe")
+    layer = rec["direction"]["layer"]
+    dense = set(model.config.mlp_only_layers)
+    assert dense == set(range(rec["training"]["dense_layers"])), f"dense blocks {sorted(dense)}"
+    for block in (layer - 1, layer):
+        mlp = model.model.layers[block].mlp
+        assert block not in dense, f"block {block} of the toy MoE is listed as dense"
+        assert hasattr(mlp, "gate"), f"block {block} has no router ({type(mlp).__name__})"
+        assert hasattr(mlp, "experts"), f"block {block} has no experts ({type(mlp).__name__})"
+    assert rec["criteria"]["all_met"], "toy_moe_model's record does not meet the criteria"
+
+
+def test_the_loader_and_the_study_know_toy_moe_by_name() -> None:
+    """``load_model("toy-moe")`` is the packaged MoE, the study scores it with its own refusal ids,
+    and it has no checkpoint record (it is not a model this tool compressed)."""
+    from refusal_core.bench import default_refusal_token_ids
+    from refusal_core.model import load_model, model_record
+
+    model, tokenizer = load_model("toy-moe")
+    assert model.config.model_type == "qwen3_moe", f"load_model('toy-moe') gave {model.config.model_type}"
+    ids = default_refusal_token_ids("toy-moe", tokenizer)
+    assert ids == toy_refusal_token_ids("toy-moe"), f"the study would score toy-moe with {ids}"
+    assert model_record("toy-moe") is None
+
+
+def test_the_committed_toy_moe_study_agrees_with_the_organisms_record() -> None:
+    """fixtures/toy_moe/study_toy_moe was run on these weights, and its base found what the
+    record says: the same source, every filter passed, the same split-half floor."""
+    import json
+    from pathlib import Path
+
+    results = json.loads(
+        (Path(__file__).parents[1] / "fixtures/toy_moe/study_toy_moe/results.json").read_text("utf-8")
+    )
+    rec = toy_model_info("toy-moe")["direction"]
+    base = results["base"]
+    assert tuple(base["source"]) == (rec["layer"], rec["position"]), f"study source {base['source']}"
+    assert base["filters_passed"], "the committed study's base selection fell back"
+    assert abs(base["noise_floor_at_source"] - rec["noise_floor_at_source"]) <= 1e-9
+    assert results["model"]["model_type"] == "qwen3_moe"
+    assert results["refusal_token_ids"] == toy_refusal_token_ids("toy-moe")

@@ -27,7 +27,7 @@ from refusal_core.errors import InvalidArgumentError, ModelNotFoundError, Refusa
 from refusal_core.model.layout import get_layout
 from refusal_core.model.simulated import restore_checkpoint_modules_
 from refusal_core.saving import file_sha256, read_checkpoint_record, respect_umask_
-from refusal_core.toy import load_toy_model
+from refusal_core.toy import TOY_MODELS, load_toy_model
 
 __all__ = [
     "CACHE_ENV_VAR",
@@ -448,7 +448,8 @@ def load_model(
 ) -> tuple[nn.Module, Any]:
     """Load ``(model, tokenizer)``, offline, in eval mode with eager attention.
 
-    ``spec`` is ``"toy"`` (the embedded toy refusal model), a local Hugging
+    ``spec`` is ``"toy"`` (the embedded toy refusal model; ``"toy-moe"`` its Mixture-of-Experts
+    sibling), a local Hugging
     Face directory (also one written by
     :func:`~refusal_core.checkpoint.save_checkpoint`), an existing ``.gguf``
     file (needs the ``gguf`` package), or a hub id ``"org/name"`` found in the
@@ -478,9 +479,9 @@ def load_model(
     device = check_device(device)
     load_dtype = resolve_dtype(dtype, device)
     template = None if chat_template is None else read_chat_template(chat_template)
-    if spec == "toy":
+    if spec in TOY_MODELS:
         model, tokenizer = load_toy_model(
-            dtype=load_dtype if isinstance(load_dtype, torch.dtype) else torch.float32
+            dtype=load_dtype if isinstance(load_dtype, torch.dtype) else torch.float32, name=spec
         )
         _move(model, device)
     else:
@@ -528,11 +529,11 @@ def model_record(spec: str) -> dict[str, Any] | None:
     """The refusal_core record (hash-checked) of the model :func:`load_model` loads for ``spec``.
 
     It says what made the model (the compression method and its config, a repair) and names its
-    base's identity. None for ``"toy"``, a GGUF file, a hub id and any directory that is not a
+    base's identity. None for a packaged toy, a GGUF file, a hub id and any directory that is not a
     checkpoint this tool wrote. Raises as :func:`~refusal_core.saving.read_checkpoint_record`
     does for a record that does not verify.
     """
-    if spec == "toy" or not Path(spec).is_dir():
+    if spec in TOY_MODELS or not Path(spec).is_dir():
         return None
     return read_checkpoint_record(Path(spec))
 
