@@ -21,6 +21,7 @@ nothing asserts on time.
 Entries: ``decoding_grid_shared_prefill``, ``generation_batched_vs_single``,
 ``capture_vs_forward``, ``bf16_vs_fp32_forward``, ``magnitude_select_vs_sort``,
 ``int8_sim_int_mm_decode`` / ``_prefill`` (LLM.int8 simulation, integer vs float32 matmul),
+``toy_threads_one_vs_two_toy`` / ``_toy_moe`` (a study's generation on one torch thread vs two),
 ``finite_check_aminmax`` (the whole-model NaN/inf guard),
 ``sweep_edit_scoped_vs_copy`` (one AIRD sweep point's edit),
 ``generation_gflops_fp32`` / ``generation_gflops_bf16``
@@ -213,6 +214,48 @@ def bench_generation_batched(quick: bool, repeats: int) -> dict[str, Any]:
         conditions={"model": _model_desc(model), "prompts": n, "new_tokens": new, "batch_size": bs},
         same_tokens_prompts=f"{sum(a == b for a, b in zip(out_b, out_s))}/{n}",
     )
+
+
+def bench_toy_threads(quick: bool, repeats: int) -> dict[str, dict[str, Any]]:
+    """A study's dominant work on each packaged toy (batched greedy generation of the study's batch
+    and length) on one torch thread against two: ``study_threads`` picks one for models this small."""
+    from refusal_core.toy import load_toy_model
+
+    n, new, bs = (32, 8, 32) if quick else (64, 24, 32)
+    before = torch.get_num_threads()
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        for name in ("toy", "toy-moe"):
+            model, tok = load_toy_model(name=name)
+            ids = encode_prompts(tok, _mixed_prompts(n, 2))
+
+            def on(threads: int, model: Any = model, tok: Any = tok, ids: Any = ids) -> Callable[[], Any]:
+                def run() -> Any:
+                    torch.set_num_threads(threads)
+                    return generate_ids(
+                        model,
+                        tok,
+                        ids,
+                        batch_size=bs,
+                        max_new_tokens=new,
+                        stop_token_ids=NO_STOP,
+                        progress=False,
+                    )
+
+                return run
+
+            t_two, out_two, t_one, out_one = best_of_pair(repeats, on(2), on(1))
+            out[f"toy_threads_one_vs_two_{name.replace('-', '_')}"] = speedup(
+                t_two,
+                t_one,
+                meaning="time(2 torch threads) / time(1 thread), batched greedy generation",
+                target=None,
+                conditions={"model": _model_desc(model), "prompts": n, "new_tokens": new, "batch_size": bs},
+                identical=out_one == out_two,
+            )
+    finally:
+        torch.set_num_threads(before)
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -601,6 +644,7 @@ def run_all(quick: bool, repeats: int, only: Sequence[str] | None = None) -> dic
         ("bf16_vs_fp32_forward", lambda: bench_bf16(quick, repeats)),
         ("magnitude_select_vs_sort", lambda: bench_magnitude(quick, repeats)),
         ("int8_sim_int_mm", lambda: bench_int8(quick, repeats)),
+        ("toy_threads", lambda: bench_toy_threads(quick, repeats)),
         ("finite_check_aminmax", lambda: bench_finite_check(quick, repeats)),
         ("sweep_edit_scoped_vs_copy", lambda: bench_sweep_edit(quick, repeats)),
         ("generation_gflops", lambda: bench_gflops(quick, repeats)),
@@ -618,7 +662,8 @@ def run_all(quick: bool, repeats: int, only: Sequence[str] | None = None) -> dic
             value = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
         wall = round(time.perf_counter() - t0, 2)
         if (
-            name in ("generation_gflops", "llmcompressor", "selection_vs_naive", "int8_sim_int_mm")
+            name
+            in ("generation_gflops", "llmcompressor", "selection_vs_naive", "int8_sim_int_mm", "toy_threads")
             and "status" not in value
         ):
             for sub, entry in value.items():

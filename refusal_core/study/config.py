@@ -29,12 +29,18 @@ __all__ = [
     "DEFAULT_METHODS",
     "PLACEMENTS",
     "REPAIR_LAYERS",
+    "SMALL_MODEL_PARAMETERS",
     "AttackSettings",
     "RepairConfig",
     "StudyConfig",
 ]
 
 DEFAULT_METHODS = ("magnitude", "wanda", "wanda-2:4", "llm-int8", "awq-w8", "awq-w4")
+
+#: Below this many parameters a study runs on one torch thread unless ``threads`` says otherwise:
+#: the packaged toys (0.8 M parameters dense, 1.4 M MoE) compute matrices of width 64, too small for a second
+#: thread to pay for its synchronisation (``benchmarks/run_all.py``: ``toy_threads_one_vs_two_*``).
+SMALL_MODEL_PARAMETERS = 10_000_000
 
 #: Where the repair may edit: the base model's source layer (the paper's recipe), the compressed
 #: model's own source layer, or both.
@@ -243,6 +249,10 @@ class StudyConfig:
     max_new_tokens: int = 24
     batch_size: int = 32
     seed: int = 0
+    #: torch intra-op threads while the study runs (torch's setting is restored afterwards); None: one
+    #: thread for a model under SMALL_MODEL_PARAMETERS parameters (the packaged toys, where a second
+    #: thread synchronises more than it computes), torch's own setting for larger models
+    threads: int | None = None
     #: save the paper-α and the chosen repaired variants as checkpoints that transformers'
     #: ``from_pretrained`` loads (``checkpoints/<variant>/`` in the run directory)
     save_checkpoints: bool = True
@@ -273,6 +283,10 @@ class StudyConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
+            raise InvalidArgumentError(f"threads must be None or an int >= 1, got {self.threads!r}")
         if (
             isinstance(self.noise_splits, bool)
             or not isinstance(self.noise_splits, int)
