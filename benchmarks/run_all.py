@@ -218,7 +218,7 @@ def bench_generation_batched(quick: bool, repeats: int) -> dict[str, Any]:
 
 def bench_toy_threads(quick: bool, repeats: int) -> dict[str, dict[str, Any]]:
     """A study's dominant work on each packaged toy (batched greedy generation of the study's batch
-    and length) on one torch thread against two: ``study_threads`` picks one for models this small."""
+    and length) on one torch thread against two (``StudyConfig.threads``)."""
     from refusal_core.toy import load_toy_model
 
     n, new, bs = (32, 8, 32) if quick else (64, 24, 32)

@@ -29,18 +29,12 @@ __all__ = [
     "DEFAULT_METHODS",
     "PLACEMENTS",
     "REPAIR_LAYERS",
-    "SMALL_MODEL_PARAMETERS",
     "AttackSettings",
     "RepairConfig",
     "StudyConfig",
 ]
 
 DEFAULT_METHODS = ("magnitude", "wanda", "wanda-2:4", "llm-int8", "awq-w8", "awq-w4")
-
-#: Below this many parameters a study runs on one torch thread unless ``threads`` says otherwise:
-#: the packaged toys (0.8 M parameters dense, 1.4 M MoE) compute matrices of width 64, too small for a second
-#: thread to pay for its synchronisation (``benchmarks/run_all.py``: ``toy_threads_one_vs_two_*``).
-SMALL_MODEL_PARAMETERS = 10_000_000
 
 #: Where the repair may edit: the base model's source layer (the paper's recipe), the compressed
 #: model's own source layer, or both.
@@ -249,9 +243,9 @@ class StudyConfig:
     max_new_tokens: int = 24
     batch_size: int = 32
     seed: int = 0
-    #: torch intra-op threads while the study runs (torch's setting is restored afterwards); None: one
-    #: thread for a model under SMALL_MODEL_PARAMETERS parameters (the packaged toys, where a second
-    #: thread synchronises more than it computes), torch's own setting for larger models
+    #: torch intra-op threads while the study runs (torch's setting is restored afterwards); None:
+    #: torch's setting. On the packaged toys one thread takes about the wall time of two at half the
+    #: CPU (README, "Benchmarks"), so two toy studies can share a 2-core machine
     threads: int | None = None
     #: save the paper-α and the chosen repaired variants as checkpoints that transformers'
     #: ``from_pretrained`` loads (``checkpoints/<variant>/`` in the run directory)

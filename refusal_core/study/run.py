@@ -71,7 +71,7 @@ from refusal_core.model import load_model
 from refusal_core.saving import atomic_write_json, settings_key
 from refusal_core.selection import SelectionResult
 from refusal_core.stats import finite_or_none, mcnemar
-from refusal_core.study.config import SMALL_MODEL_PARAMETERS, StudyConfig
+from refusal_core.study.config import StudyConfig
 from refusal_core.study.report import write_study_report
 from refusal_core.study.results import (
     MECHANISM_FLAGS,
@@ -126,22 +126,16 @@ def run_study(config: StudyConfig, out_dir: Path, *, progress: bool = True) -> S
     t_start = time.perf_counter()
     bench = Bench(config, Path(out_dir), progress=progress)
     previous = torch.get_num_threads()
-    torch.set_num_threads(study_threads(config, bench.model))
+    torch.set_num_threads(study_threads(config))
     try:
         return _run_study(bench, t_start, progress)
     finally:
         torch.set_num_threads(previous)
 
 
-def study_threads(config: StudyConfig, model: nn.Module) -> int:
-    """The torch intra-op threads a study of ``model`` runs on: ``config.threads`` when set, else one
-    for a model under :data:`~refusal_core.study.config.SMALL_MODEL_PARAMETERS` parameters and torch's
-    current setting for a larger one."""
-    if config.threads is not None:
-        return config.threads
-    if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS:
-        return 1
-    return torch.get_num_threads()
+def study_threads(config: StudyConfig) -> int:
+    """The torch intra-op threads a study runs on: ``config.threads``, else torch's current setting."""
+    return torch.get_num_threads() if config.threads is None else config.threads
 
 
 def _run_study(bench: Bench, t_start: float, progress: bool) -> StudyResults:
