@@ -747,7 +747,9 @@ def test_int8_sim_precomputes_its_float_codes_and_follows_edits_of_q() -> None:
     x[2, 5] = 8.0  # outlier column
     x[4, 30] = -11.0
     sim = Int8LinearSim.from_linear(lin)
-    sim.use_int_mm = False  # the float32 route, as on a GPU; the integer route has no float copy
+    sim(x)  # the CPU's integer route: no float copy of the codes is made
+    assert sim._q_f32 is None, "Int8LinearSim built float32 codes the integer route does not use"
+    sim.use_int_mm = False  # the float32 route, as on a GPU
     first = sim._float_q()
     sim(x)
     sim(x)

@@ -119,18 +119,20 @@ class Int8LinearSim(nn.Module):
         self.register_buffer("q", q.detach().clone())
         self.register_buffer("scale", scale.detach().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        # The int8 codes as float32 (exact: |q| <= 127), converted once here rather than in
-        # every forward. A private attribute, not a buffer, so state dicts, fingerprints
-        # and `.to(dtype)` see only q; `_float_q` rebuilds it when q was moved or edited.
-        self._q_f32 = self.q.to(torch.float32)
-        self._q_f32_of = self._q_signature()
+        # The int8 codes as float32 (exact: |q| <= 127) for the float route (off the CPU, or
+        # use_int_mm False), made at its first use and then kept, not made here: on the CPU the
+        # integer route never needs them, and they cost 4 bytes per weight (6 GB on a 1.5B model).
+        # A private attribute, not a buffer, so state dicts, fingerprints and `.to(dtype)` see
+        # only q; `_float_q` rebuilds it when q was moved or edited.
+        self._q_f32: torch.Tensor | None = None
+        self._q_f32_of: tuple[int, int, torch.device] | None = None
 
     def _q_signature(self) -> tuple[int, int, torch.device]:
         return (self.q.data_ptr(), self.q._version, self.q.device)
 
     def _float_q(self) -> torch.Tensor:
         """``q`` as float32 ``[out, in]``, cached; rebuilt after ``q`` changed place or value."""
-        if self._q_f32_of != self._q_signature():
+        if self._q_f32 is None or self._q_f32_of != self._q_signature():
             self._q_f32 = self.q.to(torch.float32)
             self._q_f32_of = self._q_signature()
         return self._q_f32
