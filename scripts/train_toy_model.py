@@ -370,7 +370,7 @@ ARCHITECTURES = ("llama", "moe", "qwen3_moe")
 def check_architecture(cfg: ToyTrainingConfig) -> None:
     """Stop (SystemExit) on an architecture setting that cannot be built, before any work."""
     if cfg.arch not in ARCHITECTURES:
-        raise SystemExit(f"--arch must be llama, moe or qwen3_moe, got {cfg.arch!r}")
+        raise SystemExit(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {cfg.arch!r}")
     if cfg.dense_layers and cfg.arch != "qwen3_moe":
         raise SystemExit("--dense-layers needs --arch qwen3_moe")
     if not 0 <= cfg.dense_layers < cfg.n_layers:

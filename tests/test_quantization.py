@@ -737,8 +737,9 @@ def test_apply_awq_scale_rejects_bad_scales() -> None:
     assert_unchanged(model, before, "apply_awq_scale_ with bad s")
 
 
-def test_int8_sim_precomputes_its_float_codes_and_follows_edits_of_q() -> None:
-    """The float copy of the codes is made once, stays bit-exact, and is rebuilt when ``q`` changes."""
+def test_int8_sim_makes_float_codes_only_for_the_float_route_and_follows_edits_of_q() -> None:
+    """The float copy of the codes is made only on the float route, once, stays bit-exact, and is
+    rebuilt when ``q`` changes."""
     g = torch.Generator().manual_seed(31)
     lin = nn.Linear(40, 12)
     with torch.no_grad():

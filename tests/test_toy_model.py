@@ -12,10 +12,12 @@ lean on the library's own activation or intervention modules.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -498,9 +500,6 @@ def test_the_loader_and_the_study_know_toy_moe_by_name() -> None:
 def test_the_committed_toy_moe_study_agrees_with_the_organisms_record() -> None:
     """fixtures/toy_moe/study_toy_moe was run on these weights, and its base found what the
     record says: the same source, every filter passed, the same split-half floor."""
-    import json
-    from pathlib import Path
-
     results = json.loads(
         (Path(__file__).parents[1] / "fixtures/toy_moe/study_toy_moe/results.json").read_text("utf-8")
     )
